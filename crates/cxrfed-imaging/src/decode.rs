@@ -1,0 +1,699 @@
+//! Bytes to a grayscale image plus its display pipeline.
+//!
+//! The decoded image keeps the *stored* sample values of the first frame (masked to BitsStored
+//! and sign-extended), so that the pixel hash does not depend on header rewrites and the
+//! modality and VOI transforms are applied exactly once, through a lookup table, while the
+//! preprocessing pass reads each full-resolution sample once.
+
+use std::io::Cursor;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use cxrfed_schema::{Acquisition, ImageFormat, Patient, Source};
+use dicom_dictionary_std::tags;
+use dicom_object::{DefaultDicomObject, OpenFileOptions, file::ReadPreamble};
+use dicom_pixeldata::{PixelDecoder, VoiLutFunction, WindowLevel, WindowLevelTransform};
+use ndarray::Array2;
+use sha2::{Digest, Sha256};
+
+use crate::deidentify::{self, SiteSecret};
+use crate::sniff::{Format, sniff};
+use crate::{ImagingError, syntax};
+
+/// Resource limits checked before any large allocation.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_rows: u32,
+    pub max_columns: u32,
+    pub max_file_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_rows: 8192, max_columns: 8192, max_file_bytes: 256 * 1024 * 1024 }
+    }
+}
+
+impl Limits {
+    fn check_dimensions(&self, rows: u64, columns: u64) -> Result<(), ImagingError> {
+        if rows > u64::from(self.max_rows) || columns > u64::from(self.max_columns) {
+            return Err(ImagingError::DimensionsTooLarge {
+                rows,
+                columns,
+                max_rows: self.max_rows,
+                max_columns: self.max_columns,
+            });
+        }
+        if rows == 0 || columns == 0 {
+            return Err(ImagingError::Unsupported(format!("empty image ({rows}x{columns})")));
+        }
+        Ok(())
+    }
+}
+
+/// Grayscale stored sample values of one frame, row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Samples {
+    U8(Array2<u8>),
+    U16(Array2<u16>),
+    I16(Array2<i16>),
+}
+
+impl Samples {
+    /// (rows, columns)
+    pub fn dim(&self) -> (usize, usize) {
+        match self {
+            Samples::U8(a) => a.dim(),
+            Samples::U16(a) => a.dim(),
+            Samples::I16(a) => a.dim(),
+        }
+    }
+}
+
+/// A VOI LUT table taken from the file's VOI LUT Sequence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VoiTable {
+    pub first_mapped: i32,
+    pub bits: u8,
+    pub data: Vec<u16>,
+}
+
+/// How rescaled (modality) values become display values.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Voi {
+    /// Window centre/width with the file's VOI LUT Function (LINEAR by default).
+    Window { center: f64, width: f64, function: VoiLutFunction },
+    /// The first table of the VOI LUT Sequence.
+    Table(VoiTable),
+    /// No VOI in the file: a robust window from the 0.5th to the 99.5th percentile of the
+    /// rescaled values, computed from the image itself.
+    Percentile,
+    /// Already-rendered 8/16-bit pictures (JPEG/PNG): the full sample range.
+    FullRange,
+}
+
+/// One decoded image with everything needed to display it, and the de-identified facts.
+#[derive(Debug, Clone)]
+pub struct Decoded {
+    pub samples: Samples,
+    pub bits_stored: u16,
+    pub rescale_slope: f64,
+    pub rescale_intercept: f64,
+    pub voi: Voi,
+    /// MONOCHROME1: the lowest value is white, so display values are inverted.
+    pub invert: bool,
+    pub source: Source,
+    pub patient: Patient,
+    pub acquisition: Acquisition,
+    pub notes: Vec<String>,
+}
+
+/// Display value in [0, 1] for every possible stored sample value (256 or 65536 entries).
+#[derive(Debug, Clone)]
+pub struct DisplayLut {
+    table: Vec<f32>,
+}
+
+impl DisplayLut {
+    /// Display value of a stored sample, indexed by its 8 or 16 bit pattern.
+    #[inline]
+    pub fn get(&self, index: usize) -> f32 {
+        self.table[index]
+    }
+}
+
+/// Sample types that index a [`DisplayLut`].
+pub trait Sample: Copy + Send + Sync + 'static {
+    fn lut_index(self) -> usize;
+    fn value(self) -> f64;
+}
+
+impl Sample for u8 {
+    #[inline]
+    fn lut_index(self) -> usize {
+        self as usize
+    }
+    fn value(self) -> f64 {
+        f64::from(self)
+    }
+}
+
+impl Sample for u16 {
+    #[inline]
+    fn lut_index(self) -> usize {
+        self as usize
+    }
+    fn value(self) -> f64 {
+        f64::from(self)
+    }
+}
+
+impl Sample for i16 {
+    #[inline]
+    fn lut_index(self) -> usize {
+        // The two's complement bit pattern: every i16 has its own slot in a 65536 table.
+        usize::from(self as u16)
+    }
+    fn value(self) -> f64 {
+        f64::from(self)
+    }
+}
+
+impl Decoded {
+    /// The modality LUT output (rescaled values), as pydicom's `apply_rescale` gives them.
+    pub fn modality_values(&self) -> Array2<f64> {
+        let (m, b) = (self.rescale_slope, self.rescale_intercept);
+        match &self.samples {
+            Samples::U8(a) => a.mapv(|v| m * f64::from(v) + b),
+            Samples::U16(a) => a.mapv(|v| m * f64::from(v) + b),
+            Samples::I16(a) => a.mapv(|v| m * f64::from(v) + b),
+        }
+    }
+
+    /// SHA-256 (hex) over the decoded stored samples of the frame, with its shape and sample
+    /// type, so that equal pixels give equal hashes whatever the container or header says.
+    pub fn pixel_sha256(&self) -> String {
+        let mut hasher = Sha256::new();
+        let (rows, cols) = self.samples.dim();
+        let kind: &[u8] = match self.samples {
+            Samples::U8(_) => b"u8",
+            Samples::U16(_) => b"u16",
+            Samples::I16(_) => b"i16",
+        };
+        hasher.update(b"cxrfed-pixels-v1\0");
+        hasher.update(kind);
+        hasher.update((rows as u64).to_le_bytes());
+        hasher.update((cols as u64).to_le_bytes());
+        let mut buf = Vec::with_capacity(16 * 1024);
+        match &self.samples {
+            Samples::U8(a) => {
+                for row in a.rows() {
+                    buf.clear();
+                    buf.extend(row.iter().copied());
+                    hasher.update(&buf);
+                }
+            }
+            Samples::U16(a) => {
+                for row in a.rows() {
+                    buf.clear();
+                    buf.extend(row.iter().flat_map(|v| v.to_le_bytes()));
+                    hasher.update(&buf);
+                }
+            }
+            Samples::I16(a) => {
+                for row in a.rows() {
+                    buf.clear();
+                    buf.extend(row.iter().flat_map(|v| v.to_le_bytes()));
+                    hasher.update(&buf);
+                }
+            }
+        }
+        hex::encode(hasher.finalize())
+    }
+
+    /// Builds the stored-value -> display-value table (modality LUT, VOI, MONOCHROME1).
+    pub fn display_lut(&self) -> DisplayLut {
+        let (m, b) = (self.rescale_slope, self.rescale_intercept);
+        let size = match self.samples {
+            Samples::U8(_) => 256,
+            _ => 65536,
+        };
+        // The stored value that sits at each table slot.
+        let stored = |index: usize| -> f64 {
+            match self.samples {
+                Samples::I16(_) => f64::from(index as u16 as i16),
+                _ => index as f64,
+            }
+        };
+        let voi: Box<dyn Fn(f64) -> f64> = match &self.voi {
+            Voi::Window { center, width, function } => {
+                let transform = WindowLevelTransform::new(
+                    *function,
+                    WindowLevel { center: *center, width: *width },
+                );
+                Box::new(move |x| transform.apply(x, 1.0))
+            }
+            Voi::Table(table) => {
+                let max = ((1u32 << table.bits.clamp(1, 16)) - 1) as f64;
+                let table = table.clone();
+                Box::new(move |x| {
+                    let index = (x.round() as i64 - i64::from(table.first_mapped))
+                        .clamp(0, table.data.len() as i64 - 1);
+                    f64::from(table.data[index as usize]) / max
+                })
+            }
+            Voi::Percentile => {
+                let (lo, hi) = self.percentile_window(0.005, 0.995);
+                let (lo, hi) = (m * lo + b, m * hi + b);
+                let (lo, hi) = if lo <= hi { (lo, hi) } else { (hi, lo) };
+                let span = (hi - lo).max(f64::EPSILON);
+                Box::new(move |x| ((x - lo) / span).clamp(0.0, 1.0))
+            }
+            Voi::FullRange => {
+                let max = ((1u32 << self.bits_stored.clamp(1, 16)) - 1) as f64;
+                Box::new(move |x| (x / max).clamp(0.0, 1.0))
+            }
+        };
+        let invert = self.invert;
+        let table = (0..size)
+            .map(|index| {
+                let y = voi(m * stored(index) + b).clamp(0.0, 1.0);
+                (if invert { 1.0 - y } else { y }) as f32
+            })
+            .collect();
+        DisplayLut { table }
+    }
+
+    /// Stored values at the given quantiles, from a histogram of the samples.
+    fn percentile_window(&self, low_q: f64, high_q: f64) -> (f64, f64) {
+        fn quantiles<T: Sample>(
+            samples: &Array2<T>,
+            bins: usize,
+            low_q: f64,
+            high_q: f64,
+            value_of: impl Fn(usize) -> f64,
+        ) -> (f64, f64) {
+            let mut histogram = vec![0u64; bins];
+            for v in samples.iter() {
+                histogram[v.lut_index()] += 1;
+            }
+            // Walk the bins in value order (signed samples wrap around in bit-pattern order).
+            let mut order: Vec<usize> = (0..bins).collect();
+            order.sort_by(|a, b| value_of(*a).total_cmp(&value_of(*b)));
+            let total = samples.len() as f64;
+            let (mut lo, mut hi) = (None, None);
+            let mut seen = 0u64;
+            for index in order {
+                seen += histogram[index];
+                let fraction = seen as f64 / total;
+                if lo.is_none() && fraction > low_q {
+                    lo = Some(value_of(index));
+                }
+                if hi.is_none() && fraction >= high_q {
+                    hi = Some(value_of(index));
+                    break;
+                }
+            }
+            let lo = lo.unwrap_or(0.0);
+            (lo, hi.unwrap_or(lo))
+        }
+        match &self.samples {
+            Samples::U8(a) => quantiles(a, 256, low_q, high_q, |i| i as f64),
+            Samples::U16(a) => quantiles(a, 65536, low_q, high_q, |i| i as f64),
+            Samples::I16(a) => quantiles(a, 65536, low_q, high_q, |i| f64::from(i as u16 as i16)),
+        }
+    }
+}
+
+/// Decodes `bytes` (DICOM Part 10, JPEG or PNG), containing any panic inside a decoder.
+///
+/// A panic in third-party decoding code turns into [`ImagingError::DecoderPanic`] instead of
+/// unwinding into the caller (and taking a server worker with it).
+pub fn decode_contained(
+    bytes: &[u8],
+    limits: &Limits,
+    secret: &SiteSecret,
+) -> Result<Decoded, ImagingError> {
+    catch_unwind(AssertUnwindSafe(|| decode(bytes, limits, secret)))
+        .unwrap_or(Err(ImagingError::DecoderPanic))
+}
+
+/// Decodes `bytes` (DICOM Part 10, JPEG or PNG); the format is sniffed from the content.
+pub fn decode(bytes: &[u8], limits: &Limits, secret: &SiteSecret) -> Result<Decoded, ImagingError> {
+    if bytes.len() as u64 > limits.max_file_bytes {
+        return Err(ImagingError::FileTooLarge {
+            size: bytes.len() as u64,
+            limit: limits.max_file_bytes,
+        });
+    }
+    match sniff(bytes)? {
+        Format::Dicom => decode_dicom(&bytes[128..], limits, secret),
+        Format::DicomNoPreamble => decode_dicom(bytes, limits, secret),
+        Format::Png => decode_raster(bytes, image::ImageFormat::Png, limits),
+        Format::Jpeg => decode_raster(bytes, image::ImageFormat::Jpeg, limits),
+    }
+}
+
+fn header_u32(obj: &DefaultDicomObject, tag: dicom_core::Tag, name: &str) -> Result<u32, ImagingError> {
+    obj.get(tag)
+        .ok_or_else(|| ImagingError::MalformedDicom(format!("missing required attribute {name}")))?
+        .to_int::<u32>()
+        .map_err(|_| ImagingError::MalformedDicom(format!("attribute {name} is not a number")))
+}
+
+fn header_u32_or(obj: &DefaultDicomObject, tag: dicom_core::Tag, default: u32) -> u32 {
+    obj.get(tag).and_then(|e| e.to_int::<u32>().ok()).unwrap_or(default)
+}
+
+fn header_f64(obj: &DefaultDicomObject, tag: dicom_core::Tag) -> Option<f64> {
+    obj.get(tag).and_then(|e| e.to_multi_float64().ok()).and_then(|v| v.first().copied())
+}
+
+fn header_str(obj: &DefaultDicomObject, tag: dicom_core::Tag) -> String {
+    obj.get(tag)
+        .and_then(|e| e.to_str().ok())
+        .map(|s| s.trim_matches(|c: char| c.is_whitespace() || c == '\0').to_string())
+        .unwrap_or_default()
+}
+
+fn decode_dicom(
+    bytes: &[u8],
+    limits: &Limits,
+    secret: &SiteSecret,
+) -> Result<Decoded, ImagingError> {
+    let obj = OpenFileOptions::new()
+        .read_preamble(ReadPreamble::Never)
+        .from_reader(bytes)
+        .map_err(|e| ImagingError::MalformedDicom(first_line(&e.to_string())))?;
+
+    let ts_uid = obj.meta().transfer_syntax().trim_end_matches(['\0', ' ']).to_string();
+    let Some(ts_name) = syntax::supported_name(&ts_uid) else {
+        return Err(ImagingError::UnsupportedTransferSyntax {
+            name: syntax::name_of(&ts_uid),
+            uid: ts_uid,
+        });
+    };
+
+    // Everything about the geometry is checked on the header, before pixel data is decoded.
+    let rows = header_u32(&obj, tags::ROWS, "Rows")?;
+    let columns = header_u32(&obj, tags::COLUMNS, "Columns")?;
+    limits.check_dimensions(u64::from(rows), u64::from(columns))?;
+    let bits_allocated = header_u32(&obj, tags::BITS_ALLOCATED, "BitsAllocated")?;
+    let bits_stored = header_u32_or(&obj, tags::BITS_STORED, bits_allocated);
+    let samples_per_pixel = header_u32_or(&obj, tags::SAMPLES_PER_PIXEL, 1);
+    let frames = header_u32_or(&obj, tags::NUMBER_OF_FRAMES, 1).max(1);
+    if !matches!(bits_allocated, 8 | 16) {
+        return Err(ImagingError::Unsupported(format!(
+            "BitsAllocated {bits_allocated} (8 and 16 are supported)"
+        )));
+    }
+    if bits_stored == 0 || bits_stored > bits_allocated {
+        return Err(ImagingError::Unsupported(format!(
+            "BitsStored {bits_stored} with BitsAllocated {bits_allocated}"
+        )));
+    }
+    if !matches!(samples_per_pixel, 1 | 3) {
+        return Err(ImagingError::Unsupported(format!("SamplesPerPixel {samples_per_pixel}")));
+    }
+    if obj.get(tags::PIXEL_DATA).is_none() {
+        return Err(ImagingError::Unsupported("the file has no Pixel Data".into()));
+    }
+    let signed = header_u32_or(&obj, tags::PIXEL_REPRESENTATION, 0) == 1;
+    let photometric = header_str(&obj, tags::PHOTOMETRIC_INTERPRETATION);
+
+    let mut notes = Vec::new();
+    if frames > 1 {
+        notes.push(format!("multi-frame: first of {frames} frames used"));
+    }
+
+    let pixel = obj
+        .decode_pixel_data_frame(0)
+        .map_err(|e| ImagingError::Corrupt(first_line(&e.to_string())))?;
+    if pixel.rows() != rows || pixel.columns() != columns {
+        return Err(ImagingError::Corrupt(format!(
+            "decoded {}x{} pixels, header says {rows}x{columns}",
+            pixel.rows(),
+            pixel.columns()
+        )));
+    }
+    let data = pixel.frame_data(0).map_err(|e| ImagingError::Corrupt(first_line(&e.to_string())))?;
+    let pixels = rows as usize * columns as usize;
+    let bytes_per_sample = bits_allocated as usize / 8;
+    let spp = pixel.samples_per_pixel() as usize;
+    let expected = pixels * bytes_per_sample * spp;
+    if data.len() < expected {
+        return Err(ImagingError::Corrupt(format!(
+            "pixel data holds {} bytes, {expected} expected",
+            data.len()
+        )));
+    }
+    let decoded_photometric = pixel.photometric_interpretation().to_string();
+    let planar = pixel.planar_configuration() != dicom_pixeldata::PlanarConfiguration::Standard;
+
+    let shape = (rows as usize, columns as usize);
+    let mask: u16 = if bits_stored >= 16 { u16::MAX } else { (1u16 << bits_stored) - 1 };
+    let sign_shift = 16 - bits_stored as u32;
+    let samples = if spp == 1 {
+        match (bits_allocated, signed) {
+            (8, false) => Samples::U8(vec_to_array(shape, data[..pixels].iter().map(|v| v & mask as u8))),
+            (8, true) => Samples::I16(vec_to_array(
+                shape,
+                data[..pixels].iter().map(|v| i16::from(*v as i8)),
+            )),
+            (_, false) => Samples::U16(vec_to_array(
+                shape,
+                data[..pixels * 2].chunks_exact(2).map(|c| u16::from_ne_bytes([c[0], c[1]]) & mask),
+            )),
+            (_, true) => Samples::I16(vec_to_array(
+                shape,
+                // Sign-extend from BitsStored, discarding any bits above it (overlays, garbage).
+                data[..pixels * 2].chunks_exact(2).map(|c| {
+                    ((u16::from_ne_bytes([c[0], c[1]]) << sign_shift) as i16) >> sign_shift
+                }),
+            )),
+        }
+    } else {
+        notes.push(format!("colour ({decoded_photometric}) converted to grayscale"));
+        let luma_only = decoded_photometric.starts_with("YBR");
+        color_to_gray(data, shape, bits_allocated, planar, luma_only)
+    };
+
+    let rescale_slope = header_f64(&obj, tags::RESCALE_SLOPE).filter(|s| *s != 0.0).unwrap_or(1.0);
+    let rescale_intercept = header_f64(&obj, tags::RESCALE_INTERCEPT).unwrap_or(0.0);
+    let voi = dicom_voi(&obj, &pixel, spp);
+    let invert = spp == 1 && photometric == "MONOCHROME1";
+
+    let deid = deidentify::from_dicom(&obj, secret);
+    let source = Source {
+        format: Some(ImageFormat::Dicom),
+        transfer_syntax_uid: ts_uid.clone(),
+        transfer_syntax_name: ts_name.to_string(),
+        modality: deid.modality,
+        manufacturer: deid.manufacturer,
+        rows,
+        columns,
+        bits_stored,
+        photometric_interpretation: photometric,
+        number_of_frames: frames,
+        body_part: deid.body_part,
+    };
+    if syntax::is_lossy(&ts_uid) {
+        notes.push("lossy-compressed source".to_string());
+    }
+    Ok(Decoded {
+        samples,
+        bits_stored: if spp == 1 { bits_stored as u16 } else { bits_allocated as u16 },
+        rescale_slope: if spp == 1 { rescale_slope } else { 1.0 },
+        rescale_intercept: if spp == 1 { rescale_intercept } else { 0.0 },
+        voi,
+        invert,
+        source,
+        patient: deid.patient,
+        acquisition: deid.acquisition,
+        notes,
+    })
+}
+
+fn dicom_voi(
+    obj: &DefaultDicomObject,
+    pixel: &dicom_pixeldata::DecodedPixelData<'_>,
+    spp: usize,
+) -> Voi {
+    if spp != 1 {
+        return Voi::FullRange;
+    }
+    // PS3.3 C.11.2 leaves the choice to the implementation when both a VOI LUT Sequence and a
+    // window are present; like pydicom and dicom-pixeldata we prefer the table.
+    if let Ok(Some(tables)) = pixel.voi_lut_sequence() {
+        if let Some(first) = tables.first().filter(|t| !t.data.is_empty()) {
+            return Voi::Table(VoiTable {
+                first_mapped: first.min_pixel_value,
+                bits: first.bits_stored,
+                data: first.data.clone(),
+            });
+        }
+    }
+    if let (Some(center), Some(width)) =
+        (header_f64(obj, tags::WINDOW_CENTER), header_f64(obj, tags::WINDOW_WIDTH))
+    {
+        if width > 0.0 && center.is_finite() && width.is_finite() {
+            let function = match header_str(obj, tags::VOILUT_FUNCTION).as_str() {
+                "SIGMOID" => VoiLutFunction::Sigmoid,
+                "LINEAR_EXACT" => VoiLutFunction::LinearExact,
+                _ => VoiLutFunction::Linear,
+            };
+            return Voi::Window { center, width, function };
+        }
+    }
+    Voi::Percentile
+}
+
+fn color_to_gray(
+    data: &[u8],
+    shape: (usize, usize),
+    bits_allocated: u32,
+    planar: bool,
+    luma_only: bool,
+) -> Samples {
+    let n = shape.0 * shape.1;
+    let sample = |channel: usize, i: usize| -> f32 {
+        let index = if planar { channel * n + i } else { i * 3 + channel };
+        if bits_allocated == 8 {
+            f32::from(data[index])
+        } else {
+            f32::from(u16::from_ne_bytes([data[index * 2], data[index * 2 + 1]]))
+        }
+    };
+    // ITU-R BT.601 luma; for YBR data the Y channel already is the luma.
+    let gray = move |i: usize| -> f32 {
+        if luma_only {
+            sample(0, i)
+        } else {
+            0.299 * sample(0, i) + 0.587 * sample(1, i) + 0.114 * sample(2, i)
+        }
+    };
+    if bits_allocated == 8 {
+        Samples::U8(vec_to_array(shape, (0..n).map(|i| gray(i).round().clamp(0.0, 255.0) as u8)))
+    } else {
+        Samples::U16(vec_to_array(shape, (0..n).map(|i| gray(i).round().clamp(0.0, 65535.0) as u16)))
+    }
+}
+
+fn vec_to_array<T>(shape: (usize, usize), values: impl Iterator<Item = T>) -> Array2<T> {
+    let data: Vec<T> = values.collect();
+    Array2::from_shape_vec(shape, data).expect("the caller checked that the buffer matches the shape")
+}
+
+fn decode_raster(
+    bytes: &[u8],
+    format: image::ImageFormat,
+    limits: &Limits,
+) -> Result<Decoded, ImagingError> {
+    let corrupt = |e: image::ImageError| ImagingError::Corrupt(first_line(&e.to_string()));
+    let (width, height) = image::ImageReader::with_format(Cursor::new(bytes), format)
+        .into_dimensions()
+        .map_err(corrupt)?;
+    limits.check_dimensions(u64::from(height), u64::from(width))?;
+    let mut reader = image::ImageReader::with_format(Cursor::new(bytes), format);
+    let mut image_limits = image::Limits::default();
+    image_limits.max_image_width = Some(limits.max_columns);
+    image_limits.max_image_height = Some(limits.max_rows);
+    reader.limits(image_limits);
+    let image = reader.decode().map_err(corrupt)?;
+    let mut notes = Vec::new();
+    let color = image.color();
+    let shape = (height as usize, width as usize);
+    let sixteen = color.bytes_per_pixel() / color.channel_count().max(1) >= 2;
+    if color.has_color() {
+        notes.push(format!("colour ({color:?}) converted to grayscale"));
+    }
+    let (samples, bits) = if sixteen {
+        let gray = image.into_luma16();
+        (Samples::U16(vec_to_array(shape, gray.into_raw().into_iter())), 16)
+    } else {
+        let gray = image.into_luma8();
+        (Samples::U8(vec_to_array(shape, gray.into_raw().into_iter())), 8)
+    };
+    let (image_format, name) = match format {
+        image::ImageFormat::Png => (ImageFormat::Png, "PNG"),
+        _ => (ImageFormat::Jpeg, "JPEG"),
+    };
+    Ok(Decoded {
+        samples,
+        bits_stored: bits,
+        rescale_slope: 1.0,
+        rescale_intercept: 0.0,
+        voi: Voi::FullRange,
+        invert: false,
+        source: Source {
+            format: Some(image_format),
+            rows: height,
+            columns: width,
+            bits_stored: u32::from(bits),
+            photometric_interpretation: if color.has_color() { "RGB" } else { "MONOCHROME2" }
+                .to_string(),
+            number_of_frames: 1,
+            transfer_syntax_name: name.to_string(),
+            ..Source::default()
+        },
+        patient: Patient::default(),
+        acquisition: Acquisition::default(),
+        notes,
+    })
+}
+
+/// Keeps error messages to one line: decoder errors sometimes carry backtraces.
+fn first_line(text: &str) -> String {
+    text.lines().next().unwrap_or("").chars().take(300).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decoded(samples: Samples, voi: Voi, invert: bool, bits: u16) -> Decoded {
+        Decoded {
+            samples,
+            bits_stored: bits,
+            rescale_slope: 1.0,
+            rescale_intercept: 0.0,
+            voi,
+            invert,
+            source: Source::default(),
+            patient: Patient::default(),
+            acquisition: Acquisition::default(),
+            notes: vec![],
+        }
+    }
+
+    #[test]
+    fn monochrome1_inverts_display_values() {
+        let a = Array2::from_shape_vec((1, 3), vec![0u16, 2048, 4095]).expect("shape");
+        let mono2 = decoded(Samples::U16(a.clone()), Voi::FullRange, false, 12).display_lut();
+        let mono1 = decoded(Samples::U16(a), Voi::FullRange, true, 12).display_lut();
+        assert_eq!(mono2.get(0), 0.0);
+        assert_eq!(mono2.get(4095), 1.0);
+        assert_eq!(mono1.get(0), 1.0);
+        assert_eq!(mono1.get(4095), 0.0);
+        for v in [0usize, 100, 2048, 4095] {
+            assert!((mono1.get(v) + mono2.get(v) - 1.0).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn linear_window_follows_ps3_3() {
+        // Centre 2048, width 1024: below 1535.5 is black, above 2559.5 white, linear between.
+        let a = Array2::from_shape_vec((1, 1), vec![0u16]).expect("shape");
+        let voi = Voi::Window { center: 2048.0, width: 1024.0, function: VoiLutFunction::Linear };
+        let lut = decoded(Samples::U16(a), voi, false, 12).display_lut();
+        assert_eq!(lut.get(1000), 0.0);
+        assert_eq!(lut.get(3000), 1.0);
+        assert!((lut.get(2048) - 0.5).abs() < 0.01);
+        assert!(lut.get(1800) < lut.get(2200));
+    }
+
+    #[test]
+    fn signed_samples_use_their_twos_complement_slot() {
+        let a = Array2::from_shape_vec((1, 2), vec![-1000i16, 1000]).expect("shape");
+        let mut d = decoded(Samples::I16(a), Voi::Percentile, false, 12);
+        d.rescale_intercept = 0.0;
+        let lut = d.display_lut();
+        assert_eq!(lut.get((-1000i16).lut_index()), 0.0);
+        assert_eq!(lut.get(1000i16.lut_index()), 1.0);
+    }
+
+    #[test]
+    fn percentile_window_ignores_outliers() {
+        let mut values = vec![1000u16; 10_000];
+        values[0] = 0;
+        values[1] = 65535;
+        for (i, v) in values.iter_mut().enumerate().skip(2) {
+            *v = 1000 + (i % 1000) as u16;
+        }
+        let a = Array2::from_shape_vec((100, 100), values).expect("shape");
+        let lut = decoded(Samples::U16(a), Voi::Percentile, false, 16).display_lut();
+        assert_eq!(lut.get(0), 0.0);
+        assert_eq!(lut.get(65535), 1.0);
+        // The window spans roughly 1005..1995, not 0..65535.
+        assert!(lut.get(1500) > 0.4 && lut.get(1500) < 0.6, "{}", lut.get(1500));
+    }
+}

@@ -1,0 +1,162 @@
+//! De-identification following DICOM PS3.15 Annex E (Basic Application Level Confidentiality
+//! Profile), built as an allow-list.
+//!
+//! The node never keeps the DICOM header. From it, this module derives only:
+//!
+//! | kept | from | Annex E option that allows it |
+//! | --- | --- | --- |
+//! | age band (10 years) | PatientAge, else PatientBirthDate with StudyDate (then Acquisition/Series/ContentDate) | Retain Patient Characteristics (coarsened) |
+//! | sex | PatientSex | Retain Patient Characteristics |
+//! | acquisition month | AcquisitionDate, else StudyDate, SeriesDate, ContentDate | Retain Longitudinal Temporal Information with Modified Dates (coarsened to the month) |
+//! | view position, body part, modality, manufacturer | ViewPosition, BodyPartExamined, Modality, Manufacturer | not listed in Table E.1-1 (kept by the Basic Profile) |
+//! | pseudonym | HMAC-SHA256(PatientID) under the per-site secret | replacement of PatientID by a consistent keyed hash |
+//!
+//! Every attribute of Table E.1-1 (PatientName, PatientID, PatientBirthDate, AccessionNumber,
+//! InstitutionName, StudyInstanceUID, dates and times, physicians, device serial numbers,
+//! free-text comments, ...) is therefore absent from the record by construction: nothing else
+//! is read into it. The birth date is used only to compute the age band and then dropped.
+
+use chrono::{Datelike, NaiveDate};
+use cxrfed_schema::{Acquisition, Patient, Sex, View, age_group};
+use dicom_dictionary_std::tags;
+use dicom_object::DefaultDicomObject;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+/// The per-site secret keying the patient pseudonym. It never leaves the site.
+#[derive(Clone)]
+pub struct SiteSecret([u8; 32]);
+
+impl std::fmt::Debug for SiteSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SiteSecret(..)")
+    }
+}
+
+impl SiteSecret {
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        SiteSecret(bytes)
+    }
+
+    /// HMAC-SHA256 of the patient ID, hex encoded; empty when there is no ID.
+    pub fn pseudonym(&self, patient_id: &str) -> String {
+        let id = patient_id.trim_matches(|c: char| c.is_whitespace() || c == '\0');
+        if id.is_empty() {
+            return String::new();
+        }
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.0)
+            .expect("HMAC-SHA256 accepts keys of any length");
+        mac.update(b"cxrfed-patient-v1\0");
+        mac.update(id.as_bytes());
+        hex::encode(mac.finalize().into_bytes())
+    }
+}
+
+/// What the node keeps of a DICOM header.
+#[derive(Debug, Clone, Default)]
+pub struct Deidentified {
+    pub patient: Patient,
+    pub acquisition: Acquisition,
+    pub modality: String,
+    pub manufacturer: String,
+    pub body_part: String,
+}
+
+fn text(obj: &DefaultDicomObject, tag: dicom_core::Tag) -> String {
+    obj.get(tag)
+        .and_then(|e| e.to_str().ok())
+        .map(|s| s.trim_matches(|c: char| c.is_whitespace() || c == '\0').to_string())
+        .unwrap_or_default()
+}
+
+/// Parses a DICOM DA value ("YYYYMMDD", also the old "YYYY.MM.DD").
+pub fn parse_da(value: &str) -> Option<NaiveDate> {
+    let digits: String = value.chars().filter(char::is_ascii_digit).collect();
+    if digits.len() < 8 {
+        return None;
+    }
+    NaiveDate::parse_from_str(&digits[..8], "%Y%m%d").ok()
+}
+
+/// Parses a DICOM AS value ("061Y", "006M", "003W", "010D") into whole years.
+pub fn parse_as(value: &str) -> Option<u32> {
+    let value = value.trim();
+    if value.len() != 4 {
+        return None;
+    }
+    let number: u32 = value[..3].parse().ok()?;
+    match &value[3..] {
+        "Y" => Some(number),
+        "M" => Some(number / 12),
+        "W" => Some(number / 52),
+        "D" => Some(number / 365),
+        _ => None,
+    }
+}
+
+/// Whole years between `birth` and `on`, or `None` when `on` precedes `birth`.
+pub fn age_on(birth: NaiveDate, on: NaiveDate) -> Option<u32> {
+    let mut years = on.year() - birth.year();
+    if (on.month(), on.day()) < (birth.month(), birth.day()) {
+        years -= 1;
+    }
+    u32::try_from(years).ok()
+}
+
+/// Derives the kept facts from a DICOM header and drops everything else.
+pub fn from_dicom(obj: &DefaultDicomObject, secret: &SiteSecret) -> Deidentified {
+    let first_date = |order: [dicom_core::Tag; 4]| order.into_iter().find_map(|tag| parse_da(&text(obj, tag)));
+    // Age is the patient's age at the study (PS3.3 Patient Study module); the month is that of
+    // the acquisition itself when the file records it.
+    let study_date =
+        first_date([tags::STUDY_DATE, tags::ACQUISITION_DATE, tags::SERIES_DATE, tags::CONTENT_DATE]);
+    let acquisition_date =
+        first_date([tags::ACQUISITION_DATE, tags::STUDY_DATE, tags::SERIES_DATE, tags::CONTENT_DATE]);
+    let age = parse_as(&text(obj, tags::PATIENT_AGE)).or_else(|| {
+        let birth = parse_da(&text(obj, tags::PATIENT_BIRTH_DATE))?;
+        age_on(birth, study_date?)
+    });
+    Deidentified {
+        patient: Patient {
+            pseudonym: secret.pseudonym(&text(obj, tags::PATIENT_ID)),
+            age_group: age.map(age_group).unwrap_or_default(),
+            sex: Sex::from_dicom(&text(obj, tags::PATIENT_SEX)),
+        },
+        acquisition: Acquisition {
+            month: acquisition_date.map(|d| format!("{:04}-{:02}", d.year(), d.month())).unwrap_or_default(),
+            view: View::from_dicom(&text(obj, tags::VIEW_POSITION)),
+        },
+        modality: text(obj, tags::MODALITY),
+        manufacturer: text(obj, tags::MANUFACTURER),
+        body_part: text(obj, tags::BODY_PART_EXAMINED),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages() {
+        assert_eq!(parse_as("061Y"), Some(61));
+        assert_eq!(parse_as("018M"), Some(1));
+        assert_eq!(parse_as("61"), None);
+        let birth = parse_da("19400305").expect("date");
+        assert_eq!(age_on(birth, parse_da("20040826").expect("date")), Some(64));
+        assert_eq!(age_on(birth, parse_da("20040304").expect("date")), Some(63));
+        assert_eq!(age_on(birth, parse_da("19300101").expect("date")), None);
+        assert_eq!(parse_da("1940.03.05"), Some(birth));
+        assert_eq!(parse_da("garbage"), None);
+    }
+
+    #[test]
+    fn pseudonyms_are_keyed() {
+        let a = SiteSecret::from_bytes([1; 32]);
+        let b = SiteSecret::from_bytes([2; 32]);
+        assert_eq!(a.pseudonym("9RG1"), a.pseudonym(" 9RG1 "));
+        assert_ne!(a.pseudonym("9RG1"), b.pseudonym("9RG1"));
+        assert_ne!(a.pseudonym("9RG1"), a.pseudonym("9RG2"));
+        assert!(!a.pseudonym("9RG1").contains("9RG1"));
+        assert_eq!(a.pseudonym(""), "");
+    }
+}

@@ -1,0 +1,41 @@
+use thiserror::Error;
+
+/// Why an image could not be read. Messages never contain header values or patient data.
+#[derive(Debug, Error)]
+pub enum ImagingError {
+    #[error("the file is empty")]
+    Empty,
+    #[error("the file is {size} bytes, above the limit of {limit} bytes")]
+    FileTooLarge { size: u64, limit: u64 },
+    #[error("not a DICOM, JPEG or PNG file (content starts with {magic})")]
+    UnrecognizedFormat { magic: String },
+    #[error("malformed DICOM: {0}")]
+    MalformedDicom(String),
+    #[error("unsupported transfer syntax {uid} ({name})")]
+    UnsupportedTransferSyntax { uid: String, name: String },
+    #[error("image dimensions {rows}x{columns} exceed the limit of {max_rows}x{max_columns}")]
+    DimensionsTooLarge { rows: u64, columns: u64, max_rows: u32, max_columns: u32 },
+    #[error("unsupported image: {0}")]
+    Unsupported(String),
+    #[error("corrupt or truncated pixel data: {0}")]
+    Corrupt(String),
+    #[error("the decoder panicked on this image; it was refused and nothing was stored")]
+    DecoderPanic,
+}
+
+impl ImagingError {
+    /// A stable, machine-readable kind for logs, metrics and API error details.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ImagingError::Empty => "empty",
+            ImagingError::FileTooLarge { .. } => "file_too_large",
+            ImagingError::UnrecognizedFormat { .. } => "unrecognized_format",
+            ImagingError::MalformedDicom(_) => "malformed_dicom",
+            ImagingError::UnsupportedTransferSyntax { .. } => "unsupported_transfer_syntax",
+            ImagingError::DimensionsTooLarge { .. } => "dimensions_too_large",
+            ImagingError::Unsupported(_) => "unsupported_image",
+            ImagingError::Corrupt(_) => "corrupt_pixel_data",
+            ImagingError::DecoderPanic => "decoder_panic",
+        }
+    }
+}

@@ -1,0 +1,276 @@
+//! From a decoded image to the model input: display LUT, anti-aliased resize, pad or crop,
+//! normalisation.
+//!
+//! The resize is separable and reads every full-resolution sample exactly once: each source
+//! row is mapped through the display LUT and reduced horizontally into a narrow buffer
+//! (`rows x size`), which is then reduced vertically. No full-resolution floating point copy
+//! of the image is ever made.
+//!
+//! Downscaling uses area averaging (each output pixel is the coverage-weighted mean of the
+//! source pixels under it, like OpenCV's `INTER_AREA`), which is what anti-aliasing needs for
+//! the 5-15x reductions typical of chest X-rays. Upscaling (rare: images smaller than the
+//! model input) uses linear interpolation.
+//!
+//! Aspect handling: [`Aspect::Pad`] (default) keeps the whole image, scales its longer side
+//! to `size` and pads the shorter side symmetrically with black (display value 0), so that no
+//! anatomy (costophrenic angles, apices) is cut off. [`Aspect::CenterCrop`] crops the central
+//! square first, which fills the input but may lose the lung periphery on wide images.
+
+use ndarray::{Array2, ArrayView2, s};
+
+use crate::decode::{Decoded, DisplayLut, Sample, Samples};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Aspect {
+    #[default]
+    Pad,
+    CenterCrop,
+}
+
+impl std::str::FromStr for Aspect {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "pad" => Ok(Aspect::Pad),
+            "center-crop" | "crop" => Ok(Aspect::CenterCrop),
+            other => Err(format!("unknown aspect mode {other:?} (pad or center-crop)")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PreprocessOptions {
+    /// Output is `size x size`.
+    pub size: u32,
+    pub aspect: Aspect,
+    /// Normalisation applied after the display LUT: `(x - mean) / std`.
+    pub mean: f32,
+    pub std: f32,
+}
+
+impl Default for PreprocessOptions {
+    fn default() -> Self {
+        PreprocessOptions { size: 224, aspect: Aspect::Pad, mean: 0.5, std: 0.25 }
+    }
+}
+
+/// One output pixel's source footprint along an axis: `start` and per-source-pixel weights.
+#[derive(Debug, Clone)]
+struct Footprint {
+    start: usize,
+    weights: Vec<f32>,
+}
+
+/// Weights that map `src_len` source pixels onto `dst_len` output pixels.
+fn axis_weights(src_len: usize, dst_len: usize) -> Vec<Footprint> {
+    let scale = src_len as f64 / dst_len as f64;
+    (0..dst_len)
+        .map(|i| {
+            if scale >= 1.0 {
+                // Area: output pixel i covers [i*scale, (i+1)*scale) in source coordinates.
+                let lo = i as f64 * scale;
+                let hi = (lo + scale).min(src_len as f64);
+                let first = lo.floor() as usize;
+                let last = (hi.ceil() as usize).min(src_len).max(first + 1);
+                let weights = (first..last)
+                    .map(|j| {
+                        let overlap = (hi.min(j as f64 + 1.0) - lo.max(j as f64)).max(0.0);
+                        (overlap / scale) as f32
+                    })
+                    .collect();
+                Footprint { start: first, weights }
+            } else {
+                // Linear interpolation between the two nearest source centres.
+                let x = ((i as f64 + 0.5) * scale - 0.5).clamp(0.0, (src_len - 1) as f64);
+                let first = x.floor() as usize;
+                let fraction = (x - first as f64) as f32;
+                if first + 1 < src_len {
+                    Footprint { start: first, weights: vec![1.0 - fraction, fraction] }
+                } else {
+                    Footprint { start: first, weights: vec![1.0] }
+                }
+            }
+        })
+        .collect()
+}
+
+/// Resizes `region` (display values through `lut`) to `out_rows x out_cols`.
+fn resize_region<T: Sample>(
+    region: ArrayView2<'_, T>,
+    lut: &DisplayLut,
+    out_rows: usize,
+    out_cols: usize,
+) -> Array2<f32> {
+    let (rows, cols) = region.dim();
+    let horizontal = axis_weights(cols, out_cols);
+    let vertical = axis_weights(rows, out_rows);
+    // Horizontal pass: one LUT lookup per source sample.
+    let mut narrow = Array2::<f32>::zeros((rows, out_cols));
+    let mut display_row = vec![0f32; cols];
+    for (src_row, mut dst_row) in region.rows().into_iter().zip(narrow.rows_mut()) {
+        for (d, v) in display_row.iter_mut().zip(src_row.iter()) {
+            *d = lut.get(v.lut_index());
+        }
+        for (out, footprint) in dst_row.iter_mut().zip(&horizontal) {
+            let window = &display_row[footprint.start..footprint.start + footprint.weights.len()];
+            *out = window.iter().zip(&footprint.weights).map(|(v, w)| v * w).sum();
+        }
+    }
+    // Vertical pass over the narrow buffer.
+    let mut out = Array2::<f32>::zeros((out_rows, out_cols));
+    for (mut dst_row, footprint) in out.rows_mut().into_iter().zip(&vertical) {
+        for (k, w) in footprint.weights.iter().enumerate() {
+            let src = narrow.row(footprint.start + k);
+            dst_row.zip_mut_with(&src, |d, s| *d += w * s);
+        }
+    }
+    out
+}
+
+/// Places the resized image into the square model input and normalises it.
+fn fit<T: Sample>(image: &Array2<T>, lut: &DisplayLut, options: &PreprocessOptions) -> Array2<f32> {
+    let size = options.size.max(1) as usize;
+    let (rows, cols) = image.dim();
+    let normalise = |v: f32| (v - options.mean) / options.std;
+    match options.aspect {
+        Aspect::CenterCrop => {
+            let side = rows.min(cols);
+            let (r0, c0) = ((rows - side) / 2, (cols - side) / 2);
+            let region = image.slice(s![r0..r0 + side, c0..c0 + side]);
+            resize_region(region, lut, size, size).mapv_into(normalise)
+        }
+        Aspect::Pad => {
+            let (out_rows, out_cols) = if rows >= cols {
+                (size, ((cols * size) as f64 / rows as f64).round().max(1.0) as usize)
+            } else {
+                (((rows * size) as f64 / cols as f64).round().max(1.0) as usize, size)
+            };
+            let resized = resize_region(image.view(), lut, out_rows, out_cols);
+            let mut out = Array2::<f32>::from_elem((size, size), normalise(0.0));
+            let (r0, c0) = ((size - out_rows) / 2, (size - out_cols) / 2);
+            out.slice_mut(s![r0..r0 + out_rows, c0..c0 + out_cols])
+                .assign(&resized.mapv_into(normalise));
+            out
+        }
+    }
+}
+
+/// Maps a decoded image to the `size x size` normalised model input.
+pub fn preprocess(decoded: &Decoded, options: &PreprocessOptions) -> Array2<f32> {
+    let lut = decoded.display_lut();
+    match &decoded.samples {
+        Samples::U8(a) => fit(a, &lut, options),
+        Samples::U16(a) => fit(a, &lut, options),
+        Samples::I16(a) => fit(a, &lut, options),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::Voi;
+    use cxrfed_schema::{Acquisition, Patient, Source};
+    use proptest::prelude::*;
+
+    fn decoded_u16(a: Array2<u16>) -> Decoded {
+        Decoded {
+            samples: Samples::U16(a),
+            bits_stored: 16,
+            rescale_slope: 1.0,
+            rescale_intercept: 0.0,
+            voi: Voi::FullRange,
+            invert: false,
+            source: Source::default(),
+            patient: Patient::default(),
+            acquisition: Acquisition::default(),
+            notes: vec![],
+        }
+    }
+
+    const IDENTITY: PreprocessOptions =
+        PreprocessOptions { size: 4, aspect: Aspect::Pad, mean: 0.0, std: 1.0 };
+
+    #[test]
+    fn area_average_of_blocks() {
+        // 8x8 made of 2x2 blocks of constant value: the 4x4 output is exactly the blocks.
+        let a = Array2::from_shape_fn((8, 8), |(r, c)| ((r / 2) * 4 + c / 2) as u16 * 1000);
+        let out = preprocess(&decoded_u16(a), &IDENTITY);
+        for r in 0..4 {
+            for c in 0..4 {
+                let expected = ((r * 4 + c) * 1000) as f32 / 65535.0;
+                assert!((out[(r, c)] - expected).abs() < 1e-5, "{r},{c}");
+            }
+        }
+    }
+
+    #[test]
+    fn pad_keeps_aspect_and_centres() {
+        // A 2:1 landscape image of white fills the middle half rows; the rest is black padding.
+        let a = Array2::from_elem((50, 100), u16::MAX);
+        let out = preprocess(&decoded_u16(a), &IDENTITY);
+        assert_eq!(out.row(0).sum(), 0.0);
+        assert_eq!(out.row(3).sum(), 0.0);
+        assert!((out.row(1).sum() - 4.0).abs() < 1e-5);
+        assert!((out.row(2).sum() - 4.0).abs() < 1e-5);
+    }
+
+    #[test]
+    fn center_crop_fills_the_square() {
+        let a = Array2::from_shape_fn((50, 100), |(_, c)| if (25..75).contains(&c) { u16::MAX } else { 0 });
+        let options = PreprocessOptions { aspect: Aspect::CenterCrop, ..IDENTITY };
+        let out = preprocess(&decoded_u16(a), &options);
+        assert!(out.iter().all(|v| (*v - 1.0).abs() < 1e-5));
+    }
+
+    proptest! {
+        /// Area weights along an axis are a partition of unity for every output pixel.
+        #[test]
+        fn weights_sum_to_one(src in 1usize..3000, dst in 1usize..300) {
+            for footprint in axis_weights(src, dst) {
+                let total: f32 = footprint.weights.iter().sum();
+                prop_assert!((total - 1.0).abs() < 1e-4, "sum {total}");
+                prop_assert!(footprint.start + footprint.weights.len() <= src);
+            }
+        }
+
+        /// Resizing preserves the mean intensity (area averaging conserves mass) and the range.
+        #[test]
+        fn resize_preserves_mean_and_range(
+            rows in 8usize..200, cols in 8usize..200, seed in any::<u64>(), size in 4u32..64,
+        ) {
+            let a = Array2::from_shape_fn((rows, cols), |(r, c)| {
+                let x = (r as u64).wrapping_mul(31).wrapping_add(c as u64).wrapping_mul(seed | 1);
+                (x % 4096) as u16
+            });
+            let options = PreprocessOptions { size, aspect: Aspect::CenterCrop, mean: 0.0, std: 1.0 };
+            let d = decoded_u16(a.clone());
+            let out = preprocess(&d, &options);
+            prop_assert_eq!(out.dim(), (size as usize, size as usize));
+            prop_assert!(out.iter().all(|v| (0.0..=1.0 + 1e-5).contains(v)));
+            let side = rows.min(cols);
+            if side >= size as usize {
+                let (r0, c0) = ((rows - side) / 2, (cols - side) / 2);
+                let crop = a.slice(s![r0..r0 + side, c0..c0 + side]);
+                let src_mean = crop.iter().map(|v| f64::from(*v) / 65535.0).sum::<f64>() / crop.len() as f64;
+                let out_mean = out.iter().map(|v| f64::from(*v)).sum::<f64>() / out.len() as f64;
+                prop_assert!((src_mean - out_mean).abs() < 1e-3, "{src_mean} vs {out_mean}");
+            }
+        }
+
+        /// MONOCHROME1 output is exactly one minus the MONOCHROME2 output.
+        #[test]
+        fn inversion_mirrors(rows in 4usize..64, cols in 4usize..64, seed in any::<u32>()) {
+            let a = Array2::from_shape_fn((rows, cols), |(r, c)| ((r * 131 + c * 7) as u32 ^ seed) as u16 & 0x0fff);
+            let mut d = decoded_u16(a);
+            d.bits_stored = 12;
+            d.voi = Voi::Window { center: 2000.0, width: 3000.0, function: dicom_pixeldata::VoiLutFunction::Linear };
+            let options = PreprocessOptions { size: 16, aspect: Aspect::CenterCrop, mean: 0.0, std: 1.0 };
+            let normal = preprocess(&d, &options);
+            d.invert = true;
+            let inverted = preprocess(&d, &options);
+            for (x, y) in normal.iter().zip(inverted.iter()) {
+                prop_assert!((x + y - 1.0).abs() < 1e-4);
+            }
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! The node's one typed, validated configuration: defaults, then a TOML file, then `CXRFED_*`
+//! environment variables, then command-line flags (flags win).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// Node settings. Every field has a default; see `cxrfed node serve --help`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Directory holding the store, the site secret, the PID file and the logs.
+    pub data_dir: PathBuf,
+    /// Address the gRPC server listens on.
+    pub listen: SocketAddr,
+    /// Site name reported by `Status`.
+    pub site: String,
+    /// Largest accepted upload, in bytes.
+    pub max_file_bytes: u64,
+    /// Largest accepted image dimensions (checked on the header, before decoding).
+    pub max_rows: u32,
+    pub max_columns: u32,
+    /// Model input side length in pixels.
+    pub input_size: u32,
+    /// "pad" or "center-crop".
+    pub aspect: String,
+    /// Images decoded at the same time (each holds one full-resolution image in memory).
+    pub decode_workers: usize,
+    /// Seconds in-flight requests get to finish after SIGTERM before the node stops anyway.
+    pub grace_period_secs: u64,
+    /// tracing filter, e.g. "info" or "cxrfed_node=debug".
+    pub log_level: String,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            data_dir: default_data_dir(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            site: "local".to_string(),
+            max_file_bytes: 256 * 1024 * 1024,
+            max_rows: 8192,
+            max_columns: 8192,
+            input_size: 224,
+            aspect: "pad".to_string(),
+            decode_workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+            grace_period_secs: 20,
+            // The JPEG 2000 codec logs every header at INFO.
+            log_level: "info,jpeg2k=warn".to_string(),
+        }
+    }
+}
+
+/// The embedded default data directory: `$XDG_DATA_HOME/cxrfed/node` (or the platform's
+/// equivalent), falling back to `./.cxrfed/node`.
+pub fn default_data_dir() -> PathBuf {
+    dirs::data_local_dir()
+        .map(|d| d.join("cxrfed").join("node"))
+        .unwrap_or_else(|| PathBuf::from(".cxrfed/node"))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Invalid(String),
+}
+
+impl NodeConfig {
+    /// Loads the layered configuration. `file` is an optional TOML file; `flags` holds only the
+    /// settings given on the command line (as a partial TOML-like map).
+    pub fn load(file: Option<&Path>, flags: impl Serialize) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(NodeConfig::default()));
+        if let Some(file) = file {
+            if !file.exists() {
+                return Err(ConfigError::Invalid(format!("config file {} does not exist", file.display())));
+            }
+            figment = figment.merge(Toml::file(file));
+        }
+        let config: NodeConfig = figment
+            .merge(Env::prefixed("CXRFED_").ignore(&["config"]))
+            .merge(Serialized::defaults(flags))
+            .extract()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.max_file_bytes == 0 {
+            return bad("max_file_bytes must be positive".into());
+        }
+        if self.max_rows == 0 || self.max_columns == 0 {
+            return bad("max_rows and max_columns must be positive".into());
+        }
+        if !(16..=2048).contains(&self.input_size) {
+            return bad(format!("input_size {} is outside 16..=2048", self.input_size));
+        }
+        if self.aspect.parse::<cxrfed_imaging::Aspect>().is_err() {
+            return bad(format!("aspect {:?} must be \"pad\" or \"center-crop\"", self.aspect));
+        }
+        if self.decode_workers == 0 {
+            return bad("decode_workers must be at least 1".into());
+        }
+        if self.site.trim().is_empty() {
+            return bad("site must not be empty".into());
+        }
+        Ok(())
+    }
+
+    pub fn store_dir(&self) -> PathBuf {
+        self.data_dir.join("store")
+    }
+
+    pub fn secret_path(&self) -> PathBuf {
+        self.data_dir.join("site.secret")
+    }
+
+    pub fn pid_path(&self) -> PathBuf {
+        pid_path(&self.data_dir)
+    }
+
+    pub fn log_dir(&self) -> PathBuf {
+        log_dir(&self.data_dir)
+    }
+}
+
+/// Where a running node writes its PID file.
+pub fn pid_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("node.pid")
+}
+
+/// Where a node writes its JSON log (`node.log`).
+pub fn log_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("logs")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn flags_override_file_and_env() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("node.toml");
+        std::fs::write(&file, "site = \"from-file\"\ninput_size = 256\nmax_rows = 100\n").expect("write");
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("CXRFED_INPUT_SIZE", "320");
+            let mut flags = BTreeMap::new();
+            flags.insert("max_rows", 200);
+            let config = NodeConfig::load(Some(&file), &flags).expect("load");
+            assert_eq!(config.site, "from-file");
+            assert_eq!(config.input_size, 320);
+            assert_eq!(config.max_rows, 200);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn invalid_values_are_refused_with_a_reason() {
+        let mut flags = BTreeMap::new();
+        flags.insert("aspect", "stretch");
+        let err = NodeConfig::load(None, &flags).expect_err("invalid");
+        assert!(err.to_string().contains("aspect"), "{err}");
+    }
+}

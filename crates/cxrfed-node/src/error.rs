@@ -1,0 +1,78 @@
+//! The node's error type and its one mapping to gRPC status codes.
+
+use cxrfed_imaging::ImagingError;
+use cxrfed_store::StoreError;
+use tonic::{Code, Status};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Imaging(#[from] ImagingError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    #[error("upload of {size} bytes exceeds the limit of {limit} bytes")]
+    UploadTooLarge { size: u64, limit: u64 },
+    #[error("record {0} not found")]
+    NotFound(String),
+    #[error("the node is shutting down; retry against a running node")]
+    ShuttingDown,
+    #[error("upload stream failed: {}", .0.message())]
+    Stream(Status),
+}
+
+impl NodeError {
+    fn code(&self) -> Code {
+        match self {
+            NodeError::Imaging(e) => match e {
+                ImagingError::Empty
+                | ImagingError::UnrecognizedFormat { .. }
+                | ImagingError::MalformedDicom(_)
+                | ImagingError::Unsupported(_)
+                | ImagingError::Corrupt(_) => Code::InvalidArgument,
+                ImagingError::UnsupportedTransferSyntax { .. } => Code::Unimplemented,
+                ImagingError::FileTooLarge { .. } | ImagingError::DimensionsTooLarge { .. } => {
+                    Code::ResourceExhausted
+                }
+                ImagingError::DecoderPanic => Code::Internal,
+            },
+            NodeError::Store(e) => match e {
+                StoreError::NewerSchema { .. } => Code::FailedPrecondition,
+                StoreError::Locked { .. }
+                | StoreError::Sled(_)
+                | StoreError::Corrupt { .. }
+                | StoreError::Encode(_) => Code::Internal,
+            },
+            NodeError::InvalidRequest(_) => Code::InvalidArgument,
+            NodeError::UploadTooLarge { .. } => Code::ResourceExhausted,
+            NodeError::NotFound(_) => Code::NotFound,
+            NodeError::ShuttingDown => Code::Unavailable,
+            NodeError::Stream(status) => status.code(),
+        }
+    }
+
+    /// A stable machine-readable kind, sent as the `x-cxrfed-error` trailer and logged.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            NodeError::Imaging(e) => e.kind(),
+            NodeError::Store(_) => "store",
+            NodeError::InvalidRequest(_) => "invalid_request",
+            NodeError::UploadTooLarge { .. } => "file_too_large",
+            NodeError::NotFound(_) => "not_found",
+            NodeError::ShuttingDown => "shutting_down",
+            NodeError::Stream(_) => "stream",
+        }
+    }
+}
+
+impl From<NodeError> for Status {
+    fn from(e: NodeError) -> Status {
+        // Messages are built from our own error types: they never carry header values.
+        let mut status = Status::new(e.code(), e.to_string());
+        if let Ok(value) = e.kind().parse() {
+            status.metadata_mut().insert("x-cxrfed-error", value);
+        }
+        status
+    }
+}

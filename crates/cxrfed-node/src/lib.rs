@@ -1,0 +1,19 @@
+//! The cxrfed node: the gRPC services a hospital runs, and the extraction pipeline behind them.
+//!
+//! `serve` takes a listener and a shutdown token (the binary owns both), opens the data
+//! directory (store, site secret), and serves `cxrfed.v1.NodeService` with gRPC health and
+//! server reflection. Every request gets one span and one JSON log line with its request id,
+//! image hash, processing time and outcome — never a patient identifier.
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+mod error;
+pub mod pipeline;
+pub mod secret;
+mod server;
+pub mod service;
+
+pub use config::NodeConfig;
+pub use error::NodeError;
+pub use server::{ServeError, serve};

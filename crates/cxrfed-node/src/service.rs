@@ -1,0 +1,314 @@
+//! `cxrfed.v1.NodeService`: extraction, record retrieval and status.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+use cxrfed_proto::v1 as pb;
+use cxrfed_proto::v1::node_service_server::NodeService;
+use cxrfed_store::{Inserted, RecordFilter, RecordStore};
+use tokio_stream::Stream;
+use tokio_util::sync::CancellationToken;
+use tonic::metadata::MetadataMap;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{Instrument, Span, field};
+
+use crate::config::NodeConfig;
+use crate::error::NodeError;
+use crate::pipeline::Pipeline;
+
+/// Upload chunks above this size are refused by the transport (the client sends 1 MiB).
+pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024 + 64 * 1024;
+const DEFAULT_PAGE_SIZE: u32 = 100;
+const MAX_PAGE_SIZE: u32 = 1000;
+
+/// Shared state of one running node.
+#[derive(Debug)]
+pub struct NodeState {
+    pub config: NodeConfig,
+    pub store: RecordStore,
+    pub pipeline: Pipeline,
+    pub started_at: DateTime<Utc>,
+    pub started: Instant,
+    pub in_flight: AtomicU32,
+    pub shutdown: CancellationToken,
+}
+
+/// The gRPC face of the node.
+#[derive(Debug, Clone)]
+pub struct NodeApi {
+    state: Arc<NodeState>,
+}
+
+impl NodeApi {
+    pub fn new(state: Arc<NodeState>) -> Self {
+        NodeApi { state }
+    }
+}
+
+/// The request id from `x-request-id` when it is a sane token, else a new UUID.
+pub fn request_id(metadata: &MetadataMap) -> String {
+    metadata
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= 128
+                && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+        })
+        .map(str::to_string)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}
+
+/// Decrements the in-flight counter however the request ends.
+struct InFlight<'a>(&'a AtomicU32);
+
+impl<'a> InFlight<'a> {
+    fn enter(counter: &'a AtomicU32) -> Self {
+        counter.fetch_add(1, Ordering::SeqCst);
+        InFlight(counter)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Runs one RPC inside its span and writes the one log line per request: method, request id,
+/// image hash and record id when known, processing time and outcome.
+async fn observe<T>(
+    state: &NodeState,
+    method: &'static str,
+    metadata: &MetadataMap,
+    handler: impl Future<Output = Result<T, NodeError>>,
+) -> Result<Response<T>, Status> {
+    let request_id = request_id(metadata);
+    let span = tracing::info_span!(
+        "rpc",
+        method,
+        request_id = %request_id,
+        image_sha256 = field::Empty,
+        record_id = field::Empty,
+    );
+    let _guard = InFlight::enter(&state.in_flight);
+    let started = Instant::now();
+    let result = handler.instrument(span.clone()).await;
+    let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+    span.in_scope(|| match &result {
+        Ok(_) => tracing::info!(outcome = "ok", elapsed_ms, "request finished"),
+        Err(e) => tracing::warn!(outcome = e.kind(), elapsed_ms, error = %e, "request failed"),
+    });
+    let mut response = result.map(Response::new).map_err(Status::from)?;
+    if let Ok(value) = request_id.parse() {
+        response.metadata_mut().insert("x-request-id", value);
+    }
+    Ok(response)
+}
+
+impl NodeApi {
+    async fn receive_upload(
+        &self,
+        mut stream: Streaming<pb::ExtractRequest>,
+    ) -> Result<(pb::ExtractHeader, Vec<u8>), NodeError> {
+        let limit = self.state.pipeline.limits().max_file_bytes;
+        let first = stream
+            .message()
+            .await
+            .map_err(NodeError::Stream)?
+            .ok_or_else(|| NodeError::InvalidRequest("empty upload: no message was sent".into()))?;
+        let header = first.header.ok_or_else(|| {
+            NodeError::InvalidRequest("the first ExtractRequest must carry `header`".into())
+        })?;
+        if header.size_hint > limit {
+            return Err(NodeError::UploadTooLarge { size: header.size_hint, limit });
+        }
+        let mut bytes = Vec::with_capacity(header.size_hint.min(limit) as usize);
+        bytes.extend_from_slice(&first.chunk);
+        while let Some(message) = stream.message().await.map_err(NodeError::Stream)? {
+            if message.header.is_some() {
+                return Err(NodeError::InvalidRequest(
+                    "`header` may only be sent in the first ExtractRequest".into(),
+                ));
+            }
+            let size = (bytes.len() + message.chunk.len()) as u64;
+            if size > limit {
+                return Err(NodeError::UploadTooLarge { size, limit });
+            }
+            bytes.extend_from_slice(&message.chunk);
+        }
+        Ok((header, bytes))
+    }
+
+    async fn extract_inner(
+        &self,
+        stream: Streaming<pb::ExtractRequest>,
+        request_id: String,
+    ) -> Result<pb::ExtractResponse, NodeError> {
+        if self.state.shutdown.is_cancelled() {
+            return Err(NodeError::ShuttingDown);
+        }
+        let (header, bytes) = self.receive_upload(stream).await?;
+        tracing::debug!(bytes = bytes.len(), "upload received");
+        let extraction = self.state.pipeline.extract(bytes, request_id).await?;
+        let span = Span::current();
+        span.record("image_sha256", extraction.record.image_sha256.as_str());
+        let (record, created) = match self.state.store.insert(extraction.record, header.force).await? {
+            Inserted::Created(record) => (record, true),
+            Inserted::Existing(record) => (record, false),
+        };
+        span.record("record_id", record.record_id.as_str());
+        tracing::info!(created, processing_ms = record.processing_ms, "record stored");
+        Ok(pb::ExtractResponse { record: Some(pb::Record::from(&record)), created })
+    }
+
+    fn list_inner(&self, request: pb::ListRecordsRequest) -> Result<Vec<pb::ListRecordsResponse>, NodeError> {
+        let page_size = match request.page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n if n > MAX_PAGE_SIZE => {
+                return Err(NodeError::InvalidRequest(format!(
+                    "page_size {n} is above the maximum of {MAX_PAGE_SIZE}"
+                )));
+            }
+            n => n,
+        };
+        let after = if request.page_token.is_empty() {
+            None
+        } else {
+            uuid::Uuid::parse_str(&request.page_token).map_err(|_| {
+                NodeError::InvalidRequest("page_token is not a token returned by ListRecords".into())
+            })?;
+            Some(request.page_token.as_str())
+        };
+        let month = |name: &str, value: &str| -> Result<Option<String>, NodeError> {
+            if value.is_empty() {
+                Ok(None)
+            } else if cxrfed_schema::is_valid_month(value) {
+                Ok(Some(value.to_string()))
+            } else {
+                Err(NodeError::InvalidRequest(format!("{name} {value:?} is not a month in YYYY-MM form")))
+            }
+        };
+        let filter = RecordFilter {
+            view: match request.view() {
+                pb::View::Unspecified => None,
+                view => Some(view.into()),
+            },
+            modality: Some(request.modality.trim().to_string()).filter(|m| !m.is_empty()),
+            month_from: month("month_from", &request.month_from)?,
+            month_to: month("month_to", &request.month_to)?,
+        };
+        let (records, more) = self.state.store.list(after, page_size as usize, &filter)?;
+        let next_page_token = if more {
+            records.last().map(|r| r.record_id.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let returned = records.len() as u32;
+        let mut out: Vec<_> = records
+            .iter()
+            .map(|r| pb::ListRecordsResponse {
+                item: Some(pb::list_records_response::Item::Record(pb::Record::from(r))),
+            })
+            .collect();
+        out.push(pb::ListRecordsResponse {
+            item: Some(pb::list_records_response::Item::PageEnd(pb::PageEnd { next_page_token, returned })),
+        });
+        Ok(out)
+    }
+}
+
+type RecordStream = Pin<Box<dyn Stream<Item = Result<pb::ListRecordsResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl NodeService for NodeApi {
+    async fn extract(
+        &self,
+        request: Request<Streaming<pb::ExtractRequest>>,
+    ) -> Result<Response<pb::ExtractResponse>, Status> {
+        let metadata = request.metadata().clone();
+        let rid = request_id(&metadata);
+        let metadata = with_request_id(metadata, &rid);
+        observe(&self.state, "Extract", &metadata, self.extract_inner(request.into_inner(), rid)).await
+    }
+
+    async fn get_record(
+        &self,
+        request: Request<pb::GetRecordRequest>,
+    ) -> Result<Response<pb::Record>, Status> {
+        let metadata = request.metadata().clone();
+        let id = request.into_inner().record_id;
+        observe(&self.state, "GetRecord", &metadata, async {
+            uuid::Uuid::parse_str(&id)
+                .map_err(|_| NodeError::InvalidRequest(format!("record_id {id:?} is not a UUID")))?;
+            Span::current().record("record_id", id.as_str());
+            let store = self.state.store.clone();
+            let lookup = id.clone();
+            let record = tokio::task::spawn_blocking(move || store.get(&lookup))
+                .await
+                .map_err(|_| NodeError::InvalidRequest("lookup was cancelled".into()))??
+                .ok_or_else(|| NodeError::NotFound(id.clone()))?;
+            Span::current().record("image_sha256", record.image_sha256.as_str());
+            Ok(pb::Record::from(&record))
+        })
+        .await
+    }
+
+    type ListRecordsStream = RecordStream;
+
+    async fn list_records(
+        &self,
+        request: Request<pb::ListRecordsRequest>,
+    ) -> Result<Response<Self::ListRecordsStream>, Status> {
+        let metadata = request.metadata().clone();
+        let request = request.into_inner();
+        observe(&self.state, "ListRecords", &metadata, async {
+            let api = self.clone();
+            let items = tokio::task::spawn_blocking(move || api.list_inner(request))
+                .await
+                .map_err(|_| NodeError::InvalidRequest("listing was cancelled".into()))??;
+            let stream: RecordStream = Box::pin(tokio_stream::iter(items.into_iter().map(Ok)));
+            Ok(stream)
+        })
+        .await
+    }
+
+    async fn status(
+        &self,
+        request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let metadata = request.metadata().clone();
+        observe(&self.state, "Status", &metadata, async {
+            let state = &self.state;
+            Ok(pb::StatusResponse {
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                site: state.config.site.clone(),
+                listen_address: state.config.listen.to_string(),
+                started_at: Some(prost_timestamp(state.started_at)),
+                uptime_seconds: state.started.elapsed().as_secs(),
+                record_count: state.store.count() as u64,
+                schema_version: cxrfed_schema::SCHEMA_VERSION.to_string(),
+                model_id: cxrfed_schema::NO_MODEL.to_string(),
+                store_size_bytes: state.store.size_on_disk(),
+                pid: std::process::id(),
+                // This request itself is not counted.
+                in_flight: state.in_flight.load(Ordering::SeqCst).saturating_sub(1),
+            })
+        })
+        .await
+    }
+}
+
+fn with_request_id(mut metadata: MetadataMap, request_id: &str) -> MetadataMap {
+    if let Ok(value) = request_id.parse() {
+        metadata.insert("x-request-id", value);
+    }
+    metadata
+}
+
+fn prost_timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 }
+}

@@ -1,0 +1,229 @@
+//! The cxrfed finding schema (version 1) and the [`Record`] a node keeps for every image.
+//!
+//! This crate is the vocabulary the rest of the system shares: the record, its provenance and
+//! de-identified patient/acquisition facts, and the findings with their categories and bounds.
+//! It must not depend on gRPC (tonic), LibTorch (tch) or storage (sled): it is pure data.
+//!
+//! A record never holds a patient name, patient ID, birth date or accession number. It is a
+//! research record, not a diagnosis.
+
+#![forbid(unsafe_code)]
+
+mod findings;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+pub use findings::*;
+
+/// The schema version this build writes. Stores written by a newer version are refused.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// The model id recorded while no extraction model is installed.
+pub const NO_MODEL: &str = "none";
+
+/// One structured, de-identified record of one chest X-ray.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// Time-ordered UUID v7, canonical text form.
+    pub record_id: String,
+    /// SHA-256 (hex) of the decoded, de-identified pixel samples.
+    pub image_sha256: String,
+    pub schema_version: u32,
+    /// The model that filled [`Record::findings`]; [`NO_MODEL`] when none did.
+    pub model_id: String,
+    pub created_at: DateTime<Utc>,
+    /// Decode + de-identify + preprocess (+ inference) time in milliseconds.
+    pub processing_ms: f64,
+    pub request_id: String,
+    pub source: Source,
+    pub patient: Patient,
+    pub acquisition: Acquisition,
+    /// `None` until a model fills it: never made-up values.
+    #[serde(default)]
+    pub findings: Option<Findings>,
+    /// How the image was read, e.g. "multi-frame: first of 3 frames used".
+    #[serde(default)]
+    pub processing_notes: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageFormat {
+    Dicom,
+    Jpeg,
+    Png,
+}
+
+impl ImageFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImageFormat::Dicom => "dicom",
+            ImageFormat::Jpeg => "jpeg",
+            ImageFormat::Png => "png",
+        }
+    }
+}
+
+/// Technical facts about the source image (no identifiers).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Source {
+    pub format: Option<ImageFormat>,
+    pub transfer_syntax_uid: String,
+    pub transfer_syntax_name: String,
+    pub modality: String,
+    pub manufacturer: String,
+    pub rows: u32,
+    pub columns: u32,
+    pub bits_stored: u32,
+    pub photometric_interpretation: String,
+    pub number_of_frames: u32,
+    pub body_part: String,
+}
+
+/// Patient sex with the DICOM codes as its text form ("F", "M", "O"), "unknown" when absent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub enum Sex {
+    #[serde(rename = "F")]
+    Female,
+    #[serde(rename = "M")]
+    Male,
+    #[serde(rename = "O")]
+    Other,
+    #[default]
+    #[serde(rename = "unknown")]
+    Unknown,
+}
+
+impl Sex {
+    /// Maps DICOM PatientSex (`F`, `M`, `O`) to [`Sex`].
+    pub fn from_dicom(code: &str) -> Self {
+        match code.trim().to_ascii_uppercase().as_str() {
+            "F" => Sex::Female,
+            "M" => Sex::Male,
+            "O" => Sex::Other,
+            _ => Sex::Unknown,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Sex::Female => "F",
+            Sex::Male => "M",
+            Sex::Other => "O",
+            Sex::Unknown => "",
+        }
+    }
+}
+
+/// De-identified patient facts.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Patient {
+    /// HMAC-SHA256 (hex) of PatientID under the site secret; empty when no PatientID.
+    pub pseudonym: String,
+    /// Ten-year band ("60-69", "110+"); empty when unknown.
+    pub age_group: String,
+    pub sex: Sex,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum View {
+    Pa,
+    Ap,
+    Ll,
+    #[default]
+    Unknown,
+}
+
+impl View {
+    /// Maps DICOM ViewPosition (PA, AP, LL, LATERAL, RL...) to [`View`].
+    pub fn from_dicom(code: &str) -> Self {
+        match code.trim().to_ascii_uppercase().as_str() {
+            "PA" => View::Pa,
+            "AP" => View::Ap,
+            "LL" | "LATERAL" | "LAT" | "RL" => View::Ll,
+            _ => View::Unknown,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            View::Pa => "PA",
+            View::Ap => "AP",
+            View::Ll => "LL",
+            View::Unknown => "unknown",
+        }
+    }
+
+    /// Parses the text form used by CLI filters ("PA", "ap", "unknown").
+    pub fn parse(text: &str) -> Option<Self> {
+        match text.trim().to_ascii_uppercase().as_str() {
+            "PA" => Some(View::Pa),
+            "AP" => Some(View::Ap),
+            "LL" => Some(View::Ll),
+            "UNKNOWN" => Some(View::Unknown),
+            _ => None,
+        }
+    }
+}
+
+/// Acquisition facts, coarsened.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Acquisition {
+    /// "YYYY-MM", or empty when the file has no usable date.
+    pub month: String,
+    pub view: View,
+}
+
+/// Builds the ten-year age band for an age in whole years: 0-9, 10-19, ..., 100-109, "110+".
+pub fn age_group(years: u32) -> String {
+    if years >= 110 {
+        "110+".to_string()
+    } else {
+        let lo = years / 10 * 10;
+        format!("{lo}-{}", lo + 9)
+    }
+}
+
+/// Validates a "YYYY-MM" month string.
+pub fn is_valid_month(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    bytes.len() == 7
+        && bytes[4] == b'-'
+        && bytes[..4].iter().all(u8::is_ascii_digit)
+        && bytes[5..].iter().all(u8::is_ascii_digit)
+        && matches!(text[5..].parse::<u32>(), Ok(1..=12))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn age_bands() {
+        assert_eq!(age_group(0), "0-9");
+        assert_eq!(age_group(61), "60-69");
+        assert_eq!(age_group(69), "60-69");
+        assert_eq!(age_group(70), "70-79");
+        assert_eq!(age_group(109), "100-109");
+        assert_eq!(age_group(110), "110+");
+    }
+
+    #[test]
+    fn months() {
+        assert!(is_valid_month("2024-01"));
+        assert!(!is_valid_month("2024-13"));
+        assert!(!is_valid_month("2024/01"));
+        assert!(!is_valid_month("24-01"));
+    }
+
+    #[test]
+    fn view_and_sex_codes() {
+        assert_eq!(View::from_dicom("PA "), View::Pa);
+        assert_eq!(View::from_dicom("LATERAL"), View::Ll);
+        assert_eq!(View::from_dicom(""), View::Unknown);
+        assert_eq!(Sex::from_dicom("F"), Sex::Female);
+        assert_eq!(Sex::from_dicom("x"), Sex::Unknown);
+    }
+}

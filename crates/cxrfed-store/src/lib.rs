@@ -1,0 +1,352 @@
+//! sled persistence for cxrfed records.
+//!
+//! Layout (one sled database per node data directory):
+//!
+//! | tree | key | value |
+//! | --- | --- | --- |
+//! | `records` | record_id (UUID v7 text, so key order is creation order) | CBOR envelope `{schema_version, record}` |
+//! | `records_by_image` | image_sha256 (hex) | record_id |
+//! | `meta` | `schema_version` | u32 big-endian: the newest schema that wrote this store |
+//!
+//! A record and its index entry are written in one sled transaction, so a record is either
+//! fully present (and findable by hash) or absent, even if the process dies mid-write.
+//! Writes are flushed before they are acknowledged.
+//!
+//! This crate must not depend on gRPC (tonic) or LibTorch (tch).
+
+#![forbid(unsafe_code)]
+
+use std::path::Path;
+
+use cxrfed_schema::{Record, SCHEMA_VERSION};
+use serde::{Deserialize, Serialize};
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use thiserror::Error;
+
+const RECORDS: &str = "records";
+const BY_IMAGE: &str = "records_by_image";
+const META: &str = "meta";
+const SCHEMA_KEY: &str = "schema_version";
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error(
+        "the store at {path} is in use by another process (is a node already running on this data directory?)"
+    )]
+    Locked { path: String },
+    #[error(
+        "the store was written by schema version {found}; this build supports up to {supported}. Upgrade cxrfed before opening it"
+    )]
+    NewerSchema { found: u32, supported: u32 },
+    #[error("storage error: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("record {record_id} could not be decoded: {message}")]
+    Corrupt { record_id: String, message: String },
+    #[error("record could not be encoded: {0}")]
+    Encode(String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// What is written for each record: the schema version travels with the record.
+#[derive(Serialize, Deserialize)]
+struct Envelope {
+    schema_version: u32,
+    record: Record,
+}
+
+/// The outcome of [`RecordStore::insert`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Inserted {
+    /// The record was written.
+    Created(Record),
+    /// A record for the same image already existed and was returned unchanged.
+    Existing(Record),
+}
+
+/// Filters for [`RecordStore::list`]; every field is optional and they combine with AND.
+#[derive(Debug, Clone, Default)]
+pub struct RecordFilter {
+    pub view: Option<cxrfed_schema::View>,
+    pub modality: Option<String>,
+    /// Inclusive "YYYY-MM" bounds on the acquisition month.
+    pub month_from: Option<String>,
+    pub month_to: Option<String>,
+}
+
+impl RecordFilter {
+    pub fn matches(&self, record: &Record) -> bool {
+        self.view.is_none_or(|v| record.acquisition.view == v)
+            && self.modality.as_ref().is_none_or(|m| record.source.modality.eq_ignore_ascii_case(m))
+            && self.month_from.as_ref().is_none_or(|from| {
+                !record.acquisition.month.is_empty() && record.acquisition.month.as_str() >= from.as_str()
+            })
+            && self.month_to.as_ref().is_none_or(|to| {
+                !record.acquisition.month.is_empty() && record.acquisition.month.as_str() <= to.as_str()
+            })
+    }
+}
+
+/// The node's record store.
+#[derive(Debug, Clone)]
+pub struct RecordStore {
+    db: sled::Db,
+    records: sled::Tree,
+    by_image: sled::Tree,
+}
+
+impl RecordStore {
+    /// Opens (or creates) the store in `path`, refusing stores written by a newer schema.
+    pub fn open(path: &Path) -> Result<Self> {
+        let db = sled::Config::new().path(path).open().map_err(|e| match e {
+            sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::WouldBlock
+                || io.to_string().contains("lock") =>
+            {
+                StoreError::Locked { path: path.display().to_string() }
+            }
+            other => StoreError::Sled(other),
+        })?;
+        let meta = db.open_tree(META)?;
+        match meta.get(SCHEMA_KEY)? {
+            Some(bytes) => {
+                let found = u32::from_be_bytes(bytes.as_ref().try_into().map_err(|_| {
+                    StoreError::Corrupt {
+                        record_id: "meta".into(),
+                        message: "schema_version is not 4 bytes".into(),
+                    }
+                })?);
+                if found > SCHEMA_VERSION {
+                    return Err(StoreError::NewerSchema { found, supported: SCHEMA_VERSION });
+                }
+            }
+            None => {
+                meta.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
+                db.flush()?;
+            }
+        }
+        Ok(RecordStore {
+            records: db.open_tree(RECORDS)?,
+            by_image: db.open_tree(BY_IMAGE)?,
+            db,
+        })
+    }
+
+    fn encode(record: &Record) -> Result<Vec<u8>> {
+        let mut bytes = Vec::with_capacity(1024);
+        ciborium::into_writer(
+            &Envelope { schema_version: record.schema_version, record: record.clone() },
+            &mut bytes,
+        )
+        .map_err(|e| StoreError::Encode(e.to_string()))?;
+        Ok(bytes)
+    }
+
+    fn decode(record_id: &[u8], bytes: &[u8]) -> Result<Record> {
+        let envelope: Envelope = ciborium::from_reader(bytes).map_err(|e| StoreError::Corrupt {
+            record_id: String::from_utf8_lossy(record_id).into_owned(),
+            message: e.to_string(),
+        })?;
+        if envelope.schema_version > SCHEMA_VERSION {
+            return Err(StoreError::NewerSchema {
+                found: envelope.schema_version,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        Ok(envelope.record)
+    }
+
+    /// Stores `record` unless a record of the same image exists (then that one is returned),
+    /// or replaces it when `force` is set. Durable when this returns.
+    pub async fn insert(&self, record: Record, force: bool) -> Result<Inserted> {
+        let value = Self::encode(&record)?;
+        let outcome = (&self.records, &self.by_image).transaction(|(records, by_image)| {
+            let hash = record.image_sha256.as_bytes();
+            if let Some(existing_id) = by_image.get(hash)? {
+                if !force {
+                    let bytes = records.get(&existing_id)?.ok_or_else(|| {
+                        ConflictableTransactionError::Abort(StoreError::Corrupt {
+                            record_id: String::from_utf8_lossy(&existing_id).into_owned(),
+                            message: "the image index points at a missing record".into(),
+                        })
+                    })?;
+                    let existing =
+                        Self::decode(&existing_id, &bytes).map_err(ConflictableTransactionError::Abort)?;
+                    return Ok(Inserted::Existing(existing));
+                }
+                records.remove(existing_id)?;
+            }
+            records.insert(record.record_id.as_bytes(), value.as_slice())?;
+            by_image.insert(hash, record.record_id.as_bytes())?;
+            Ok(Inserted::Created(record.clone()))
+        });
+        let outcome = outcome.map_err(|e| match e {
+            TransactionError::Abort(e) => e,
+            TransactionError::Storage(e) => StoreError::Sled(e),
+        })?;
+        if matches!(outcome, Inserted::Created(_)) {
+            self.db.flush_async().await?;
+        }
+        Ok(outcome)
+    }
+
+    pub fn get(&self, record_id: &str) -> Result<Option<Record>> {
+        self.records
+            .get(record_id.as_bytes())?
+            .map(|bytes| Self::decode(record_id.as_bytes(), &bytes))
+            .transpose()
+    }
+
+    pub fn get_by_image(&self, image_sha256: &str) -> Result<Option<Record>> {
+        match self.by_image.get(image_sha256.as_bytes())? {
+            Some(id) => self.get(&String::from_utf8_lossy(&id)),
+            None => Ok(None),
+        }
+    }
+
+    /// Up to `limit` records after `after` (exclusive) in creation order that pass `filter`,
+    /// and whether more records remain to be scanned.
+    pub fn list(&self, after: Option<&str>, limit: usize, filter: &RecordFilter) -> Result<(Vec<Record>, bool)> {
+        let range = match after {
+            Some(after) => {
+                let mut start = after.as_bytes().to_vec();
+                start.push(0);
+                self.records.range(start..)
+            }
+            None => self.records.iter(),
+        };
+        let mut out = Vec::new();
+        for item in range {
+            let (key, value) = item?;
+            let record = Self::decode(&key, &value)?;
+            if filter.matches(&record) {
+                if out.len() == limit {
+                    return Ok((out, true));
+                }
+                out.push(record);
+            }
+        }
+        Ok((out, false))
+    }
+
+    pub fn count(&self) -> usize {
+        self.records.len()
+    }
+
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+
+    pub async fn flush(&self) -> Result<()> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// Checks every record decodes and the image index is consistent; returns the count.
+    pub fn verify(&self) -> Result<usize> {
+        let mut n = 0;
+        for item in self.records.iter() {
+            let (key, value) = item?;
+            let record = Self::decode(&key, &value)?;
+            match self.by_image.get(record.image_sha256.as_bytes())? {
+                Some(id) if id.as_ref() == key.as_ref() => {}
+                _ => {
+                    return Err(StoreError::Corrupt {
+                        record_id: record.record_id,
+                        message: "not reachable from the image index".into(),
+                    });
+                }
+            }
+            n += 1;
+        }
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cxrfed_schema::{Acquisition, NO_MODEL, Patient, Source, View};
+
+    fn record(id: &str, hash: &str, view: View, month: &str) -> Record {
+        Record {
+            record_id: id.to_string(),
+            image_sha256: hash.to_string(),
+            schema_version: SCHEMA_VERSION,
+            model_id: NO_MODEL.to_string(),
+            created_at: chrono::Utc::now(),
+            processing_ms: 1.0,
+            request_id: "r".into(),
+            source: Source { modality: "CR".into(), ..Source::default() },
+            patient: Patient::default(),
+            acquisition: Acquisition { month: month.to_string(), view },
+            findings: None,
+            processing_notes: vec![],
+        }
+    }
+
+    #[tokio::test]
+    async fn same_image_is_stored_once_unless_forced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = RecordStore::open(dir.path()).expect("open");
+        let a = record("01", "h1", View::Pa, "2004-08");
+        assert!(matches!(store.insert(a.clone(), false).await.expect("insert"), Inserted::Created(_)));
+        let again = record("02", "h1", View::Pa, "2004-08");
+        assert_eq!(store.insert(again.clone(), false).await.expect("insert"), Inserted::Existing(a));
+        assert_eq!(store.count(), 1);
+        assert!(matches!(store.insert(again.clone(), true).await.expect("insert"), Inserted::Created(_)));
+        assert_eq!(store.count(), 1);
+        assert_eq!(store.get_by_image("h1").expect("get"), Some(again));
+        assert_eq!(store.verify().expect("verify"), 1);
+    }
+
+    #[tokio::test]
+    async fn list_pages_and_filters() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = RecordStore::open(dir.path()).expect("open");
+        for i in 0..10 {
+            let view = if i % 2 == 0 { View::Pa } else { View::Ap };
+            let r = record(&format!("{i:02}"), &format!("h{i}"), view, &format!("2020-{:02}", i + 1));
+            store.insert(r, false).await.expect("insert");
+        }
+        let (page, more) = store.list(None, 3, &RecordFilter::default()).expect("list");
+        assert_eq!(page.iter().map(|r| r.record_id.as_str()).collect::<Vec<_>>(), ["00", "01", "02"]);
+        assert!(more);
+        let (page, _) = store.list(Some("02"), 3, &RecordFilter::default()).expect("list");
+        assert_eq!(page[0].record_id, "03");
+        let filter = RecordFilter {
+            view: Some(View::Pa),
+            month_from: Some("2020-03".into()),
+            month_to: Some("2020-07".into()),
+            ..RecordFilter::default()
+        };
+        let (page, more) = store.list(None, 100, &filter).expect("list");
+        assert_eq!(page.iter().map(|r| r.record_id.as_str()).collect::<Vec<_>>(), ["02", "04", "06"]);
+        assert!(!more);
+    }
+
+    #[tokio::test]
+    async fn refuses_a_store_from_a_newer_schema() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let db = sled::open(dir.path()).expect("sled");
+            db.open_tree(META).expect("meta").insert(SCHEMA_KEY, &(SCHEMA_VERSION + 1).to_be_bytes()).expect("insert");
+            db.flush().expect("flush");
+        }
+        let err = RecordStore::open(dir.path()).expect_err("must refuse");
+        assert!(matches!(err, StoreError::NewerSchema { .. }), "{err}");
+        assert!(err.to_string().contains("Upgrade cxrfed"));
+    }
+
+    #[tokio::test]
+    async fn records_survive_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = RecordStore::open(dir.path()).expect("open");
+            store.insert(record("01", "h1", View::Pa, ""), false).await.expect("insert");
+        }
+        let store = RecordStore::open(dir.path()).expect("reopen");
+        assert_eq!(store.count(), 1);
+        assert_eq!(store.verify().expect("verify"), 1);
+    }
+}

@@ -1,0 +1,186 @@
+//! Client commands: `extract` and `records`. They talk to a running node over gRPC only —
+//! sled allows one process per database, so nothing here opens a store.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Args;
+use cxrfed_proto::v1 as pb;
+use cxrfed_proto::v1::node_service_client::NodeServiceClient;
+use tokio::io::AsyncReadExt;
+use tonic::transport::Channel;
+
+/// Upload chunk size: well under the server's 4 MiB message limit.
+const CHUNK_BYTES: usize = 1024 * 1024;
+const DEFAULT_NODE: &str = "http://127.0.0.1:50051";
+
+#[derive(Debug, Args)]
+pub struct ExtractArgs {
+    /// Node URL.
+    #[arg(long, env = "CXRFED_NODE", default_value = DEFAULT_NODE)]
+    node: String,
+    /// Re-extract images that are already stored (the new record replaces the old one).
+    #[arg(long)]
+    force: bool,
+    /// Image files (DICOM, JPEG or PNG; recognised by content).
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct RecordsArgs {
+    /// Node URL.
+    #[arg(long, env = "CXRFED_NODE", default_value = DEFAULT_NODE)]
+    node: String,
+    /// Maximum number of records to print.
+    #[arg(long, default_value_t = 100)]
+    limit: usize,
+    /// Only this view: PA, AP, LL or unknown.
+    #[arg(long)]
+    view: Option<String>,
+    /// Only this modality, e.g. CR or DX.
+    #[arg(long)]
+    modality: Option<String>,
+    /// Only acquisitions from this month on (YYYY-MM).
+    #[arg(long)]
+    from: Option<String>,
+    /// Only acquisitions up to this month (YYYY-MM).
+    #[arg(long)]
+    to: Option<String>,
+}
+
+pub fn run(future: impl Future<Output = anyhow::Result<ExitCode>>) -> anyhow::Result<ExitCode> {
+    crate::logging::init_client();
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(future)
+}
+
+async fn connect(url: &str) -> anyhow::Result<NodeServiceClient<Channel>> {
+    let channel = Channel::from_shared(url.to_string())
+        .with_context(|| format!("invalid node URL {url:?}"))?
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the node at {url}; is it running? (`cxrfed node status`)"))?;
+    Ok(NodeServiceClient::new(channel)
+        .max_decoding_message_size(8 * 1024 * 1024)
+        .max_encoding_message_size(8 * 1024 * 1024))
+}
+
+pub async fn node_status(url: &str) -> anyhow::Result<pb::StatusResponse> {
+    let mut client = connect(url).await?;
+    Ok(client.status(pb::StatusRequest {}).await?.into_inner())
+}
+
+/// Streams one file to the node in chunks, reading it as it goes (bounded memory).
+async fn extract_file(
+    client: &mut NodeServiceClient<Channel>,
+    path: &Path,
+    force: bool,
+) -> anyhow::Result<pb::ExtractResponse> {
+    let mut file = tokio::fs::File::open(path).await.context("cannot open")?;
+    let size = file.metadata().await.context("cannot stat")?.len();
+    let filename = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::ExtractRequest>(4);
+    let reader = tokio::spawn(async move {
+        let mut header = Some(pb::ExtractHeader { filename, force, size_hint: size });
+        loop {
+            let mut chunk = vec![0u8; CHUNK_BYTES];
+            let n = file.read(&mut chunk).await?;
+            chunk.truncate(n);
+            if n == 0 && header.is_none() {
+                break;
+            }
+            let message = pb::ExtractRequest { header: header.take(), chunk };
+            if tx.send(message).await.is_err() || n == 0 {
+                break;
+            }
+        }
+        Ok::<(), std::io::Error>(())
+    });
+    let response = client.extract(tokio_stream::wrappers::ReceiverStream::new(rx)).await;
+    reader.await.context("reader task failed")?.context("cannot read")?;
+    let response = response.map_err(|status| {
+        anyhow::anyhow!("{} ({:?})", status.message(), status.code())
+    })?;
+    Ok(response.into_inner())
+}
+
+fn print_record(record: pb::Record) -> anyhow::Result<()> {
+    let record = cxrfed_schema::Record::try_from(record).context("the node sent an invalid record")?;
+    println!("{}", serde_json::to_string(&record)?);
+    Ok(())
+}
+
+pub async fn extract(args: ExtractArgs) -> anyhow::Result<ExitCode> {
+    let mut client = connect(&args.node).await?;
+    let mut failures = 0usize;
+    for path in &args.files {
+        match extract_file(&mut client, path, args.force).await {
+            Ok(response) => {
+                let Some(record) = response.record else {
+                    failures += 1;
+                    eprintln!("{}: the node answered without a record", path.display());
+                    continue;
+                };
+                eprintln!(
+                    "{}: {} record {}",
+                    path.display(),
+                    if response.created { "created" } else { "already stored as" },
+                    record.record_id
+                );
+                print_record(record)?;
+            }
+            Err(e) => {
+                failures += 1;
+                eprintln!("{}: error: {e:#}", path.display());
+            }
+        }
+    }
+    if failures > 0 {
+        eprintln!("{failures} of {} files failed", args.files.len());
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn records(args: RecordsArgs) -> anyhow::Result<ExitCode> {
+    let view = match args.view.as_deref() {
+        None => pb::View::Unspecified,
+        Some(text) => cxrfed_schema::View::parse(text)
+            .map(pb::View::from)
+            .with_context(|| format!("unknown view {text:?} (PA, AP, LL or unknown)"))?,
+    };
+    let mut client = connect(&args.node).await?;
+    let mut printed = 0usize;
+    let mut page_token = String::new();
+    while printed < args.limit {
+        let request = pb::ListRecordsRequest {
+            page_size: (args.limit - printed).min(1000) as u32,
+            page_token: page_token.clone(),
+            view: view as i32,
+            modality: args.modality.clone().unwrap_or_default(),
+            month_from: args.from.clone().unwrap_or_default(),
+            month_to: args.to.clone().unwrap_or_default(),
+        };
+        let mut stream = client
+            .list_records(request)
+            .await
+            .map_err(|s| anyhow::anyhow!("{} ({:?})", s.message(), s.code()))?
+            .into_inner();
+        page_token.clear();
+        while let Some(item) = stream.message().await? {
+            match item.item {
+                Some(pb::list_records_response::Item::Record(record)) => {
+                    print_record(record)?;
+                    printed += 1;
+                }
+                Some(pb::list_records_response::Item::PageEnd(end)) => page_token = end.next_page_token,
+                None => {}
+            }
+        }
+        if page_token.is_empty() {
+            break;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

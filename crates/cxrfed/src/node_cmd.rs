@@ -1,0 +1,302 @@
+//! `cxrfed node serve | status | stop`.
+
+use std::io::{BufRead, BufReader, Seek, SeekFrom};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use cxrfed_node::NodeConfig;
+use cxrfed_node::config::{default_data_dir, log_dir, pid_path};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Args, Serialize)]
+pub struct ServeArgs {
+    /// TOML configuration file (keys as in NodeConfig: data_dir, listen, site, max_file_bytes, ...).
+    #[arg(long, env = "CXRFED_CONFIG")]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    /// Data directory (store, site secret, logs, PID file) [default: ~/.local/share/cxrfed/node].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_dir: Option<PathBuf>,
+    /// Listen address [default: 127.0.0.1:50051].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    listen: Option<SocketAddr>,
+    /// Site name [default: local].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    site: Option<String>,
+    /// Largest accepted upload in bytes [default: 268435456].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_file_bytes: Option<u64>,
+    /// Largest accepted image rows [default: 8192].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_rows: Option<u32>,
+    /// Largest accepted image columns [default: 8192].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_columns: Option<u32>,
+    /// Model input size in pixels [default: 224].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    input_size: Option<u32>,
+    /// Aspect handling for the model input: pad or center-crop [default: pad].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    aspect: Option<String>,
+    /// Images decoded concurrently [default: number of CPUs].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    decode_workers: Option<usize>,
+    /// Seconds in-flight requests get after SIGTERM [default: 20].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    grace_period_secs: Option<u64>,
+    /// Log filter, e.g. info or debug [default: info].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    log_level: Option<String>,
+    /// Start in the background and return once the node accepts connections.
+    #[arg(long)]
+    #[serde(skip)]
+    detach: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StopArgs {
+    /// Node data directory [default: the embedded default].
+    #[arg(long, env = "CXRFED_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Seconds to wait for a graceful stop before the node is killed.
+    #[arg(long, default_value_t = 30)]
+    timeout: u64,
+}
+
+/// Written next to the store while a node runs.
+#[derive(Debug, Serialize, Deserialize)]
+struct PidFile {
+    pid: u32,
+    listen: SocketAddr,
+    started_at: String,
+}
+
+fn read_pid_file(data_dir: &Path) -> Option<PidFile> {
+    let text = std::fs::read_to_string(pid_path(data_dir)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// Whether `pid` is a live process (a zombie, exited but not yet reaped, is not).
+fn alive(pid: u32) -> bool {
+    let signalable = i32::try_from(pid).is_ok_and(|pid| kill(Pid::from_raw(pid), None).is_ok());
+    let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| stat.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('Z')))
+        .unwrap_or(false);
+    signalable && !zombie
+}
+
+pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let config = NodeConfig::load(args.config.as_deref(), &args)?;
+    if let Some(running) = read_pid_file(&config.data_dir).filter(|p| alive(p.pid)) {
+        bail!(
+            "a node is already running on {} (pid {}, listening on {}); stop it with `cxrfed node stop --data-dir {}`",
+            config.data_dir.display(),
+            running.pid,
+            running.listen,
+            config.data_dir.display()
+        );
+    }
+    if args.detach {
+        return detach(&config);
+    }
+    let _guard = crate::logging::init_node(&config.log_dir(), &config.log_level)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(run_node(config))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_node(mut config: NodeConfig) -> anyhow::Result<()> {
+    let listener = match tokio::net::TcpListener::bind(config.listen).await {
+        Ok(listener) => listener,
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => bail!(
+            "port {} on {} is already in use (another cxrfed node?). Stop that process \
+             (`cxrfed node status` / `cxrfed node stop --data-dir DIR`) or choose another port with --listen {}:PORT",
+            config.listen.port(),
+            config.listen.ip(),
+            config.listen.ip()
+        ),
+        Err(e) => return Err(e).with_context(|| format!("cannot listen on {}", config.listen)),
+    };
+    // With port 0 the kernel picks the port: report the real one.
+    config.listen = listener.local_addr()?;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+    let pid_file = PidFile {
+        pid: std::process::id(),
+        listen: config.listen,
+        started_at: chrono::Utc::now().to_rfc3339(),
+    };
+    let pid_path = config.pid_path();
+    std::fs::write(&pid_path, serde_json::to_vec(&pid_file)?)
+        .with_context(|| format!("cannot write {}", pid_path.display()))?;
+
+    let shutdown = CancellationToken::new();
+    let signals = shutdown.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+        else {
+            tracing::error!("cannot install signal handlers");
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!(signal = "SIGTERM", "stop requested"),
+            _ = int.recv() => tracing::info!(signal = "SIGINT", "stop requested"),
+        }
+        signals.cancel();
+    });
+    let result = cxrfed_node::serve(config, listener, shutdown).await;
+    // Only remove our own PID file.
+    if read_pid_file(pid_path.parent().unwrap_or(Path::new("."))).is_some_and(|p| p.pid == std::process::id()) {
+        let _ = std::fs::remove_file(&pid_path);
+    }
+    result.map_err(Into::into)
+}
+
+/// Re-executes `cxrfed node serve` without `--detach` in a new session, with output to
+/// `logs/serve.out`, and waits until it accepts connections.
+fn detach(config: &NodeConfig) -> anyhow::Result<ExitCode> {
+    use std::os::unix::process::CommandExt;
+    let logs = log_dir(&config.data_dir);
+    std::fs::create_dir_all(&logs)?;
+    let out_path = logs.join("serve.out");
+    let out = std::fs::File::create(&out_path)?;
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--detach").collect();
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .args(&args)
+        .env("CXRFED_DATA_DIR", &config.data_dir)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .process_group(0)
+        .spawn()
+        .context("cannot start the node process")?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait()? {
+            let tail = last_lines(&out_path, 10).join("\n");
+            bail!("the node exited during start-up ({status}):\n{tail}");
+        }
+        if let Some(pid) = read_pid_file(&config.data_dir).filter(|p| p.pid == child.id()) {
+            if std::net::TcpStream::connect_timeout(&pid.listen, Duration::from_millis(200)).is_ok() {
+                println!(
+                    "node started: pid {}, listening on {}, data directory {}",
+                    pid.pid,
+                    pid.listen,
+                    config.data_dir.display()
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("the node did not accept connections within 60 s; see {}", out_path.display())
+}
+
+/// The last `n` lines of a file, reading only its end.
+fn last_lines(path: &Path, n: usize) -> Vec<String> {
+    let Ok(mut file) = std::fs::File::open(path) else { return Vec::new() };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = file.seek(SeekFrom::Start(len.saturating_sub(64 * 1024)));
+    let lines: Vec<String> = BufReader::new(file).lines().map_while(Result::ok).collect();
+    lines[lines.len().saturating_sub(n)..].to_vec()
+}
+
+pub fn status(data_dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let data_dir = data_dir.unwrap_or_else(default_data_dir);
+    let logs = last_lines(&log_dir(&data_dir).join("node.log"), 5);
+    let Some(pid) = read_pid_file(&data_dir) else {
+        println!("node: not running (no PID file in {})", data_dir.display());
+        print_logs(&logs);
+        return Ok(ExitCode::from(3));
+    };
+    if !alive(pid.pid) {
+        println!("node: not running (stale PID file for pid {} in {})", pid.pid, data_dir.display());
+        print_logs(&logs);
+        return Ok(ExitCode::from(3));
+    }
+    println!("node: running");
+    println!("  pid:            {}", pid.pid);
+    println!("  listen:         {}", pid.listen);
+    println!("  data directory: {}", data_dir.display());
+    let url = format!("http://{}", pid.listen);
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    match runtime.block_on(crate::client::node_status(&url)) {
+        Ok(s) => {
+            println!("  site:           {}", s.site);
+            println!("  version:        {}", s.version);
+            println!("  uptime:         {}", humanize(Duration::from_secs(s.uptime_seconds)));
+            println!("  records:        {}", s.record_count);
+            println!("  store size:     {} bytes", s.store_size_bytes);
+            println!("  schema version: {}", s.schema_version);
+            println!("  model:          {}", s.model_id);
+            println!("  in flight:      {}", s.in_flight);
+        }
+        Err(e) => println!("  status RPC:     unavailable ({e:#})"),
+    }
+    print_logs(&logs);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_logs(lines: &[String]) {
+    if !lines.is_empty() {
+        println!("last log lines:");
+        for line in lines {
+            println!("  {line}");
+        }
+    }
+}
+
+fn humanize(d: Duration) -> String {
+    let s = d.as_secs();
+    format!("{}h {:02}m {:02}s", s / 3600, s / 60 % 60, s % 60)
+}
+
+pub fn stop(args: StopArgs) -> anyhow::Result<ExitCode> {
+    let data_dir = args.data_dir.unwrap_or_else(default_data_dir);
+    let Some(pid_file) = read_pid_file(&data_dir) else {
+        println!("node: not running (no PID file in {})", data_dir.display());
+        return Ok(ExitCode::SUCCESS);
+    };
+    let path = pid_path(&data_dir);
+    if !alive(pid_file.pid) {
+        std::fs::remove_file(&path).ok();
+        println!("node: not running (removed stale PID file for pid {})", pid_file.pid);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let pid = Pid::from_raw(i32::try_from(pid_file.pid)?);
+    kill(pid, Signal::SIGTERM).context("cannot signal the node")?;
+    let deadline = Instant::now() + Duration::from_secs(args.timeout);
+    while Instant::now() < deadline {
+        if !alive(pid_file.pid) {
+            std::fs::remove_file(&path).ok();
+            println!("node stopped (pid {})", pid_file.pid);
+            return Ok(ExitCode::SUCCESS);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("node did not stop within {} s; killing pid {}", args.timeout, pid_file.pid);
+    kill(pid, Signal::SIGKILL).ok();
+    std::thread::sleep(Duration::from_millis(200));
+    std::fs::remove_file(&path).ok();
+    Ok(ExitCode::from(2))
+}
