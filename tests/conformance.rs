@@ -1,0 +1,156 @@
+//! Decode conformance against pydicom: for every DICOM file in pydicom's test data and the
+//! pydicom-data package, cxrfed's decoded first frame after the modality LUT must equal
+//! pydicom's `pixel_array` with its rescale applied — exactly for lossless transfer syntaxes,
+//! within a stated tolerance for lossy ones. Files in syntaxes cxrfed does not decode must be
+//! refused with the "unsupported transfer syntax" error, never decoded wrongly or panicking.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+
+use cxrfed_e2e::{venv_python, workspace_root};
+use cxrfed_imaging::{ImagingError, Limits, SiteSecret, decode_contained, syntax};
+
+/// Lossy syntaxes: two different decoders (dicom-rs vs pylibjpeg) may round the inverse
+/// transform differently. We accept a mean absolute difference up to 0.5% of the sample range
+/// and a maximum difference up to 3% of it.
+const LOSSY_MEAN_FRACTION: f64 = 0.005;
+const LOSSY_MAX_FRACTION: f64 = 0.03;
+/// Colour images are reduced to luma by both sides with the same rounded formula; decoder
+/// rounding of YCbCr -> RGB may still move a channel by one unit.
+const COLOUR_MAX_DIFF: f64 = 2.0;
+
+/// Files where dicom-rs and pydicom knowingly disagree. Each must still end in a clear error or
+/// a decode, never a panic; none is a chest radiograph encoding a site would send.
+const KNOWN_DEVIATIONS: &[(&str, &str)] = &[
+    (
+        "SC_jpeg_no_color_transform.dcm",
+        "RGB JPEG whose APP14 marker says 'no colour transform'; jpeg-decoder converts from YCbCr anyway",
+    ),
+    ("SC_rgb_jpeg.dcm", "dicom-object cannot parse the data set (encapsulated colour JPEG); refused as malformed"),
+];
+
+#[test]
+fn decode_matches_pydicom() {
+    let out = tempfile::tempdir().expect("tempdir");
+    let helper = workspace_root().join("tests/helpers/pydicom_dump.py");
+    let status = Command::new(venv_python()).arg(&helper).arg(out.path()).status().expect("run helper");
+    assert!(status.success(), "pydicom helper failed");
+    let manifest: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(out.path().join("manifest.json")).expect("manifest"))
+            .expect("manifest json");
+
+    let limits = Limits { max_rows: 16384, max_columns: 16384, max_file_bytes: 1 << 30 };
+    let secret = SiteSecret::from_bytes([7; 32]);
+    let mut passed = Vec::new();
+    let mut refused = Vec::new();
+    let mut failed = Vec::new();
+    let mut by_syntax: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+
+    for entry in &manifest {
+        let name = entry["name"].as_str().unwrap_or("?").to_string();
+        let path = entry["path"].as_str().expect("path");
+        let bytes = std::fs::read(path).expect("read test file");
+        // Every file, whatever pydicom thinks of it, must not panic or hang our decoder.
+        let result = decode_contained(&bytes, &limits, &secret);
+        if matches!(result, Err(ImagingError::DecoderPanic)) {
+            failed.push(format!("{name}: decoder panicked"));
+            continue;
+        }
+        if entry["status"] != "ok" {
+            continue;
+        }
+        let ts = entry["transfer_syntax"].as_str().unwrap_or("").to_string();
+        let supported = syntax::supported_name(&ts).is_some();
+        let tally = by_syntax.entry(format!("{ts} ({})", syntax::name_of(&ts))).or_default();
+        if let Some((_, why)) = KNOWN_DEVIATIONS.iter().find(|(file, _)| *file == name) {
+            let outcome = match &result {
+                Ok(_) => "decoded".to_string(),
+                Err(e) => format!("refused: {e}"),
+            };
+            refused.push(format!("{name}: known deviation ({why}); {outcome}"));
+            continue;
+        }
+        let decoded = match result {
+            Ok(d) => d,
+            Err(ImagingError::UnsupportedTransferSyntax { .. }) if !supported => {
+                refused.push(format!("{name}: {}", result.err().map(|e| e.to_string()).unwrap_or_default()));
+                continue;
+            }
+            // Encodings outside chest radiography (1- and 32-bit samples, chroma-subsampled
+            // uncompressed colour, 12-bit lossy JPEG) are refused with a clear reason.
+            Err(ImagingError::Unsupported(reason)) => {
+                refused.push(format!("{name} [{ts}]: unsupported image: {reason}"));
+                continue;
+            }
+            Err(e) => {
+                failed.push(format!("{name} [{ts}]: pydicom decodes it, cxrfed failed: {e}"));
+                continue;
+            }
+        };
+        if !supported {
+            failed.push(format!("{name}: decoded a syntax ({ts}) that cxrfed claims not to support"));
+            continue;
+        }
+        let shape: Vec<usize> = entry["shape"]
+            .as_array()
+            .expect("shape")
+            .iter()
+            .map(|v| v.as_u64().expect("dim") as usize)
+            .collect();
+        let expected: Vec<f64> = std::fs::read(out.path().join(entry["array"].as_str().expect("array")))
+            .expect("array file")
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect();
+        let ours = decoded.modality_values();
+        if ours.dim() != (shape[0], shape[1]) {
+            failed.push(format!("{name}: shape {:?}, pydicom {:?}", ours.dim(), shape));
+            continue;
+        }
+        let diffs: Vec<f64> = ours.iter().zip(&expected).map(|(a, b)| (a - b).abs()).collect();
+        let max = diffs.iter().copied().fold(0.0, f64::max);
+        let mean = diffs.iter().sum::<f64>() / diffs.len().max(1) as f64;
+        let colour = entry["samples_per_pixel"].as_u64() == Some(3);
+        let bits = entry["bits_stored"].as_u64().unwrap_or(16).clamp(1, 16) as i32;
+        let range = 2f64.powi(bits) - 1.0;
+        let ok = if syntax::is_lossy(&ts) {
+            mean <= LOSSY_MEAN_FRACTION * range && max <= LOSSY_MAX_FRACTION * range
+        } else if colour {
+            max <= COLOUR_MAX_DIFF
+        } else {
+            max <= 1e-6
+        };
+        if ok {
+            tally.0 += 1;
+            passed.push(format!("{name} [{ts}] max diff {max:.3}, mean {mean:.4}"));
+        } else {
+            tally.1 += 1;
+            failed.push(format!("{name} [{ts}] differs from pydicom: max {max:.3}, mean {mean:.4}"));
+        }
+    }
+
+    println!("== decode conformance against pydicom ==");
+    println!("passed ({}):", passed.len());
+    for line in &passed {
+        println!("  ok       {line}");
+    }
+    println!("refused ({}):", refused.len());
+    for line in &refused {
+        println!("  refused  {line}");
+    }
+    println!("per transfer syntax (passed, failed):");
+    for (ts, (ok, bad)) in &by_syntax {
+        println!("  {ts}: {ok}, {bad}");
+    }
+    for line in &failed {
+        println!("  FAILED   {line}");
+    }
+    assert!(failed.is_empty(), "{} files do not conform:\n{}", failed.len(), failed.join("\n"));
+    assert!(passed.len() >= 100, "too few files compared ({}): is pydicom-data installed?", passed.len());
+    // RG1 (the chest radiograph) in every syntax it ships in must be among the passes.
+    for rg1 in ["RG1_UNCI.dcm", "RG1_UNCR.dcm", "RG1_J2KI.dcm", "RG1_J2KR.dcm"] {
+        assert!(passed.iter().any(|p| p.starts_with(rg1)), "{rg1} did not pass");
+    }
+    // JPEG-LS must be refused by name.
+    assert!(refused.iter().any(|r| r.contains("JPEG-LS")), "no JPEG-LS file was refused");
+}

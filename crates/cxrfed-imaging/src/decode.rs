@@ -15,6 +15,7 @@ use dicom_pixeldata::{PixelDecoder, VoiLutFunction, WindowLevel, WindowLevelTran
 use ndarray::Array2;
 use sha2::{Digest, Sha256};
 
+use crate::attr;
 use crate::deidentify::{self, SiteSecret};
 use crate::sniff::{Format, sniff};
 use crate::{ImagingError, syntax};
@@ -69,12 +70,39 @@ impl Samples {
     }
 }
 
-/// A VOI LUT table taken from the file's VOI LUT Sequence.
+/// A LUT table from a Modality or VOI LUT Sequence: input values from `first_mapped` on map
+/// to successive entries; inputs outside the table clamp to its first or last entry.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VoiTable {
     pub first_mapped: i32,
     pub bits: u8,
     pub data: Vec<u16>,
+}
+
+impl VoiTable {
+    pub fn lookup(&self, x: f64) -> f64 {
+        let index = (x.round() as i64 - i64::from(self.first_mapped)).clamp(0, self.data.len() as i64 - 1);
+        f64::from(self.data[index as usize])
+    }
+}
+
+/// The modality LUT: stored values to modality units (PS3.3 C.11.1).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Modality {
+    /// Rescale Slope and Intercept (identity when absent).
+    Rescale { slope: f64, intercept: f64 },
+    /// The first item of the Modality LUT Sequence.
+    Table(VoiTable),
+}
+
+impl Modality {
+    #[inline]
+    pub fn apply(&self, stored: f64) -> f64 {
+        match self {
+            Modality::Rescale { slope, intercept } => slope * stored + intercept,
+            Modality::Table(table) => table.lookup(stored),
+        }
+    }
 }
 
 /// How rescaled (modality) values become display values.
@@ -96,8 +124,7 @@ pub enum Voi {
 pub struct Decoded {
     pub samples: Samples,
     pub bits_stored: u16,
-    pub rescale_slope: f64,
-    pub rescale_intercept: f64,
+    pub modality: Modality,
     pub voi: Voi,
     /// MONOCHROME1: the lowest value is white, so display values are inverted.
     pub invert: bool,
@@ -159,13 +186,13 @@ impl Sample for i16 {
 }
 
 impl Decoded {
-    /// The modality LUT output (rescaled values), as pydicom's `apply_rescale` gives them.
+    /// The modality LUT output, as pydicom's `apply_rescale` (apply_modality_lut) gives it.
     pub fn modality_values(&self) -> Array2<f64> {
-        let (m, b) = (self.rescale_slope, self.rescale_intercept);
+        let m = &self.modality;
         match &self.samples {
-            Samples::U8(a) => a.mapv(|v| m * f64::from(v) + b),
-            Samples::U16(a) => a.mapv(|v| m * f64::from(v) + b),
-            Samples::I16(a) => a.mapv(|v| m * f64::from(v) + b),
+            Samples::U8(a) => a.mapv(|v| m.apply(f64::from(v))),
+            Samples::U16(a) => a.mapv(|v| m.apply(f64::from(v))),
+            Samples::I16(a) => a.mapv(|v| m.apply(f64::from(v))),
         }
     }
 
@@ -212,7 +239,7 @@ impl Decoded {
 
     /// Builds the stored-value -> display-value table (modality LUT, VOI, MONOCHROME1).
     pub fn display_lut(&self) -> DisplayLut {
-        let (m, b) = (self.rescale_slope, self.rescale_intercept);
+        let modality = &self.modality;
         let size = match self.samples {
             Samples::U8(_) => 256,
             _ => 65536,
@@ -235,15 +262,11 @@ impl Decoded {
             Voi::Table(table) => {
                 let max = ((1u32 << table.bits.clamp(1, 16)) - 1) as f64;
                 let table = table.clone();
-                Box::new(move |x| {
-                    let index = (x.round() as i64 - i64::from(table.first_mapped))
-                        .clamp(0, table.data.len() as i64 - 1);
-                    f64::from(table.data[index as usize]) / max
-                })
+                Box::new(move |x| table.lookup(x) / max)
             }
             Voi::Percentile => {
                 let (lo, hi) = self.percentile_window(0.005, 0.995);
-                let (lo, hi) = (m * lo + b, m * hi + b);
+                let (lo, hi) = (modality.apply(lo), modality.apply(hi));
                 let (lo, hi) = if lo <= hi { (lo, hi) } else { (hi, lo) };
                 let span = (hi - lo).max(f64::EPSILON);
                 Box::new(move |x| ((x - lo) / span).clamp(0.0, 1.0))
@@ -256,7 +279,7 @@ impl Decoded {
         let invert = self.invert;
         let table = (0..size)
             .map(|index| {
-                let y = voi(m * stored(index) + b).clamp(0.0, 1.0);
+                let y = voi(modality.apply(stored(index))).clamp(0.0, 1.0);
                 (if invert { 1.0 - y } else { y }) as f32
             })
             .collect();
@@ -334,25 +357,15 @@ pub fn decode(bytes: &[u8], limits: &Limits, secret: &SiteSecret) -> Result<Deco
 }
 
 fn header_u32(obj: &DefaultDicomObject, tag: dicom_core::Tag, name: &str) -> Result<u32, ImagingError> {
-    obj.get(tag)
-        .ok_or_else(|| ImagingError::MalformedDicom(format!("missing required attribute {name}")))?
-        .to_int::<u32>()
-        .map_err(|_| ImagingError::MalformedDicom(format!("attribute {name} is not a number")))
+    if obj.get(tag).is_none() {
+        return Err(ImagingError::MalformedDicom(format!("missing required attribute {name}")));
+    }
+    attr::unsigned(obj, tag)
+        .ok_or_else(|| ImagingError::MalformedDicom(format!("attribute {name} is not a number")))
 }
 
 fn header_u32_or(obj: &DefaultDicomObject, tag: dicom_core::Tag, default: u32) -> u32 {
-    obj.get(tag).and_then(|e| e.to_int::<u32>().ok()).unwrap_or(default)
-}
-
-fn header_f64(obj: &DefaultDicomObject, tag: dicom_core::Tag) -> Option<f64> {
-    obj.get(tag).and_then(|e| e.to_multi_float64().ok()).and_then(|v| v.first().copied())
-}
-
-fn header_str(obj: &DefaultDicomObject, tag: dicom_core::Tag) -> String {
-    obj.get(tag)
-        .and_then(|e| e.to_str().ok())
-        .map(|s| s.trim_matches(|c: char| c.is_whitespace() || c == '\0').to_string())
-        .unwrap_or_default()
+    attr::unsigned(obj, tag).unwrap_or(default)
 }
 
 fn decode_dicom(
@@ -398,7 +411,18 @@ fn decode_dicom(
         return Err(ImagingError::Unsupported("the file has no Pixel Data".into()));
     }
     let signed = header_u32_or(&obj, tags::PIXEL_REPRESENTATION, 0) == 1;
-    let photometric = header_str(&obj, tags::PHOTOMETRIC_INTERPRETATION);
+    let photometric = attr::text(&obj, tags::PHOTOMETRIC_INTERPRETATION);
+    let native = matches!(ts_uid.as_str(), "1.2.840.10008.1.2" | "1.2.840.10008.1.2.1" | "1.2.840.10008.1.2.1.99" | "1.2.840.10008.1.2.2");
+    if native && photometric == "YBR_FULL_422" {
+        return Err(ImagingError::Unsupported(
+            "uncompressed chroma-subsampled colour (YBR_FULL_422) pixel data".into(),
+        ));
+    }
+    if ts_uid == "1.2.840.10008.1.2.4.51" && bits_stored > 8 {
+        return Err(ImagingError::Unsupported(format!(
+            "{bits_stored}-bit JPEG Extended (Process 4): only 8-bit JPEG Extended is decoded"
+        )));
+    }
 
     let mut notes = Vec::new();
     if frames > 1 {
@@ -441,7 +465,9 @@ fn decode_dicom(
             )),
             (_, false) => Samples::U16(vec_to_array(
                 shape,
-                data[..pixels * 2].chunks_exact(2).map(|c| u16::from_ne_bytes([c[0], c[1]]) & mask),
+                data[..pixels * 2]
+                    .chunks_exact(2)
+                    .map(|c| u16::from_ne_bytes([c[0], c[1]]) & mask),
             )),
             (_, true) => Samples::I16(vec_to_array(
                 shape,
@@ -457,8 +483,11 @@ fn decode_dicom(
         color_to_gray(data, shape, bits_allocated, planar, luma_only)
     };
 
-    let rescale_slope = header_f64(&obj, tags::RESCALE_SLOPE).filter(|s| *s != 0.0).unwrap_or(1.0);
-    let rescale_intercept = header_f64(&obj, tags::RESCALE_INTERCEPT).unwrap_or(0.0);
+    let modality = if spp == 1 {
+        modality_lut(&obj, signed)
+    } else {
+        Modality::Rescale { slope: 1.0, intercept: 0.0 }
+    };
     let voi = dicom_voi(&obj, &pixel, spp);
     let invert = spp == 1 && photometric == "MONOCHROME1";
 
@@ -482,8 +511,7 @@ fn decode_dicom(
     Ok(Decoded {
         samples,
         bits_stored: if spp == 1 { bits_stored as u16 } else { bits_allocated as u16 },
-        rescale_slope: if spp == 1 { rescale_slope } else { 1.0 },
-        rescale_intercept: if spp == 1 { rescale_intercept } else { 0.0 },
+        modality,
         voi,
         invert,
         source,
@@ -491,6 +519,38 @@ fn decode_dicom(
         acquisition: deid.acquisition,
         notes,
     })
+}
+
+/// Rescale Slope/Intercept, or the first Modality LUT Sequence item when present.
+fn modality_lut(obj: &DefaultDicomObject, signed: bool) -> Modality {
+    let table = obj
+        .get(tags::MODALITY_LUT_SEQUENCE)
+        .and_then(|e| e.items())
+        .and_then(|items| items.first())
+        .and_then(|item| {
+            let descriptor: Vec<i32> = item
+                .get(tags::LUT_DESCRIPTOR)?
+                .value()
+                .to_multi_int::<i32>()
+                .ok()?;
+            let data: Vec<u16> = item.get(tags::LUT_DATA)?.value().to_multi_int::<u16>().ok()?;
+            let [entries, first, bits] = descriptor[..] else { return None };
+            // The first mapped value is US or SS following Pixel Representation.
+            let first_mapped = if signed { i32::from(first as u16 as i16) } else { first & 0xFFFF };
+            let entries = if entries == 0 { 65536 } else { entries as usize };
+            (!data.is_empty() && data.len() >= entries.min(data.len())).then(|| VoiTable {
+                first_mapped,
+                bits: bits.clamp(1, 16) as u8,
+                data,
+            })
+        });
+    match table {
+        Some(table) => Modality::Table(table),
+        None => Modality::Rescale {
+            slope: attr::number(obj, tags::RESCALE_SLOPE).filter(|s| *s != 0.0).unwrap_or(1.0),
+            intercept: attr::number(obj, tags::RESCALE_INTERCEPT).unwrap_or(0.0),
+        },
+    }
 }
 
 fn dicom_voi(
@@ -513,10 +573,10 @@ fn dicom_voi(
         }
     }
     if let (Some(center), Some(width)) =
-        (header_f64(obj, tags::WINDOW_CENTER), header_f64(obj, tags::WINDOW_WIDTH))
+        (attr::number(obj, tags::WINDOW_CENTER), attr::number(obj, tags::WINDOW_WIDTH))
     {
         if width > 0.0 && center.is_finite() && width.is_finite() {
-            let function = match header_str(obj, tags::VOILUT_FUNCTION).as_str() {
+            let function = match attr::text(obj, tags::VOILUT_FUNCTION).as_str() {
                 "SIGMOID" => VoiLutFunction::Sigmoid,
                 "LINEAR_EXACT" => VoiLutFunction::LinearExact,
                 _ => VoiLutFunction::Linear,
@@ -600,8 +660,7 @@ fn decode_raster(
     Ok(Decoded {
         samples,
         bits_stored: bits,
-        rescale_slope: 1.0,
-        rescale_intercept: 0.0,
+        modality: Modality::Rescale { slope: 1.0, intercept: 0.0 },
         voi: Voi::FullRange,
         invert: false,
         source: Source {
@@ -634,8 +693,7 @@ mod tests {
         Decoded {
             samples,
             bits_stored: bits,
-            rescale_slope: 1.0,
-            rescale_intercept: 0.0,
+            modality: Modality::Rescale { slope: 1.0, intercept: 0.0 },
             voi,
             invert,
             source: Source::default(),
@@ -674,8 +732,7 @@ mod tests {
     #[test]
     fn signed_samples_use_their_twos_complement_slot() {
         let a = Array2::from_shape_vec((1, 2), vec![-1000i16, 1000]).expect("shape");
-        let mut d = decoded(Samples::I16(a), Voi::Percentile, false, 12);
-        d.rescale_intercept = 0.0;
+        let d = decoded(Samples::I16(a), Voi::Percentile, false, 12);
         let lut = d.display_lut();
         assert_eq!(lut.get((-1000i16).lut_index()), 0.0);
         assert_eq!(lut.get(1000i16.lut_index()), 1.0);

@@ -19,6 +19,8 @@
 use chrono::{Datelike, NaiveDate};
 use cxrfed_schema::{Acquisition, Patient, Sex, View, age_group};
 use dicom_dictionary_std::tags;
+
+use crate::attr::text;
 use dicom_object::DefaultDicomObject;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -60,13 +62,6 @@ pub struct Deidentified {
     pub modality: String,
     pub manufacturer: String,
     pub body_part: String,
-}
-
-fn text(obj: &DefaultDicomObject, tag: dicom_core::Tag) -> String {
-    obj.get(tag)
-        .and_then(|e| e.to_str().ok())
-        .map(|s| s.trim_matches(|c: char| c.is_whitespace() || c == '\0').to_string())
-        .unwrap_or_default()
 }
 
 /// Parses a DICOM DA value ("YYYYMMDD", also the old "YYYY.MM.DD").

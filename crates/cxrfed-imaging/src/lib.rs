@@ -17,6 +17,7 @@
 // `unsafe_code` is denied workspace-wide; not `forbid` here because ndarray's `s!` macro
 // expands to an `allow(unsafe_code)`, which `forbid` would reject.
 
+mod attr;
 pub mod decode;
 pub mod deidentify;
 mod error;
@@ -24,7 +25,7 @@ pub mod preprocess;
 pub mod sniff;
 pub mod syntax;
 
-pub use decode::{Decoded, DisplayLut, Limits, Samples, Voi, decode, decode_contained};
+pub use decode::{Decoded, DisplayLut, Limits, Modality, Samples, Voi, VoiTable, decode, decode_contained};
 pub use deidentify::{Deidentified, SiteSecret};
 pub use error::ImagingError;
 pub use preprocess::{Aspect, PreprocessOptions, preprocess};

@@ -176,8 +176,7 @@ mod tests {
         Decoded {
             samples: Samples::U16(a),
             bits_stored: 16,
-            rescale_slope: 1.0,
-            rescale_intercept: 0.0,
+            modality: crate::decode::Modality::Rescale { slope: 1.0, intercept: 0.0 },
             voi: Voi::FullRange,
             invert: false,
             source: Source::default(),
