@@ -26,20 +26,31 @@ const KNOWN_DEVIATIONS: &[(&str, &str)] = &[
         "SC_jpeg_no_color_transform.dcm",
         "RGB JPEG whose APP14 marker says 'no colour transform'; jpeg-decoder converts from YCbCr anyway",
     ),
-    ("SC_rgb_jpeg.dcm", "dicom-object cannot parse the data set (encapsulated colour JPEG); refused as malformed"),
+    (
+        "SC_rgb_jpeg.dcm",
+        "dicom-object cannot parse the data set (encapsulated colour JPEG); refused as malformed",
+    ),
 ];
 
 #[test]
 fn decode_matches_pydicom() {
     let out = tempfile::tempdir().expect("tempdir");
     let helper = workspace_root().join("tests/helpers/pydicom_dump.py");
-    let status = Command::new(venv_python()).arg(&helper).arg(out.path()).status().expect("run helper");
+    let status = Command::new(venv_python())
+        .arg(&helper)
+        .arg(out.path())
+        .status()
+        .expect("run helper");
     assert!(status.success(), "pydicom helper failed");
     let manifest: Vec<serde_json::Value> =
         serde_json::from_slice(&std::fs::read(out.path().join("manifest.json")).expect("manifest"))
             .expect("manifest json");
 
-    let limits = Limits { max_rows: 16384, max_columns: 16384, max_file_bytes: 1 << 30 };
+    let limits = Limits {
+        max_rows: 16384,
+        max_columns: 16384,
+        max_file_bytes: 1 << 30,
+    };
     let secret = SiteSecret::from_bytes([7; 32]);
     let mut passed = Vec::new();
     let mut refused = Vec::new();
@@ -61,7 +72,9 @@ fn decode_matches_pydicom() {
         }
         let ts = entry["transfer_syntax"].as_str().unwrap_or("").to_string();
         let supported = syntax::supported_name(&ts).is_some();
-        let tally = by_syntax.entry(format!("{ts} ({})", syntax::name_of(&ts))).or_default();
+        let tally = by_syntax
+            .entry(format!("{ts} ({})", syntax::name_of(&ts)))
+            .or_default();
         if let Some((_, why)) = KNOWN_DEVIATIONS.iter().find(|(file, _)| *file == name) {
             let outcome = match &result {
                 Ok(_) => "decoded".to_string(),
@@ -73,7 +86,10 @@ fn decode_matches_pydicom() {
         let decoded = match result {
             Ok(d) => d,
             Err(ImagingError::UnsupportedTransferSyntax { .. }) if !supported => {
-                refused.push(format!("{name}: {}", result.err().map(|e| e.to_string()).unwrap_or_default()));
+                refused.push(format!(
+                    "{name}: {}",
+                    result.err().map(|e| e.to_string()).unwrap_or_default()
+                ));
                 continue;
             }
             // Encodings outside chest radiography (1- and 32-bit samples, chroma-subsampled
@@ -83,12 +99,16 @@ fn decode_matches_pydicom() {
                 continue;
             }
             Err(e) => {
-                failed.push(format!("{name} [{ts}]: pydicom decodes it, cxrfed failed: {e}"));
+                failed.push(format!(
+                    "{name} [{ts}]: pydicom decodes it, cxrfed failed: {e}"
+                ));
                 continue;
             }
         };
         if !supported {
-            failed.push(format!("{name}: decoded a syntax ({ts}) that cxrfed claims not to support"));
+            failed.push(format!(
+                "{name}: decoded a syntax ({ts}) that cxrfed claims not to support"
+            ));
             continue;
         }
         let shape: Vec<usize> = entry["shape"]
@@ -97,17 +117,26 @@ fn decode_matches_pydicom() {
             .iter()
             .map(|v| v.as_u64().expect("dim") as usize)
             .collect();
-        let expected: Vec<f64> = std::fs::read(out.path().join(entry["array"].as_str().expect("array")))
-            .expect("array file")
-            .chunks_exact(8)
-            .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
-            .collect();
+        let expected: Vec<f64> =
+            std::fs::read(out.path().join(entry["array"].as_str().expect("array")))
+                .expect("array file")
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
+                .collect();
         let ours = decoded.modality_values();
         if ours.dim() != (shape[0], shape[1]) {
-            failed.push(format!("{name}: shape {:?}, pydicom {:?}", ours.dim(), shape));
+            failed.push(format!(
+                "{name}: shape {:?}, pydicom {:?}",
+                ours.dim(),
+                shape
+            ));
             continue;
         }
-        let diffs: Vec<f64> = ours.iter().zip(&expected).map(|(a, b)| (a - b).abs()).collect();
+        let diffs: Vec<f64> = ours
+            .iter()
+            .zip(&expected)
+            .map(|(a, b)| (a - b).abs())
+            .collect();
         let max = diffs.iter().copied().fold(0.0, f64::max);
         let mean = diffs.iter().sum::<f64>() / diffs.len().max(1) as f64;
         let colour = entry["samples_per_pixel"].as_u64() == Some(3);
@@ -125,7 +154,9 @@ fn decode_matches_pydicom() {
             passed.push(format!("{name} [{ts}] max diff {max:.3}, mean {mean:.4}"));
         } else {
             tally.1 += 1;
-            failed.push(format!("{name} [{ts}] differs from pydicom: max {max:.3}, mean {mean:.4}"));
+            failed.push(format!(
+                "{name} [{ts}] differs from pydicom: max {max:.3}, mean {mean:.4}"
+            ));
         }
     }
 
@@ -145,12 +176,32 @@ fn decode_matches_pydicom() {
     for line in &failed {
         println!("  FAILED   {line}");
     }
-    assert!(failed.is_empty(), "{} files do not conform:\n{}", failed.len(), failed.join("\n"));
-    assert!(passed.len() >= 100, "too few files compared ({}): is pydicom-data installed?", passed.len());
+    assert!(
+        failed.is_empty(),
+        "{} files do not conform:\n{}",
+        failed.len(),
+        failed.join("\n")
+    );
+    assert!(
+        passed.len() >= 100,
+        "too few files compared ({}): is pydicom-data installed?",
+        passed.len()
+    );
     // RG1 (the chest radiograph) in every syntax it ships in must be among the passes.
-    for rg1 in ["RG1_UNCI.dcm", "RG1_UNCR.dcm", "RG1_J2KI.dcm", "RG1_J2KR.dcm"] {
-        assert!(passed.iter().any(|p| p.starts_with(rg1)), "{rg1} did not pass");
+    for rg1 in [
+        "RG1_UNCI.dcm",
+        "RG1_UNCR.dcm",
+        "RG1_J2KI.dcm",
+        "RG1_J2KR.dcm",
+    ] {
+        assert!(
+            passed.iter().any(|p| p.starts_with(rg1)),
+            "{rg1} did not pass"
+        );
     }
     // JPEG-LS must be refused by name.
-    assert!(refused.iter().any(|r| r.contains("JPEG-LS")), "no JPEG-LS file was refused");
+    assert!(
+        refused.iter().any(|r| r.contains("JPEG-LS")),
+        "no JPEG-LS file was refused"
+    );
 }

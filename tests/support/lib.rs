@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 
 /// The workspace root (the parent of this crate's directory).
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
 }
 
 /// The project virtualenv's Python, which `make venv` (part of `make test`) creates.
@@ -44,8 +47,15 @@ pub fn pydicom_test_files_dir() -> PathBuf {
 }
 
 fn python_path(code: &str) -> PathBuf {
-    let out = Command::new(venv_python()).args(["-c", code]).output().expect("run python");
-    assert!(out.status.success(), "python failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(venv_python())
+        .args(["-c", code])
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "python failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }
 
@@ -56,19 +66,35 @@ pub fn cxrfed_bin() -> PathBuf {
     }
     // target/debug/deps/<test binary> -> target/debug/cxrfed
     let exe = std::env::current_exe().expect("current exe");
-    let bin = exe.parent().and_then(Path::parent).expect("target dir").join("cxrfed");
-    assert!(bin.exists(), "{} is missing: run `cargo build -p cxrfed` first (`make test` does)", bin.display());
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("cxrfed");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build -p cxrfed` first (`make test` does)",
+        bin.display()
+    );
     bin
 }
 
 /// Runs `cxrfed ARGS...` to completion.
 pub fn cxrfed(args: &[&str]) -> std::process::Output {
-    Command::new(cxrfed_bin()).args(args).stdin(Stdio::null()).output().expect("run cxrfed")
+    Command::new(cxrfed_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run cxrfed")
 }
 
 /// A free loopback port (bound then released; good enough for tests on one machine).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 /// A `cxrfed node serve` child process.
@@ -87,7 +113,14 @@ impl NodeProcess {
 
     pub fn start_on(data_dir: &Path, port: u16, extra: &[&str]) -> NodeProcess {
         let listen = format!("127.0.0.1:{port}");
-        let mut args = vec!["node", "serve", "--data-dir", data_dir.to_str().expect("utf-8 path"), "--listen", &listen];
+        let mut args = vec![
+            "node",
+            "serve",
+            "--data-dir",
+            data_dir.to_str().expect("utf-8 path"),
+            "--listen",
+            &listen,
+        ];
         args.extend_from_slice(extra);
         let child = Command::new(cxrfed_bin())
             .args(&args)
@@ -97,7 +130,11 @@ impl NodeProcess {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn node");
-        let mut node = NodeProcess { child, data_dir: data_dir.to_path_buf(), port };
+        let mut node = NodeProcess {
+            child,
+            data_dir: data_dir.to_path_buf(),
+            port,
+        };
         node.wait_ready();
         node
     }
@@ -156,5 +193,120 @@ impl Drop for NodeProcess {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+}
+
+/// A synthetic DICOM file, written with dicom-object, for tests that need images with chosen
+/// headers (views, dates, absurd dimensions).
+#[derive(Debug, Clone)]
+pub struct TestDicom {
+    pub rows: u32,
+    pub columns: u32,
+    /// Pixel samples (16-bit unsigned, 12 bits stored); generated from `seed` when empty.
+    pub seed: u64,
+    pub view: &'static str,
+    pub study_date: &'static str,
+    pub patient_id: String,
+    /// Write Rows/Columns as UL so that values above 65535 can be claimed.
+    pub claim_rows_columns: Option<u32>,
+}
+
+impl Default for TestDicom {
+    fn default() -> Self {
+        TestDicom {
+            rows: 256,
+            columns: 256,
+            seed: 1,
+            view: "PA",
+            study_date: "20200115",
+            patient_id: "TEST-PATIENT-0001".into(),
+            claim_rows_columns: None,
+        }
+    }
+}
+
+impl TestDicom {
+    pub fn to_bytes(&self) -> Vec<u8> {
+        use dicom_core::{DataElement, PrimitiveValue, VR, dicom_value};
+        use dicom_dictionary_std::tags;
+        use dicom_object::{FileMetaTableBuilder, InMemDicomObject};
+
+        let n = (self.rows * self.columns) as usize;
+        let mut state = self
+            .seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let pixels: Vec<u16> = (0..n)
+            .map(|i| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let smooth = ((i as u32 % self.columns) * 4095 / self.columns.max(1)) as u16;
+                (smooth / 2 + (state >> 53) as u16 % 2048) & 0x0fff
+            })
+            .collect();
+        let sop_instance = format!("2.25.{}", 1000 + self.seed);
+        let mut obj = InMemDicomObject::from_element_iter([
+            DataElement::new(tags::SOP_CLASS_UID, VR::UI, "1.2.840.10008.5.1.4.1.1.1"),
+            DataElement::new(tags::SOP_INSTANCE_UID, VR::UI, sop_instance.as_str()),
+            DataElement::new(tags::PATIENT_NAME, VR::PN, "Doe^Jane^Test"),
+            DataElement::new(tags::PATIENT_ID, VR::LO, self.patient_id.as_str()),
+            DataElement::new(tags::PATIENT_BIRTH_DATE, VR::DA, "19580412"),
+            DataElement::new(tags::PATIENT_SEX, VR::CS, "M"),
+            DataElement::new(tags::ACCESSION_NUMBER, VR::SH, "ACC-998877"),
+            DataElement::new(tags::INSTITUTION_NAME, VR::LO, "Test General Hospital"),
+            DataElement::new(tags::STUDY_DATE, VR::DA, self.study_date),
+            DataElement::new(tags::MODALITY, VR::CS, "DX"),
+            DataElement::new(tags::VIEW_POSITION, VR::CS, self.view),
+            DataElement::new(tags::BODY_PART_EXAMINED, VR::CS, "CHEST"),
+            DataElement::new(tags::SAMPLES_PER_PIXEL, VR::US, PrimitiveValue::from(1u16)),
+            DataElement::new(tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "MONOCHROME2"),
+            DataElement::new(tags::BITS_ALLOCATED, VR::US, PrimitiveValue::from(16u16)),
+            DataElement::new(tags::BITS_STORED, VR::US, PrimitiveValue::from(12u16)),
+            DataElement::new(tags::HIGH_BIT, VR::US, PrimitiveValue::from(11u16)),
+            DataElement::new(
+                tags::PIXEL_REPRESENTATION,
+                VR::US,
+                PrimitiveValue::from(0u16),
+            ),
+            DataElement::new(tags::PIXEL_DATA, VR::OW, PrimitiveValue::U16(pixels.into())),
+        ]);
+        match self.claim_rows_columns {
+            Some(claim) => {
+                obj.put(DataElement::new(
+                    tags::ROWS,
+                    VR::UL,
+                    dicom_value!(U32, [claim]),
+                ));
+                obj.put(DataElement::new(
+                    tags::COLUMNS,
+                    VR::UL,
+                    dicom_value!(U32, [claim]),
+                ));
+            }
+            None => {
+                obj.put(DataElement::new(
+                    tags::ROWS,
+                    VR::US,
+                    PrimitiveValue::from(self.rows as u16),
+                ));
+                obj.put(DataElement::new(
+                    tags::COLUMNS,
+                    VR::US,
+                    PrimitiveValue::from(self.columns as u16),
+                ));
+            }
+        }
+        let file = obj
+            .with_meta(
+                FileMetaTableBuilder::new()
+                    .transfer_syntax("1.2.840.10008.1.2.1")
+                    .media_storage_sop_class_uid("1.2.840.10008.5.1.4.1.1.1")
+                    .media_storage_sop_instance_uid(sop_instance.as_str()),
+            )
+            .expect("valid file meta");
+        let mut out = Vec::new();
+        file.write_all(&mut out).expect("write DICOM");
+        out
     }
 }

@@ -10,7 +10,9 @@ fn trim(text: &str) -> &str {
 
 /// The attribute's value as trimmed text ("" when absent or unreadable).
 pub fn text(obj: &DefaultDicomObject, tag: Tag) -> String {
-    let Some(element) = obj.get(tag) else { return String::new() };
+    let Some(element) = obj.get(tag) else {
+        return String::new();
+    };
     if element.vr() == VR::UN {
         return element
             .value()
@@ -18,16 +20,25 @@ pub fn text(obj: &DefaultDicomObject, tag: Tag) -> String {
             .map(|bytes| trim(&String::from_utf8_lossy(&bytes)).to_string())
             .unwrap_or_default();
     }
-    element.to_str().map(|s| trim(&s).to_string()).unwrap_or_default()
+    element
+        .to_str()
+        .map(|s| trim(&s).to_string())
+        .unwrap_or_default()
 }
 
 /// The first numeric value (DS, IS, US, ... or UN holding text).
 pub fn number(obj: &DefaultDicomObject, tag: Tag) -> Option<f64> {
     let element = obj.get(tag)?;
     if element.vr() == VR::UN {
-        return text(obj, tag).split('\\').next().and_then(|v| trim(v).parse().ok());
+        return text(obj, tag)
+            .split('\\')
+            .next()
+            .and_then(|v| trim(v).parse().ok());
     }
-    element.to_multi_float64().ok().and_then(|v| v.first().copied())
+    element
+        .to_multi_float64()
+        .ok()
+        .and_then(|v| v.first().copied())
 }
 
 /// An unsigned integer attribute (US/UL/IS, or UN holding its little-endian binary form).

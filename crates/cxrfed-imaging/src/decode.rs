@@ -30,7 +30,11 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_rows: 8192, max_columns: 8192, max_file_bytes: 256 * 1024 * 1024 }
+        Limits {
+            max_rows: 8192,
+            max_columns: 8192,
+            max_file_bytes: 256 * 1024 * 1024,
+        }
     }
 }
 
@@ -45,7 +49,9 @@ impl Limits {
             });
         }
         if rows == 0 || columns == 0 {
-            return Err(ImagingError::Unsupported(format!("empty image ({rows}x{columns})")));
+            return Err(ImagingError::Unsupported(format!(
+                "empty image ({rows}x{columns})"
+            )));
         }
         Ok(())
     }
@@ -81,7 +87,8 @@ pub struct VoiTable {
 
 impl VoiTable {
     pub fn lookup(&self, x: f64) -> f64 {
-        let index = (x.round() as i64 - i64::from(self.first_mapped)).clamp(0, self.data.len() as i64 - 1);
+        let index =
+            (x.round() as i64 - i64::from(self.first_mapped)).clamp(0, self.data.len() as i64 - 1);
         f64::from(self.data[index as usize])
     }
 }
@@ -109,7 +116,11 @@ impl Modality {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Voi {
     /// Window centre/width with the file's VOI LUT Function (LINEAR by default).
-    Window { center: f64, width: f64, function: VoiLutFunction },
+    Window {
+        center: f64,
+        width: f64,
+        function: VoiLutFunction,
+    },
     /// The first table of the VOI LUT Sequence.
     Table(VoiTable),
     /// No VOI in the file: a robust window from the 0.5th to the 99.5th percentile of the
@@ -252,10 +263,17 @@ impl Decoded {
             }
         };
         let voi: Box<dyn Fn(f64) -> f64> = match &self.voi {
-            Voi::Window { center, width, function } => {
+            Voi::Window {
+                center,
+                width,
+                function,
+            } => {
                 let transform = WindowLevelTransform::new(
                     *function,
-                    WindowLevel { center: *center, width: *width },
+                    WindowLevel {
+                        center: *center,
+                        width: *width,
+                    },
                 );
                 Box::new(move |x| transform.apply(x, 1.0))
             }
@@ -356,9 +374,15 @@ pub fn decode(bytes: &[u8], limits: &Limits, secret: &SiteSecret) -> Result<Deco
     }
 }
 
-fn header_u32(obj: &DefaultDicomObject, tag: dicom_core::Tag, name: &str) -> Result<u32, ImagingError> {
+fn header_u32(
+    obj: &DefaultDicomObject,
+    tag: dicom_core::Tag,
+    name: &str,
+) -> Result<u32, ImagingError> {
     if obj.get(tag).is_none() {
-        return Err(ImagingError::MalformedDicom(format!("missing required attribute {name}")));
+        return Err(ImagingError::MalformedDicom(format!(
+            "missing required attribute {name}"
+        )));
     }
     attr::unsigned(obj, tag)
         .ok_or_else(|| ImagingError::MalformedDicom(format!("attribute {name} is not a number")))
@@ -376,9 +400,15 @@ fn decode_dicom(
     let obj = OpenFileOptions::new()
         .read_preamble(ReadPreamble::Never)
         .from_reader(bytes)
-        .map_err(|e| ImagingError::MalformedDicom(first_line(&e.to_string())))?;
+        .map_err(|e| {
+            ImagingError::MalformedDicom(format!("{} (truncated or corrupt file)", describe(&e)))
+        })?;
 
-    let ts_uid = obj.meta().transfer_syntax().trim_end_matches(['\0', ' ']).to_string();
+    let ts_uid = obj
+        .meta()
+        .transfer_syntax()
+        .trim_end_matches(['\0', ' '])
+        .to_string();
     let Some(ts_name) = syntax::supported_name(&ts_uid) else {
         return Err(ImagingError::UnsupportedTransferSyntax {
             name: syntax::name_of(&ts_uid),
@@ -405,14 +435,24 @@ fn decode_dicom(
         )));
     }
     if !matches!(samples_per_pixel, 1 | 3) {
-        return Err(ImagingError::Unsupported(format!("SamplesPerPixel {samples_per_pixel}")));
+        return Err(ImagingError::Unsupported(format!(
+            "SamplesPerPixel {samples_per_pixel}"
+        )));
     }
     if obj.get(tags::PIXEL_DATA).is_none() {
-        return Err(ImagingError::Unsupported("the file has no Pixel Data".into()));
+        return Err(ImagingError::Unsupported(
+            "the file has no Pixel Data".into(),
+        ));
     }
     let signed = header_u32_or(&obj, tags::PIXEL_REPRESENTATION, 0) == 1;
     let photometric = attr::text(&obj, tags::PHOTOMETRIC_INTERPRETATION);
-    let native = matches!(ts_uid.as_str(), "1.2.840.10008.1.2" | "1.2.840.10008.1.2.1" | "1.2.840.10008.1.2.1.99" | "1.2.840.10008.1.2.2");
+    let native = matches!(
+        ts_uid.as_str(),
+        "1.2.840.10008.1.2"
+            | "1.2.840.10008.1.2.1"
+            | "1.2.840.10008.1.2.1.99"
+            | "1.2.840.10008.1.2.2"
+    );
     if native && photometric == "YBR_FULL_422" {
         return Err(ImagingError::Unsupported(
             "uncompressed chroma-subsampled colour (YBR_FULL_422) pixel data".into(),
@@ -431,7 +471,7 @@ fn decode_dicom(
 
     let pixel = obj
         .decode_pixel_data_frame(0)
-        .map_err(|e| ImagingError::Corrupt(first_line(&e.to_string())))?;
+        .map_err(|e| ImagingError::Corrupt(describe(&e)))?;
     if pixel.rows() != rows || pixel.columns() != columns {
         return Err(ImagingError::Corrupt(format!(
             "decoded {}x{} pixels, header says {rows}x{columns}",
@@ -439,7 +479,9 @@ fn decode_dicom(
             pixel.columns()
         )));
     }
-    let data = pixel.frame_data(0).map_err(|e| ImagingError::Corrupt(first_line(&e.to_string())))?;
+    let data = pixel
+        .frame_data(0)
+        .map_err(|e| ImagingError::Corrupt(first_line(&e.to_string())))?;
     let pixels = rows as usize * columns as usize;
     let bytes_per_sample = bits_allocated as usize / 8;
     let spp = pixel.samples_per_pixel() as usize;
@@ -454,11 +496,18 @@ fn decode_dicom(
     let planar = pixel.planar_configuration() != dicom_pixeldata::PlanarConfiguration::Standard;
 
     let shape = (rows as usize, columns as usize);
-    let mask: u16 = if bits_stored >= 16 { u16::MAX } else { (1u16 << bits_stored) - 1 };
-    let sign_shift = 16 - bits_stored as u32;
+    let mask: u16 = if bits_stored >= 16 {
+        u16::MAX
+    } else {
+        (1u16 << bits_stored) - 1
+    };
+    let sign_shift = 16 - bits_stored;
     let samples = if spp == 1 {
         match (bits_allocated, signed) {
-            (8, false) => Samples::U8(vec_to_array(shape, data[..pixels].iter().map(|v| v & mask as u8))),
+            (8, false) => Samples::U8(vec_to_array(
+                shape,
+                data[..pixels].iter().map(|v| v & mask as u8),
+            )),
             (8, true) => Samples::I16(vec_to_array(
                 shape,
                 data[..pixels].iter().map(|v| i16::from(*v as i8)),
@@ -478,7 +527,9 @@ fn decode_dicom(
             )),
         }
     } else {
-        notes.push(format!("colour ({decoded_photometric}) converted to grayscale"));
+        notes.push(format!(
+            "colour ({decoded_photometric}) converted to grayscale"
+        ));
         let luma_only = decoded_photometric.starts_with("YBR");
         color_to_gray(data, shape, bits_allocated, planar, luma_only)
     };
@@ -486,7 +537,10 @@ fn decode_dicom(
     let modality = if spp == 1 {
         modality_lut(&obj, signed)
     } else {
-        Modality::Rescale { slope: 1.0, intercept: 0.0 }
+        Modality::Rescale {
+            slope: 1.0,
+            intercept: 0.0,
+        }
     };
     let voi = dicom_voi(&obj, &pixel, spp);
     let invert = spp == 1 && photometric == "MONOCHROME1";
@@ -510,7 +564,11 @@ fn decode_dicom(
     }
     Ok(Decoded {
         samples,
-        bits_stored: if spp == 1 { bits_stored as u16 } else { bits_allocated as u16 },
+        bits_stored: if spp == 1 {
+            bits_stored as u16
+        } else {
+            bits_allocated as u16
+        },
         modality,
         voi,
         invert,
@@ -533,11 +591,25 @@ fn modality_lut(obj: &DefaultDicomObject, signed: bool) -> Modality {
                 .value()
                 .to_multi_int::<i32>()
                 .ok()?;
-            let data: Vec<u16> = item.get(tags::LUT_DATA)?.value().to_multi_int::<u16>().ok()?;
-            let [entries, first, bits] = descriptor[..] else { return None };
+            let data: Vec<u16> = item
+                .get(tags::LUT_DATA)?
+                .value()
+                .to_multi_int::<u16>()
+                .ok()?;
+            let [entries, first, bits] = descriptor[..] else {
+                return None;
+            };
             // The first mapped value is US or SS following Pixel Representation.
-            let first_mapped = if signed { i32::from(first as u16 as i16) } else { first & 0xFFFF };
-            let entries = if entries == 0 { 65536 } else { entries as usize };
+            let first_mapped = if signed {
+                i32::from(first as u16 as i16)
+            } else {
+                first & 0xFFFF
+            };
+            let entries = if entries == 0 {
+                65536
+            } else {
+                entries as usize
+            };
             (!data.is_empty() && data.len() >= entries.min(data.len())).then(|| VoiTable {
                 first_mapped,
                 bits: bits.clamp(1, 16) as u8,
@@ -547,7 +619,9 @@ fn modality_lut(obj: &DefaultDicomObject, signed: bool) -> Modality {
     match table {
         Some(table) => Modality::Table(table),
         None => Modality::Rescale {
-            slope: attr::number(obj, tags::RESCALE_SLOPE).filter(|s| *s != 0.0).unwrap_or(1.0),
+            slope: attr::number(obj, tags::RESCALE_SLOPE)
+                .filter(|s| *s != 0.0)
+                .unwrap_or(1.0),
             intercept: attr::number(obj, tags::RESCALE_INTERCEPT).unwrap_or(0.0),
         },
     }
@@ -572,16 +646,21 @@ fn dicom_voi(
             });
         }
     }
-    if let (Some(center), Some(width)) =
-        (attr::number(obj, tags::WINDOW_CENTER), attr::number(obj, tags::WINDOW_WIDTH))
-    {
+    if let (Some(center), Some(width)) = (
+        attr::number(obj, tags::WINDOW_CENTER),
+        attr::number(obj, tags::WINDOW_WIDTH),
+    ) {
         if width > 0.0 && center.is_finite() && width.is_finite() {
             let function = match attr::text(obj, tags::VOILUT_FUNCTION).as_str() {
                 "SIGMOID" => VoiLutFunction::Sigmoid,
                 "LINEAR_EXACT" => VoiLutFunction::LinearExact,
                 _ => VoiLutFunction::Linear,
             };
-            return Voi::Window { center, width, function };
+            return Voi::Window {
+                center,
+                width,
+                function,
+            };
         }
     }
     Voi::Percentile
@@ -596,7 +675,11 @@ fn color_to_gray(
 ) -> Samples {
     let n = shape.0 * shape.1;
     let sample = |channel: usize, i: usize| -> f32 {
-        let index = if planar { channel * n + i } else { i * 3 + channel };
+        let index = if planar {
+            channel * n + i
+        } else {
+            i * 3 + channel
+        };
         if bits_allocated == 8 {
             f32::from(data[index])
         } else {
@@ -612,15 +695,22 @@ fn color_to_gray(
         }
     };
     if bits_allocated == 8 {
-        Samples::U8(vec_to_array(shape, (0..n).map(|i| gray(i).round().clamp(0.0, 255.0) as u8)))
+        Samples::U8(vec_to_array(
+            shape,
+            (0..n).map(|i| gray(i).round().clamp(0.0, 255.0) as u8),
+        ))
     } else {
-        Samples::U16(vec_to_array(shape, (0..n).map(|i| gray(i).round().clamp(0.0, 65535.0) as u16)))
+        Samples::U16(vec_to_array(
+            shape,
+            (0..n).map(|i| gray(i).round().clamp(0.0, 65535.0) as u16),
+        ))
     }
 }
 
 fn vec_to_array<T>(shape: (usize, usize), values: impl Iterator<Item = T>) -> Array2<T> {
     let data: Vec<T> = values.collect();
-    Array2::from_shape_vec(shape, data).expect("the caller checked that the buffer matches the shape")
+    Array2::from_shape_vec(shape, data)
+        .expect("the caller checked that the buffer matches the shape")
 }
 
 fn decode_raster(
@@ -648,10 +738,16 @@ fn decode_raster(
     }
     let (samples, bits) = if sixteen {
         let gray = image.into_luma16();
-        (Samples::U16(vec_to_array(shape, gray.into_raw().into_iter())), 16)
+        (
+            Samples::U16(vec_to_array(shape, gray.into_raw().into_iter())),
+            16,
+        )
     } else {
         let gray = image.into_luma8();
-        (Samples::U8(vec_to_array(shape, gray.into_raw().into_iter())), 8)
+        (
+            Samples::U8(vec_to_array(shape, gray.into_raw().into_iter())),
+            8,
+        )
     };
     let (image_format, name) = match format {
         image::ImageFormat::Png => (ImageFormat::Png, "PNG"),
@@ -660,7 +756,10 @@ fn decode_raster(
     Ok(Decoded {
         samples,
         bits_stored: bits,
-        modality: Modality::Rescale { slope: 1.0, intercept: 0.0 },
+        modality: Modality::Rescale {
+            slope: 1.0,
+            intercept: 0.0,
+        },
         voi: Voi::FullRange,
         invert: false,
         source: Source {
@@ -668,8 +767,12 @@ fn decode_raster(
             rows: height,
             columns: width,
             bits_stored: u32::from(bits),
-            photometric_interpretation: if color.has_color() { "RGB" } else { "MONOCHROME2" }
-                .to_string(),
+            photometric_interpretation: if color.has_color() {
+                "RGB"
+            } else {
+                "MONOCHROME2"
+            }
+            .to_string(),
             number_of_frames: 1,
             transfer_syntax_name: name.to_string(),
             ..Source::default()
@@ -680,9 +783,39 @@ fn decode_raster(
     })
 }
 
+/// One line from an error and its sources, saying "truncated" when the data ran out. Decoder
+/// errors name tags and positions, never element values.
+fn describe(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = Vec::new();
+    let mut truncated = false;
+    let mut current = Some(error);
+    while let Some(e) = current {
+        let text = first_line(&e.to_string());
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            truncated |= io.kind() == std::io::ErrorKind::UnexpectedEof;
+        }
+        truncated |= text.to_ascii_lowercase().contains("end of file");
+        if !text.is_empty() && !parts.contains(&text) && parts.len() < 4 {
+            parts.push(text);
+        }
+        current = e.source();
+    }
+    let detail = parts.join(": ");
+    if truncated {
+        format!("the file is truncated ({detail})")
+    } else {
+        detail
+    }
+}
+
 /// Keeps error messages to one line: decoder errors sometimes carry backtraces.
 fn first_line(text: &str) -> String {
-    text.lines().next().unwrap_or("").chars().take(300).collect()
+    text.lines()
+        .next()
+        .unwrap_or("")
+        .chars()
+        .take(300)
+        .collect()
 }
 
 #[cfg(test)]
@@ -693,7 +826,10 @@ mod tests {
         Decoded {
             samples,
             bits_stored: bits,
-            modality: Modality::Rescale { slope: 1.0, intercept: 0.0 },
+            modality: Modality::Rescale {
+                slope: 1.0,
+                intercept: 0.0,
+            },
             voi,
             invert,
             source: Source::default(),
@@ -721,7 +857,11 @@ mod tests {
     fn linear_window_follows_ps3_3() {
         // Centre 2048, width 1024: below 1535.5 is black, above 2559.5 white, linear between.
         let a = Array2::from_shape_vec((1, 1), vec![0u16]).expect("shape");
-        let voi = Voi::Window { center: 2048.0, width: 1024.0, function: VoiLutFunction::Linear };
+        let voi = Voi::Window {
+            center: 2048.0,
+            width: 1024.0,
+            function: VoiLutFunction::Linear,
+        };
         let lut = decoded(Samples::U16(a), voi, false, 12).display_lut();
         assert_eq!(lut.get(1000), 0.0);
         assert_eq!(lut.get(3000), 1.0);
@@ -751,6 +891,10 @@ mod tests {
         assert_eq!(lut.get(0), 0.0);
         assert_eq!(lut.get(65535), 1.0);
         // The window spans roughly 1005..1995, not 0..65535.
-        assert!(lut.get(1500) > 0.4 && lut.get(1500) < 0.6, "{}", lut.get(1500));
+        assert!(
+            lut.get(1500) > 0.4 && lut.get(1500) < 0.6,
+            "{}",
+            lut.get(1500)
+        );
     }
 }

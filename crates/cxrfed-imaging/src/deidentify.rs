@@ -100,13 +100,22 @@ pub fn age_on(birth: NaiveDate, on: NaiveDate) -> Option<u32> {
 
 /// Derives the kept facts from a DICOM header and drops everything else.
 pub fn from_dicom(obj: &DefaultDicomObject, secret: &SiteSecret) -> Deidentified {
-    let first_date = |order: [dicom_core::Tag; 4]| order.into_iter().find_map(|tag| parse_da(&text(obj, tag)));
+    let first_date =
+        |order: [dicom_core::Tag; 4]| order.into_iter().find_map(|tag| parse_da(&text(obj, tag)));
     // Age is the patient's age at the study (PS3.3 Patient Study module); the month is that of
     // the acquisition itself when the file records it.
-    let study_date =
-        first_date([tags::STUDY_DATE, tags::ACQUISITION_DATE, tags::SERIES_DATE, tags::CONTENT_DATE]);
-    let acquisition_date =
-        first_date([tags::ACQUISITION_DATE, tags::STUDY_DATE, tags::SERIES_DATE, tags::CONTENT_DATE]);
+    let study_date = first_date([
+        tags::STUDY_DATE,
+        tags::ACQUISITION_DATE,
+        tags::SERIES_DATE,
+        tags::CONTENT_DATE,
+    ]);
+    let acquisition_date = first_date([
+        tags::ACQUISITION_DATE,
+        tags::STUDY_DATE,
+        tags::SERIES_DATE,
+        tags::CONTENT_DATE,
+    ]);
     let age = parse_as(&text(obj, tags::PATIENT_AGE)).or_else(|| {
         let birth = parse_da(&text(obj, tags::PATIENT_BIRTH_DATE))?;
         age_on(birth, study_date?)
@@ -118,7 +127,9 @@ pub fn from_dicom(obj: &DefaultDicomObject, secret: &SiteSecret) -> Deidentified
             sex: Sex::from_dicom(&text(obj, tags::PATIENT_SEX)),
         },
         acquisition: Acquisition {
-            month: acquisition_date.map(|d| format!("{:04}-{:02}", d.year(), d.month())).unwrap_or_default(),
+            month: acquisition_date
+                .map(|d| format!("{:04}-{:02}", d.year(), d.month()))
+                .unwrap_or_default(),
             view: View::from_dicom(&text(obj, tags::VIEW_POSITION)),
         },
         modality: text(obj, tags::MODALITY),

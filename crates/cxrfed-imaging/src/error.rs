@@ -14,7 +14,12 @@ pub enum ImagingError {
     #[error("unsupported transfer syntax {uid} ({name})")]
     UnsupportedTransferSyntax { uid: String, name: String },
     #[error("image dimensions {rows}x{columns} exceed the limit of {max_rows}x{max_columns}")]
-    DimensionsTooLarge { rows: u64, columns: u64, max_rows: u32, max_columns: u32 },
+    DimensionsTooLarge {
+        rows: u64,
+        columns: u64,
+        max_rows: u32,
+        max_columns: u32,
+    },
     #[error("unsupported image: {0}")]
     Unsupported(String),
     #[error("corrupt or truncated pixel data: {0}")]

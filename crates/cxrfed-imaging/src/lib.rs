@@ -25,7 +25,9 @@ pub mod preprocess;
 pub mod sniff;
 pub mod syntax;
 
-pub use decode::{Decoded, DisplayLut, Limits, Modality, Samples, Voi, VoiTable, decode, decode_contained};
+pub use decode::{
+    Decoded, DisplayLut, Limits, Modality, Samples, Voi, VoiTable, decode, decode_contained,
+};
 pub use deidentify::{Deidentified, SiteSecret};
 pub use error::ImagingError;
 pub use preprocess::{Aspect, PreprocessOptions, preprocess};

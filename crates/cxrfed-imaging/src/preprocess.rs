@@ -33,7 +33,9 @@ impl std::str::FromStr for Aspect {
         match text {
             "pad" => Ok(Aspect::Pad),
             "center-crop" | "crop" => Ok(Aspect::CenterCrop),
-            other => Err(format!("unknown aspect mode {other:?} (pad or center-crop)")),
+            other => Err(format!(
+                "unknown aspect mode {other:?} (pad or center-crop)"
+            )),
         }
     }
 }
@@ -50,7 +52,12 @@ pub struct PreprocessOptions {
 
 impl Default for PreprocessOptions {
     fn default() -> Self {
-        PreprocessOptions { size: 224, aspect: Aspect::Pad, mean: 0.5, std: 0.25 }
+        PreprocessOptions {
+            size: 224,
+            aspect: Aspect::Pad,
+            mean: 0.5,
+            std: 0.25,
+        }
     }
 }
 
@@ -78,16 +85,25 @@ fn axis_weights(src_len: usize, dst_len: usize) -> Vec<Footprint> {
                         (overlap / scale) as f32
                     })
                     .collect();
-                Footprint { start: first, weights }
+                Footprint {
+                    start: first,
+                    weights,
+                }
             } else {
                 // Linear interpolation between the two nearest source centres.
                 let x = ((i as f64 + 0.5) * scale - 0.5).clamp(0.0, (src_len - 1) as f64);
                 let first = x.floor() as usize;
                 let fraction = (x - first as f64) as f32;
                 if first + 1 < src_len {
-                    Footprint { start: first, weights: vec![1.0 - fraction, fraction] }
+                    Footprint {
+                        start: first,
+                        weights: vec![1.0 - fraction, fraction],
+                    }
                 } else {
-                    Footprint { start: first, weights: vec![1.0] }
+                    Footprint {
+                        start: first,
+                        weights: vec![1.0],
+                    }
                 }
             }
         })
@@ -113,7 +129,11 @@ fn resize_region<T: Sample>(
         }
         for (out, footprint) in dst_row.iter_mut().zip(&horizontal) {
             let window = &display_row[footprint.start..footprint.start + footprint.weights.len()];
-            *out = window.iter().zip(&footprint.weights).map(|(v, w)| v * w).sum();
+            *out = window
+                .iter()
+                .zip(&footprint.weights)
+                .map(|(v, w)| v * w)
+                .sum();
         }
     }
     // Vertical pass over the narrow buffer.
@@ -141,9 +161,15 @@ fn fit<T: Sample>(image: &Array2<T>, lut: &DisplayLut, options: &PreprocessOptio
         }
         Aspect::Pad => {
             let (out_rows, out_cols) = if rows >= cols {
-                (size, ((cols * size) as f64 / rows as f64).round().max(1.0) as usize)
+                (
+                    size,
+                    ((cols * size) as f64 / rows as f64).round().max(1.0) as usize,
+                )
             } else {
-                (((rows * size) as f64 / cols as f64).round().max(1.0) as usize, size)
+                (
+                    ((rows * size) as f64 / cols as f64).round().max(1.0) as usize,
+                    size,
+                )
             };
             let resized = resize_region(image.view(), lut, out_rows, out_cols);
             let mut out = Array2::<f32>::from_elem((size, size), normalise(0.0));
@@ -176,7 +202,10 @@ mod tests {
         Decoded {
             samples: Samples::U16(a),
             bits_stored: 16,
-            modality: crate::decode::Modality::Rescale { slope: 1.0, intercept: 0.0 },
+            modality: crate::decode::Modality::Rescale {
+                slope: 1.0,
+                intercept: 0.0,
+            },
             voi: Voi::FullRange,
             invert: false,
             source: Source::default(),
@@ -186,8 +215,12 @@ mod tests {
         }
     }
 
-    const IDENTITY: PreprocessOptions =
-        PreprocessOptions { size: 4, aspect: Aspect::Pad, mean: 0.0, std: 1.0 };
+    const IDENTITY: PreprocessOptions = PreprocessOptions {
+        size: 4,
+        aspect: Aspect::Pad,
+        mean: 0.0,
+        std: 1.0,
+    };
 
     #[test]
     fn area_average_of_blocks() {
@@ -215,8 +248,14 @@ mod tests {
 
     #[test]
     fn center_crop_fills_the_square() {
-        let a = Array2::from_shape_fn((50, 100), |(_, c)| if (25..75).contains(&c) { u16::MAX } else { 0 });
-        let options = PreprocessOptions { aspect: Aspect::CenterCrop, ..IDENTITY };
+        let a = Array2::from_shape_fn(
+            (50, 100),
+            |(_, c)| if (25..75).contains(&c) { u16::MAX } else { 0 },
+        );
+        let options = PreprocessOptions {
+            aspect: Aspect::CenterCrop,
+            ..IDENTITY
+        };
         let out = preprocess(&decoded_u16(a), &options);
         assert!(out.iter().all(|v| (*v - 1.0).abs() < 1e-5));
     }

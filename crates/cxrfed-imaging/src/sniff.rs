@@ -46,8 +46,14 @@ mod tests {
         dicom[128..].copy_from_slice(b"DICM");
         assert_eq!(sniff(&dicom).expect("dicom"), Format::Dicom);
         assert_eq!(sniff(b"\x89PNG\r\n\x1a\nrest").expect("png"), Format::Png);
-        assert_eq!(sniff(&[0xFF, 0xD8, 0xFF, 0xE0]).expect("jpeg"), Format::Jpeg);
+        assert_eq!(
+            sniff(&[0xFF, 0xD8, 0xFF, 0xE0]).expect("jpeg"),
+            Format::Jpeg
+        );
         assert!(matches!(sniff(b""), Err(ImagingError::Empty)));
-        assert!(matches!(sniff(b"hello world"), Err(ImagingError::UnrecognizedFormat { .. })));
+        assert!(matches!(
+            sniff(b"hello world"),
+            Err(ImagingError::UnrecognizedFormat { .. })
+        ));
     }
 }

@@ -46,7 +46,9 @@ impl Default for NodeConfig {
             max_columns: 8192,
             input_size: 224,
             aspect: "pad".to_string(),
-            decode_workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+            decode_workers: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
             grace_period_secs: 20,
             // The JPEG 2000 codec logs every header at INFO.
             log_level: "info,jpeg2k=warn".to_string(),
@@ -75,7 +77,10 @@ impl NodeConfig {
         let mut figment = Figment::from(Serialized::defaults(NodeConfig::default()));
         if let Some(file) = file {
             if !file.exists() {
-                return Err(ConfigError::Invalid(format!("config file {} does not exist", file.display())));
+                return Err(ConfigError::Invalid(format!(
+                    "config file {} does not exist",
+                    file.display()
+                )));
             }
             figment = figment.merge(Toml::file(file));
         }
@@ -97,10 +102,16 @@ impl NodeConfig {
             return bad("max_rows and max_columns must be positive".into());
         }
         if !(16..=2048).contains(&self.input_size) {
-            return bad(format!("input_size {} is outside 16..=2048", self.input_size));
+            return bad(format!(
+                "input_size {} is outside 16..=2048",
+                self.input_size
+            ));
         }
         if self.aspect.parse::<cxrfed_imaging::Aspect>().is_err() {
-            return bad(format!("aspect {:?} must be \"pad\" or \"center-crop\"", self.aspect));
+            return bad(format!(
+                "aspect {:?} must be \"pad\" or \"center-crop\"",
+                self.aspect
+            ));
         }
         if self.decode_workers == 0 {
             return bad("decode_workers must be at least 1".into());
@@ -144,10 +155,16 @@ mod tests {
     use std::collections::BTreeMap;
 
     #[test]
+    // figment's Jail API fixes the closure's error type.
+    #[allow(clippy::result_large_err)]
     fn flags_override_file_and_env() {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("node.toml");
-        std::fs::write(&file, "site = \"from-file\"\ninput_size = 256\nmax_rows = 100\n").expect("write");
+        std::fs::write(
+            &file,
+            "site = \"from-file\"\ninput_size = 256\nmax_rows = 100\n",
+        )
+        .expect("write");
         figment::Jail::expect_with(|jail| {
             jail.set_env("CXRFED_INPUT_SIZE", "320");
             let mut flags = BTreeMap::new();

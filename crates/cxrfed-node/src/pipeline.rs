@@ -52,8 +52,16 @@ impl Pipeline {
 
     /// Decodes, de-identifies, hashes and preprocesses `bytes` on the blocking pool and builds
     /// the record (not yet stored).
-    pub async fn extract(&self, bytes: Vec<u8>, request_id: String) -> Result<Extraction, ImagingError> {
-        let _permit = self.permits.acquire().await.expect("the semaphore is never closed");
+    pub async fn extract(
+        &self,
+        bytes: Vec<u8>,
+        request_id: String,
+    ) -> Result<Extraction, ImagingError> {
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .expect("the semaphore is never closed");
         let limits = self.limits;
         let options = self.preprocess;
         let secret = self.secret.clone();

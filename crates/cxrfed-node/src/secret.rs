@@ -10,10 +10,17 @@ use cxrfed_imaging::SiteSecret;
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
     #[error("site secret {path}: {source}")]
-    Io { path: String, source: std::io::Error },
-    #[error("site secret {path} is readable by other users (mode {mode:o}); run `chmod 600 {path}`")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "site secret {path} is readable by other users (mode {mode:o}); run `chmod 600 {path}`"
+    )]
     Permissions { path: String, mode: u32 },
-    #[error("site secret {path} is not 32 bytes; it is damaged. Restore it from backup: pseudonyms depend on it")]
+    #[error(
+        "site secret {path} is not 32 bytes; it is damaged. Restore it from backup: pseudonyms depend on it"
+    )]
     Damaged { path: String },
     #[error("could not generate random bytes: {0}")]
     Random(String),
@@ -22,15 +29,22 @@ pub enum SecretError {
 /// Loads the site secret from `path`, creating it (32 random bytes, mode 0600) if absent.
 pub fn load_or_create(path: &Path) -> Result<SiteSecret, SecretError> {
     let display = path.display().to_string();
-    let io = |source| SecretError::Io { path: display.clone(), source };
+    let io = |source| SecretError::Io {
+        path: display.clone(),
+        source,
+    };
     match std::fs::read(path) {
         Ok(bytes) => {
             let mode = std::fs::metadata(path).map_err(io)?.permissions().mode() & 0o777;
             if mode & 0o077 != 0 {
-                return Err(SecretError::Permissions { path: display, mode });
+                return Err(SecretError::Permissions {
+                    path: display,
+                    mode,
+                });
             }
-            let bytes: [u8; 32] =
-                bytes.try_into().map_err(|_| SecretError::Damaged { path: display.clone() })?;
+            let bytes: [u8; 32] = bytes.try_into().map_err(|_| SecretError::Damaged {
+                path: display.clone(),
+            })?;
             Ok(SiteSecret::from_bytes(bytes))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -68,6 +82,9 @@ mod tests {
         let b = load_or_create(&path).expect("load");
         assert_eq!(a.pseudonym("x"), b.pseudonym("x"));
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
-        assert!(matches!(load_or_create(&path), Err(SecretError::Permissions { .. })));
+        assert!(matches!(
+            load_or_create(&path),
+            Err(SecretError::Permissions { .. })
+        ));
     }
 }

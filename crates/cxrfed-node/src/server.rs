@@ -18,7 +18,10 @@ use crate::service::{MAX_MESSAGE_BYTES, NodeApi, NodeState};
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("data directory {path}: {source}")]
-    DataDir { path: String, source: std::io::Error },
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Secret(#[from] secret::SecretError),
     #[error(transparent)]
@@ -63,7 +66,9 @@ pub async fn serve(
     });
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<NodeServiceServer<NodeApi>>().await;
+    health_reporter
+        .set_serving::<NodeServiceServer<NodeApi>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(cxrfed_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -91,7 +96,10 @@ pub async fn serve(
         .add_service(reflection)
         .add_service(reflection_alpha)
         .add_service(node)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.clone().cancelled_owned());
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(listener),
+            shutdown.clone().cancelled_owned(),
+        );
     let mut server = tokio::spawn(server);
 
     let result = tokio::select! {

@@ -56,7 +56,8 @@ pub fn request_id(metadata: &MetadataMap) -> String {
         .filter(|v| {
             !v.is_empty()
                 && v.len() <= 128
-                && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
         })
         .map(str::to_string)
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
@@ -124,7 +125,10 @@ impl NodeApi {
             NodeError::InvalidRequest("the first ExtractRequest must carry `header`".into())
         })?;
         if header.size_hint > limit {
-            return Err(NodeError::UploadTooLarge { size: header.size_hint, limit });
+            return Err(NodeError::UploadTooLarge {
+                size: header.size_hint,
+                limit,
+            });
         }
         let mut bytes = Vec::with_capacity(header.size_hint.min(limit) as usize);
         bytes.extend_from_slice(&first.chunk);
@@ -153,19 +157,37 @@ impl NodeApi {
         }
         let (header, bytes) = self.receive_upload(stream).await?;
         tracing::debug!(bytes = bytes.len(), "upload received");
-        let extraction = self.state.pipeline.extract(bytes, request_id).await?;
+        let mut extraction = self.state.pipeline.extract(bytes, request_id).await?;
+        if let Some(note) = extension_note(&header.filename, extraction.record.source.format) {
+            extraction.record.processing_notes.push(note);
+        }
         let span = Span::current();
         span.record("image_sha256", extraction.record.image_sha256.as_str());
-        let (record, created) = match self.state.store.insert(extraction.record, header.force).await? {
+        let (record, created) = match self
+            .state
+            .store
+            .insert(extraction.record, header.force)
+            .await?
+        {
             Inserted::Created(record) => (record, true),
             Inserted::Existing(record) => (record, false),
         };
         span.record("record_id", record.record_id.as_str());
-        tracing::info!(created, processing_ms = record.processing_ms, "record stored");
-        Ok(pb::ExtractResponse { record: Some(pb::Record::from(&record)), created })
+        tracing::info!(
+            created,
+            processing_ms = record.processing_ms,
+            "record stored"
+        );
+        Ok(pb::ExtractResponse {
+            record: Some(pb::Record::from(&record)),
+            created,
+        })
     }
 
-    fn list_inner(&self, request: pb::ListRecordsRequest) -> Result<Vec<pb::ListRecordsResponse>, NodeError> {
+    fn list_inner(
+        &self,
+        request: pb::ListRecordsRequest,
+    ) -> Result<Vec<pb::ListRecordsResponse>, NodeError> {
         let page_size = match request.page_size {
             0 => DEFAULT_PAGE_SIZE,
             n if n > MAX_PAGE_SIZE => {
@@ -179,7 +201,9 @@ impl NodeApi {
             None
         } else {
             uuid::Uuid::parse_str(&request.page_token).map_err(|_| {
-                NodeError::InvalidRequest("page_token is not a token returned by ListRecords".into())
+                NodeError::InvalidRequest(
+                    "page_token is not a token returned by ListRecords".into(),
+                )
             })?;
             Some(request.page_token.as_str())
         };
@@ -189,7 +213,9 @@ impl NodeApi {
             } else if cxrfed_schema::is_valid_month(value) {
                 Ok(Some(value.to_string()))
             } else {
-                Err(NodeError::InvalidRequest(format!("{name} {value:?} is not a month in YYYY-MM form")))
+                Err(NodeError::InvalidRequest(format!(
+                    "{name} {value:?} is not a month in YYYY-MM form"
+                )))
             }
         };
         let filter = RecordFilter {
@@ -203,7 +229,10 @@ impl NodeApi {
         };
         let (records, more) = self.state.store.list(after, page_size as usize, &filter)?;
         let next_page_token = if more {
-            records.last().map(|r| r.record_id.clone()).unwrap_or_default()
+            records
+                .last()
+                .map(|r| r.record_id.clone())
+                .unwrap_or_default()
         } else {
             String::new()
         };
@@ -215,7 +244,10 @@ impl NodeApi {
             })
             .collect();
         out.push(pb::ListRecordsResponse {
-            item: Some(pb::list_records_response::Item::PageEnd(pb::PageEnd { next_page_token, returned })),
+            item: Some(pb::list_records_response::Item::PageEnd(pb::PageEnd {
+                next_page_token,
+                returned,
+            })),
         });
         Ok(out)
     }
@@ -232,7 +264,13 @@ impl NodeService for NodeApi {
         let metadata = request.metadata().clone();
         let rid = request_id(&metadata);
         let metadata = with_request_id(metadata, &rid);
-        observe(&self.state, "Extract", &metadata, self.extract_inner(request.into_inner(), rid)).await
+        observe(
+            &self.state,
+            "Extract",
+            &metadata,
+            self.extract_inner(request.into_inner(), rid),
+        )
+        .await
     }
 
     async fn get_record(
@@ -242,8 +280,9 @@ impl NodeService for NodeApi {
         let metadata = request.metadata().clone();
         let id = request.into_inner().record_id;
         observe(&self.state, "GetRecord", &metadata, async {
-            uuid::Uuid::parse_str(&id)
-                .map_err(|_| NodeError::InvalidRequest(format!("record_id {id:?} is not a UUID")))?;
+            uuid::Uuid::parse_str(&id).map_err(|_| {
+                NodeError::InvalidRequest(format!("record_id {id:?} is not a UUID"))
+            })?;
             Span::current().record("record_id", id.as_str());
             let store = self.state.store.clone();
             let lookup = id.clone();
@@ -302,6 +341,29 @@ impl NodeService for NodeApi {
     }
 }
 
+/// A note when the file name's extension disagrees with the sniffed content. Only the
+/// extension is kept: file names from PACS exports often contain patient names.
+fn extension_note(filename: &str, format: Option<cxrfed_schema::ImageFormat>) -> Option<String> {
+    use cxrfed_schema::ImageFormat;
+    let extension = std::path::Path::new(filename)
+        .extension()?
+        .to_str()?
+        .to_ascii_lowercase();
+    let claimed = match extension.as_str() {
+        "dcm" | "dicom" | "dic" => ImageFormat::Dicom,
+        "png" => ImageFormat::Png,
+        "jpg" | "jpeg" => ImageFormat::Jpeg,
+        _ => return None,
+    };
+    let actual = format?;
+    (claimed != actual).then(|| {
+        format!(
+            "content is {}; the file name's extension (.{extension}) was ignored",
+            actual.as_str().to_uppercase()
+        )
+    })
+}
+
 fn with_request_id(mut metadata: MetadataMap, request_id: &str) -> MetadataMap {
     if let Ok(value) = request_id.parse() {
         metadata.insert("x-request-id", value);
@@ -310,5 +372,8 @@ fn with_request_id(mut metadata: MetadataMap, request_id: &str) -> MetadataMap {
 }
 
 fn prost_timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 }
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos() as i32,
+    }
 }

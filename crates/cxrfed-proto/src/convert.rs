@@ -16,11 +16,17 @@ pub struct ConversionError {
 }
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> ConversionError {
-    ConversionError { field, reason: reason.into() }
+    ConversionError {
+        field,
+        reason: reason.into(),
+    }
 }
 
 fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 }
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos() as i32,
+    }
 }
 
 /// Converts a wire timestamp to UTC.
@@ -87,7 +93,10 @@ fn format_from_pb(f: pb::ImageFormat) -> Option<schema::ImageFormat> {
 }
 
 fn cat_to_pb<T: Category>(v: &Option<schema::Scored<T>>) -> Option<pb::CategoricalFinding> {
-    v.map(|s| pb::CategoricalFinding { value: s.value.as_str().to_string(), probability: s.probability })
+    v.map(|s| pb::CategoricalFinding {
+        value: s.value.as_str().to_string(),
+        probability: s.probability,
+    })
 }
 
 fn cat_from_pb<T: Category>(
@@ -95,8 +104,12 @@ fn cat_from_pb<T: Category>(
     v: Option<pb::CategoricalFinding>,
 ) -> Result<Option<schema::Scored<T>>, ConversionError> {
     v.map(|c| {
-        let value = T::parse(&c.value).ok_or_else(|| invalid(field, format!("unknown category {:?}", c.value)))?;
-        Ok(schema::Scored { value, probability: probability(field, c.probability)? })
+        let value = T::parse(&c.value)
+            .ok_or_else(|| invalid(field, format!("unknown category {:?}", c.value)))?;
+        Ok(schema::Scored {
+            value,
+            probability: probability(field, c.probability)?,
+        })
     })
     .transpose()
 }
@@ -110,15 +123,23 @@ fn probability(field: &'static str, p: f32) -> Result<f32, ConversionError> {
 }
 
 fn bool_to_pb(v: &Option<schema::Scored<bool>>) -> Option<pb::BooleanFinding> {
-    v.map(|s| pb::BooleanFinding { value: s.value, probability: s.probability })
+    v.map(|s| pb::BooleanFinding {
+        value: s.value,
+        probability: s.probability,
+    })
 }
 
 fn bool_from_pb(
     field: &'static str,
     v: Option<pb::BooleanFinding>,
 ) -> Result<Option<schema::Scored<bool>>, ConversionError> {
-    v.map(|b| Ok(schema::Scored { value: b.value, probability: probability(field, b.probability)? }))
-        .transpose()
+    v.map(|b| {
+        Ok(schema::Scored {
+            value: b.value,
+            probability: probability(field, b.probability)?,
+        })
+    })
+    .transpose()
 }
 
 fn findings_to_pb(f: &schema::Findings) -> pb::Findings {
@@ -131,9 +152,15 @@ fn findings_to_pb(f: &schema::Findings) -> pb::Findings {
             spine_alignment: cat_to_pb(&f.thorax.spine_alignment),
         }),
         lungs: Some(pb::Lungs {
-            opacity_distribution: f.lungs.opacity_distribution.as_ref().map(|z| pb::ZoneSetFinding {
-                zones: z.zones.iter().map(|s| s.value.as_str().to_string()).collect(),
-                probabilities: z.zones.iter().map(|s| s.probability).collect(),
+            opacity_distribution: f.lungs.opacity_distribution.as_ref().map(|z| {
+                pb::ZoneSetFinding {
+                    zones: z
+                        .zones
+                        .iter()
+                        .map(|s| s.value.as_str().to_string())
+                        .collect(),
+                    probabilities: z.zones.iter().map(|s| s.probability).collect(),
+                }
             }),
             opacity_severity: cat_to_pb(&f.lungs.opacity_severity),
             vascular_pattern: cat_to_pb(&f.lungs.vascular_pattern),
@@ -145,7 +172,10 @@ fn findings_to_pb(f: &schema::Findings) -> pb::Findings {
             cardiothoracic_ratio: f
                 .mediastinum
                 .cardiothoracic_ratio
-                .map(|m| pb::NumericFinding { value: m.value, confidence: m.confidence }),
+                .map(|m| pb::NumericFinding {
+                    value: m.value,
+                    confidence: m.confidence,
+                }),
             aortic_knob: cat_to_pb(&f.mediastinum.aortic_knob),
             hilar_size: cat_to_pb(&f.mediastinum.hilar_size),
         }),
@@ -169,16 +199,23 @@ impl TryFrom<pb::Findings> for schema::Findings {
             .opacity_distribution
             .map(|z| {
                 if z.zones.len() != z.probabilities.len() {
-                    return Err(invalid("opacity_distribution", "zones and probabilities differ in length"));
+                    return Err(invalid(
+                        "opacity_distribution",
+                        "zones and probabilities differ in length",
+                    ));
                 }
                 let zones = z
                     .zones
                     .iter()
                     .zip(&z.probabilities)
                     .map(|(name, p)| {
-                        let value = schema::LungZone::parse(name)
-                            .ok_or_else(|| invalid("opacity_distribution", format!("unknown zone {name:?}")))?;
-                        Ok(schema::Scored { value, probability: probability("opacity_distribution", *p)? })
+                        let value = schema::LungZone::parse(name).ok_or_else(|| {
+                            invalid("opacity_distribution", format!("unknown zone {name:?}"))
+                        })?;
+                        Ok(schema::Scored {
+                            value,
+                            probability: probability("opacity_distribution", *p)?,
+                        })
                     })
                     .collect::<Result<_, ConversionError>>()?;
                 Ok(schema::ZoneSet { zones })
@@ -196,7 +233,10 @@ impl TryFrom<pb::Findings> for schema::Findings {
                 opacity_distribution,
                 opacity_severity: cat_from_pb("opacity_severity", lungs.opacity_severity)?,
                 vascular_pattern: cat_from_pb("vascular_pattern", lungs.vascular_pattern)?,
-                interstitial_markings: cat_from_pb("interstitial_markings", lungs.interstitial_markings)?,
+                interstitial_markings: cat_from_pb(
+                    "interstitial_markings",
+                    lungs.interstitial_markings,
+                )?,
                 hyperlucency: bool_from_pb("hyperlucency", lungs.hyperlucency)?,
             },
             mediastinum: schema::Mediastinum {
@@ -220,7 +260,10 @@ impl TryFrom<pb::Findings> for schema::Findings {
             diaphragm: schema::Diaphragm {
                 position: cat_from_pb("diaphragm.position", diaphragm.position)?,
                 contour: cat_from_pb("diaphragm.contour", diaphragm.contour)?,
-                costophrenic_angle: cat_from_pb("costophrenic_angle", diaphragm.costophrenic_angle)?,
+                costophrenic_angle: cat_from_pb(
+                    "costophrenic_angle",
+                    diaphragm.costophrenic_angle,
+                )?,
             },
         })
     }
@@ -271,17 +314,22 @@ impl TryFrom<pb::Record> for schema::Record {
         let source = r.source.unwrap_or_default();
         let patient = r.patient.unwrap_or_default();
         let acquisition = r.acquisition.unwrap_or_default();
-        let schema_version = r
-            .schema_version
-            .parse()
-            .map_err(|_| invalid("schema_version", format!("{:?} is not a version number", r.schema_version)))?;
+        let schema_version = r.schema_version.parse().map_err(|_| {
+            invalid(
+                "schema_version",
+                format!("{:?} is not a version number", r.schema_version),
+            )
+        })?;
         let created_at = r
             .created_at
             .as_ref()
             .and_then(from_timestamp)
             .ok_or_else(|| invalid("created_at", "missing or out of range"))?;
         if !acquisition.month.is_empty() && !schema::is_valid_month(&acquisition.month) {
-            return Err(invalid("acquisition.month", format!("{:?} is not YYYY-MM", acquisition.month)));
+            return Err(invalid(
+                "acquisition.month",
+                format!("{:?} is not YYYY-MM", acquisition.month),
+            ));
         }
         Ok(schema::Record {
             record_id: r.record_id,
@@ -339,8 +387,15 @@ mod tests {
                 columns: 20,
                 ..schema::Source::default()
             },
-            patient: schema::Patient { pseudonym: "p".into(), age_group: "60-69".into(), sex: schema::Sex::Female },
-            acquisition: schema::Acquisition { month: "2004-08".into(), view: schema::View::Pa },
+            patient: schema::Patient {
+                pseudonym: "p".into(),
+                age_group: "60-69".into(),
+                sex: schema::Sex::Female,
+            },
+            acquisition: schema::Acquisition {
+                month: "2004-08".into(),
+                view: schema::View::Pa,
+            },
             findings: None,
             processing_notes: vec!["note".into()],
         }
@@ -357,15 +412,26 @@ mod tests {
     fn findings_round_trip() {
         let mut record = sample();
         let mut findings = schema::Findings {
-            image_quality: Some(schema::Scored { value: schema::ImageQuality::Good, probability: 0.9 }),
+            image_quality: Some(schema::Scored {
+                value: schema::ImageQuality::Good,
+                probability: 0.9,
+            }),
             ..schema::Findings::default()
         };
-        findings.diaphragm.costophrenic_angle =
-            Some(schema::Scored { value: schema::CostophrenicAngle::BluntedLeft, probability: 0.7 });
-        findings.lungs.opacity_distribution = Some(schema::ZoneSet {
-            zones: vec![schema::Scored { value: schema::LungZone::LeftLower, probability: 0.8 }],
+        findings.diaphragm.costophrenic_angle = Some(schema::Scored {
+            value: schema::CostophrenicAngle::BluntedLeft,
+            probability: 0.7,
         });
-        findings.mediastinum.cardiothoracic_ratio = Some(schema::Measured { value: 0.55, confidence: 0.6 });
+        findings.lungs.opacity_distribution = Some(schema::ZoneSet {
+            zones: vec![schema::Scored {
+                value: schema::LungZone::LeftLower,
+                probability: 0.8,
+            }],
+        });
+        findings.mediastinum.cardiothoracic_ratio = Some(schema::Measured {
+            value: 0.55,
+            confidence: 0.6,
+        });
         record.findings = Some(findings);
         let back = schema::Record::try_from(pb::Record::from(&record)).expect("valid");
         assert_eq!(back, record);
@@ -380,7 +446,10 @@ mod tests {
 
         let mut wire = pb::Record::from(&sample());
         wire.findings = Some(pb::Findings {
-            image_quality: Some(pb::CategoricalFinding { value: "superb".into(), probability: 0.5 }),
+            image_quality: Some(pb::CategoricalFinding {
+                value: "superb".into(),
+                probability: 0.5,
+            }),
             ..Default::default()
         });
         let err = schema::Record::try_from(wire).expect_err("unknown category");

@@ -78,12 +78,17 @@ pub struct RecordFilter {
 impl RecordFilter {
     pub fn matches(&self, record: &Record) -> bool {
         self.view.is_none_or(|v| record.acquisition.view == v)
-            && self.modality.as_ref().is_none_or(|m| record.source.modality.eq_ignore_ascii_case(m))
+            && self
+                .modality
+                .as_ref()
+                .is_none_or(|m| record.source.modality.eq_ignore_ascii_case(m))
             && self.month_from.as_ref().is_none_or(|from| {
-                !record.acquisition.month.is_empty() && record.acquisition.month.as_str() >= from.as_str()
+                !record.acquisition.month.is_empty()
+                    && record.acquisition.month.as_str() >= from.as_str()
             })
             && self.month_to.as_ref().is_none_or(|to| {
-                !record.acquisition.month.is_empty() && record.acquisition.month.as_str() <= to.as_str()
+                !record.acquisition.month.is_empty()
+                    && record.acquisition.month.as_str() <= to.as_str()
             })
     }
 }
@@ -100,10 +105,13 @@ impl RecordStore {
     /// Opens (or creates) the store in `path`, refusing stores written by a newer schema.
     pub fn open(path: &Path) -> Result<Self> {
         let db = sled::Config::new().path(path).open().map_err(|e| match e {
-            sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::WouldBlock
-                || io.to_string().contains("lock") =>
+            sled::Error::Io(ref io)
+                if io.kind() == std::io::ErrorKind::WouldBlock
+                    || io.to_string().contains("lock") =>
             {
-                StoreError::Locked { path: path.display().to_string() }
+                StoreError::Locked {
+                    path: path.display().to_string(),
+                }
             }
             other => StoreError::Sled(other),
         })?;
@@ -117,7 +125,10 @@ impl RecordStore {
                     }
                 })?);
                 if found > SCHEMA_VERSION {
-                    return Err(StoreError::NewerSchema { found, supported: SCHEMA_VERSION });
+                    return Err(StoreError::NewerSchema {
+                        found,
+                        supported: SCHEMA_VERSION,
+                    });
                 }
             }
             None => {
@@ -135,7 +146,10 @@ impl RecordStore {
     fn encode(record: &Record) -> Result<Vec<u8>> {
         let mut bytes = Vec::with_capacity(1024);
         ciborium::into_writer(
-            &Envelope { schema_version: record.schema_version, record: record.clone() },
+            &Envelope {
+                schema_version: record.schema_version,
+                record: record.clone(),
+            },
             &mut bytes,
         )
         .map_err(|e| StoreError::Encode(e.to_string()))?;
@@ -170,8 +184,8 @@ impl RecordStore {
                             message: "the image index points at a missing record".into(),
                         })
                     })?;
-                    let existing =
-                        Self::decode(&existing_id, &bytes).map_err(ConflictableTransactionError::Abort)?;
+                    let existing = Self::decode(&existing_id, &bytes)
+                        .map_err(ConflictableTransactionError::Abort)?;
                     return Ok(Inserted::Existing(existing));
                 }
                 records.remove(existing_id)?;
@@ -206,7 +220,12 @@ impl RecordStore {
 
     /// Up to `limit` records after `after` (exclusive) in creation order that pass `filter`,
     /// and whether more records remain to be scanned.
-    pub fn list(&self, after: Option<&str>, limit: usize, filter: &RecordFilter) -> Result<(Vec<Record>, bool)> {
+    pub fn list(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        filter: &RecordFilter,
+    ) -> Result<(Vec<Record>, bool)> {
         let range = match after {
             Some(after) => {
                 let mut start = after.as_bytes().to_vec();
@@ -277,9 +296,15 @@ mod tests {
             created_at: chrono::Utc::now(),
             processing_ms: 1.0,
             request_id: "r".into(),
-            source: Source { modality: "CR".into(), ..Source::default() },
+            source: Source {
+                modality: "CR".into(),
+                ..Source::default()
+            },
             patient: Patient::default(),
-            acquisition: Acquisition { month: month.to_string(), view },
+            acquisition: Acquisition {
+                month: month.to_string(),
+                view,
+            },
             findings: None,
             processing_notes: vec![],
         }
@@ -290,11 +315,20 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = RecordStore::open(dir.path()).expect("open");
         let a = record("01", "h1", View::Pa, "2004-08");
-        assert!(matches!(store.insert(a.clone(), false).await.expect("insert"), Inserted::Created(_)));
+        assert!(matches!(
+            store.insert(a.clone(), false).await.expect("insert"),
+            Inserted::Created(_)
+        ));
         let again = record("02", "h1", View::Pa, "2004-08");
-        assert_eq!(store.insert(again.clone(), false).await.expect("insert"), Inserted::Existing(a));
+        assert_eq!(
+            store.insert(again.clone(), false).await.expect("insert"),
+            Inserted::Existing(a)
+        );
         assert_eq!(store.count(), 1);
-        assert!(matches!(store.insert(again.clone(), true).await.expect("insert"), Inserted::Created(_)));
+        assert!(matches!(
+            store.insert(again.clone(), true).await.expect("insert"),
+            Inserted::Created(_)
+        ));
         assert_eq!(store.count(), 1);
         assert_eq!(store.get_by_image("h1").expect("get"), Some(again));
         assert_eq!(store.verify().expect("verify"), 1);
@@ -306,13 +340,25 @@ mod tests {
         let store = RecordStore::open(dir.path()).expect("open");
         for i in 0..10 {
             let view = if i % 2 == 0 { View::Pa } else { View::Ap };
-            let r = record(&format!("{i:02}"), &format!("h{i}"), view, &format!("2020-{:02}", i + 1));
+            let r = record(
+                &format!("{i:02}"),
+                &format!("h{i}"),
+                view,
+                &format!("2020-{:02}", i + 1),
+            );
             store.insert(r, false).await.expect("insert");
         }
         let (page, more) = store.list(None, 3, &RecordFilter::default()).expect("list");
-        assert_eq!(page.iter().map(|r| r.record_id.as_str()).collect::<Vec<_>>(), ["00", "01", "02"]);
+        assert_eq!(
+            page.iter()
+                .map(|r| r.record_id.as_str())
+                .collect::<Vec<_>>(),
+            ["00", "01", "02"]
+        );
         assert!(more);
-        let (page, _) = store.list(Some("02"), 3, &RecordFilter::default()).expect("list");
+        let (page, _) = store
+            .list(Some("02"), 3, &RecordFilter::default())
+            .expect("list");
         assert_eq!(page[0].record_id, "03");
         let filter = RecordFilter {
             view: Some(View::Pa),
@@ -321,7 +367,12 @@ mod tests {
             ..RecordFilter::default()
         };
         let (page, more) = store.list(None, 100, &filter).expect("list");
-        assert_eq!(page.iter().map(|r| r.record_id.as_str()).collect::<Vec<_>>(), ["02", "04", "06"]);
+        assert_eq!(
+            page.iter()
+                .map(|r| r.record_id.as_str())
+                .collect::<Vec<_>>(),
+            ["02", "04", "06"]
+        );
         assert!(!more);
     }
 
@@ -330,7 +381,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         {
             let db = sled::open(dir.path()).expect("sled");
-            db.open_tree(META).expect("meta").insert(SCHEMA_KEY, &(SCHEMA_VERSION + 1).to_be_bytes()).expect("insert");
+            db.open_tree(META)
+                .expect("meta")
+                .insert(SCHEMA_KEY, &(SCHEMA_VERSION + 1).to_be_bytes())
+                .expect("insert");
             db.flush().expect("flush");
         }
         let err = RecordStore::open(dir.path()).expect_err("must refuse");
@@ -343,7 +397,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         {
             let store = RecordStore::open(dir.path()).expect("open");
-            store.insert(record("01", "h1", View::Pa, ""), false).await.expect("insert");
+            store
+                .insert(record("01", "h1", View::Pa, ""), false)
+                .await
+                .expect("insert");
         }
         let store = RecordStore::open(dir.path()).expect("reopen");
         assert_eq!(store.count(), 1);

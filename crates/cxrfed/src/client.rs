@@ -52,7 +52,10 @@ pub struct RecordsArgs {
 
 pub fn run(future: impl Future<Output = anyhow::Result<ExitCode>>) -> anyhow::Result<ExitCode> {
     crate::logging::init_client();
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(future)
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(future)
 }
 
 async fn connect(url: &str) -> anyhow::Result<NodeServiceClient<Channel>> {
@@ -60,7 +63,9 @@ async fn connect(url: &str) -> anyhow::Result<NodeServiceClient<Channel>> {
         .with_context(|| format!("invalid node URL {url:?}"))?
         .connect()
         .await
-        .with_context(|| format!("cannot reach the node at {url}; is it running? (`cxrfed node status`)"))?;
+        .with_context(|| {
+            format!("cannot reach the node at {url}; is it running? (`cxrfed node status`)")
+        })?;
     Ok(NodeServiceClient::new(channel)
         .max_decoding_message_size(8 * 1024 * 1024)
         .max_encoding_message_size(8 * 1024 * 1024))
@@ -79,10 +84,17 @@ async fn extract_file(
 ) -> anyhow::Result<pb::ExtractResponse> {
     let mut file = tokio::fs::File::open(path).await.context("cannot open")?;
     let size = file.metadata().await.context("cannot stat")?.len();
-    let filename = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let filename = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let (tx, rx) = tokio::sync::mpsc::channel::<pb::ExtractRequest>(4);
     let reader = tokio::spawn(async move {
-        let mut header = Some(pb::ExtractHeader { filename, force, size_hint: size });
+        let mut header = Some(pb::ExtractHeader {
+            filename,
+            force,
+            size_hint: size,
+        });
         loop {
             let mut chunk = vec![0u8; CHUNK_BYTES];
             let n = file.read(&mut chunk).await?;
@@ -90,23 +102,31 @@ async fn extract_file(
             if n == 0 && header.is_none() {
                 break;
             }
-            let message = pb::ExtractRequest { header: header.take(), chunk };
+            let message = pb::ExtractRequest {
+                header: header.take(),
+                chunk,
+            };
             if tx.send(message).await.is_err() || n == 0 {
                 break;
             }
         }
         Ok::<(), std::io::Error>(())
     });
-    let response = client.extract(tokio_stream::wrappers::ReceiverStream::new(rx)).await;
-    reader.await.context("reader task failed")?.context("cannot read")?;
-    let response = response.map_err(|status| {
-        anyhow::anyhow!("{} ({:?})", status.message(), status.code())
-    })?;
+    let response = client
+        .extract(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await;
+    reader
+        .await
+        .context("reader task failed")?
+        .context("cannot read")?;
+    let response =
+        response.map_err(|status| anyhow::anyhow!("{} ({:?})", status.message(), status.code()))?;
     Ok(response.into_inner())
 }
 
 fn print_record(record: pb::Record) -> anyhow::Result<()> {
-    let record = cxrfed_schema::Record::try_from(record).context("the node sent an invalid record")?;
+    let record =
+        cxrfed_schema::Record::try_from(record).context("the node sent an invalid record")?;
     println!("{}", serde_json::to_string(&record)?);
     Ok(())
 }
@@ -125,7 +145,11 @@ pub async fn extract(args: ExtractArgs) -> anyhow::Result<ExitCode> {
                 eprintln!(
                     "{}: {} record {}",
                     path.display(),
-                    if response.created { "created" } else { "already stored as" },
+                    if response.created {
+                        "created"
+                    } else {
+                        "already stored as"
+                    },
                     record.record_id
                 );
                 print_record(record)?;
@@ -174,7 +198,9 @@ pub async fn records(args: RecordsArgs) -> anyhow::Result<ExitCode> {
                     print_record(record)?;
                     printed += 1;
                 }
-                Some(pb::list_records_response::Item::PageEnd(end)) => page_token = end.next_page_token,
+                Some(pb::list_records_response::Item::PageEnd(end)) => {
+                    page_token = end.next_page_token
+                }
                 None => {}
             }
         }

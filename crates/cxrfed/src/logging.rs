@@ -17,8 +17,20 @@ pub fn init_node(log_dir: &Path, level: &str) -> anyhow::Result<WorkerGuard> {
         .map_err(|e| anyhow::anyhow!("invalid log level {level:?}: {e}"))?;
     tracing_subscriber::registry()
         .with(filter)
-        .with(fmt::layer().json().with_current_span(true).with_span_list(false).with_writer(std::io::stdout))
-        .with(fmt::layer().json().with_current_span(true).with_span_list(false).with_writer(file))
+        .with(
+            fmt::layer()
+                .json()
+                .with_current_span(true)
+                .with_span_list(false)
+                .with_writer(std::io::stdout),
+        )
+        .with(
+            fmt::layer()
+                .json()
+                .with_current_span(true)
+                .with_span_list(false)
+                .with_writer(file),
+        )
         .try_init()
         .map_err(|e| anyhow::anyhow!("logging already initialised: {e}"))?;
     Ok(guard)
@@ -27,7 +39,9 @@ pub fn init_node(log_dir: &Path, level: &str) -> anyhow::Result<WorkerGuard> {
 /// Warnings and errors to stderr for client commands.
 pub fn init_client() {
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_env("CXRFED_LOG").unwrap_or_else(|_| EnvFilter::new("warn")))
+        .with_env_filter(
+            EnvFilter::try_from_env("CXRFED_LOG").unwrap_or_else(|_| EnvFilter::new("warn")),
+        )
         .with_writer(std::io::stderr)
         .try_init();
 }

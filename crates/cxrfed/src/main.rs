@@ -58,9 +58,15 @@ struct DataDirArg {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Node { command: NodeCommand::Serve(args) } => node_cmd::serve(args),
-        Command::Node { command: NodeCommand::Status(args) } => node_cmd::status(args.data_dir),
-        Command::Node { command: NodeCommand::Stop(args) } => node_cmd::stop(args),
+        Command::Node {
+            command: NodeCommand::Serve(args),
+        } => node_cmd::serve(args),
+        Command::Node {
+            command: NodeCommand::Status(args),
+        } => node_cmd::status(args.data_dir),
+        Command::Node {
+            command: NodeCommand::Stop(args),
+        } => node_cmd::stop(args),
         Command::Extract(args) => client::run(client::extract(args)),
         Command::Records(args) => client::run(client::records(args)),
     };

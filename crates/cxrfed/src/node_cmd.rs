@@ -99,7 +99,10 @@ fn alive(pid: u32) -> bool {
     let signalable = i32::try_from(pid).is_ok_and(|pid| kill(Pid::from_raw(pid), None).is_ok());
     let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
-        .and_then(|stat| stat.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('Z')))
+        .and_then(|stat| {
+            stat.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
         .unwrap_or(false);
     signalable && !zombie
 }
@@ -119,7 +122,9 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         return detach(&config);
     }
     let _guard = crate::logging::init_node(&config.log_dir(), &config.log_level)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(run_node(config))?;
     Ok(ExitCode::SUCCESS)
 }
@@ -153,8 +158,10 @@ async fn run_node(mut config: NodeConfig) -> anyhow::Result<()> {
     let signals = shutdown.clone();
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-        else {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
             tracing::error!("cannot install signal handlers");
             return;
         };
@@ -166,7 +173,9 @@ async fn run_node(mut config: NodeConfig) -> anyhow::Result<()> {
     });
     let result = cxrfed_node::serve(config, listener, shutdown).await;
     // Only remove our own PID file.
-    if read_pid_file(pid_path.parent().unwrap_or(Path::new("."))).is_some_and(|p| p.pid == std::process::id()) {
+    if read_pid_file(pid_path.parent().unwrap_or(Path::new(".")))
+        .is_some_and(|p| p.pid == std::process::id())
+    {
         let _ = std::fs::remove_file(&pid_path);
     }
     result.map_err(Into::into)
@@ -180,7 +189,10 @@ fn detach(config: &NodeConfig) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&logs)?;
     let out_path = logs.join("serve.out");
     let out = std::fs::File::create(&out_path)?;
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--detach").collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--detach")
+        .collect();
     let mut child = std::process::Command::new(std::env::current_exe()?)
         .args(&args)
         .env("CXRFED_DATA_DIR", &config.data_dir)
@@ -197,7 +209,8 @@ fn detach(config: &NodeConfig) -> anyhow::Result<ExitCode> {
             bail!("the node exited during start-up ({status}):\n{tail}");
         }
         if let Some(pid) = read_pid_file(&config.data_dir).filter(|p| p.pid == child.id()) {
-            if std::net::TcpStream::connect_timeout(&pid.listen, Duration::from_millis(200)).is_ok() {
+            if std::net::TcpStream::connect_timeout(&pid.listen, Duration::from_millis(200)).is_ok()
+            {
                 println!(
                     "node started: pid {}, listening on {}, data directory {}",
                     pid.pid,
@@ -209,12 +222,17 @@ fn detach(config: &NodeConfig) -> anyhow::Result<ExitCode> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    bail!("the node did not accept connections within 60 s; see {}", out_path.display())
+    bail!(
+        "the node did not accept connections within 60 s; see {}",
+        out_path.display()
+    )
 }
 
 /// The last `n` lines of a file, reading only its end.
 fn last_lines(path: &Path, n: usize) -> Vec<String> {
-    let Ok(mut file) = std::fs::File::open(path) else { return Vec::new() };
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return Vec::new();
+    };
     let len = file.metadata().map(|m| m.len()).unwrap_or(0);
     let _ = file.seek(SeekFrom::Start(len.saturating_sub(64 * 1024)));
     let lines: Vec<String> = BufReader::new(file).lines().map_while(Result::ok).collect();
@@ -230,7 +248,11 @@ pub fn status(data_dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(3));
     };
     if !alive(pid.pid) {
-        println!("node: not running (stale PID file for pid {} in {})", pid.pid, data_dir.display());
+        println!(
+            "node: not running (stale PID file for pid {} in {})",
+            pid.pid,
+            data_dir.display()
+        );
         print_logs(&logs);
         return Ok(ExitCode::from(3));
     }
@@ -239,12 +261,17 @@ pub fn status(data_dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     println!("  listen:         {}", pid.listen);
     println!("  data directory: {}", data_dir.display());
     let url = format!("http://{}", pid.listen);
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     match runtime.block_on(crate::client::node_status(&url)) {
         Ok(s) => {
             println!("  site:           {}", s.site);
             println!("  version:        {}", s.version);
-            println!("  uptime:         {}", humanize(Duration::from_secs(s.uptime_seconds)));
+            println!(
+                "  uptime:         {}",
+                humanize(Duration::from_secs(s.uptime_seconds))
+            );
             println!("  records:        {}", s.record_count);
             println!("  store size:     {} bytes", s.store_size_bytes);
             println!("  schema version: {}", s.schema_version);
@@ -280,7 +307,10 @@ pub fn stop(args: StopArgs) -> anyhow::Result<ExitCode> {
     let path = pid_path(&data_dir);
     if !alive(pid_file.pid) {
         std::fs::remove_file(&path).ok();
-        println!("node: not running (removed stale PID file for pid {})", pid_file.pid);
+        println!(
+            "node: not running (removed stale PID file for pid {})",
+            pid_file.pid
+        );
         return Ok(ExitCode::SUCCESS);
     }
     let pid = Pid::from_raw(i32::try_from(pid_file.pid)?);
@@ -294,7 +324,10 @@ pub fn stop(args: StopArgs) -> anyhow::Result<ExitCode> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    eprintln!("node did not stop within {} s; killing pid {}", args.timeout, pid_file.pid);
+    eprintln!(
+        "node did not stop within {} s; killing pid {}",
+        args.timeout, pid_file.pid
+    );
     kill(pid, Signal::SIGKILL).ok();
     std::thread::sleep(Duration::from_millis(200));
     std::fs::remove_file(&path).ok();
