@@ -111,6 +111,10 @@ fn axis_weights(src_len: usize, dst_len: usize) -> Vec<Footprint> {
 }
 
 /// Resizes `region` (display values through `lut`) to `out_rows x out_cols`.
+///
+/// Vertical first: each output row accumulates its footprint of source rows, mapped through the
+/// LUT, into one full-width buffer (a sequential multiply-add per source sample), and only that
+/// buffer is reduced horizontally — once per output row rather than once per source row.
 fn resize_region<T: Sample>(
     region: ArrayView2<'_, T>,
     lut: &DisplayLut,
@@ -120,28 +124,32 @@ fn resize_region<T: Sample>(
     let (rows, cols) = region.dim();
     let horizontal = axis_weights(cols, out_cols);
     let vertical = axis_weights(rows, out_rows);
-    // Horizontal pass: one LUT lookup per source sample.
-    let mut narrow = Array2::<f32>::zeros((rows, out_cols));
-    let mut display_row = vec![0f32; cols];
-    for (src_row, mut dst_row) in region.rows().into_iter().zip(narrow.rows_mut()) {
-        for (d, v) in display_row.iter_mut().zip(src_row.iter()) {
-            *d = lut.get(v.lut_index());
+    let mut out = Array2::<f32>::zeros((out_rows, out_cols));
+    let mut wide = vec![0f32; cols];
+    for (mut dst_row, footprint) in out.rows_mut().into_iter().zip(&vertical) {
+        wide.fill(0.0);
+        for (k, &w) in footprint.weights.iter().enumerate() {
+            let src_row = region.row(footprint.start + k);
+            match src_row.as_slice() {
+                Some(src) => {
+                    for (acc, v) in wide.iter_mut().zip(src) {
+                        *acc += w * lut.get(v.lut_index());
+                    }
+                }
+                None => {
+                    for (acc, v) in wide.iter_mut().zip(src_row.iter()) {
+                        *acc += w * lut.get(v.lut_index());
+                    }
+                }
+            }
         }
         for (out, footprint) in dst_row.iter_mut().zip(&horizontal) {
-            let window = &display_row[footprint.start..footprint.start + footprint.weights.len()];
+            let window = &wide[footprint.start..footprint.start + footprint.weights.len()];
             *out = window
                 .iter()
                 .zip(&footprint.weights)
                 .map(|(v, w)| v * w)
                 .sum();
-        }
-    }
-    // Vertical pass over the narrow buffer.
-    let mut out = Array2::<f32>::zeros((out_rows, out_cols));
-    for (mut dst_row, footprint) in out.rows_mut().into_iter().zip(&vertical) {
-        for (k, w) in footprint.weights.iter().enumerate() {
-            let src = narrow.row(footprint.start + k);
-            dst_row.zip_mut_with(&src, |d, s| *d += w * s);
         }
     }
     out
