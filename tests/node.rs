@@ -780,3 +780,64 @@ async fn a_busy_port_is_named_with_the_fix() {
     );
     assert!(err.contains("--listen"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_drains_an_in_flight_extraction_then_exits() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut node = NodeProcess::start(dir.path(), &[]);
+    let mut c = client(&node).await;
+    let bytes = TestDicom {
+        seed: 77,
+        rows: 512,
+        columns: 512,
+        ..TestDicom::default()
+    }
+    .to_bytes();
+    let mut messages = upload(&bytes, "drain.dcm", false).into_iter();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(messages.next().expect("first chunk"))
+        .await
+        .expect("send");
+    let mut uploader = c.clone();
+    let call = tokio::spawn(async move {
+        uploader
+            .extract(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .map(tonic::Response::into_inner)
+    });
+    // Wait until the node is processing the upload.
+    for _ in 0..200 {
+        if status(&mut c).await.in_flight >= 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(status(&mut c).await.in_flight, 1, "the upload is in flight");
+    let pid = nix::unistd::Pid::from_raw(node.child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        node.child.try_wait().expect("wait").is_none(),
+        "still draining"
+    );
+    for message in messages {
+        tx.send(message).await.expect("send rest");
+    }
+    drop(tx);
+    let response = call
+        .await
+        .expect("task")
+        .expect("the in-flight extraction completes");
+    assert!(response.created);
+    let exit = node
+        .wait_exit(Duration::from_secs(30))
+        .expect("exits after draining");
+    assert!(exit.success(), "{exit}");
+
+    let node = NodeProcess::start(dir.path(), &[]);
+    let mut c = client(&node).await;
+    let id = response.record.expect("record").record_id;
+    c.get_record(pb::GetRecordRequest { record_id: id })
+        .await
+        .expect("drained record was stored");
+}

@@ -84,6 +84,7 @@ impl Drop for InFlight<'_> {
 async fn observe<T>(
     state: &NodeState,
     method: &'static str,
+    peer: Option<std::net::SocketAddr>,
     metadata: &MetadataMap,
     handler: impl Future<Output = Result<T, NodeError>>,
 ) -> Result<Response<T>, Status> {
@@ -92,6 +93,8 @@ async fn observe<T>(
         "rpc",
         method,
         request_id = %request_id,
+        // The peer's address; its certificate identity joins it with mTLS.
+        peer = %peer.map(|p| p.to_string()).unwrap_or_default(),
         image_sha256 = field::Empty,
         record_id = field::Empty,
     );
@@ -262,11 +265,13 @@ impl NodeService for NodeApi {
         request: Request<Streaming<pb::ExtractRequest>>,
     ) -> Result<Response<pb::ExtractResponse>, Status> {
         let metadata = request.metadata().clone();
+        let peer = request.remote_addr();
         let rid = request_id(&metadata);
         let metadata = with_request_id(metadata, &rid);
         observe(
             &self.state,
             "Extract",
+            peer,
             &metadata,
             self.extract_inner(request.into_inner(), rid),
         )
@@ -278,8 +283,9 @@ impl NodeService for NodeApi {
         request: Request<pb::GetRecordRequest>,
     ) -> Result<Response<pb::Record>, Status> {
         let metadata = request.metadata().clone();
+        let peer = request.remote_addr();
         let id = request.into_inner().record_id;
-        observe(&self.state, "GetRecord", &metadata, async {
+        observe(&self.state, "GetRecord", peer, &metadata, async {
             uuid::Uuid::parse_str(&id).map_err(|_| {
                 NodeError::InvalidRequest(format!("record_id {id:?} is not a UUID"))
             })?;
@@ -303,8 +309,9 @@ impl NodeService for NodeApi {
         request: Request<pb::ListRecordsRequest>,
     ) -> Result<Response<Self::ListRecordsStream>, Status> {
         let metadata = request.metadata().clone();
+        let peer = request.remote_addr();
         let request = request.into_inner();
-        observe(&self.state, "ListRecords", &metadata, async {
+        observe(&self.state, "ListRecords", peer, &metadata, async {
             let api = self.clone();
             let items = tokio::task::spawn_blocking(move || api.list_inner(request))
                 .await
@@ -320,7 +327,8 @@ impl NodeService for NodeApi {
         request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
         let metadata = request.metadata().clone();
-        observe(&self.state, "Status", &metadata, async {
+        let peer = request.remote_addr();
+        observe(&self.state, "Status", peer, &metadata, async {
             let state = &self.state;
             Ok(pb::StatusResponse {
                 version: env!("CARGO_PKG_VERSION").to_string(),
