@@ -369,8 +369,12 @@ pub fn decode_contained(
     limits: &Limits,
     secret: &SiteSecret,
 ) -> Result<Decoded, ImagingError> {
-    catch_unwind(AssertUnwindSafe(|| decode(bytes, limits, secret)))
-        .unwrap_or(Err(ImagingError::DecoderPanic))
+    contain(|| decode(bytes, limits, secret))
+}
+
+/// Runs `work`, turning a panic inside it into [`ImagingError::DecoderPanic`].
+pub fn contain<T>(work: impl FnOnce() -> Result<T, ImagingError>) -> Result<T, ImagingError> {
+    catch_unwind(AssertUnwindSafe(work)).unwrap_or(Err(ImagingError::DecoderPanic))
 }
 
 /// Decodes `bytes` (DICOM Part 10, JPEG or PNG); the format is sniffed from the content.
@@ -933,6 +937,30 @@ mod tests {
             patient: Patient::default(),
             acquisition: Acquisition::default(),
             notes: vec![],
+        }
+    }
+
+    #[test]
+    fn a_panic_becomes_an_error() {
+        let result: Result<(), _> = contain(|| panic!("a decoder bug"));
+        assert!(matches!(result, Err(ImagingError::DecoderPanic)));
+        assert_eq!(contain(|| Ok(7)).expect("no panic"), 7);
+    }
+
+    proptest::proptest! {
+        /// Every VOI function maps rescaled values monotonically into [0, 1].
+        #[test]
+        fn windows_are_monotonic(center in -2000.0f64..6000.0, width in 1.0f64..8000.0, f in 0usize..3) {
+            let function = [VoiLutFunction::Linear, VoiLutFunction::LinearExact, VoiLutFunction::Sigmoid][f];
+            let a = Array2::from_shape_vec((1, 1), vec![0u16]).expect("shape");
+            let lut = decoded(Samples::U16(a), Voi::Window { center, width, function }, false, 16).display_lut();
+            let mut previous = 0.0f32;
+            for v in (0..65536usize).step_by(97) {
+                let y = lut.get(v);
+                proptest::prop_assert!((0.0..=1.0).contains(&y));
+                proptest::prop_assert!(y + 1e-6 >= previous, "not monotonic at {v}");
+                previous = y;
+            }
         }
     }
 

@@ -26,7 +26,8 @@ pub mod sniff;
 pub mod syntax;
 
 pub use decode::{
-    Decoded, DisplayLut, Limits, Modality, Samples, Voi, VoiTable, decode, decode_contained,
+    Decoded, DisplayLut, Limits, Modality, Samples, Voi, VoiTable, contain, decode,
+    decode_contained,
 };
 pub use deidentify::{Deidentified, SiteSecret};
 pub use error::ImagingError;

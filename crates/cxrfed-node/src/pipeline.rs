@@ -72,8 +72,8 @@ impl Pipeline {
             let hash = decoded.pixel_sha256();
             // The model input; the inference worker of cxrfed-model consumes it. Building it
             // here keeps the measured processing time honest about the full path.
-            let input = std::panic::catch_unwind(|| cxrfed_imaging::preprocess(&decoded, &options))
-                .map_err(|_| ImagingError::DecoderPanic)?;
+            let input =
+                cxrfed_imaging::contain(|| Ok(cxrfed_imaging::preprocess(&decoded, &options)))?;
             debug_assert_eq!(input.dim(), (options.size as usize, options.size as usize));
             Ok::<(Decoded, String), ImagingError>((decoded, hash))
         });
