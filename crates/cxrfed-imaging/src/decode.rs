@@ -199,11 +199,13 @@ impl Sample for i16 {
 impl Decoded {
     /// The modality LUT output, as pydicom's `apply_rescale` (apply_modality_lut) gives it.
     pub fn modality_values(&self) -> Array2<f64> {
-        let m = &self.modality;
+        fn apply<T: Sample>(samples: &Array2<T>, modality: &Modality) -> Array2<f64> {
+            samples.mapv(|v| modality.apply(v.value()))
+        }
         match &self.samples {
-            Samples::U8(a) => a.mapv(|v| m.apply(f64::from(v))),
-            Samples::U16(a) => a.mapv(|v| m.apply(f64::from(v))),
-            Samples::I16(a) => a.mapv(|v| m.apply(f64::from(v))),
+            Samples::U8(a) => apply(a, &self.modality),
+            Samples::U16(a) => apply(a, &self.modality),
+            Samples::I16(a) => apply(a, &self.modality),
         }
     }
 
