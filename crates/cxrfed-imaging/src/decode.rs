@@ -942,6 +942,86 @@ mod tests {
         }
     }
 
+    fn encode(image: image::DynamicImage, format: image::ImageFormat) -> Vec<u8> {
+        let mut out = Vec::new();
+        image
+            .write_to(&mut Cursor::new(&mut out), format)
+            .expect("encode");
+        out
+    }
+
+    #[test]
+    fn png_16_bit_gray_keeps_its_depth() {
+        let img = image::ImageBuffer::<image::Luma<u16>, _>::from_fn(40, 30, |x, y| {
+            image::Luma([(x * 1000 + y) as u16])
+        });
+        let bytes = encode(
+            image::DynamicImage::ImageLuma16(img),
+            image::ImageFormat::Png,
+        );
+        let d = decode(&bytes, &Limits::default(), &SiteSecret::from_bytes([0; 32])).expect("png");
+        assert_eq!(d.source.format, Some(ImageFormat::Png));
+        assert_eq!(
+            (d.source.rows, d.source.columns, d.source.bits_stored),
+            (30, 40, 16)
+        );
+        let Samples::U16(a) = &d.samples else {
+            panic!("16-bit samples expected")
+        };
+        assert_eq!(a[(2, 3)], 3002);
+        assert!(d.notes.is_empty());
+    }
+
+    #[test]
+    fn rgb_jpeg_becomes_gray_with_a_note() {
+        let img = image::RgbImage::from_fn(32, 16, |x, _| image::Rgb([200, (x * 8) as u8, 10]));
+        let bytes = encode(
+            image::DynamicImage::ImageRgb8(img),
+            image::ImageFormat::Jpeg,
+        );
+        let d = decode(&bytes, &Limits::default(), &SiteSecret::from_bytes([0; 32])).expect("jpeg");
+        assert_eq!(d.source.format, Some(ImageFormat::Jpeg));
+        assert!(matches!(d.samples, Samples::U8(_)));
+        assert!(
+            d.notes.iter().any(|n| n.contains("grayscale")),
+            "{:?}",
+            d.notes
+        );
+    }
+
+    #[test]
+    fn raster_dimensions_are_checked_on_the_header() {
+        let img = image::GrayImage::from_pixel(120, 80, image::Luma([9]));
+        let bytes = encode(
+            image::DynamicImage::ImageLuma8(img),
+            image::ImageFormat::Png,
+        );
+        let limits = Limits {
+            max_rows: 64,
+            max_columns: 64,
+            ..Limits::default()
+        };
+        let err = decode(&bytes, &limits, &SiteSecret::from_bytes([0; 32])).expect_err("too large");
+        assert!(
+            matches!(
+                err,
+                ImagingError::DimensionsTooLarge {
+                    rows: 80,
+                    columns: 120,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let err = decode(
+            &bytes[..bytes.len() / 2],
+            &Limits::default(),
+            &SiteSecret::from_bytes([0; 32]),
+        )
+        .expect_err("truncated");
+        assert!(matches!(err, ImagingError::Corrupt(_)), "{err}");
+    }
+
     #[test]
     fn a_panic_becomes_an_error() {
         let result: Result<(), _> = contain(|| panic!("a decoder bug"));

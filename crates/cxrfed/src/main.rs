@@ -13,6 +13,11 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+/// mimalloc keeps freed pages for reuse: every image allocates several full-resolution
+/// buffers, which glibc would map and page-fault afresh each time.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "cxrfed",

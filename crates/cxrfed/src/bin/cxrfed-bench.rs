@@ -13,6 +13,11 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use cxrfed_imaging::{Limits, PreprocessOptions, SiteSecret};
 
+/// mimalloc keeps freed pages for reuse: every image allocates several full-resolution
+/// buffers, which glibc would map and page-fault afresh each time.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(about = "Imaging benchmark driver (use bench/imaging.py to compare with Python peers)")]
 struct Cli {
