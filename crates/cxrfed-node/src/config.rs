@@ -64,6 +64,21 @@ pub fn default_data_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(".cxrfed/node"))
 }
 
+/// Every key of [`NodeConfig`], as accepted in TOML and as `CXRFED_<KEY>` variables.
+pub const KEYS: &[&str] = &[
+    "data_dir",
+    "listen",
+    "site",
+    "max_file_bytes",
+    "max_rows",
+    "max_columns",
+    "input_size",
+    "aspect",
+    "decode_workers",
+    "grace_period_secs",
+    "log_level",
+];
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("configuration: {0}")]
@@ -85,7 +100,9 @@ impl NodeConfig {
             figment = figment.merge(Toml::file(file));
         }
         let config: NodeConfig = figment
-            .merge(Env::prefixed("CXRFED_").ignore(&["config"]))
+            // Only the configuration keys: other CXRFED_* variables (CXRFED_NODE, CXRFED_LOG,
+            // ...) belong to the client commands and must not break `node serve`.
+            .merge(Env::prefixed("CXRFED_").only(KEYS))
             .merge(Serialized::defaults(flags))
             .extract()
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
@@ -167,6 +184,9 @@ mod tests {
         .expect("write");
         figment::Jail::expect_with(|jail| {
             jail.set_env("CXRFED_INPUT_SIZE", "320");
+            // Client-side variables share the prefix and are not node settings.
+            jail.set_env("CXRFED_NODE", "http://127.0.0.1:1");
+            jail.set_env("CXRFED_LOG", "debug");
             let mut flags = BTreeMap::new();
             flags.insert("max_rows", 200);
             let config = NodeConfig::load(Some(&file), &flags).expect("load");
@@ -175,6 +195,21 @@ mod tests {
             assert_eq!(config.max_rows, 200);
             Ok(())
         });
+    }
+
+    #[test]
+    fn keys_name_every_field() {
+        let value = serde_json::to_value(NodeConfig::default()).expect("serialize");
+        let mut fields: Vec<&str> = value
+            .as_object()
+            .expect("object")
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let mut keys = KEYS.to_vec();
+        fields.sort_unstable();
+        keys.sort_unstable();
+        assert_eq!(fields, keys);
     }
 
     #[test]
