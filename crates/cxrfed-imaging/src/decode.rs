@@ -485,6 +485,17 @@ fn decode_dicom(
         )));
     }
 
+    let header = PixelHeader {
+        ts_uid,
+        ts_name,
+        rows,
+        columns,
+        bits_allocated,
+        bits_stored,
+        frames,
+        signed,
+        photometric,
+    };
     let mut notes = Vec::new();
     if frames > 1 {
         notes.push(format!("multi-frame: first of {frames} frames used"));
@@ -529,20 +540,7 @@ fn decode_dicom(
                     }
                     Samples::U16(Array2::from_shape_vec(shape, values).expect("length checked"))
                 };
-                return finish_dicom(
-                    &obj,
-                    secret,
-                    samples,
-                    &ts_uid,
-                    ts_name,
-                    rows,
-                    columns,
-                    bits_stored,
-                    frames,
-                    signed,
-                    photometric,
-                    notes,
-                );
+                return Ok(finish_dicom(&obj, secret, &header, samples, notes, false));
             }
             obj.put(element);
         }
@@ -606,85 +604,78 @@ fn decode_dicom(
         color_to_gray(data, shape, bits_allocated, planar, luma_only)
     };
 
-    if spp == 1 {
-        finish_dicom(
-            &obj,
-            secret,
-            samples,
-            &ts_uid,
-            ts_name,
-            rows,
-            columns,
-            bits_stored,
-            frames,
-            signed,
-            photometric,
-            notes,
-        )
-    } else {
-        let mut decoded = finish_dicom(
-            &obj,
-            secret,
-            samples,
-            &ts_uid,
-            ts_name,
-            rows,
-            columns,
-            bits_allocated,
-            frames,
-            signed,
-            photometric,
-            notes,
-        )?;
-        decoded.modality = Modality::Rescale {
-            slope: 1.0,
-            intercept: 0.0,
-        };
-        decoded.voi = Voi::FullRange;
-        decoded.invert = false;
-        Ok(decoded)
-    }
+    Ok(finish_dicom(
+        &obj,
+        secret,
+        &header,
+        samples,
+        notes,
+        spp != 1,
+    ))
 }
 
-/// Builds the [`Decoded`] image from grayscale samples and the header.
-#[allow(clippy::too_many_arguments)]
-fn finish_dicom(
-    obj: &DefaultDicomObject,
-    secret: &SiteSecret,
-    samples: Samples,
-    ts_uid: &str,
-    ts_name: &str,
+/// What the header says about the pixels, read and checked before any pixel decoding.
+#[derive(Debug)]
+struct PixelHeader {
+    ts_uid: String,
+    ts_name: &'static str,
     rows: u32,
     columns: u32,
+    bits_allocated: u32,
     bits_stored: u32,
     frames: u32,
     signed: bool,
     photometric: String,
+}
+
+/// Builds the [`Decoded`] image from grayscale samples and the header. Colour images were
+/// reduced to luma already: they get no modality LUT, no VOI window and no inversion.
+fn finish_dicom(
+    obj: &DefaultDicomObject,
+    secret: &SiteSecret,
+    header: &PixelHeader,
+    samples: Samples,
     mut notes: Vec<String>,
-) -> Result<Decoded, ImagingError> {
-    let modality = modality_lut(obj, signed);
-    let voi = dicom_voi(obj, signed);
-    let invert = photometric == "MONOCHROME1";
+    colour: bool,
+) -> Decoded {
+    let (modality, voi, invert, bits) = if colour {
+        (
+            Modality::Rescale {
+                slope: 1.0,
+                intercept: 0.0,
+            },
+            Voi::FullRange,
+            false,
+            header.bits_allocated,
+        )
+    } else {
+        (
+            modality_lut(obj, header.signed),
+            dicom_voi(obj, header.signed),
+            header.photometric == "MONOCHROME1",
+            header.bits_stored,
+        )
+    };
     let deid = deidentify::from_dicom(obj, secret);
     let source = Source {
         format: Some(ImageFormat::Dicom),
-        transfer_syntax_uid: ts_uid.to_string(),
-        transfer_syntax_name: ts_name.to_string(),
+        transfer_syntax_uid: header.ts_uid.clone(),
+        transfer_syntax_name: header.ts_name.to_string(),
         modality: deid.modality,
         manufacturer: deid.manufacturer,
-        rows,
-        columns,
-        bits_stored,
-        photometric_interpretation: photometric,
-        number_of_frames: frames,
+        rows: header.rows,
+        columns: header.columns,
+        bits_stored: header.bits_stored,
+        photometric_interpretation: header.photometric.clone(),
+        number_of_frames: header.frames,
         body_part: deid.body_part,
     };
-    if syntax::is_lossy(ts_uid) {
+    if syntax::is_lossy(&header.ts_uid) {
         notes.push("lossy-compressed source".to_string());
     }
-    Ok(Decoded {
+    Decoded {
         samples,
-        bits_stored: bits_stored as u16,
+        bits_stored: bits as u16,
         modality,
         voi,
         invert,
@@ -692,7 +683,7 @@ fn finish_dicom(
         patient: deid.patient,
         acquisition: deid.acquisition,
         notes,
-    })
+    }
 }
 
 /// Rescale Slope/Intercept, or the first Modality LUT Sequence item when present.
