@@ -81,13 +81,16 @@ impl Drop for InFlight<'_> {
 
 /// Runs one RPC inside its span and writes the one log line per request: method, request id,
 /// image hash and record id when known, processing time and outcome.
-async fn observe<T>(
+async fn observe<T, F>(
     state: &NodeState,
     method: &'static str,
     peer: Option<std::net::SocketAddr>,
     metadata: &MetadataMap,
-    handler: impl Future<Output = Result<T, NodeError>>,
-) -> Result<Response<T>, Status> {
+    handler: impl FnOnce(String) -> F,
+) -> Result<Response<T>, Status>
+where
+    F: Future<Output = Result<T, NodeError>>,
+{
     let request_id = request_id(metadata);
     let span = tracing::info_span!(
         "rpc",
@@ -100,7 +103,7 @@ async fn observe<T>(
     );
     let _guard = InFlight::enter(&state.in_flight);
     let started = Instant::now();
-    let result = handler.instrument(span.clone()).await;
+    let result = handler(request_id.clone()).instrument(span.clone()).await;
     let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
     span.in_scope(|| match &result {
         Ok(_) => tracing::info!(outcome = "ok", elapsed_ms, "request finished"),
@@ -266,15 +269,10 @@ impl NodeService for NodeApi {
     ) -> Result<Response<pb::ExtractResponse>, Status> {
         let metadata = request.metadata().clone();
         let peer = request.remote_addr();
-        let rid = request_id(&metadata);
-        let metadata = with_request_id(metadata, &rid);
-        observe(
-            &self.state,
-            "Extract",
-            peer,
-            &metadata,
-            self.extract_inner(request.into_inner(), rid),
-        )
+        let stream = request.into_inner();
+        observe(&self.state, "Extract", peer, &metadata, |rid| {
+            self.extract_inner(stream, rid)
+        })
         .await
     }
 
@@ -285,7 +283,7 @@ impl NodeService for NodeApi {
         let metadata = request.metadata().clone();
         let peer = request.remote_addr();
         let id = request.into_inner().record_id;
-        observe(&self.state, "GetRecord", peer, &metadata, async {
+        observe(&self.state, "GetRecord", peer, &metadata, |_| async {
             uuid::Uuid::parse_str(&id).map_err(|_| {
                 NodeError::InvalidRequest(format!("record_id {id:?} is not a UUID"))
             })?;
@@ -311,7 +309,7 @@ impl NodeService for NodeApi {
         let metadata = request.metadata().clone();
         let peer = request.remote_addr();
         let request = request.into_inner();
-        observe(&self.state, "ListRecords", peer, &metadata, async {
+        observe(&self.state, "ListRecords", peer, &metadata, |_| async {
             let api = self.clone();
             let items = tokio::task::spawn_blocking(move || api.list_inner(request))
                 .await
@@ -328,7 +326,7 @@ impl NodeService for NodeApi {
     ) -> Result<Response<pb::StatusResponse>, Status> {
         let metadata = request.metadata().clone();
         let peer = request.remote_addr();
-        observe(&self.state, "Status", peer, &metadata, async {
+        observe(&self.state, "Status", peer, &metadata, |_| async {
             let state = &self.state;
             Ok(pb::StatusResponse {
                 version: env!("CARGO_PKG_VERSION").to_string(),
@@ -370,13 +368,6 @@ fn extension_note(filename: &str, format: Option<cxrfed_schema::ImageFormat>) ->
             actual.as_str().to_uppercase()
         )
     })
-}
-
-fn with_request_id(mut metadata: MetadataMap, request_id: &str) -> MetadataMap {
-    if let Ok(value) = request_id.parse() {
-        metadata.insert("x-request-id", value);
-    }
-    metadata
 }
 
 fn prost_timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
