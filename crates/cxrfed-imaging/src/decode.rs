@@ -467,13 +467,7 @@ fn decode_dicom(
     }
     let signed = header_u32_or(&obj, tags::PIXEL_REPRESENTATION, 0) == 1;
     let photometric = attr::text(&obj, tags::PHOTOMETRIC_INTERPRETATION);
-    let native = matches!(
-        ts_uid.as_str(),
-        "1.2.840.10008.1.2"
-            | "1.2.840.10008.1.2.1"
-            | "1.2.840.10008.1.2.1.99"
-            | "1.2.840.10008.1.2.2"
-    );
+    let native = syntax::is_native(&ts_uid);
     if native && photometric == "YBR_FULL_422" {
         return Err(ImagingError::Unsupported(
             "uncompressed chroma-subsampled colour (YBR_FULL_422) pixel data".into(),

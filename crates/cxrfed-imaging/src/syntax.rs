@@ -80,6 +80,17 @@ pub fn name_of(uid: &str) -> String {
         .unwrap_or_else(|| "unknown transfer syntax".to_string())
 }
 
+/// Whether the syntax stores pixels uncompressed (native encoding, possibly deflated as a whole).
+pub fn is_native(uid: &str) -> bool {
+    matches!(
+        uid,
+        "1.2.840.10008.1.2"
+            | "1.2.840.10008.1.2.1"
+            | "1.2.840.10008.1.2.1.99"
+            | "1.2.840.10008.1.2.2"
+    )
+}
+
 /// Whether the syntax stores lossy-compressed pixels.
 pub fn is_lossy(uid: &str) -> bool {
     matches!(
