@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The demo: start a node on the embedded defaults, extract the real PA chest radiograph RG1 from
-# pydicom-data in each transfer syntax it ships in, print the records, stop the node.
+# The demo: start a node on the embedded defaults (bundled phantom-trained model), extract the
+# real PA chest radiograph RG1 from pydicom-data in each transfer syntax it ships in and a handful
+# of synthetic phantoms, print the full records next to the phantoms' ground truth, stop the node.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=target/debug/cxrfed
@@ -18,7 +19,18 @@ echo "   lossless copies of the same pixels dedupe to one record by pixel hash"
 "$BIN" extract "$RG1_DIR"/RG1_UNCR.dcm "$RG1_DIR"/RG1_J2KR.dcm "$RG1_DIR"/RG1_UNCI.dcm "$RG1_DIR"/RG1_J2KI.dcm
 
 echo
-echo "== stored records =="
+PHANTOMS=$(mktemp -d)
+trap 'rm -rf "$PHANTOMS"' EXIT
+echo "== generating 4 phantoms (one per site profile) and extracting them =="
+"$BIN" phantom --out "$PHANTOMS" --count 4 --seed 2026 --max-size 1024
+"$BIN" extract "$PHANTOMS"/*.dcm
+
+echo
+echo "== ground truth of those phantoms (labels.csv) =="
+cut -d, -f1,3,4,8- "$PHANTOMS/labels.csv" | column -s, -t 2>/dev/null || cat "$PHANTOMS/labels.csv"
+
+echo
+echo "== stored records (one line each) =="
 "$BIN" records
 
 echo

@@ -141,11 +141,34 @@ async fn serve_extract_status_stop_through_the_binary() {
         record["source"]["photometric_interpretation"],
         "MONOCHROME1"
     );
-    assert_eq!(record["model_id"], "none");
-    assert!(
-        record["findings"].is_null(),
-        "no made-up findings before the model exists"
-    );
+    // The bundled model fills every finding.
+    assert_eq!(record["model_id"], "cxrfed-tiny-phantom-v1");
+    assert_eq!(record["model_sha256"].as_str().expect("sha").len(), 64);
+    let findings = &record["findings"];
+    for path in [
+        "/image_quality/value",
+        "/analysis_confidence/value",
+        "/thorax/rib_fracture/value",
+        "/thorax/clavicle_symmetry/value",
+        "/thorax/spine_alignment/value",
+        "/lungs/opacity_distribution/zones",
+        "/lungs/opacity_severity/value",
+        "/lungs/vascular_pattern/value",
+        "/lungs/interstitial_markings/value",
+        "/lungs/hyperlucency/value",
+        "/mediastinum/cardiac_contour/value",
+        "/mediastinum/cardiothoracic_ratio/value",
+        "/mediastinum/aortic_knob/value",
+        "/mediastinum/hilar_size/value",
+        "/diaphragm/position/value",
+        "/diaphragm/contour/value",
+        "/diaphragm/costophrenic_angle/value",
+    ] {
+        assert!(
+            findings.pointer(path).is_some(),
+            "{path} missing in {findings}"
+        );
+    }
     assert_eq!(record["image_sha256"].as_str().expect("hash").len(), 64);
 
     let out = cxrfed(&["records", "--node", &node.url()]);
@@ -840,4 +863,267 @@ async fn sigterm_drains_an_in_flight_extraction_then_exits() {
     c.get_record(pb::GetRecordRequest { record_id: id })
         .await
         .expect("drained record was stored");
+}
+
+/// Phantoms written by `cxrfed phantom`, extracted through the CLI: every record carries the
+/// bundled model's findings, the node's image hash equals the labels file's, and no identifier
+/// written into the headers comes back.
+#[tokio::test(flavor = "multi_thread")]
+async fn phantoms_extract_to_full_records_matching_their_labels() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let phantoms = dir.path().join("phantoms");
+    let out = cxrfed(&[
+        "phantom",
+        "--out",
+        phantoms.to_str().expect("path"),
+        "--count",
+        "8",
+        "--seed",
+        "77",
+        "--max-size",
+        "512",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let labels: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(phantoms.join("labels.json")).expect("labels"))
+            .expect("json");
+    let rows = labels["images"].as_array().expect("rows");
+    assert_eq!(rows.len(), 8);
+
+    // The CLI evaluates the bundled model on them (JSON: one entry per head with metrics).
+    let out = cxrfed(&[
+        "model",
+        "eval",
+        "--data",
+        phantoms.to_str().expect("path"),
+        "--format",
+        "json",
+        "--device",
+        "cpu",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let metrics: serde_json::Value = serde_json::from_slice(&out.stdout).expect("metrics JSON");
+    assert_eq!(metrics["n"], 8);
+    assert_eq!(metrics["heads"].as_array().expect("heads").len(), 16);
+    let out = cxrfed(&["model", "info"]);
+    let card = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && card.contains("synthetic phantoms only"),
+        "{card}"
+    );
+
+    let node = NodeProcess::start(&dir.path().join("node"), &[]);
+    let mut args = vec!["extract".to_string(), "--node".into(), node.url()];
+    args.extend(rows.iter().map(|r| {
+        phantoms
+            .join(r["file"].as_str().expect("file"))
+            .display()
+            .to_string()
+    }));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = cxrfed(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).expect("utf-8");
+    let records: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("record"))
+        .collect();
+    assert_eq!(records.len(), 8);
+    for record in &records {
+        assert_eq!(record["model_id"], "cxrfed-tiny-phantom-v1");
+        let row = rows
+            .iter()
+            .find(|r| r["image_sha256"] == record["image_sha256"])
+            .expect("the node's pixel hash matches the labels file");
+        let ratio = record["findings"]["mediastinum"]["cardiothoracic_ratio"]["value"]
+            .as_f64()
+            .expect("ratio");
+        assert!((0.3..=0.8).contains(&ratio), "{ratio}");
+        assert_eq!(record["acquisition"]["view"], row["view"]);
+        assert!(
+            record["patient"]["pseudonym"]
+                .as_str()
+                .expect("pseudonym")
+                .len()
+                == 64
+        );
+        let text = record.to_string();
+        for needle in [
+            "PHANTOM^",
+            "PHUNIVERSITY",
+            "PHCOMMUNITY",
+            "PHICU",
+            "PHSCREENING",
+            "ACC0",
+        ] {
+            assert!(!text.contains(needle), "{needle} leaked: {text}");
+        }
+    }
+}
+
+/// Concurrent extractions are batched by the inference worker (visible in Status), and a
+/// flood beyond the inference queue gets RESOURCE_EXHAUSTED with a retry hint; the node
+/// recovers afterwards.
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_extractions_are_batched_and_a_flood_is_refused_then_recovered() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = NodeProcess::start(
+        dir.path(),
+        &[
+            "--max-batch",
+            "8",
+            "--max-wait-ms",
+            "200",
+            "--inference-queue",
+            "64",
+            "--decode-workers",
+            "4",
+        ],
+    );
+    let c = client(&node).await;
+    let images: Vec<Vec<u8>> = (0..16)
+        .map(|seed| {
+            TestDicom {
+                rows: 128,
+                columns: 128,
+                seed: 100 + seed,
+                ..TestDicom::default()
+            }
+            .to_bytes()
+        })
+        .collect();
+    let tasks: Vec<_> = images
+        .iter()
+        .cloned()
+        .map(|bytes| {
+            let mut c = c.clone();
+            tokio::spawn(async move { extract(&mut c, &bytes, "x.dcm", false).await })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("join").expect("extract");
+    }
+    let model = status(&mut c.clone()).await.model.expect("model status");
+    assert_eq!(model.images, 16);
+    assert!(model.max_batch_seen > 1 && model.batches < 16, "{model:?}");
+    drop(node);
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = NodeProcess::start(
+        dir.path(),
+        &[
+            "--max-batch",
+            "1",
+            "--max-wait-ms",
+            "0",
+            "--inference-queue",
+            "1",
+            "--decode-workers",
+            "8",
+        ],
+    );
+    let c = client(&node).await;
+    let tasks: Vec<_> = (0..48)
+        .map(|seed| {
+            let bytes = TestDicom {
+                rows: 64,
+                columns: 64,
+                seed: 1000 + seed,
+                ..TestDicom::default()
+            }
+            .to_bytes();
+            let mut c = c.clone();
+            tokio::spawn(async move { extract(&mut c, &bytes, "x.dcm", false).await })
+        })
+        .collect();
+    let (mut ok, mut refused) = (0, 0);
+    for t in tasks {
+        match tokio::time::timeout(Duration::from_secs(120), t)
+            .await
+            .expect("no hang")
+            .expect("join")
+        {
+            Ok(_) => ok += 1,
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                assert_eq!(
+                    status.metadata().get("x-cxrfed-error").expect("kind"),
+                    "queue_full"
+                );
+                let hint: u64 = status
+                    .metadata()
+                    .get("retry-after-ms")
+                    .expect("retry hint")
+                    .to_str()
+                    .expect("ascii")
+                    .parse()
+                    .expect("number");
+                assert!(hint >= 50);
+                refused += 1;
+            }
+        }
+    }
+    assert!(ok >= 1 && refused >= 1, "ok {ok} refused {refused}");
+    let mut c2 = c.clone();
+    let st = status(&mut c2).await;
+    assert_eq!(st.record_count, ok as u64, "refused requests store nothing");
+    assert_eq!(st.model.expect("model").rejected, refused as u64);
+    // Recovered.
+    let bytes = TestDicom {
+        seed: 5000,
+        ..TestDicom::default()
+    }
+    .to_bytes();
+    extract(&mut c2, &bytes, "after.dcm", false)
+        .await
+        .expect("recovered");
+}
+
+/// Without a model records carry no findings; `force` re-extracts with the current model.
+#[tokio::test(flavor = "multi_thread")]
+async fn force_re_extracts_with_the_current_model() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bytes = TestDicom::default().to_bytes();
+    let mut node = NodeProcess::start(dir.path(), &["--model", "none"]);
+    let mut c = client(&node).await;
+    let first = extract(&mut c, &bytes, "a.dcm", false)
+        .await
+        .expect("extract")
+        .record
+        .expect("record");
+    assert_eq!(first.model_id, "none");
+    assert!(first.findings.is_none() && first.model_sha256.is_empty());
+    assert!(status(&mut c).await.model.is_none());
+    let out = cxrfed(&["node", "stop", "--data-dir", node.data_dir_str()]);
+    assert!(out.status.success());
+    node.wait_exit(Duration::from_secs(30)).expect("stopped");
+
+    let node = NodeProcess::start(dir.path(), &[]);
+    let mut c = client(&node).await;
+    let again = extract(&mut c, &bytes, "a.dcm", false)
+        .await
+        .expect("extract");
+    assert!(!again.created);
+    assert_eq!(
+        again.record.expect("record").model_id,
+        "none",
+        "without force the stored record is kept"
+    );
+    let forced = extract(&mut c, &bytes, "a.dcm", true).await.expect("force");
+    let record = forced.record.expect("record");
+    assert_eq!(record.model_id, "cxrfed-tiny-phantom-v1");
+    assert!(record.findings.is_some());
+    assert_eq!(status(&mut c).await.record_count, 1);
 }

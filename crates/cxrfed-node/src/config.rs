@@ -33,6 +33,17 @@ pub struct NodeConfig {
     pub grace_period_secs: u64,
     /// tracing filter, e.g. "info" or "cxrfed_node=debug".
     pub log_level: String,
+    /// Model directory (card.json + weights); "bundled" for the model built into the binary,
+    /// "none" to store records without findings.
+    pub model: String,
+    /// Inference device: auto, cpu, cuda or cuda:N.
+    pub device: String,
+    /// Largest inference batch.
+    pub max_batch: usize,
+    /// Longest wait for a batch to fill, in milliseconds.
+    pub max_wait_ms: u64,
+    /// Requests that may wait for inference; beyond that, RESOURCE_EXHAUSTED.
+    pub inference_queue: usize,
 }
 
 impl Default for NodeConfig {
@@ -52,6 +63,11 @@ impl Default for NodeConfig {
             grace_period_secs: 20,
             // The JPEG 2000 codec logs every header at INFO.
             log_level: "info,jpeg2k=warn".to_string(),
+            model: "bundled".to_string(),
+            device: "auto".to_string(),
+            max_batch: 16,
+            max_wait_ms: 5,
+            inference_queue: 64,
         }
     }
 }
@@ -77,6 +93,11 @@ pub const KEYS: &[&str] = &[
     "decode_workers",
     "grace_period_secs",
     "log_level",
+    "model",
+    "device",
+    "max_batch",
+    "max_wait_ms",
+    "inference_queue",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -132,6 +153,18 @@ impl NodeConfig {
         }
         if self.decode_workers == 0 {
             return bad("decode_workers must be at least 1".into());
+        }
+        if !(1..=1024).contains(&self.max_batch) {
+            return bad(format!("max_batch {} is outside 1..=1024", self.max_batch));
+        }
+        if self.inference_queue == 0 {
+            return bad("inference_queue must be at least 1".into());
+        }
+        if self.max_wait_ms > 10_000 {
+            return bad(format!("max_wait_ms {} is above 10000", self.max_wait_ms));
+        }
+        if self.model.trim().is_empty() {
+            return bad("model must be a directory, \"bundled\" or \"none\"".into());
         }
         if self.site.trim().is_empty() {
             return bad("site must not be empty".into());

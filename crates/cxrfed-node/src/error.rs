@@ -1,6 +1,7 @@
 //! The node's error type and its one mapping to gRPC status codes.
 
 use cxrfed_imaging::ImagingError;
+use cxrfed_model::ModelError;
 use cxrfed_store::StoreError;
 use tonic::{Code, Status};
 
@@ -20,6 +21,8 @@ pub enum NodeError {
     ShuttingDown,
     #[error("upload stream failed: {}", .0.message())]
     Stream(Status),
+    #[error(transparent)]
+    Model(#[from] ModelError),
 }
 
 impl NodeError {
@@ -49,6 +52,10 @@ impl NodeError {
             NodeError::NotFound(_) => Code::NotFound,
             NodeError::ShuttingDown => Code::Unavailable,
             NodeError::Stream(status) => status.code(),
+            NodeError::Model(e) => match e {
+                ModelError::QueueFull { .. } => Code::ResourceExhausted,
+                _ => Code::Internal,
+            },
         }
     }
 
@@ -62,6 +69,8 @@ impl NodeError {
             NodeError::NotFound(_) => "not_found",
             NodeError::ShuttingDown => "shutting_down",
             NodeError::Stream(_) => "stream",
+            NodeError::Model(ModelError::QueueFull { .. }) => "queue_full",
+            NodeError::Model(_) => "model",
         }
     }
 }
@@ -72,6 +81,11 @@ impl From<NodeError> for Status {
         let mut status = Status::new(e.code(), e.to_string());
         if let Ok(value) = e.kind().parse() {
             status.metadata_mut().insert("x-cxrfed-error", value);
+        }
+        if let NodeError::Model(ModelError::QueueFull { retry_after_ms, .. }) = &e
+            && let Ok(value) = retry_after_ms.to_string().parse()
+        {
+            status.metadata_mut().insert("retry-after-ms", value);
         }
         status
     }

@@ -1,18 +1,22 @@
-//! The extraction pipeline: bytes -> decode + de-identify + hash -> model input -> record.
+//! The extraction pipeline: bytes -> decode + de-identify + hash + preprocess (blocking pool)
+//! -> batched inference (the model's worker thread) -> record.
 //!
 //! Decoding is CPU-heavy, so it runs on the blocking pool, at most `decode_workers` images at
-//! a time (each holds one full-resolution image in memory). The model that fills findings
-//! arrives with `cxrfed-model`; until then a record carries no findings and `model_id`
-//! "none" — never made-up values.
+//! a time (each holds one full-resolution image in memory). The model input is handed to the
+//! inference worker, which batches concurrent requests; a full inference queue fails the
+//! request with RESOURCE_EXHAUSTED instead of queueing without bound. Without a model a record
+//! carries no findings and `model_id` "none" — never made-up values.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use cxrfed_imaging::{Decoded, ImagingError, Limits, PreprocessOptions, SiteSecret};
+use cxrfed_model::InferenceHandle;
 use cxrfed_schema::{NO_MODEL, Record, SCHEMA_VERSION};
 use tokio::sync::Semaphore;
 
 use crate::config::NodeConfig;
+use crate::error::NodeError;
 
 /// What the pipeline derives from one image before it is stored.
 #[derive(Debug)]
@@ -26,23 +30,32 @@ pub struct Pipeline {
     preprocess: PreprocessOptions,
     secret: SiteSecret,
     permits: Arc<Semaphore>,
+    model: Option<InferenceHandle>,
 }
 
 impl Pipeline {
-    pub fn new(config: &NodeConfig, secret: SiteSecret) -> Self {
+    /// With a model, the model card's input contract (size, aspect) replaces the configured one.
+    pub fn new(config: &NodeConfig, secret: SiteSecret, model: Option<InferenceHandle>) -> Self {
+        let mut preprocess = PreprocessOptions {
+            size: config.input_size,
+            aspect: config.aspect.parse().unwrap_or_default(),
+            ..PreprocessOptions::default()
+        };
+        if let Some(handle) = &model {
+            let input = &handle.card().input;
+            preprocess.size = input.size;
+            preprocess.aspect = input.aspect.parse().unwrap_or(preprocess.aspect);
+        }
         Pipeline {
             limits: Limits {
                 max_rows: config.max_rows,
                 max_columns: config.max_columns,
                 max_file_bytes: config.max_file_bytes,
             },
-            preprocess: PreprocessOptions {
-                size: config.input_size,
-                aspect: config.aspect.parse().unwrap_or_default(),
-                ..PreprocessOptions::default()
-            },
+            preprocess,
             secret,
             permits: Arc::new(Semaphore::new(config.decode_workers)),
+            model,
         }
     }
 
@@ -50,47 +63,63 @@ impl Pipeline {
         &self.limits
     }
 
-    /// Decodes, de-identifies, hashes and preprocesses `bytes` on the blocking pool and builds
-    /// the record (not yet stored).
+    pub fn model(&self) -> Option<&InferenceHandle> {
+        self.model.as_ref()
+    }
+
+    /// Decodes, de-identifies, hashes and preprocesses `bytes` on the blocking pool, infers the
+    /// findings, and builds the record (not yet stored).
     pub async fn extract(
         &self,
         bytes: Vec<u8>,
         request_id: String,
-    ) -> Result<Extraction, ImagingError> {
-        let _permit = self
-            .permits
-            .acquire()
-            .await
-            .expect("the semaphore is never closed");
-        let limits = self.limits;
-        let options = self.preprocess;
-        let secret = self.secret.clone();
+    ) -> Result<Extraction, NodeError> {
         let started = Instant::now();
-        let task = tokio::task::spawn_blocking(move || {
-            let decoded = cxrfed_imaging::decode_contained(&bytes, &limits, &secret)?;
-            drop(bytes);
-            let hash = decoded.pixel_sha256();
-            // The model input; the inference worker of cxrfed-model consumes it. Building it
-            // here keeps the measured processing time honest about the full path.
-            let input =
-                cxrfed_imaging::contain(|| Ok(cxrfed_imaging::preprocess(&decoded, &options)))?;
-            debug_assert_eq!(input.dim(), (options.size as usize, options.size as usize));
-            Ok::<(Decoded, String), ImagingError>((decoded, hash))
-        });
-        let (decoded, image_sha256) = task.await.map_err(|_| ImagingError::DecoderPanic)??;
+        let (decoded, image_sha256, input) = {
+            let _permit = self
+                .permits
+                .acquire()
+                .await
+                .expect("the semaphore is never closed");
+            let limits = self.limits;
+            let options = self.preprocess;
+            let secret = self.secret.clone();
+            let task = tokio::task::spawn_blocking(move || {
+                let decoded = cxrfed_imaging::decode_contained(&bytes, &limits, &secret)?;
+                drop(bytes);
+                let hash = decoded.pixel_sha256();
+                let input =
+                    cxrfed_imaging::contain(|| Ok(cxrfed_imaging::preprocess(&decoded, &options)))?;
+                Ok::<(Decoded, String, ndarray::Array2<f32>), ImagingError>((decoded, hash, input))
+            });
+            task.await.map_err(|_| ImagingError::DecoderPanic)??
+        };
+        let (findings, model_id, model_sha256) = match &self.model {
+            Some(handle) => {
+                let prediction = handle.infer(input).await?;
+                let card = handle.card();
+                (
+                    Some(prediction.findings(&card.label_map)),
+                    card.model_id.clone(),
+                    card.weights_sha256.clone(),
+                )
+            }
+            None => (None, NO_MODEL.to_string(), String::new()),
+        };
         let processing_ms = started.elapsed().as_secs_f64() * 1000.0;
         let record = Record {
             record_id: uuid::Uuid::now_v7().to_string(),
             image_sha256,
             schema_version: SCHEMA_VERSION,
-            model_id: NO_MODEL.to_string(),
+            model_id,
+            model_sha256,
             created_at: chrono::Utc::now(),
             processing_ms,
             request_id,
             source: decoded.source,
             patient: decoded.patient,
             acquisition: decoded.acquisition,
-            findings: None,
+            findings,
             processing_notes: decoded.notes,
         };
         Ok(Extraction { record })

@@ -32,6 +32,38 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
     #[error("server task failed: {0}")]
     Join(String),
+    #[error(transparent)]
+    Model(#[from] cxrfed_model::ModelError),
+}
+
+/// Loads the configured model onto its device and starts the inference worker.
+pub fn load_model(
+    config: &NodeConfig,
+) -> Result<Option<cxrfed_model::InferenceHandle>, ServeError> {
+    let dir = match config.model.trim() {
+        "none" => return Ok(None),
+        "bundled" => cxrfed_model::bundled::install(&config.data_dir.join("models"))?,
+        path => std::path::PathBuf::from(path),
+    };
+    let device = cxrfed_model::parse_device(&config.device)?;
+    let model = cxrfed_model::Model::load(&dir, device)?;
+    tracing::info!(
+        model_id = model.card.model_id.as_str(),
+        model_sha256 = model.card.weights_sha256.as_str(),
+        architecture = model.card.architecture.as_str(),
+        device = cxrfed_model::device_name(device).as_str(),
+        input_size = model.card.input.size,
+        "model loaded"
+    );
+    let handle = cxrfed_model::InferenceHandle::spawn(
+        model,
+        cxrfed_model::WorkerConfig {
+            max_batch: config.max_batch,
+            max_wait: Duration::from_millis(config.max_wait_ms),
+            queue_capacity: config.inference_queue,
+        },
+    )?;
+    Ok(Some(handle))
 }
 
 /// Opens the node's data directory and store, then serves `cxrfed.v1.NodeService`, gRPC
@@ -53,7 +85,11 @@ pub async fn serve(
     let store = tokio::task::spawn_blocking(move || RecordStore::open(&store_dir))
         .await
         .map_err(|e| ServeError::Join(e.to_string()))??;
-    let pipeline = Pipeline::new(&config, secret);
+    let model_config = config.clone();
+    let model = tokio::task::spawn_blocking(move || load_model(&model_config))
+        .await
+        .map_err(|e| ServeError::Join(e.to_string()))??;
+    let pipeline = Pipeline::new(&config, secret, model);
     let grace = Duration::from_secs(config.grace_period_secs);
     let state = Arc::new(NodeState {
         config,

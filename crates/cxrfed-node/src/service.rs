@@ -336,7 +336,30 @@ impl NodeService for NodeApi {
                 uptime_seconds: state.started.elapsed().as_secs(),
                 record_count: state.store.count() as u64,
                 schema_version: cxrfed_schema::SCHEMA_VERSION.to_string(),
-                model_id: cxrfed_schema::NO_MODEL.to_string(),
+                model_id: state.pipeline.model().map_or_else(
+                    || cxrfed_schema::NO_MODEL.to_string(),
+                    |m| m.card().model_id.clone(),
+                ),
+                model: state.pipeline.model().map(|m| {
+                    let stats = m.stats();
+                    let config = m.config();
+                    pb::ModelStatus {
+                        model_id: m.card().model_id.clone(),
+                        model_sha256: m.card().weights_sha256.clone(),
+                        architecture: m.card().architecture.clone(),
+                        device: m.device().to_string(),
+                        input_size: m.card().input.size,
+                        max_batch: config.max_batch as u32,
+                        max_wait_ms: config.max_wait.as_millis() as u32,
+                        queue_capacity: config.queue_capacity as u32,
+                        images: stats.images,
+                        batches: stats.batches,
+                        max_batch_seen: stats.max_batch_seen as u32,
+                        mean_forward_ms: stats.mean_forward_ms,
+                        rejected: stats.rejected,
+                        queued: stats.queued as u32,
+                    }
+                }),
                 store_size_bytes: state.store.size_on_disk(),
                 pid: std::process::id(),
                 // This request itself is not counted.

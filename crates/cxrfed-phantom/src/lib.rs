@@ -320,7 +320,12 @@ pub fn sample_truth(site: &SiteProfile, rng: &mut impl Rng) -> Truth {
     let opacity_severity = pick(rng, site.opacity, Severity::ALL);
     let mut opacity_distribution = Vec::new();
     if opacity_severity != Severity::None {
-        let count = rng.random_range(1..=3);
+        // Extent grows with severity: mild is focal, severe is multifocal and confluent.
+        let count = match opacity_severity {
+            Severity::Mild => 1,
+            Severity::Moderate => 2,
+            _ => rng.random_range(3..=4),
+        };
         while opacity_distribution.len() < count {
             let zone = LungZone::ALL[rng.random_range(0..LungZone::ALL.len())];
             if !opacity_distribution.contains(&zone) {

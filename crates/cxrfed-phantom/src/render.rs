@@ -17,7 +17,7 @@
 //! | diaphragm position | dome apex at v 0.68 (normal), 0.58 (elevated), 0.79 and flattened (depressed) |
 //! | diaphragm contour | scalloped dome edge (irregular) instead of a smooth parabola |
 //! | costophrenic_angle | a fluid meniscus rising along the lateral wall fills the angle on the blunted side(s) |
-//! | opacity zones / severity | mottled blobs in each chosen zone (upper/middle/lower x right/left); size and density grow with severity |
+//! | opacity zones / severity | mottled blobs in each chosen zone (upper/middle/lower x right/left); size, density and extent grow with severity (mild: one zone, moderate: two, severe: three or four, confluent) |
 //! | rib_fracture | one posterior rib interrupted by a gap with a step offset |
 //! | interstitial_markings | reticular network over both lungs (prominent) or faint (normal) |
 //! | hyperlucency | darker lungs and flat, depressed domes |
@@ -206,9 +206,9 @@ impl Scene {
         };
         let (blob_radius, blob_amplitude) = match truth.opacity_severity {
             Severity::None => (0.0, 0.0),
-            Severity::Mild => (0.038, 0.09),
-            Severity::Moderate => (0.055, 0.17),
-            Severity::Severe => (0.075, 0.28),
+            Severity::Mild => (0.05, 0.18),
+            Severity::Moderate => (0.065, 0.22),
+            Severity::Severe => (0.085, 0.32),
         };
         let mut blobs = Vec::new();
         for zone in &truth.opacity_distribution {
@@ -219,7 +219,11 @@ impl Scene {
                 1 => (0.37, 0.48),
                 _ => (0.53, bottom.max(0.56)),
             };
-            let count = 1 + usize::from(jitter(1.0) > 0.2);
+            let count = if truth.opacity_severity == Severity::Severe {
+                2
+            } else {
+                1
+            };
             for _ in 0..count {
                 blobs.push(Blob {
                     u: cx + SIDES[side] * half_thorax * (0.62 + jitter(0.15)),
@@ -415,11 +419,11 @@ impl Scene {
         for blob in &self.blobs {
             let dist = ((u - blob.u).powi(2) + ((v - blob.v) * self.aspect).powi(2)).sqrt();
             if dist < blob.radius * 2.5 {
-                let mottle = 0.65 + 0.35 * value_noise(u, v, 60.0, self.salt ^ 17);
+                let mottle = 0.75 + 0.25 * value_noise(u, v, 60.0, self.salt ^ 17);
                 opacity += blob.amplitude * (-(dist / blob.radius).powi(2)).exp() * mottle;
             }
         }
-        d += opacity.min(0.35) * lung * (1.0 - heart);
+        d += opacity.min(0.42) * lung * (1.0 - heart);
 
         // Spine, visible through the mediastinum and heart.
         let spine_u = self.cx

@@ -32,6 +32,9 @@ pub struct Record {
     pub schema_version: u32,
     /// The model that filled [`Record::findings`]; [`NO_MODEL`] when none did.
     pub model_id: String,
+    /// SHA-256 (hex) of the model weights; empty when no model filled the findings.
+    #[serde(default)]
+    pub model_sha256: String,
     pub created_at: DateTime<Utc>,
     /// Decode + de-identify + preprocess (+ inference) time in milliseconds.
     pub processing_ms: f64,

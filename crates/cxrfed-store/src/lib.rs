@@ -293,6 +293,7 @@ mod tests {
             image_sha256: hash.to_string(),
             schema_version: SCHEMA_VERSION,
             model_id: NO_MODEL.to_string(),
+            model_sha256: String::new(),
             created_at: chrono::Utc::now(),
             processing_ms: 1.0,
             request_id: "r".into(),

@@ -6,6 +6,7 @@
 
 mod client;
 mod logging;
+mod model_cmd;
 mod node_cmd;
 
 use std::path::PathBuf;
@@ -41,6 +42,13 @@ enum Command {
     Extract(client::ExtractArgs),
     /// List a node's stored records as JSON lines.
     Records(client::RecordsArgs),
+    /// Generate synthetic chest X-ray phantoms with exact ground truth (DICOM + labels).
+    Phantom(model_cmd::PhantomArgs),
+    /// Train, evaluate and inspect extraction models.
+    Model {
+        #[command(subcommand)]
+        command: model_cmd::ModelCommand,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -74,6 +82,8 @@ fn main() -> ExitCode {
         } => node_cmd::stop(args),
         Command::Extract(args) => client::run(client::extract(args)),
         Command::Records(args) => client::run(client::records(args)),
+        Command::Phantom(args) => model_cmd::phantom(args),
+        Command::Model { command } => model_cmd::run(command),
     };
     match result {
         Ok(code) => code,

@@ -65,6 +65,27 @@ pub struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     log_level: Option<String>,
+    /// Model directory (card.json + weights), "bundled" (the phantom-trained tiny model built
+    /// into the binary) or "none" [default: bundled].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    model: Option<String>,
+    /// Inference device: auto (CUDA when available), cpu, cuda, cuda:N [default: auto].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    device: Option<String>,
+    /// Largest inference batch [default: 16].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_batch: Option<usize>,
+    /// Longest wait for an inference batch to fill, ms [default: 5].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_wait_ms: Option<u64>,
+    /// Requests that may wait for inference before RESOURCE_EXHAUSTED [default: 64].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    inference_queue: Option<usize>,
     /// Start in the background and return once the node accepts connections.
     #[arg(long)]
     #[serde(skip)]
@@ -276,6 +297,18 @@ pub fn status(data_dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
             println!("  store size:     {} bytes", s.store_size_bytes);
             println!("  schema version: {}", s.schema_version);
             println!("  model:          {}", s.model_id);
+            if let Some(m) = &s.model {
+                println!(
+                    "  inference:      {} on {}, {} images in {} batches (max {}), {} refused, {} queued",
+                    m.architecture,
+                    m.device,
+                    m.images,
+                    m.batches,
+                    m.max_batch_seen,
+                    m.rejected,
+                    m.queued
+                );
+            }
             println!("  in flight:      {}", s.in_flight);
         }
         Err(e) => println!("  status RPC:     unavailable ({e:#})"),

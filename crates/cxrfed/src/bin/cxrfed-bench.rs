@@ -46,6 +46,144 @@ enum Mode {
         #[arg(long, default_value_t = 2)]
         workers: usize,
     },
+    /// Save a randomly initialised model of an architecture (weights for the model benchmark).
+    ModelInit {
+        #[arg(long)]
+        arch: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 224)]
+        input_size: u32,
+    },
+    /// Pure forward throughput of a model at one batch size (eval mode, no grad).
+    Forward {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        batch: usize,
+        /// Timed repeats; the median is reported.
+        #[arg(long, default_value_t = 5)]
+        repeats: usize,
+        /// Images per repeat (rounded up to whole batches).
+        #[arg(long, default_value_t = 64)]
+        images: usize,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Write the logits for the reference input (linspace -1..1) here as JSON.
+        #[arg(long)]
+        reference: Option<PathBuf>,
+    },
+    /// End-to-end extraction throughput of a running node under concurrent clients
+    /// (upload + decode + infer + store; `force` so every upload is processed).
+    Node {
+        #[arg(long)]
+        url: String,
+        /// DICOM files to upload, round-robin.
+        #[arg(long, num_args = 1..)]
+        files: Vec<PathBuf>,
+        #[arg(long, default_value_t = 128)]
+        images: usize,
+        #[arg(long, default_value_t = 32)]
+        clients: usize,
+    },
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn forward_bench(
+    model: &std::path::Path,
+    batch: usize,
+    repeats: usize,
+    images: usize,
+    device: &str,
+    reference: Option<PathBuf>,
+) -> anyhow::Result<serde_json::Value> {
+    let device = cxrfed_model::parse_device(device)?;
+    let model = cxrfed_model::Model::load(model, device)?;
+    if let Some(path) = reference {
+        std::fs::write(
+            path,
+            serde_json::to_vec(&cxrfed_model::reference_logits(&model)?)?,
+        )?;
+    }
+    let rates = cxrfed_model::forward_throughput(&model, batch, repeats, images)?;
+    Ok(serde_json::json!({
+        "images_per_s": median(rates.clone()), "samples": rates, "batch": batch,
+        "threads": cxrfed_model::torch_threads(), "device": cxrfed_model::device_name(device),
+    }))
+}
+
+async fn node_bench(
+    url: String,
+    files: Vec<PathBuf>,
+    images: usize,
+    clients: usize,
+) -> anyhow::Result<serde_json::Value> {
+    use cxrfed_proto::v1 as pb;
+    let payloads: Vec<Vec<u8>> = files.iter().map(std::fs::read).collect::<Result<_, _>>()?;
+    anyhow::ensure!(!payloads.is_empty(), "no files");
+    let channel = tonic::transport::Endpoint::from_shared(url)?
+        .connect()
+        .await?;
+    let client = cxrfed_proto::v1::node_service_client::NodeServiceClient::new(channel)
+        .max_decoding_message_size(64 * 1024 * 1024);
+    let upload = |bytes: &[u8]| -> Vec<pb::ExtractRequest> {
+        let mut messages: Vec<pb::ExtractRequest> = bytes
+            .chunks(1024 * 1024)
+            .map(|c| pb::ExtractRequest {
+                header: None,
+                chunk: c.to_vec(),
+            })
+            .collect();
+        messages[0].header = Some(pb::ExtractHeader {
+            filename: "bench.dcm".into(),
+            force: true,
+            size_hint: bytes.len() as u64,
+        });
+        messages
+    };
+    // Warm-up: one image per file.
+    for bytes in &payloads {
+        client
+            .clone()
+            .extract(tokio_stream::iter(upload(bytes)))
+            .await?;
+    }
+    let next = std::sync::Arc::new(AtomicUsize::new(0));
+    let payloads = std::sync::Arc::new(payloads);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (next, payloads, mut client) = (next.clone(), payloads.clone(), client.clone());
+        let messages: Vec<Vec<pb::ExtractRequest>> = payloads.iter().map(|b| upload(b)).collect();
+        tasks.push(tokio::spawn(async move {
+            let mut refused = 0usize;
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= images {
+                    break;
+                }
+                let msgs = messages[i % messages.len()].clone();
+                if let Err(status) = client.extract(tokio_stream::iter(msgs)).await {
+                    anyhow::ensure!(status.code() == tonic::Code::ResourceExhausted, "{status}");
+                    refused += 1;
+                }
+            }
+            Ok::<usize, anyhow::Error>(refused)
+        }));
+    }
+    let mut refused = 0;
+    for t in tasks {
+        refused += t.await??;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    Ok(serde_json::json!({
+        "images_per_s": (images - refused) as f64 / seconds, "seconds": seconds, "refused": refused,
+        "clients": clients, "images": images,
+    }))
 }
 
 fn process(path: &Path, secret: &SiteSecret) -> anyhow::Result<ndarray::Array2<f32>> {
@@ -78,6 +216,54 @@ fn main() -> anyhow::Result<()> {
     let secret = SiteSecret::from_bytes([42; 32]);
     let baseline = peak_rss_mib();
     match Cli::parse().mode {
+        Mode::ModelInit {
+            arch,
+            out,
+            input_size,
+        } => {
+            let arch = cxrfed_model::Arch::parse(&arch).context("architecture")?;
+            cxrfed_model::manual_seed(0);
+            let input = cxrfed_model::InputSpec {
+                size: input_size,
+                ..Default::default()
+            };
+            let mut model = cxrfed_model::Model::new(
+                arch,
+                cxrfed_model::LabelMap::schema_v1(),
+                input,
+                cxrfed_model::parse_device("cpu")?,
+                &format!("bench-{}", arch.as_str()),
+            )?;
+            model.card.intended_use = "benchmark weights (random initialisation)".into();
+            model.save(&out)?;
+        }
+        Mode::Forward {
+            model,
+            batch,
+            repeats,
+            images,
+            device,
+            reference,
+        } => {
+            println!(
+                "{}",
+                forward_bench(&model, batch, repeats, images, &device, reference)?
+            );
+        }
+        Mode::Node {
+            url,
+            files,
+            images,
+            clients,
+        } => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            println!(
+                "{}",
+                runtime.block_on(node_bench(url, files, images, clients))?
+            );
+        }
         Mode::Latency {
             file,
             iterations,

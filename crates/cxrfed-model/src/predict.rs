@@ -1,0 +1,265 @@
+//! From logits to head outputs, and from head outputs to schema-v1 findings with the derived
+//! fields.
+//!
+//! Derived fields (documented rules, not model heads):
+//!
+//! * `analysis_confidence`: the *certainty* `c` is the mean over categorical and binary heads of
+//!   the probability of the chosen value. Then `insufficient` if the image quality read is poor
+//!   or `c < 0.6`; `low` if quality is fair or `c < 0.75`; `medium` if quality is good or
+//!   `c < 0.9`; otherwise `high`. Its probability is `c`.
+//! * `cardiac_contour` agrees with the ratio: unless the head reads `indistinct`, the value is
+//!   `enlarged` when the predicted ratio is >= 0.5 and `normal` below, with the head's
+//!   probability for that value.
+//! * `cardiothoracic_ratio` confidence: the cardiac head's probability mass on the side of 0.5
+//!   the ratio falls (`enlarged` above, `normal` + `indistinct` below).
+//! * `opacity_distribution` lists the zones with probability >= 0.5, and is empty when the
+//!   severity read is `none`.
+
+use cxrfed_schema::{
+    AnalysisConfidence, CardiacContour, Category, Diaphragm, Findings, ImageQuality, LungZone,
+    Lungs, Measured, Mediastinum, Scored, Thorax, ZoneSet,
+};
+use serde::Serialize;
+use tch::Tensor;
+
+use crate::labelmap::{HeadKind, LabelMap};
+
+/// One head's activated output.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum HeadOutput {
+    /// Softmax probabilities in category order.
+    Categorical(Vec<f32>),
+    /// Sigmoid probability of `true`.
+    Binary(f32),
+    /// Sigmoid probability per label.
+    MultiLabel(Vec<f32>),
+    /// The value in the head's bounds.
+    Regression(f64),
+}
+
+/// All head outputs of one image, in label-map order.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Prediction {
+    pub outputs: Vec<HeadOutput>,
+}
+
+/// Activates a `[N, width]` logits tensor into one [`Prediction`] per row.
+pub fn activate(label_map: &LabelMap, logits: &Tensor) -> Vec<Prediction> {
+    let logits = logits.to_kind(tch::Kind::Float).to_device(tch::Device::Cpu);
+    let rows = logits.size()[0] as usize;
+    let mut columns: Vec<Vec<Vec<f32>>> = Vec::with_capacity(label_map.heads.len());
+    for (head, (offset, width)) in label_map.heads.iter().zip(label_map.spans()) {
+        let slice = logits.narrow(1, offset as i64, width as i64);
+        let activated = match head.kind {
+            HeadKind::Categorical { .. } => slice.softmax(1, tch::Kind::Float),
+            _ => slice.sigmoid(),
+        };
+        let flat: Vec<f32> =
+            Vec::<f32>::try_from(activated.contiguous().view([-1])).unwrap_or_default();
+        columns.push(flat.chunks(width).map(<[f32]>::to_vec).collect());
+    }
+    (0..rows)
+        .map(|row| Prediction {
+            outputs: label_map
+                .heads
+                .iter()
+                .zip(&columns)
+                .map(|(head, column)| {
+                    let values = column.get(row).cloned().unwrap_or_default();
+                    match &head.kind {
+                        HeadKind::Categorical { .. } => HeadOutput::Categorical(values),
+                        HeadKind::Binary => {
+                            HeadOutput::Binary(values.first().copied().unwrap_or(0.0))
+                        }
+                        HeadKind::MultiLabel { .. } => HeadOutput::MultiLabel(values),
+                        HeadKind::Regression { min, max } => {
+                            let s = f64::from(values.first().copied().unwrap_or(0.5));
+                            HeadOutput::Regression(min + (max - min) * s)
+                        }
+                    }
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+fn argmax(p: &[f32]) -> (usize, f32) {
+    p.iter().copied().enumerate().fold(
+        (0, f32::MIN),
+        |best, (i, v)| if v > best.1 { (i, v) } else { best },
+    )
+}
+
+impl Prediction {
+    fn output<'a>(
+        &'a self,
+        label_map: &'a LabelMap,
+        name: &str,
+    ) -> Option<(&'a HeadOutput, &'a HeadKind)> {
+        let (index, head) = label_map.head(name)?;
+        Some((self.outputs.get(index)?, &head.kind))
+    }
+
+    /// The chosen category and its probability for a categorical head.
+    pub fn category(&self, label_map: &LabelMap, name: &str) -> Option<(String, f32)> {
+        match self.output(label_map, name)? {
+            (HeadOutput::Categorical(p), HeadKind::Categorical { categories }) => {
+                let (i, prob) = argmax(p);
+                Some((categories.get(i)?.clone(), prob))
+            }
+            _ => None,
+        }
+    }
+
+    fn scored<T: Category>(&self, label_map: &LabelMap, name: &str) -> Option<Scored<T>> {
+        let (text, probability) = self.category(label_map, name)?;
+        Some(Scored {
+            value: T::parse(&text)?,
+            probability,
+        })
+    }
+
+    fn boolean(&self, label_map: &LabelMap, name: &str) -> Option<Scored<bool>> {
+        match self.output(label_map, name)? {
+            (HeadOutput::Binary(p), _) => Some(Scored {
+                value: *p >= 0.5,
+                probability: if *p >= 0.5 { *p } else { 1.0 - *p },
+            }),
+            _ => None,
+        }
+    }
+
+    fn probabilities(&self, label_map: &LabelMap, name: &str) -> Option<Vec<(String, f32)>> {
+        match self.output(label_map, name)? {
+            (HeadOutput::Categorical(p), HeadKind::Categorical { categories }) => {
+                Some(categories.iter().cloned().zip(p.iter().copied()).collect())
+            }
+            _ => None,
+        }
+    }
+
+    /// Mean probability of the chosen value over categorical and binary heads.
+    pub fn certainty(&self) -> f32 {
+        let chosen: Vec<f32> = self
+            .outputs
+            .iter()
+            .filter_map(|o| match o {
+                HeadOutput::Categorical(p) => Some(argmax(p).1),
+                HeadOutput::Binary(p) => Some(p.max(1.0 - p)),
+                _ => None,
+            })
+            .collect();
+        if chosen.is_empty() {
+            0.0
+        } else {
+            chosen.iter().sum::<f32>() / chosen.len() as f32
+        }
+    }
+
+    /// Schema-v1 findings, with the derived fields. Heads the label map lacks stay `None`.
+    pub fn findings(&self, label_map: &LabelMap) -> Findings {
+        let image_quality: Option<Scored<ImageQuality>> = self.scored(label_map, "image_quality");
+        let certainty = self.certainty();
+        let confidence = match image_quality.map(|q| q.value) {
+            Some(ImageQuality::Poor) => AnalysisConfidence::Insufficient,
+            _ if certainty < 0.6 => AnalysisConfidence::Insufficient,
+            Some(ImageQuality::Fair) => AnalysisConfidence::Low,
+            _ if certainty < 0.75 => AnalysisConfidence::Low,
+            Some(ImageQuality::Good) => AnalysisConfidence::Medium,
+            _ if certainty < 0.9 => AnalysisConfidence::Medium,
+            _ => AnalysisConfidence::High,
+        };
+
+        let ratio = match self.output(label_map, "cardiothoracic_ratio") {
+            Some((HeadOutput::Regression(v), _)) => Some(*v),
+            _ => None,
+        };
+        let cardiac = self.probabilities(label_map, "cardiac_contour");
+        let prob_of = |name: &str| {
+            cardiac
+                .as_ref()
+                .and_then(|c| c.iter().find(|(n, _)| n == name).map(|(_, p)| *p))
+                .unwrap_or(0.0)
+        };
+        let head_contour: Option<Scored<CardiacContour>> =
+            self.scored(label_map, "cardiac_contour");
+        let cardiac_contour = match (head_contour, ratio) {
+            (Some(s), _) if s.value == CardiacContour::Indistinct => Some(s),
+            (Some(_), Some(r)) => {
+                let value = if r >= 0.5 {
+                    CardiacContour::Enlarged
+                } else {
+                    CardiacContour::Normal
+                };
+                Some(Scored {
+                    value,
+                    probability: prob_of(value.as_str()),
+                })
+            }
+            (other, _) => other,
+        };
+        let cardiothoracic_ratio = ratio.map(|value| Measured {
+            value,
+            confidence: if cardiac.is_none() {
+                certainty
+            } else if value >= 0.5 {
+                prob_of("enlarged")
+            } else {
+                prob_of("normal") + prob_of("indistinct")
+            },
+        });
+
+        let severity = self.scored(label_map, "opacity_severity");
+        let opacity_distribution = match self.output(label_map, "opacity_distribution") {
+            Some((HeadOutput::MultiLabel(p), HeadKind::MultiLabel { labels })) => {
+                let none = matches!(severity, Some(s) if s.value == cxrfed_schema::Severity::None);
+                Some(ZoneSet {
+                    zones: labels
+                        .iter()
+                        .zip(p)
+                        .filter(|(_, p)| !none && **p >= 0.5)
+                        .filter_map(|(label, p)| {
+                            Some(Scored {
+                                value: LungZone::parse(label)?,
+                                probability: *p,
+                            })
+                        })
+                        .collect(),
+                })
+            }
+            _ => None,
+        };
+
+        Findings {
+            image_quality,
+            analysis_confidence: Some(Scored {
+                value: confidence,
+                probability: certainty,
+            }),
+            thorax: Thorax {
+                rib_fracture: self.boolean(label_map, "rib_fracture"),
+                clavicle_symmetry: self.scored(label_map, "clavicle_symmetry"),
+                spine_alignment: self.scored(label_map, "spine_alignment"),
+            },
+            lungs: Lungs {
+                opacity_distribution,
+                opacity_severity: severity,
+                vascular_pattern: self.scored(label_map, "vascular_pattern"),
+                interstitial_markings: self.scored(label_map, "interstitial_markings"),
+                hyperlucency: self.boolean(label_map, "hyperlucency"),
+            },
+            mediastinum: Mediastinum {
+                cardiac_contour,
+                cardiothoracic_ratio,
+                aortic_knob: self.scored(label_map, "aortic_knob"),
+                hilar_size: self.scored(label_map, "hilar_size"),
+            },
+            diaphragm: Diaphragm {
+                position: self.scored(label_map, "diaphragm_position"),
+                contour: self.scored(label_map, "diaphragm_contour"),
+                costophrenic_angle: self.scored(label_map, "costophrenic_angle"),
+            },
+        }
+    }
+}

@@ -1,0 +1,364 @@
+//! `cxrfed phantom` and `cxrfed model train|eval|info`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand, ValueEnum};
+use cxrfed_imaging::{Aspect, PreprocessOptions};
+use cxrfed_model::{Arch, Dataset, InputSpec, LabelMap, Model, TrainConfig};
+
+#[derive(Debug, Args)]
+pub struct PhantomArgs {
+    /// Output folder (created if missing).
+    #[arg(long)]
+    out: PathBuf,
+    /// Number of images.
+    #[arg(long, default_value_t = 100)]
+    count: u64,
+    /// Seed: the same seed gives byte-identical files.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Site profile(s), comma-separated: university (DR, 12-bit, JPEG 2000/explicit LE),
+    /// community (CR, MONOCHROME1, 10-bit, implicit LE, no window), icu (portable AP, 14-bit,
+    /// RLE, sicker), screening (3000 px, 16-bit, JPEG lossless). Without it: a mix of all.
+    #[arg(long)]
+    site: Option<String>,
+    /// Cap the image width in pixels (keeps the aspect ratio), for quick experiments.
+    #[arg(long)]
+    max_size: Option<u32>,
+    /// Also write an 8-bit PNG of every image.
+    #[arg(long)]
+    png: bool,
+    /// Also write an 8-bit JPEG of every image.
+    #[arg(long)]
+    jpeg: bool,
+    /// Write the contact sheet (every finding value on one baseline chest) to this PNG.
+    #[arg(long)]
+    contact_sheet: Option<PathBuf>,
+    /// Generator threads [default: all cores].
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+pub fn phantom(args: PhantomArgs) -> anyhow::Result<ExitCode> {
+    let generator = cxrfed_phantom::Generator::new(args.seed, args.site.as_deref())?
+        .with_max_columns(args.max_size);
+    let started = std::time::Instant::now();
+    let count = args.count;
+    let interactive = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let summary = cxrfed_phantom::write_folder(
+        &generator,
+        &args.out,
+        count,
+        cxrfed_phantom::Variants {
+            png: args.png,
+            jpeg: args.jpeg,
+        },
+        args.threads.unwrap_or_else(cores),
+        &|done| {
+            if interactive && (done % 10 == 0 || done == count) {
+                eprint!("\r{done}/{count} phantoms");
+            }
+        },
+    )?;
+    if interactive {
+        eprintln!();
+    }
+    println!(
+        "wrote {} images ({} files, {:.1} MiB) to {} in {:.1}s; labels: {}, {}",
+        summary.images,
+        summary.files,
+        summary.bytes as f64 / (1024.0 * 1024.0),
+        args.out.display(),
+        started.elapsed().as_secs_f64(),
+        summary.labels_json.display(),
+        summary.labels_csv.display()
+    );
+    if let Some(path) = args.contact_sheet {
+        cxrfed_phantom::sheet::contact_sheet(args.seed)?
+            .save(&path)
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("contact sheet: {}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ModelCommand {
+    /// Train a model on a labelled folder (e.g. from `cxrfed phantom`).
+    Train(TrainArgs),
+    /// Evaluate a model on a labelled folder: per-field accuracy, macro-F1, AUROC, MAE.
+    Eval(EvalArgs),
+    /// Print a model's card and check it loads.
+    Info(InfoArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Folder with images and labels.json.
+    #[arg(long)]
+    data: PathBuf,
+    /// Architecture: tiny (CPU), resnet18, densenet121.
+    #[arg(long, default_value = "tiny")]
+    arch: String,
+    #[arg(long, default_value_t = 10)]
+    epochs: usize,
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 2e-3)]
+    lr: f64,
+    /// Share of the data held out for validation.
+    #[arg(long, default_value_t = 0.15)]
+    validation: f64,
+    /// Model input size in pixels.
+    #[arg(long)]
+    input_size: Option<u32>,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Turn augmentation off.
+    #[arg(long)]
+    no_augment: bool,
+    /// Model id written to the card.
+    #[arg(long, default_value = "cxrfed-custom")]
+    model_id: String,
+    /// Output model directory.
+    #[arg(long)]
+    out: PathBuf,
+    /// Device: auto, cpu, cuda, cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Fine-tune: start from this model directory's weights (same architecture and label map)
+    /// instead of a random initialisation.
+    #[arg(long)]
+    init: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum OutputFormat {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// Model directory (card.json + weights) [default: the bundled model].
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Folder with images and labels.json.
+    #[arg(long)]
+    data: PathBuf,
+    #[arg(long, value_enum, default_value = "table")]
+    format: OutputFormat,
+    #[arg(long, default_value = "auto")]
+    device: String,
+}
+
+#[derive(Debug, Args)]
+pub struct InfoArgs {
+    /// Model directory [default: the bundled model].
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+/// The bundled model, unpacked into the user's cache directory.
+pub fn bundled_model_dir() -> anyhow::Result<PathBuf> {
+    let parent = dirs_cache().join("cxrfed").join("models");
+    Ok(cxrfed_model::bundled::install(&parent)?)
+}
+
+fn dirs_cache() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir)
+}
+
+fn load_data(
+    dir: &std::path::Path,
+    label_map: &LabelMap,
+    input: &InputSpec,
+) -> anyhow::Result<Dataset> {
+    let options = PreprocessOptions {
+        size: input.size,
+        aspect: input.aspect.parse::<Aspect>().unwrap_or_default(),
+        ..PreprocessOptions::default()
+    };
+    let started = std::time::Instant::now();
+    let data = Dataset::from_labels_folder(dir, label_map, &options, &["dicom"], cores())?;
+    eprintln!(
+        "loaded {} images from {} in {:.1}s",
+        data.len(),
+        dir.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(data)
+}
+
+pub fn run(command: ModelCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        ModelCommand::Train(args) => train(args),
+        ModelCommand::Eval(args) => eval(args),
+        ModelCommand::Info(args) => {
+            let dir = match args.model {
+                Some(dir) => dir,
+                None => bundled_model_dir()?,
+            };
+            let model = Model::load(&dir, cxrfed_model::parse_device(&args.device)?)?;
+            println!("{}", serde_json::to_string_pretty(&model.card)?);
+            eprintln!("cuda available: {}", cxrfed_model::cuda_available());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
+    let arch = Arch::parse(&args.arch).with_context(|| {
+        format!(
+            "unknown architecture {:?} (tiny, resnet18, densenet121)",
+            args.arch
+        )
+    })?;
+    if !(0.0..0.9).contains(&args.validation) {
+        bail!("--validation must be in [0, 0.9)");
+    }
+    let device = cxrfed_model::parse_device(&args.device)?;
+    let input = InputSpec {
+        size: args.input_size.unwrap_or(arch.default_input_size()),
+        ..InputSpec::default()
+    };
+    let label_map = LabelMap::schema_v1();
+    let data = load_data(&args.data, &label_map, &input)?;
+    let (train, validation) = data.split(args.validation, args.seed);
+    cxrfed_model::manual_seed(args.seed);
+    let mut model = match &args.init {
+        None => Model::new(arch, label_map.clone(), input, device, &args.model_id)?,
+        Some(dir) => {
+            let model = Model::load(dir, device)?;
+            if model.card.label_map != label_map {
+                bail!(
+                    "--init {} has a label map other than schema v1",
+                    dir.display()
+                );
+            }
+            if model.card.architecture != arch.as_str() || model.card.input != input {
+                bail!(
+                    "--init {} is a {} model with input {}px; --arch/--input-size ask for {} with {}px",
+                    dir.display(),
+                    model.card.architecture,
+                    model.card.input.size,
+                    arch.as_str(),
+                    input.size
+                );
+            }
+            let mut model = model;
+            model.card.model_id = args.model_id.clone();
+            model.card.weights = "model.safetensors".into();
+            model
+        }
+    };
+    let config = TrainConfig {
+        epochs: args.epochs,
+        batch_size: args.batch_size,
+        learning_rate: args.lr,
+        augment: !args.no_augment,
+        seed: args.seed,
+        ..TrainConfig::default()
+    };
+    eprintln!(
+        "training {} on {} images ({} validation) on {} for {} epochs",
+        arch.as_str(),
+        train.len(),
+        validation.len(),
+        cxrfed_model::device_name(device),
+        config.epochs
+    );
+    let reports = cxrfed_model::train::fit(
+        &mut model,
+        &train,
+        Some(&validation),
+        &config,
+        &mut |r| {
+            let summary = r.validation.as_ref().map(|m| {
+            let f1 = |h: &str| m.head(h).and_then(|x| x.macro_f1).unwrap_or(f64::NAN);
+            let mae = m.head("cardiothoracic_ratio").and_then(|x| x.mae).unwrap_or(f64::NAN);
+            format!(
+                "quality f1 {:.3} cardiac f1 {:.3} cp-angle f1 {:.3} diaphragm f1 {:.3} severity f1 {:.3} ctr mae {:.4}",
+                f1("image_quality"),
+                f1("cardiac_contour"),
+                f1("costophrenic_angle"),
+                f1("diaphragm_position"),
+                f1("opacity_severity"),
+                mae
+            )
+        });
+            eprintln!(
+                "epoch {:>3}  loss {:.4}  {:.0}s  {}",
+                r.epoch,
+                r.train_loss,
+                r.seconds,
+                summary.unwrap_or_default()
+            );
+        },
+    )?;
+    let last = reports.last().and_then(|r| r.validation.clone());
+    let source: serde_json::Value = std::fs::read(args.data.join("labels.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let synthetic = source["generator"] == "cxrfed-phantom";
+    model.card.training = serde_json::json!({
+        "data": args.data.display().to_string(),
+        "initialised_from": args.init.as_ref().map(|d| d.display().to_string()),
+        "data_kind": if synthetic { "synthetic phantoms (cxrfed-phantom)" } else { "labelled images" },
+        "phantom_sites": source["sites"],
+        "phantom_seed": source["seed"],
+        "images": train.len(),
+        "validation_images": validation.len(),
+        "config": config,
+        "device": cxrfed_model::device_name(device),
+        "epochs": reports.iter().map(|r| serde_json::json!({"epoch": r.epoch, "loss": r.train_loss, "seconds": r.seconds})).collect::<Vec<_>>(),
+    });
+    model.card.metrics = serde_json::json!({ "validation": last });
+    model.card.created_at = chrono::Utc::now().to_rfc3339();
+    model.card.intended_use = if synthetic {
+        "Trained on synthetic phantoms only. Research use only; not a diagnostic device and not for clinical use.".into()
+    } else {
+        "Research use only; not a diagnostic device and not for clinical use.".into()
+    };
+    model.save(&args.out)?;
+    println!("saved {} to {}", model.card.model_id, args.out.display());
+    if let Some(metrics) = last {
+        print!("{}", metrics.table());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
+    let dir = match args.model {
+        Some(dir) => dir,
+        None => bundled_model_dir()?,
+    };
+    let model = Model::load(&dir, cxrfed_model::parse_device(&args.device)?)?;
+    let data = load_data(&args.data, &model.card.label_map, &model.card.input)?;
+    let metrics = cxrfed_model::train::evaluate_model(&model, &data)?;
+    match args.format {
+        OutputFormat::Table => {
+            println!(
+                "model {} on {} ({} images)",
+                model.card.model_id,
+                args.data.display(),
+                data.len()
+            );
+            print!("{}", metrics.table());
+        }
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&metrics)?),
+    }
+    Ok(ExitCode::SUCCESS)
+}
