@@ -91,7 +91,9 @@ impl LabelMap {
                 HeadKind::MultiLabel { labels } if labels.is_empty() => {
                     return Err(format!("head {:?} has no labels", head.name));
                 }
-                HeadKind::Regression { min, max } if !(min < max) => {
+                HeadKind::Regression { min, max }
+                    if min.partial_cmp(max) != Some(std::cmp::Ordering::Less) =>
+                {
                     return Err(format!("head {:?} has bounds [{min}, {max}]", head.name));
                 }
                 _ => {}

@@ -98,7 +98,7 @@ pub(crate) fn write(p: &Phantom) -> Result<Vec<u8>, PhantomError> {
         obj.put(text(
             tags::WINDOW_CENTER,
             VR::DS,
-            &format!("{}", (max + 1) / 2),
+            &format!("{}", max.div_ceil(2)),
         ));
         obj.put(text(tags::WINDOW_WIDTH, VR::DS, &format!("{}", max + 1)));
         obj.put(text(tags::VOILUT_FUNCTION, VR::CS, "LINEAR"));

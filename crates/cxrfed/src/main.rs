@@ -54,7 +54,7 @@ enum Command {
 #[derive(Debug, Subcommand)]
 enum NodeCommand {
     /// Start the node's gRPC server.
-    Serve(node_cmd::ServeArgs),
+    Serve(Box<node_cmd::ServeArgs>),
     /// Show whether the node of a data directory runs: PID, address, uptime, records, last log lines.
     Status(DataDirArg),
     /// Stop the node of a data directory gracefully (SIGTERM, drain, flush; forced after a grace period).
@@ -73,7 +73,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Node {
             command: NodeCommand::Serve(args),
-        } => node_cmd::serve(args),
+        } => node_cmd::serve(*args),
         Command::Node {
             command: NodeCommand::Status(args),
         } => node_cmd::status(args.data_dir),
