@@ -149,6 +149,8 @@ pub struct Generator {
     sites: Vec<&'static SiteProfile>,
     /// Caps the detector width (keeps the aspect ratio); for quick experiments and tests.
     max_columns: Option<u32>,
+    /// Overrides the profiles' transfer syntaxes.
+    encoding: Option<Encoding>,
 }
 
 impl Generator {
@@ -170,11 +172,18 @@ impl Generator {
             seed,
             sites,
             max_columns: None,
+            encoding: None,
         })
     }
 
     pub fn with_max_columns(mut self, max_columns: Option<u32>) -> Self {
         self.max_columns = max_columns;
+        self
+    }
+
+    /// Writes every image with `encoding` instead of the profile's transfer syntaxes.
+    pub fn with_encoding(mut self, encoding: Option<Encoding>) -> Self {
+        self.encoding = encoding;
         self
     }
 
@@ -216,7 +225,8 @@ impl Generator {
         }
         let rows = (columns as f32 * aspect).round() as u32;
         let bits_stored = site.bits_stored[rng.random_range(0..site.bits_stored.len())];
-        let encoding = site.encodings[rng.random_range(0..site.encodings.len())];
+        let profile_encoding = site.encodings[rng.random_range(0..site.encodings.len())];
+        let encoding = self.encoding.unwrap_or(profile_encoding);
         let samples = detector(
             &map,
             rows as usize,
@@ -301,6 +311,11 @@ fn pick<T: Copy>(rng: &mut impl Rng, mix: &[f64], values: &[T]) -> T {
     values[values.len() - 1]
 }
 
+/// `yes` with probability `p`, otherwise `no`.
+fn either<T>(rng: &mut impl Rng, p: f64, yes: T, no: T) -> T {
+    if rng.random_bool(p) { yes } else { no }
+}
+
 /// Samples every finding from the site's prevalences, keeping the findings consistent
 /// (hyperlucent lungs have depressed domes; zones exist exactly when severity is not none;
 /// the ratio sits clearly on its side of 0.5).
@@ -337,43 +352,49 @@ pub fn sample_truth(site: &SiteProfile, rng: &mut impl Rng) -> Truth {
     Truth {
         image_quality: pick(rng, site.quality, ImageQuality::ALL),
         rib_fracture: rng.random_bool(site.rib_fracture),
-        clavicle_symmetry: if rng.random_bool(site.clavicle_asymmetry) {
-            ClavicleSymmetry::Asymmetric
-        } else {
-            ClavicleSymmetry::Symmetric
-        },
-        spine_alignment: if rng.random_bool(site.scoliosis) {
-            SpineAlignment::Scoliotic
-        } else {
-            SpineAlignment::Normal
-        },
+        clavicle_symmetry: either(
+            rng,
+            site.clavicle_asymmetry,
+            ClavicleSymmetry::Asymmetric,
+            ClavicleSymmetry::Symmetric,
+        ),
+        spine_alignment: either(
+            rng,
+            site.scoliosis,
+            SpineAlignment::Scoliotic,
+            SpineAlignment::Normal,
+        ),
         opacity_distribution,
         opacity_severity,
         vascular_pattern: pick(rng, site.vascular, VascularPattern::ALL),
-        interstitial_markings: if rng.random_bool(site.interstitial) {
-            InterstitialMarkings::Prominent
-        } else {
-            InterstitialMarkings::Normal
-        },
+        interstitial_markings: either(
+            rng,
+            site.interstitial,
+            InterstitialMarkings::Prominent,
+            InterstitialMarkings::Normal,
+        ),
         hyperlucency,
         cardiac_contour,
         cardiothoracic_ratio,
-        aortic_knob: if rng.random_bool(site.aortic_prominent) {
-            AorticKnob::Prominent
-        } else {
-            AorticKnob::Normal
-        },
-        hilar_size: if rng.random_bool(site.hilar_enlarged) {
-            HilarSize::Enlarged
-        } else {
-            HilarSize::Normal
-        },
+        aortic_knob: either(
+            rng,
+            site.aortic_prominent,
+            AorticKnob::Prominent,
+            AorticKnob::Normal,
+        ),
+        hilar_size: either(
+            rng,
+            site.hilar_enlarged,
+            HilarSize::Enlarged,
+            HilarSize::Normal,
+        ),
         diaphragm_position,
-        diaphragm_contour: if rng.random_bool(site.diaphragm_irregular) {
-            DiaphragmContour::Irregular
-        } else {
-            DiaphragmContour::Smooth
-        },
+        diaphragm_contour: either(
+            rng,
+            site.diaphragm_irregular,
+            DiaphragmContour::Irregular,
+            DiaphragmContour::Smooth,
+        ),
         costophrenic_angle: pick(rng, site.costophrenic, CostophrenicAngle::ALL),
     }
 }
@@ -549,17 +570,7 @@ pub fn write_folder(
             row.sex.clone(),
             row.age.to_string(),
         ];
-        for field in LABEL_FIELDS {
-            record.push(match &row.labels[*field] {
-                serde_json::Value::String(s) => s.clone(),
-                serde_json::Value::Array(items) => items
-                    .iter()
-                    .filter_map(|v| v.as_str())
-                    .collect::<Vec<_>>()
-                    .join("|"),
-                other => other.to_string(),
-            });
-        }
+        record.extend(truth::csv_cells(&row.labels));
         csv_out
             .write_record(&record)
             .map_err(|e| PhantomError::Labels(e.to_string()))?;

@@ -27,6 +27,18 @@ impl Encoding {
         }
     }
 
+    /// Parses the names `explicit`, `implicit`, `rle`, `jpeg-lossless`, `j2k`.
+    pub fn parse(text: &str) -> Option<Encoding> {
+        match text.to_ascii_lowercase().as_str() {
+            "explicit" | "explicit-le" => Some(Encoding::ExplicitLittle),
+            "implicit" | "implicit-le" => Some(Encoding::ImplicitLittle),
+            "rle" => Some(Encoding::RleLossless),
+            "jpeg-lossless" | "jpegll" => Some(Encoding::JpegLossless),
+            "j2k" | "jpeg2000" => Some(Encoding::Jpeg2000Lossless),
+            _ => None,
+        }
+    }
+
     pub fn is_encapsulated(self) -> bool {
         !matches!(self, Encoding::ExplicitLittle | Encoding::ImplicitLittle)
     }

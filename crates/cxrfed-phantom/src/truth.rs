@@ -87,20 +87,24 @@ impl Truth {
 
     /// One CSV cell per [`LABEL_FIELDS`] entry; zones joined with `|`.
     pub fn csv_cells(&self) -> Vec<String> {
-        let labels = self.labels();
-        LABEL_FIELDS
-            .iter()
-            .map(|field| match &labels[*field] {
-                Value::String(s) => s.clone(),
-                Value::Array(items) => items
-                    .iter()
-                    .filter_map(Value::as_str)
-                    .collect::<Vec<_>>()
-                    .join("|"),
-                other => other.to_string(),
-            })
-            .collect()
+        csv_cells(&self.labels())
     }
+}
+
+/// The CSV cells of a labels object, in [`LABEL_FIELDS`] order; zones joined with `|`.
+pub(crate) fn csv_cells(labels: &Map<String, Value>) -> Vec<String> {
+    LABEL_FIELDS
+        .iter()
+        .map(|field| match labels.get(*field).unwrap_or(&Value::Null) {
+            Value::String(s) => s.clone(),
+            Value::Array(items) => items
+                .iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join("|"),
+            other => other.to_string(),
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -27,6 +27,10 @@ pub struct PhantomArgs {
     /// Cap the image width in pixels (keeps the aspect ratio), for quick experiments.
     #[arg(long)]
     max_size: Option<u32>,
+    /// Transfer syntax for every image instead of the profile's: explicit, implicit, rle,
+    /// jpeg-lossless, j2k.
+    #[arg(long)]
+    transfer_syntax: Option<String>,
     /// Also write an 8-bit PNG of every image.
     #[arg(long)]
     png: bool,
@@ -46,8 +50,17 @@ fn cores() -> usize {
 }
 
 pub fn phantom(args: PhantomArgs) -> anyhow::Result<ExitCode> {
+    let encoding = match args.transfer_syntax.as_deref() {
+        None => None,
+        Some(name) => Some(cxrfed_phantom::Encoding::parse(name).with_context(|| {
+            format!(
+                "unknown transfer syntax {name:?} (explicit, implicit, rle, jpeg-lossless, j2k)"
+            )
+        })?),
+    };
     let generator = cxrfed_phantom::Generator::new(args.seed, args.site.as_deref())?
-        .with_max_columns(args.max_size);
+        .with_max_columns(args.max_size)
+        .with_encoding(encoding);
     let started = std::time::Instant::now();
     let count = args.count;
     let interactive = std::io::IsTerminal::is_terminal(&std::io::stderr());
