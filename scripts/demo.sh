@@ -15,8 +15,10 @@ echo "== cxrfed demo (research use only, not a diagnostic device) =="
 RG1_DIR=$("$PYTHON" -c "import data_store, os; print(os.path.join(os.path.dirname(data_store.__file__), 'data'))")
 echo
 echo "== extracting RG1 (PA chest, CR, MONOCHROME1) in each transfer syntax =="
-echo "   lossless copies of the same pixels dedupe to one record by pixel hash"
-"$BIN" extract "$RG1_DIR"/RG1_UNCR.dcm "$RG1_DIR"/RG1_J2KR.dcm "$RG1_DIR"/RG1_UNCI.dcm "$RG1_DIR"/RG1_J2KI.dcm
+echo "   --force re-extracts with the current model (the data directory may hold records of an"
+echo "   earlier run); the JPEG 2000 copies of the same pixels then dedupe to those records"
+"$BIN" extract --force "$RG1_DIR"/RG1_UNCR.dcm "$RG1_DIR"/RG1_UNCI.dcm
+"$BIN" extract "$RG1_DIR"/RG1_J2KR.dcm "$RG1_DIR"/RG1_J2KI.dcm
 
 echo
 PHANTOMS=$(mktemp -d)
