@@ -1,16 +1,14 @@
-//! Re-exports torch-sys's libtorch directory to dependents and embeds an rpath in this
-//! crate's own test binaries, so nothing needs LD_LIBRARY_PATH.
+//! Re-exports torch-sys's libtorch directory to dependents (`DEP_CXRFED_MODEL_LIBTORCH_LIB`)
+//! and links this crate's own test binaries against it (see `link_libtorch.rs`).
+
+include!("link_libtorch.rs");
 
 fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=link_libtorch.rs");
+    println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     if let Ok(dir) = std::env::var("DEP_TCH_LIBTORCH_LIB") {
         println!("cargo:libtorch_lib={dir}");
-        println!("cargo:rustc-link-arg=-Wl,-rpath,{dir}");
-        if std::path::Path::new(&dir).join("libtorch_cuda.so").exists() {
-            println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
-            println!("cargo:rustc-link-arg=-L{dir}");
-            println!("cargo:rustc-link-arg=-ltorch_cuda");
-            println!("cargo:rustc-link-arg=-Wl,--as-needed");
-        }
+        link_libtorch(&dir);
     }
-    println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
 }

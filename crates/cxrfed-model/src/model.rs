@@ -59,6 +59,19 @@ pub struct InputSpec {
     pub std: f32,
 }
 
+impl InputSpec {
+    /// The preprocessing that produces this input (size, aspect handling, normalisation).
+    /// The aspect is checked when a card is loaded, so an unknown one cannot reach here.
+    pub fn preprocess_options(&self) -> cxrfed_imaging::PreprocessOptions {
+        cxrfed_imaging::PreprocessOptions {
+            size: self.size,
+            aspect: self.aspect.parse().unwrap_or_default(),
+            mean: self.mean,
+            std: self.std,
+        }
+    }
+}
+
 impl Default for InputSpec {
     fn default() -> Self {
         InputSpec {
@@ -104,6 +117,10 @@ impl ModelCard {
         card.label_map
             .validate()
             .map_err(|e| ModelError::Load(format!("{}: {e}", path.display())))?;
+        card.input
+            .aspect
+            .parse::<cxrfed_imaging::Aspect>()
+            .map_err(|e| ModelError::Load(format!("{}: input: {e}", path.display())))?;
         Ok(card)
     }
 

@@ -390,7 +390,7 @@ pub fn fit(
         f64::from(model.card.input.std),
     );
     let device = model.device;
-    let crate::model::Backend::Native { vs, net } = &mut model.backend else {
+    let crate::model::Backend::Native { vs, net } = &model.backend else {
         return Err(ModelError::Train(
             "TorchScript models cannot be trained here; fine-tune a cxrfed architecture".into(),
         ));
@@ -428,9 +428,7 @@ pub fn fit(
             batches += 1;
         }
         let validation = match validation {
-            Some(val) if !val.is_empty() => {
-                Some(evaluate(model_view(net, device), &label_map, val)?)
-            }
+            Some(val) if !val.is_empty() => Some(evaluate_model(model, val)?),
             _ => None,
         };
         let report = EpochReport {
@@ -445,70 +443,21 @@ pub fn fit(
     Ok(reports)
 }
 
-/// Borrowed forward function for evaluation during training.
-struct NetView<'a> {
-    net: &'a crate::model::Net,
-    device: tch::Device,
-}
-
-fn model_view(net: &crate::model::Net, device: tch::Device) -> NetView<'_> {
-    NetView { net, device }
-}
-
-trait Forward {
-    fn forward_eval(&self, xs: &Tensor) -> Result<Tensor, ModelError>;
-    fn device(&self) -> tch::Device;
-}
-
-impl Forward for NetView<'_> {
-    fn forward_eval(&self, xs: &Tensor) -> Result<Tensor, ModelError> {
-        Ok(tch::no_grad(|| self.net.forward(xs, false)))
-    }
-    fn device(&self) -> tch::Device {
-        self.device
-    }
-}
-
-impl Forward for &Model {
-    fn forward_eval(&self, xs: &Tensor) -> Result<Tensor, ModelError> {
-        self.try_forward(xs)
-    }
-    fn device(&self) -> tch::Device {
-        self.device
-    }
-}
-
-/// Predicts every sample of `data` in batches of 32.
+/// Predicts every sample of `data` in batches of 32 (eval mode, no grad).
 pub fn predict_dataset(model: &Model, data: &Dataset) -> Result<Vec<Prediction>, ModelError> {
-    predict_with(&model, &model.card.label_map, data)
-}
-
-fn predict_with(
-    model: &impl Forward,
-    label_map: &LabelMap,
-    data: &Dataset,
-) -> Result<Vec<Prediction>, ModelError> {
     let mut out = Vec::with_capacity(data.len());
     let ids: Vec<usize> = (0..data.len()).collect();
     for chunk in ids.chunks(32) {
-        let xs = data.batch_tensor(chunk, model.device());
-        out.extend(activate(label_map, &model.forward_eval(&xs)?));
+        let xs = data.batch_tensor(chunk, model.device);
+        out.extend(activate(&model.card.label_map, &model.try_forward(&xs)?));
     }
     Ok(out)
 }
 
 /// Evaluates a model on a labelled dataset.
 pub fn evaluate_model(model: &Model, data: &Dataset) -> Result<Metrics, ModelError> {
-    evaluate(model, &model.card.label_map, data)
-}
-
-fn evaluate(
-    model: impl Forward,
-    label_map: &LabelMap,
-    data: &Dataset,
-) -> Result<Metrics, ModelError> {
-    let predictions = predict_with(&model, label_map, data)?;
-    Ok(Metrics::compute(label_map, data, &predictions))
+    let predictions = predict_dataset(model, data)?;
+    Ok(Metrics::compute(&model.card.label_map, data, &predictions))
 }
 
 /// Metrics of one head.

@@ -3,7 +3,6 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use cxrfed_imaging::PreprocessOptions;
 use cxrfed_model::train::{TrainConfig, evaluate_model, fit};
 use cxrfed_model::{
     Arch, Dataset, InferenceHandle, InputSpec, LabelMap, Model, ModelError, WorkerConfig,
@@ -29,33 +28,28 @@ fn phantoms(dir: &Path, count: u64, seed: u64, site: Option<&str>, max: Option<u
         .expect("phantoms");
 }
 
-fn load(dir: &Path, size: u32) -> Dataset {
-    let options = PreprocessOptions {
-        size,
-        ..PreprocessOptions::default()
-    };
+fn load(dir: &Path, input: &InputSpec) -> Dataset {
+    let options = input.preprocess_options();
     Dataset::from_labels_folder(dir, &LabelMap::schema_v1(), &options, &["dicom"], 2)
         .expect("dataset")
+}
+
+/// A randomly initialised tiny model with `size x size` input.
+fn tiny_model(size: u32, id: &str) -> Model {
+    let input = InputSpec {
+        size,
+        ..InputSpec::default()
+    };
+    Model::new(Arch::Tiny, LabelMap::schema_v1(), input, Device::Cpu, id).expect("model")
 }
 
 #[test]
 fn training_moves_validation_metrics_far_above_chance() {
     let dir = tempfile::tempdir().expect("tempdir");
     phantoms(dir.path(), 240, 21, Some("university,icu"), Some(256));
-    let (train, val) = load(dir.path(), 128).split(0.25, 3);
     tch::manual_seed(5);
-    let input = InputSpec {
-        size: 128,
-        ..InputSpec::default()
-    };
-    let mut model = Model::new(
-        Arch::Tiny,
-        LabelMap::schema_v1(),
-        input,
-        Device::Cpu,
-        "test",
-    )
-    .expect("model");
+    let mut model = tiny_model(128, "test");
+    let (train, val) = load(dir.path(), &model.card.input).split(0.25, 3);
     let before = evaluate_model(&model, &val).expect("eval");
     let config = TrainConfig {
         epochs: 14,
@@ -186,18 +180,7 @@ fn random_inputs(n: usize, size: usize) -> Vec<ndarray::Array2<f32>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_requests_are_batched_and_match_one_by_one() {
     tch::manual_seed(1);
-    let input = InputSpec {
-        size: 64,
-        ..InputSpec::default()
-    };
-    let model = Model::new(
-        Arch::Tiny,
-        LabelMap::schema_v1(),
-        input,
-        Device::Cpu,
-        "batch",
-    )
-    .expect("model");
+    let model = tiny_model(64, "batch");
     let inputs = random_inputs(24, 64);
     // Reference: one image at a time through the same weights.
     let one_by_one: Vec<_> = inputs
@@ -257,18 +240,7 @@ async fn concurrent_requests_are_batched_and_match_one_by_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_beyond_the_queue_is_refused_and_the_worker_recovers() {
-    let input = InputSpec {
-        size: 96,
-        ..InputSpec::default()
-    };
-    let model = Model::new(
-        Arch::Tiny,
-        LabelMap::schema_v1(),
-        input,
-        Device::Cpu,
-        "flood",
-    )
-    .expect("model");
+    let model = tiny_model(96, "flood");
     let handle = InferenceHandle::spawn(
         model,
         WorkerConfig {
@@ -321,7 +293,7 @@ fn bundled_model_meets_its_targets_on_a_held_out_site() {
     phantoms(dir.path(), 240, 4242, Some("screening"), None);
     let model_dir = cxrfed_model::bundled::install(&dir.path().join("models")).expect("install");
     let model = Model::load(&model_dir, Device::Cpu).expect("bundled model loads");
-    let data = load(dir.path(), model.card.input.size);
+    let data = load(dir.path(), &model.card.input);
     let metrics = evaluate_model(&model, &data).expect("eval");
     eprintln!("{}", metrics.table());
     for head in [

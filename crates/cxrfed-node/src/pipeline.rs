@@ -34,18 +34,17 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// With a model, the model card's input contract (size, aspect) replaces the configured one.
+    /// With a model, the model card's input contract (size, aspect, normalisation) replaces
+    /// the configured size and aspect.
     pub fn new(config: &NodeConfig, secret: SiteSecret, model: Option<InferenceHandle>) -> Self {
-        let mut preprocess = PreprocessOptions {
-            size: config.input_size,
-            aspect: config.aspect.parse().unwrap_or_default(),
-            ..PreprocessOptions::default()
+        let preprocess = match &model {
+            Some(handle) => handle.card().input.preprocess_options(),
+            None => PreprocessOptions {
+                size: config.input_size,
+                aspect: config.aspect.parse().unwrap_or_default(),
+                ..PreprocessOptions::default()
+            },
         };
-        if let Some(handle) = &model {
-            let input = &handle.card().input;
-            preprocess.size = input.size;
-            preprocess.aspect = input.aspect.parse().unwrap_or(preprocess.aspect);
-        }
         Pipeline {
             limits: Limits {
                 max_rows: config.max_rows,

@@ -5,7 +5,6 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand, ValueEnum};
-use cxrfed_imaging::{Aspect, PreprocessOptions};
 use cxrfed_model::{Arch, Dataset, InputSpec, LabelMap, Model, TrainConfig};
 
 #[derive(Debug, Args)]
@@ -182,15 +181,10 @@ pub struct InfoArgs {
 
 /// The bundled model, unpacked into the user's cache directory.
 pub fn bundled_model_dir() -> anyhow::Result<PathBuf> {
-    let parent = dirs_cache().join("cxrfed").join("models");
-    Ok(cxrfed_model::bundled::install(&parent)?)
-}
-
-fn dirs_cache() -> PathBuf {
-    std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(std::env::temp_dir)
+    let cache = dirs::cache_dir().unwrap_or_else(std::env::temp_dir);
+    Ok(cxrfed_model::bundled::install(
+        &cache.join("cxrfed").join("models"),
+    )?)
 }
 
 fn load_data(
@@ -198,11 +192,7 @@ fn load_data(
     label_map: &LabelMap,
     input: &InputSpec,
 ) -> anyhow::Result<Dataset> {
-    let options = PreprocessOptions {
-        size: input.size,
-        aspect: input.aspect.parse::<Aspect>().unwrap_or_default(),
-        ..PreprocessOptions::default()
-    };
+    let options = input.preprocess_options();
     let started = std::time::Instant::now();
     let data = Dataset::from_labels_folder(dir, label_map, &options, &["dicom"], cores())?;
     eprintln!(
