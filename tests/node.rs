@@ -13,9 +13,7 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 async fn client(node: &NodeProcess) -> NodeServiceClient<Channel> {
-    NodeServiceClient::connect(node.url())
-        .await
-        .expect("connect to node")
+    NodeServiceClient::new(node.channel().await)
 }
 
 fn upload(bytes: &[u8], filename: &str, force: bool) -> Vec<pb::ExtractRequest> {
@@ -121,6 +119,8 @@ async fn serve_extract_status_stop_through_the_binary() {
         "extract",
         "--node",
         &node.url(),
+        "--profile",
+        &node.profile(),
         file.to_str().expect("path"),
     ]);
     assert!(
@@ -171,11 +171,30 @@ async fn serve_extract_status_stop_through_the_binary() {
     }
     assert_eq!(record["image_sha256"].as_str().expect("hash").len(), 64);
 
-    let out = cxrfed(&["records", "--node", &node.url()]);
+    let out = cxrfed(&[
+        "records",
+        "--node",
+        &node.url(),
+        "--profile",
+        &node.profile(),
+    ]);
     assert!(out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1);
 
+    // Without credentials the local facts still show; the Status RPC needs the site admin.
     let out = cxrfed(&["node", "status", "--data-dir", node.data_dir_str()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("transport:      mutual TLS"), "{text}");
+    assert!(text.contains("status RPC:     unavailable"), "{text}");
+    let out = cxrfed(&[
+        "node",
+        "status",
+        "--data-dir",
+        node.data_dir_str(),
+        "--profile",
+        &node.profile(),
+    ]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("node: running"), "{text}");
@@ -269,7 +288,14 @@ async fn deidentification_leaves_no_identifier_in_records_logs_or_store() {
     drop(other);
 
     let listed = list_all(&mut c, pb::ListRecordsRequest::default()).await;
-    let cli_json = cxrfed(&["records", "--node", &node.url()]).stdout;
+    let cli_json = cxrfed(&[
+        "records",
+        "--node",
+        &node.url(),
+        "--profile",
+        &node.profile(),
+    ])
+    .stdout;
     let out = cxrfed(&["node", "stop", "--data-dir", node.data_dir_str()]);
     assert!(out.status.success());
     node.wait_exit(Duration::from_secs(30)).expect("stopped");
@@ -475,6 +501,7 @@ async fn records_survive_restart_and_a_sigkill_mid_burst_leaves_only_complete_re
     let mut tasks = Vec::new();
     for seed in 0..48u64 {
         let url = node.url();
+        let credentials = node.pki.credentials(&node.admin);
         let tx = tx.clone();
         tasks.push(tokio::spawn(async move {
             let bytes = TestDicom {
@@ -484,9 +511,10 @@ async fn records_survive_restart_and_a_sigkill_mid_burst_leaves_only_complete_re
                 ..TestDicom::default()
             }
             .to_bytes();
-            let Ok(mut c) = NodeServiceClient::connect(url).await else {
+            let Ok(channel) = cxrfed_auth::client::connect(&url, Some(&credentials)).await else {
                 return;
             };
+            let mut c = NodeServiceClient::new(channel);
             if let Ok(response) = extract(&mut c, &bytes, "burst.dcm", false).await {
                 let _ = tx.send(response.record.expect("record").record_id);
             }
@@ -703,11 +731,7 @@ async fn reflection_health_and_request_ids() {
 
     let dir = tempfile::tempdir().expect("tempdir");
     let node = NodeProcess::start(dir.path(), &[]);
-    let channel = Channel::from_shared(node.url())
-        .expect("url")
-        .connect()
-        .await
-        .expect("connect");
+    let channel = node.channel().await;
     let mut reflection = ServerReflectionClient::new(channel.clone());
     let request = tonic_reflection::pb::v1::ServerReflectionRequest {
         host: String::new(),
@@ -794,6 +818,7 @@ async fn a_busy_port_is_named_with_the_fix() {
         other.path().to_str().expect("path"),
         "--listen",
         &listen,
+        "--insecure-dev",
     ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
@@ -921,7 +946,13 @@ async fn phantoms_extract_to_full_records_matching_their_labels() {
     );
 
     let node = NodeProcess::start(&dir.path().join("node"), &[]);
-    let mut args = vec!["extract".to_string(), "--node".into(), node.url()];
+    let mut args = vec![
+        "extract".to_string(),
+        "--node".into(),
+        node.url(),
+        "--profile".into(),
+        node.profile(),
+    ];
     args.extend(rows.iter().map(|r| {
         phantoms
             .join(r["file"].as_str().expect("file"))

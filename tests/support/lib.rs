@@ -9,6 +9,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use cxrfed_auth::pki::{self, IssueRequest, StudyCa};
+use cxrfed_auth::{ClientCredentials, Role};
+
 /// The workspace root (the parent of this crate's directory).
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -97,12 +100,66 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// A `cxrfed node serve` child process.
+/// A study CA with certificates issued on demand, as a test harness (and the demo) uses one:
+/// `ROOT/ca` holds the CA, `ROOT/NAME` each issued identity (cert.pem, key.pem, profile.toml).
+#[derive(Debug, Clone)]
+pub struct TestPki {
+    pub root: PathBuf,
+}
+
+impl TestPki {
+    /// Opens the CA under `root`, creating it (study `e2e`) the first time.
+    pub fn at(root: &Path) -> TestPki {
+        if !root.join("ca").join(pki::CA_CERT).exists() {
+            pki::init_ca(&root.join("ca"), "e2e", 30).expect("init CA");
+        }
+        TestPki {
+            root: root.to_path_buf(),
+        }
+    }
+
+    pub fn ca(&self) -> StudyCa {
+        StudyCa::open(&self.root.join("ca")).expect("open CA")
+    }
+
+    pub fn ca_pem(&self) -> PathBuf {
+        self.root.join("ca").join(pki::CA_CERT)
+    }
+
+    pub fn crl(&self) -> PathBuf {
+        self.root.join("ca").join(pki::CA_CRL)
+    }
+
+    /// The directory of identity `name` (issued once; reused afterwards).
+    pub fn identity(&self, role: Role, name: &str, site: Option<&str>) -> PathBuf {
+        let dir = self.root.join(name);
+        if !dir.join(pki::CERT).exists() {
+            self.ca()
+                .issue(&IssueRequest::new(role, name, site, 30), &dir)
+                .expect("issue certificate");
+        }
+        dir
+    }
+
+    pub fn credentials(&self, dir: &Path) -> ClientCredentials {
+        ClientCredentials {
+            ca: self.ca_pem(),
+            cert: Some(dir.join(pki::CERT)),
+            key: Some(dir.join(pki::KEY)),
+        }
+    }
+}
+
+/// A `cxrfed node serve` child process, serving mutual TLS with certificates of a per-test
+/// study CA (kept in `DATA_DIR/pki`, so a restarted node keeps its identity).
 #[derive(Debug)]
 pub struct NodeProcess {
     pub child: Child,
     pub data_dir: PathBuf,
     pub port: u16,
+    pub pki: TestPki,
+    /// The admin of the node's site: what the tests call the node as.
+    pub admin: PathBuf,
 }
 
 impl NodeProcess {
@@ -111,8 +168,50 @@ impl NodeProcess {
         Self::start_on(data_dir, free_port(), extra)
     }
 
+    /// Starts a node expected to fail start-up; returns its stderr.
+    pub fn start_failure(args: &[&str]) -> String {
+        let mut child = Command::new(cxrfed_bin())
+            .args(args)
+            .env_remove("CXRFED_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run cxrfed");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("`cxrfed {}` started instead of refusing", args.join(" "));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(!status.success(), "start-up should fail");
+        let mut err = String::new();
+        if let Some(stderr) = child.stderr.take() {
+            use std::io::Read;
+            let _ = BufReader::new(stderr).read_to_string(&mut err);
+        }
+        err
+    }
+
     pub fn start_on(data_dir: &Path, port: u16, extra: &[&str]) -> NodeProcess {
         let listen = format!("127.0.0.1:{port}");
+        let site = extra
+            .iter()
+            .position(|a| *a == "--site")
+            .and_then(|i| extra.get(i + 1))
+            .copied()
+            .unwrap_or("local");
+        let pki = TestPki::at(&data_dir.join("pki"));
+        let node = pki.identity(Role::Node, &format!("node-{site}"), Some(site));
+        let admin = pki.identity(Role::Admin, &format!("admin-{site}"), Some(site));
+        let (ca, crl) = (pki.ca_pem(), pki.crl());
+        let (cert, key) = (node.join(pki::CERT), node.join(pki::KEY));
         let mut args = vec![
             "node",
             "serve",
@@ -120,6 +219,16 @@ impl NodeProcess {
             data_dir.to_str().expect("utf-8 path"),
             "--listen",
             &listen,
+            "--ca",
+            ca.to_str().expect("utf-8 path"),
+            "--crl",
+            crl.to_str().expect("utf-8 path"),
+            "--cert",
+            cert.to_str().expect("utf-8 path"),
+            "--key",
+            key.to_str().expect("utf-8 path"),
+            "--tls-reload-ms",
+            "200",
         ];
         args.extend_from_slice(extra);
         let child = Command::new(cxrfed_bin())
@@ -134,6 +243,8 @@ impl NodeProcess {
             child,
             data_dir: data_dir.to_path_buf(),
             port,
+            pki,
+            admin,
         };
         node.wait_ready();
         node
@@ -161,7 +272,28 @@ impl NodeProcess {
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    /// The site admin's profile file, for `cxrfed ... --profile`.
+    pub fn profile(&self) -> String {
+        self.admin
+            .join(pki::PROFILE)
+            .to_str()
+            .expect("utf-8 path")
+            .to_string()
+    }
+
+    /// A mutual-TLS channel as the site admin.
+    pub async fn channel(&self) -> tonic::transport::Channel {
+        self.channel_as(&self.admin).await
+    }
+
+    /// A mutual-TLS channel as the identity in `dir` (see [`TestPki::identity`]).
+    pub async fn channel_as(&self, dir: &Path) -> tonic::transport::Channel {
+        cxrfed_auth::client::connect(&self.url(), Some(&self.pki.credentials(dir)))
+            .await
+            .expect("connect to node")
     }
 
     pub fn data_dir_str(&self) -> &str {

@@ -44,6 +44,19 @@ pub struct NodeConfig {
     pub max_wait_ms: u64,
     /// Requests that may wait for inference; beyond that, RESOURCE_EXHAUSTED.
     pub inference_queue: usize,
+    /// The study CA certificate (PEM) client certificates must chain to.
+    pub ca: Option<PathBuf>,
+    /// The node's certificate (PEM, role node, issued by `cxrfed certs issue`).
+    pub cert: Option<PathBuf>,
+    /// The node's private key (PEM, mode 0600).
+    pub key: Option<PathBuf>,
+    /// The study CA's revocation list; defaults to `crl.pem` next to `ca` when present.
+    pub crl: Option<PathBuf>,
+    /// Plaintext gRPC without client authentication, loopback only, every caller treated as
+    /// the site admin. For development on one machine; never with real data.
+    pub insecure_dev: bool,
+    /// How often the TLS files are checked for changes (rotation, revocation), in ms.
+    pub tls_reload_ms: u64,
 }
 
 impl Default for NodeConfig {
@@ -68,6 +81,12 @@ impl Default for NodeConfig {
             max_batch: 16,
             max_wait_ms: 5,
             inference_queue: 64,
+            ca: None,
+            cert: None,
+            key: None,
+            crl: None,
+            insecure_dev: false,
+            tls_reload_ms: 2000,
         }
     }
 }
@@ -98,6 +117,12 @@ pub const KEYS: &[&str] = &[
     "max_batch",
     "max_wait_ms",
     "inference_queue",
+    "ca",
+    "cert",
+    "key",
+    "crl",
+    "insecure_dev",
+    "tls_reload_ms",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -166,10 +191,53 @@ impl NodeConfig {
         if self.model.trim().is_empty() {
             return bad("model must be a directory, \"bundled\" or \"none\"".into());
         }
-        if self.site.trim().is_empty() {
-            return bad("site must not be empty".into());
+        if let Err(e) = cxrfed_auth::identity::validate_label("site", &self.site) {
+            return bad(e.to_string());
+        }
+        if !(100..=3_600_000).contains(&self.tls_reload_ms) {
+            return bad(format!(
+                "tls_reload_ms {} is outside 100..=3600000",
+                self.tls_reload_ms
+            ));
+        }
+        if self.insecure_dev {
+            if !self.listen.ip().is_loopback() {
+                return bad(format!(
+                    "--insecure-dev serves plaintext without authentication and is refused on the \
+                     non-loopback address {}; listen on 127.0.0.1 or use mTLS (--ca/--cert/--key)",
+                    self.listen
+                ));
+            }
+            if self.cert.is_some() || self.key.is_some() {
+                return bad("--insecure-dev and --cert/--key exclude each other".into());
+            }
+        } else {
+            self.tls_paths()?;
         }
         Ok(())
+    }
+
+    /// The TLS files (all of ca, cert and key are required unless `insecure_dev`).
+    pub fn tls_paths(&self) -> Result<cxrfed_auth::TlsPaths, ConfigError> {
+        let (Some(ca), Some(cert), Some(key)) = (&self.ca, &self.cert, &self.key) else {
+            return Err(ConfigError::Invalid(
+                "the node serves mutual TLS only: give --ca, --cert and --key (or ca/cert/key in \
+                 the config file, CXRFED_CA/CXRFED_CERT/CXRFED_KEY); `cxrfed certs --help` \
+                 creates them. For a loopback-only development node without TLS, pass \
+                 --insecure-dev"
+                    .into(),
+            ));
+        };
+        let crl = self.crl.clone().or_else(|| {
+            let beside = ca.parent()?.join(cxrfed_auth::pki::CA_CRL);
+            beside.exists().then_some(beside)
+        });
+        Ok(cxrfed_auth::TlsPaths {
+            ca: ca.clone(),
+            cert: cert.clone(),
+            key: key.clone(),
+            crl,
+        })
     }
 
     pub fn store_dir(&self) -> PathBuf {
@@ -212,7 +280,7 @@ mod tests {
         let file = dir.path().join("node.toml");
         std::fs::write(
             &file,
-            "site = \"from-file\"\ninput_size = 256\nmax_rows = 100\n",
+            "site = \"from-file\"\ninput_size = 256\nmax_rows = 100\ninsecure_dev = true\n",
         )
         .expect("write");
         figment::Jail::expect_with(|jail| {
@@ -251,5 +319,21 @@ mod tests {
         flags.insert("aspect", "stretch");
         let err = NodeConfig::load(None, &flags).expect_err("invalid");
         assert!(err.to_string().contains("aspect"), "{err}");
+    }
+
+    #[test]
+    fn tls_is_required_unless_insecure_dev_on_loopback() {
+        let flags: BTreeMap<&str, &str> = BTreeMap::new();
+        let err = NodeConfig::load(None, &flags).expect_err("no TLS files");
+        assert!(err.to_string().contains("--insecure-dev"), "{err}");
+
+        let mut flags = BTreeMap::new();
+        flags.insert("insecure_dev", serde_json::json!(true));
+        flags.insert("listen", serde_json::json!("0.0.0.0:50051"));
+        let err = NodeConfig::load(None, &flags).expect_err("non-loopback");
+        assert!(err.to_string().contains("non-loopback"), "{err}");
+
+        flags.insert("listen", serde_json::json!("127.0.0.1:50051"));
+        NodeConfig::load(None, &flags).expect("loopback dev node");
     }
 }

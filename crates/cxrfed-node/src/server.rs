@@ -4,10 +4,10 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU32;
 use std::time::{Duration, Instant};
 
+use cxrfed_auth::{AuthLayer, Identity, Policy, ReloadingTls, Role, Rule, ServerTransport};
 use cxrfed_proto::v1::node_service_server::NodeServiceServer;
 use cxrfed_store::RecordStore;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::NodeConfig;
@@ -34,6 +34,67 @@ pub enum ServeError {
     Join(String),
     #[error(transparent)]
     Model(#[from] cxrfed_model::ModelError),
+    #[error("TLS: {0}")]
+    Tls(#[from] cxrfed_auth::AuthError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+}
+
+/// The node's transport: mutual TLS with its node certificate, or `--insecure-dev`. With TLS the
+/// site is the one in the node's certificate; a configured site that differs is refused.
+fn transport(config: &mut NodeConfig) -> Result<ServerTransport, ServeError> {
+    if config.insecure_dev {
+        tracing::warn!(
+            listen = %config.listen,
+            "!!! --insecure-dev: plaintext gRPC WITHOUT client authentication; every local \
+             caller is treated as the admin of site {}. For development only, never with real \
+             patient data. !!!",
+            config.site
+        );
+        return Ok(ServerTransport::InsecureDev(Identity::insecure_dev(
+            &config.site,
+        )));
+    }
+    let paths = config.tls_paths()?;
+    let tls = ReloadingTls::load(paths, &[Role::Node])?;
+    let own = tls.current().own.clone();
+    let cert_site = own.site.clone().unwrap_or_default();
+    if config.site != cert_site {
+        if config.site != NodeConfig::default().site {
+            return Err(ServeError::Config(crate::config::ConfigError::Invalid(
+                format!(
+                    "the node certificate is for site {cert_site:?} but the configuration says site {:?}",
+                    config.site
+                ),
+            )));
+        }
+        config.site = cert_site;
+    }
+    tracing::info!(
+        identity = %own,
+        cert_fingerprint = own.fingerprint.as_str(),
+        not_after = %own.not_after.to_rfc3339(),
+        crl = ?tls.paths().crl,
+        revoked = tls.current().revoked_count(),
+        "mutual TLS 1.3: client certificates must chain to the study CA"
+    );
+    Ok(ServerTransport::Tls(tls))
+}
+
+/// Who may call what on a node: every RPC of `cxrfed.v1.NodeService` names its rule here, and
+/// the authorization layer refuses methods without one.
+pub const NODE_RULES: &[(&str, Rule)] = &[
+    // Records and images are the hospital's: its own admins only.
+    ("Extract", Rule::SiteAdmin),
+    ("GetRecord", Rule::SiteAdmin),
+    ("ListRecords", Rule::SiteAdmin),
+    ("Status", Rule::SiteAdmin),
+];
+
+pub fn node_policy(site: &str) -> Policy {
+    Policy::new(Some(site))
+        .service("cxrfed.v1.NodeService", NODE_RULES)
+        .with_health_and_reflection()
 }
 
 /// Loads the configured model onto its device and starts the inference worker.
@@ -72,7 +133,7 @@ pub fn load_model(
 /// On shutdown, health turns NOT_SERVING, new connections are refused, in-flight requests
 /// get `grace_period_secs` to finish, and the store is flushed before this returns.
 pub async fn serve(
-    config: NodeConfig,
+    mut config: NodeConfig,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
@@ -80,6 +141,7 @@ pub async fn serve(
         path: config.data_dir.display().to_string(),
         source,
     })?;
+    let transport = transport(&mut config)?;
     let secret = secret::load_or_create(&config.secret_path())?;
     let store_dir = config.store_dir();
     let store = tokio::task::spawn_blocking(move || RecordStore::open(&store_dir))
@@ -120,20 +182,33 @@ pub async fn serve(
     tracing::info!(
         listen = ?local,
         site = %state.config.site,
+        tls = !state.config.insecure_dev,
         records = state.store.count(),
         "node serving (research use only, not a diagnostic device)"
     );
 
+    let tls = match &transport {
+        ServerTransport::Tls(tls) => {
+            tls.spawn_watcher(
+                Duration::from_millis(state.config.tls_reload_ms),
+                shutdown.clone(),
+            );
+            Some(tls.clone())
+        }
+        ServerTransport::InsecureDev(_) => None,
+    };
+    let auth = AuthLayer::new(node_policy(&state.config.site), tls);
     let node = NodeServiceServer::new(NodeApi::new(state.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let server = tonic::transport::Server::builder()
+        .layer(auth)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)
         .add_service(node)
         .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listener),
+            cxrfed_auth::incoming(listener, transport, shutdown.clone()),
             shutdown.clone().cancelled_owned(),
         );
     let mut server = tokio::spawn(server);
@@ -159,4 +234,29 @@ pub async fn serve(
     tracing::info!(records = store.count(), "store flushed; node stopped");
     result.map_err(|e| ServeError::Join(e.to_string()))??;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    #[test]
+    fn every_node_rpc_declares_who_may_call_it() {
+        let set = prost_types::FileDescriptorSet::decode(cxrfed_proto::FILE_DESCRIPTOR_SET)
+            .expect("descriptor set");
+        let policy = node_policy("site-a");
+        let mut methods = 0;
+        for file in &set.file {
+            for service in &file.service {
+                let full = format!("{}.{}", file.package(), service.name());
+                for method in &service.method {
+                    let path = format!("/{full}/{}", method.name());
+                    assert!(policy.rule(&path).is_some(), "{path} has no rule");
+                    methods += 1;
+                }
+            }
+        }
+        assert!(methods >= NODE_RULES.len());
+    }
 }

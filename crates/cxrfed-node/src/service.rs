@@ -63,6 +63,28 @@ pub fn request_id(metadata: &MetadataMap) -> String {
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
 }
 
+/// Who called: the connection's address and the verified identity.
+#[derive(Debug, Clone, Default)]
+pub struct Caller {
+    pub remote: Option<std::net::SocketAddr>,
+    pub identity: Option<String>,
+}
+
+impl Caller {
+    pub fn of<T>(request: &Request<T>) -> Caller {
+        let extensions = request.extensions();
+        Caller {
+            remote: extensions
+                .get::<cxrfed_auth::PeerInfo>()
+                .and_then(|p| p.remote)
+                .or_else(|| request.remote_addr()),
+            identity: extensions
+                .get::<cxrfed_auth::Identity>()
+                .map(cxrfed_auth::Identity::uri),
+        }
+    }
+}
+
 /// Decrements the in-flight counter however the request ends.
 struct InFlight<'a>(&'a AtomicU32);
 
@@ -84,7 +106,7 @@ impl Drop for InFlight<'_> {
 async fn observe<T, F>(
     state: &NodeState,
     method: &'static str,
-    peer: Option<std::net::SocketAddr>,
+    peer: &Caller,
     metadata: &MetadataMap,
     handler: impl FnOnce(String) -> F,
 ) -> Result<Response<T>, Status>
@@ -96,8 +118,10 @@ where
         "rpc",
         method,
         request_id = %request_id,
-        // The peer's address; its certificate identity joins it with mTLS.
-        peer = %peer.map(|p| p.to_string()).unwrap_or_default(),
+        // The caller's address and the identity its certificate carries (set by the
+        // authorization layer, which has already admitted it).
+        peer = %peer.remote.map(|p| p.to_string()).unwrap_or_default(),
+        identity = peer.identity.as_deref().unwrap_or("-"),
         image_sha256 = field::Empty,
         record_id = field::Empty,
     );
@@ -268,9 +292,9 @@ impl NodeService for NodeApi {
         request: Request<Streaming<pb::ExtractRequest>>,
     ) -> Result<Response<pb::ExtractResponse>, Status> {
         let metadata = request.metadata().clone();
-        let peer = request.remote_addr();
+        let peer = Caller::of(&request);
         let stream = request.into_inner();
-        observe(&self.state, "Extract", peer, &metadata, |rid| {
+        observe(&self.state, "Extract", &peer, &metadata, |rid| {
             self.extract_inner(stream, rid)
         })
         .await
@@ -281,9 +305,9 @@ impl NodeService for NodeApi {
         request: Request<pb::GetRecordRequest>,
     ) -> Result<Response<pb::Record>, Status> {
         let metadata = request.metadata().clone();
-        let peer = request.remote_addr();
+        let peer = Caller::of(&request);
         let id = request.into_inner().record_id;
-        observe(&self.state, "GetRecord", peer, &metadata, |_| async {
+        observe(&self.state, "GetRecord", &peer, &metadata, |_| async {
             uuid::Uuid::parse_str(&id).map_err(|_| {
                 NodeError::InvalidRequest(format!("record_id {id:?} is not a UUID"))
             })?;
@@ -307,9 +331,9 @@ impl NodeService for NodeApi {
         request: Request<pb::ListRecordsRequest>,
     ) -> Result<Response<Self::ListRecordsStream>, Status> {
         let metadata = request.metadata().clone();
-        let peer = request.remote_addr();
+        let peer = Caller::of(&request);
         let request = request.into_inner();
-        observe(&self.state, "ListRecords", peer, &metadata, |_| async {
+        observe(&self.state, "ListRecords", &peer, &metadata, |_| async {
             let api = self.clone();
             let items = tokio::task::spawn_blocking(move || api.list_inner(request))
                 .await
@@ -325,8 +349,8 @@ impl NodeService for NodeApi {
         request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
         let metadata = request.metadata().clone();
-        let peer = request.remote_addr();
-        observe(&self.state, "Status", peer, &metadata, |_| async {
+        let peer = Caller::of(&request);
+        observe(&self.state, "Status", &peer, &metadata, |_| async {
             let state = &self.state;
             Ok(pb::StatusResponse {
                 version: env!("CARGO_PKG_VERSION").to_string(),

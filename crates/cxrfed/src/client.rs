@@ -13,13 +13,94 @@ use tonic::transport::Channel;
 
 /// Upload chunk size: well under the server's 4 MiB message limit.
 const CHUNK_BYTES: usize = 1024 * 1024;
-const DEFAULT_NODE: &str = "http://127.0.0.1:50051";
+const DEFAULT_NODE: &str = "https://127.0.0.1:50051";
+
+/// How a client authenticates: the study CA and the caller's certificate, given directly or
+/// through a profile file (`certs issue` writes one); flags win over the profile.
+#[derive(Debug, Clone, Default, Args)]
+pub struct Credentials {
+    /// Profile file naming ca, cert and key (and optionally the node URL).
+    #[arg(long, env = "CXRFED_PROFILE")]
+    pub profile: Option<PathBuf>,
+    /// The study CA certificate (PEM).
+    #[arg(long, env = "CXRFED_CA")]
+    pub ca: Option<PathBuf>,
+    /// Your certificate (PEM).
+    #[arg(long, env = "CXRFED_CERT")]
+    pub cert: Option<PathBuf>,
+    /// Your private key (PEM, mode 0600).
+    #[arg(long, env = "CXRFED_KEY")]
+    pub key: Option<PathBuf>,
+}
+
+impl Credentials {
+    fn profile(&self) -> anyhow::Result<Option<cxrfed_auth::client::Profile>> {
+        self.profile
+            .as_deref()
+            .map(cxrfed_auth::client::Profile::load)
+            .transpose()
+            .map_err(Into::into)
+    }
+
+    /// The node URL (flag, then profile, then the default) and a connected client.
+    pub async fn connect_node(
+        &self,
+        node: Option<&str>,
+    ) -> anyhow::Result<NodeServiceClient<Channel>> {
+        let profile = self.profile()?;
+        let url = node
+            .map(str::to_string)
+            .or_else(|| profile.as_ref().and_then(|p| p.node.clone()))
+            .unwrap_or_else(|| DEFAULT_NODE.to_string());
+        let credentials = cxrfed_auth::client::credentials(
+            profile.as_ref(),
+            self.ca.clone(),
+            self.cert.clone(),
+            self.key.clone(),
+        );
+        let channel = cxrfed_auth::client::connect(&url, credentials.as_ref())
+            .await
+            .with_context(|| {
+                format!("cannot reach the node at {url}; is it running? (`cxrfed node status`)")
+            })?;
+        if url.starts_with("http://") {
+            // Plaintext against a TLS node fails below gRPC with an unhelpful h2 error: probe
+            // with a health check first and say what is wrong.
+            let probe = tonic_health::pb::health_client::HealthClient::new(channel.clone())
+                .check(tonic_health::pb::HealthCheckRequest::default())
+                .await;
+            if let Err(status) = probe {
+                if !matches!(
+                    status.code(),
+                    tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+                ) {
+                    anyhow::bail!(
+                        "the node at {url} does not answer plaintext gRPC ({}): it speaks mutual \
+                         TLS unless started with --insecure-dev; use https:// with --profile or \
+                         --ca/--cert/--key",
+                        status.message()
+                    );
+                }
+            }
+        }
+        Ok(NodeServiceClient::new(channel)
+            .max_decoding_message_size(8 * 1024 * 1024)
+            .max_encoding_message_size(8 * 1024 * 1024))
+    }
+}
+
+/// A gRPC error as one line: the message and the status code.
+pub fn status_error(status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{} ({:?})", status.message(), status.code())
+}
 
 #[derive(Debug, Args)]
 pub struct ExtractArgs {
-    /// Node URL.
-    #[arg(long, env = "CXRFED_NODE", default_value = DEFAULT_NODE)]
-    node: String,
+    /// Node URL [default: the profile's node, else https://127.0.0.1:50051].
+    #[arg(long, env = "CXRFED_NODE")]
+    node: Option<String>,
+    #[command(flatten)]
+    credentials: Credentials,
     /// Re-extract images that are already stored (the new record replaces the old one).
     #[arg(long)]
     force: bool,
@@ -30,9 +111,11 @@ pub struct ExtractArgs {
 
 #[derive(Debug, Args)]
 pub struct RecordsArgs {
-    /// Node URL.
-    #[arg(long, env = "CXRFED_NODE", default_value = DEFAULT_NODE)]
-    node: String,
+    /// Node URL [default: the profile's node, else https://127.0.0.1:50051].
+    #[arg(long, env = "CXRFED_NODE")]
+    node: Option<String>,
+    #[command(flatten)]
+    credentials: Credentials,
     /// Maximum number of records to print.
     #[arg(long, default_value_t = 100)]
     limit: usize,
@@ -58,22 +141,16 @@ pub fn run(future: impl Future<Output = anyhow::Result<ExitCode>>) -> anyhow::Re
         .block_on(future)
 }
 
-async fn connect(url: &str) -> anyhow::Result<NodeServiceClient<Channel>> {
-    let channel = Channel::from_shared(url.to_string())
-        .with_context(|| format!("invalid node URL {url:?}"))?
-        .connect()
+pub async fn node_status(
+    url: &str,
+    credentials: &Credentials,
+) -> anyhow::Result<pb::StatusResponse> {
+    let mut client = credentials.connect_node(Some(url)).await?;
+    Ok(client
+        .status(pb::StatusRequest {})
         .await
-        .with_context(|| {
-            format!("cannot reach the node at {url}; is it running? (`cxrfed node status`)")
-        })?;
-    Ok(NodeServiceClient::new(channel)
-        .max_decoding_message_size(8 * 1024 * 1024)
-        .max_encoding_message_size(8 * 1024 * 1024))
-}
-
-pub async fn node_status(url: &str) -> anyhow::Result<pb::StatusResponse> {
-    let mut client = connect(url).await?;
-    Ok(client.status(pb::StatusRequest {}).await?.into_inner())
+        .map_err(status_error)?
+        .into_inner())
 }
 
 /// Streams one file to the node in chunks, reading it as it goes (bounded memory).
@@ -119,8 +196,7 @@ async fn extract_file(
         .await
         .context("reader task failed")?
         .context("cannot read")?;
-    let response =
-        response.map_err(|status| anyhow::anyhow!("{} ({:?})", status.message(), status.code()))?;
+    let response = response.map_err(status_error)?;
     Ok(response.into_inner())
 }
 
@@ -132,7 +208,7 @@ fn print_record(record: pb::Record) -> anyhow::Result<()> {
 }
 
 pub async fn extract(args: ExtractArgs) -> anyhow::Result<ExitCode> {
-    let mut client = connect(&args.node).await?;
+    let mut client = args.credentials.connect_node(args.node.as_deref()).await?;
     let mut failures = 0usize;
     for path in &args.files {
         match extract_file(&mut client, path, args.force).await {
@@ -174,7 +250,7 @@ pub async fn records(args: RecordsArgs) -> anyhow::Result<ExitCode> {
             .map(pb::View::from)
             .with_context(|| format!("unknown view {text:?} (PA, AP, LL or unknown)"))?,
     };
-    let mut client = connect(&args.node).await?;
+    let mut client = args.credentials.connect_node(args.node.as_deref()).await?;
     let mut printed = 0usize;
     let mut page_token = String::new();
     while printed < args.limit {
@@ -189,7 +265,7 @@ pub async fn records(args: RecordsArgs) -> anyhow::Result<ExitCode> {
         let mut stream = client
             .list_records(request)
             .await
-            .map_err(|s| anyhow::anyhow!("{} ({:?})", s.message(), s.code()))?
+            .map_err(status_error)?
             .into_inner();
         page_token.clear();
         while let Some(item) = stream.message().await? {

@@ -4,15 +4,15 @@
 
 #![forbid(unsafe_code)]
 
+mod certs_cmd;
 mod client;
 mod logging;
 mod model_cmd;
 mod node_cmd;
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Parser, Subcommand};
 
 /// mimalloc keeps freed pages for reuse: every image allocates several full-resolution
 /// buffers, which glibc would map and page-fault afresh each time.
@@ -44,6 +44,11 @@ enum Command {
     Records(client::RecordsArgs),
     /// Generate synthetic chest X-ray phantoms with exact ground truth (DICOM + labels).
     Phantom(model_cmd::PhantomArgs),
+    /// Study CA and certificates: init, issue, inspect, revoke.
+    Certs {
+        #[command(subcommand)]
+        command: certs_cmd::CertsCommand,
+    },
     /// Train, evaluate and inspect extraction models.
     Model {
         #[command(subcommand)]
@@ -56,16 +61,9 @@ enum NodeCommand {
     /// Start the node's gRPC server.
     Serve(Box<node_cmd::ServeArgs>),
     /// Show whether the node of a data directory runs: PID, address, uptime, records, last log lines.
-    Status(DataDirArg),
+    Status(node_cmd::StatusArgs),
     /// Stop the node of a data directory gracefully (SIGTERM, drain, flush; forced after a grace period).
     Stop(node_cmd::StopArgs),
-}
-
-#[derive(Debug, Args)]
-struct DataDirArg {
-    /// Node data directory [default: the embedded default, see `node serve --help`].
-    #[arg(long, env = "CXRFED_DATA_DIR")]
-    data_dir: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -76,7 +74,7 @@ fn main() -> ExitCode {
         } => node_cmd::serve(*args),
         Command::Node {
             command: NodeCommand::Status(args),
-        } => node_cmd::status(args.data_dir),
+        } => node_cmd::status(args),
         Command::Node {
             command: NodeCommand::Stop(args),
         } => node_cmd::stop(args),
@@ -84,6 +82,7 @@ fn main() -> ExitCode {
         Command::Records(args) => client::run(client::records(args)),
         Command::Phantom(args) => model_cmd::phantom(args),
         Command::Model { command } => model_cmd::run(command),
+        Command::Certs { command } => certs_cmd::run(command),
     };
     match result {
         Ok(code) => code,

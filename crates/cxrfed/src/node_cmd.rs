@@ -86,10 +86,45 @@ pub struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     inference_queue: Option<usize>,
+    /// The study CA certificate client certificates must chain to (PEM).
+    #[arg(long, env = "CXRFED_CA")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ca: Option<PathBuf>,
+    /// The node's certificate (PEM, role node; `cxrfed certs issue --role node`).
+    #[arg(long, env = "CXRFED_CERT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cert: Option<PathBuf>,
+    /// The node's private key (PEM; refused unless mode 0600 or stricter).
+    #[arg(long, env = "CXRFED_KEY")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key: Option<PathBuf>,
+    /// The study CA's revocation list [default: crl.pem next to --ca, when present].
+    #[arg(long, env = "CXRFED_CRL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    crl: Option<PathBuf>,
+    /// Plaintext gRPC without client authentication, every caller treated as the site admin.
+    /// Development only; refused on a non-loopback address.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    insecure_dev: bool,
+    /// How often certificate, key, CA and CRL files are checked for changes, ms [default: 2000].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_reload_ms: Option<u64>,
     /// Start in the background and return once the node accepts connections.
     #[arg(long)]
     #[serde(skip)]
     detach: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Node data directory [default: the embedded default, see `node serve --help`].
+    #[arg(long, env = "CXRFED_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Credentials for the Status RPC (an admin certificate of the node's site).
+    #[command(flatten)]
+    credentials: crate::client::Credentials,
 }
 
 #[derive(Debug, Args)]
@@ -108,6 +143,13 @@ struct PidFile {
     pid: u32,
     listen: SocketAddr,
     started_at: String,
+    /// Whether the node speaks TLS (false only under --insecure-dev).
+    #[serde(default = "default_true")]
+    tls: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn read_pid_file(data_dir: &Path) -> Option<PidFile> {
@@ -170,6 +212,7 @@ async fn run_node(mut config: NodeConfig) -> anyhow::Result<()> {
         pid: std::process::id(),
         listen: config.listen,
         started_at: chrono::Utc::now().to_rfc3339(),
+        tls: !config.insecure_dev,
     };
     let pid_path = config.pid_path();
     std::fs::write(&pid_path, serde_json::to_vec(&pid_file)?)
@@ -260,8 +303,8 @@ fn last_lines(path: &Path, n: usize) -> Vec<String> {
     lines[lines.len().saturating_sub(n)..].to_vec()
 }
 
-pub fn status(data_dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
-    let data_dir = data_dir.unwrap_or_else(default_data_dir);
+pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
+    let data_dir = args.data_dir.unwrap_or_else(default_data_dir);
     let logs = last_lines(&log_dir(&data_dir).join("node.log"), 5);
     let Some(pid) = read_pid_file(&data_dir) else {
         println!("node: not running (no PID file in {})", data_dir.display());
@@ -281,11 +324,23 @@ pub fn status(data_dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     println!("  pid:            {}", pid.pid);
     println!("  listen:         {}", pid.listen);
     println!("  data directory: {}", data_dir.display());
-    let url = format!("http://{}", pid.listen);
+    let url = format!(
+        "{}://{}",
+        if pid.tls { "https" } else { "http" },
+        pid.listen
+    );
+    println!(
+        "  transport:      {}",
+        if pid.tls {
+            "mutual TLS"
+        } else {
+            "PLAINTEXT (--insecure-dev)"
+        }
+    );
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    match runtime.block_on(crate::client::node_status(&url)) {
+    match runtime.block_on(crate::client::node_status(&url, &args.credentials)) {
         Ok(s) => {
             println!("  site:           {}", s.site);
             println!("  version:        {}", s.version);

@@ -1,0 +1,106 @@
+//! Client side: profiles (a TOML file naming the CA, certificate and key) and connecting to a
+//! cxrfed server over mutual TLS.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::AuthError;
+use crate::tls::ClientCredentials;
+
+/// A client profile file (`certs issue` writes one next to each certificate). Relative paths
+/// are relative to the profile's directory.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Profile {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// Default node URL for node commands.
+    pub node: Option<String>,
+    /// Default coordinator URL for study commands.
+    pub coordinator: Option<String>,
+}
+
+impl Profile {
+    pub fn load(path: &Path) -> Result<Profile, AuthError> {
+        let text = std::fs::read_to_string(path).map_err(|e| AuthError::io(path, e))?;
+        let mut profile: Profile = toml::from_str(&text)
+            .map_err(|e| AuthError::Invalid(format!("profile {}: {e}", path.display())))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for field in [&mut profile.ca, &mut profile.cert, &mut profile.key] {
+            if let Some(p) = field.as_mut() {
+                if p.is_relative() {
+                    *p = base.join(&*p);
+                }
+            }
+        }
+        Ok(profile)
+    }
+}
+
+/// Flags and profile merged: explicit flags win over the profile's entries.
+pub fn credentials(
+    profile: Option<&Profile>,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+) -> Option<ClientCredentials> {
+    let from = |field: fn(&Profile) -> Option<PathBuf>| profile.and_then(field);
+    let ca = ca.or_else(|| from(|p| p.ca.clone()))?;
+    Some(ClientCredentials {
+        ca,
+        cert: cert.or_else(|| from(|p| p.cert.clone())),
+        key: key.or_else(|| from(|p| p.key.clone())),
+    })
+}
+
+/// Connects to `url`: `https://` with mutual TLS (the default), `http://` only for a server
+/// started with `--insecure-dev`.
+pub async fn connect(
+    url: &str,
+    credentials: Option<&ClientCredentials>,
+) -> Result<Channel, AuthError> {
+    let endpoint = Endpoint::from_shared(url.to_string())
+        .map_err(|e| AuthError::Invalid(format!("invalid URL {url:?}: {e}")))?
+        .connect_timeout(Duration::from_secs(10))
+        .tcp_nodelay(true);
+    let endpoint = match endpoint.uri().scheme_str() {
+        Some("https") => {
+            let credentials = credentials.ok_or_else(|| {
+                AuthError::Invalid(format!(
+                    "{url} uses TLS: give the study CA and your certificate with --ca/--cert/--key or --profile (CXRFED_PROFILE)"
+                ))
+            })?;
+            endpoint
+                .tls_config(credentials.tonic_config()?)
+                .map_err(|e| AuthError::Invalid(format!("TLS configuration: {e}")))?
+        }
+        Some("http") => endpoint,
+        _ => {
+            return Err(AuthError::Invalid(format!(
+                "URL {url:?} must start with https:// (or http:// for an --insecure-dev server)"
+            )));
+        }
+    };
+    endpoint.connect().await.map_err(|e| {
+        let mut message = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            message.push_str(": ");
+            message.push_str(&s.to_string());
+            source = s.source();
+        }
+        let hint = if url.starts_with("http://") {
+            " (a node without --insecure-dev speaks TLS only: use https://)"
+        } else {
+            ""
+        };
+        AuthError::Connect {
+            url: url.to_string(),
+            message: format!("{message}{hint}"),
+        }
+    })
+}
