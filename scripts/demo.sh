@@ -8,9 +8,29 @@ BIN=target/debug/cxrfed
 PYTHON=.venv/bin/python
 
 echo "== cxrfed demo (research use only, not a diagnostic device) =="
+# The embedded default data directory of `cxrfed node serve`.
+DATA_DIR="${CXRFED_DATA_DIR:-${XDG_DATA_HOME:-$HOME/.local/share}/cxrfed/node}"
+export CXRFED_DATA_DIR="$DATA_DIR"
 # A node left over from an earlier demo would hold the default port.
 "$BIN" node stop >/dev/null 2>&1 || true
-"$BIN" node serve --detach
+
+# Every node serves mutual TLS: a development study CA and the certificates of this demo are
+# made on the first run, into the data directory (never real keys; see certs/README.md).
+PKI="$DATA_DIR/pki"
+if [ ! -f "$PKI/ca/ca.pem" ]; then
+    echo
+    echo "== creating a development study CA and certificates in $PKI =="
+    "$BIN" certs init --out "$PKI/ca" --study demo-study --days 365
+    "$BIN" certs issue --ca "$PKI/ca" --role node --name node-local --site local --out "$PKI/node"
+    "$BIN" certs issue --ca "$PKI/ca" --role admin --name demo-admin --site local --out "$PKI/admin"
+    "$BIN" certs issue --ca "$PKI/ca" --role researcher --name demo-researcher --out "$PKI/researcher"
+fi
+echo
+"$BIN" certs inspect "$PKI/admin/cert.pem"
+# Client commands below authenticate as the site admin.
+export CXRFED_PROFILE="$PKI/admin/profile.toml"
+echo
+"$BIN" node serve --detach --ca "$PKI/ca/ca.pem" --cert "$PKI/node/cert.pem" --key "$PKI/node/key.pem"
 
 RG1_DIR=$("$PYTHON" -c "import data_store, os; print(os.path.join(os.path.dirname(data_store.__file__), 'data'))")
 echo
@@ -40,13 +60,18 @@ echo "== node status =="
 "$BIN" node status || true
 
 echo
-echo "== services, through server reflection =="
+echo "== a researcher's certificate does not open the node's records =="
+"$BIN" records --profile "$PKI/researcher/profile.toml" || echo "   (refused, as it should be: records are for the site admin)"
+
+echo
+echo "== services, through server reflection (mutual TLS) =="
+GRPCURL_TLS="-cacert $PKI/ca/ca.pem -cert $PKI/admin/cert.pem -key $PKI/admin/key.pem"
 if command -v grpcurl >/dev/null 2>&1; then
-    grpcurl -plaintext 127.0.0.1:50051 list
+    grpcurl $GRPCURL_TLS 127.0.0.1:50051 list
 else
     echo "(grpcurl is not installed; with it:)"
-    echo "  grpcurl -plaintext 127.0.0.1:50051 list"
-    echo "  grpcurl -plaintext 127.0.0.1:50051 cxrfed.v1.NodeService/Status"
+    echo "  grpcurl $GRPCURL_TLS 127.0.0.1:50051 list"
+    echo "  grpcurl $GRPCURL_TLS 127.0.0.1:50051 cxrfed.v1.NodeService/Status"
 fi
 
 echo

@@ -85,7 +85,62 @@ enum Mode {
         images: usize,
         #[arg(long, default_value_t = 32)]
         clients: usize,
+        /// Client profile for an https:// node (mutual TLS).
+        #[arg(long)]
+        profile: Option<PathBuf>,
     },
+    /// Connection set-up cost: `count` sequential fresh connections, each with one Status call
+    /// (TCP + TLS 1.3 handshake with client certificate + HTTP/2 + first RPC).
+    Connect {
+        #[arg(long)]
+        url: String,
+        #[arg(long, default_value_t = 50)]
+        count: usize,
+        #[arg(long)]
+        profile: Option<PathBuf>,
+    },
+}
+
+fn credentials(profile: Option<&Path>) -> anyhow::Result<Option<cxrfed_auth::ClientCredentials>> {
+    let Some(path) = profile else {
+        return Ok(None);
+    };
+    let profile = cxrfed_auth::client::Profile::load(path)?;
+    Ok(cxrfed_auth::client::credentials(
+        Some(&profile),
+        None,
+        None,
+        None,
+    ))
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = (p / 100.0 * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+async fn connect_bench(
+    url: String,
+    count: usize,
+    profile: Option<PathBuf>,
+) -> anyhow::Result<serde_json::Value> {
+    let credentials = credentials(profile.as_deref())?;
+    let mut millis = Vec::with_capacity(count);
+    for _ in 0..count {
+        let start = Instant::now();
+        let channel = cxrfed_auth::client::connect(&url, credentials.as_ref()).await?;
+        cxrfed_proto::v1::node_service_client::NodeServiceClient::new(channel)
+            .status(cxrfed_proto::v1::StatusRequest {})
+            .await?;
+        millis.push(start.elapsed().as_secs_f64() * 1000.0);
+    }
+    millis.sort_by(f64::total_cmp);
+    Ok(serde_json::json!({
+        "count": count, "p50_ms": percentile(&millis, 50.0), "p99_ms": percentile(&millis, 99.0),
+    }))
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -116,20 +171,27 @@ fn forward_bench(
     }))
 }
 
+/// Every client has its own connection (its own TLS session), as separate users would.
 async fn node_bench(
     url: String,
     files: Vec<PathBuf>,
     images: usize,
     clients: usize,
+    profile: Option<PathBuf>,
 ) -> anyhow::Result<serde_json::Value> {
     use cxrfed_proto::v1 as pb;
     let payloads: Vec<Vec<u8>> = files.iter().map(std::fs::read).collect::<Result<_, _>>()?;
     anyhow::ensure!(!payloads.is_empty(), "no files");
-    let channel = tonic::transport::Endpoint::from_shared(url)?
-        .connect()
-        .await?;
-    let client = cxrfed_proto::v1::node_service_client::NodeServiceClient::new(channel)
-        .max_decoding_message_size(64 * 1024 * 1024);
+    let credentials = credentials(profile.as_deref())?;
+    let mut connections = Vec::with_capacity(clients);
+    for _ in 0..clients {
+        let channel = cxrfed_auth::client::connect(&url, credentials.as_ref()).await?;
+        connections.push(
+            cxrfed_proto::v1::node_service_client::NodeServiceClient::new(channel)
+                .max_decoding_message_size(64 * 1024 * 1024),
+        );
+    }
+    let client = connections[0].clone();
     let upload = |bytes: &[u8]| -> Vec<pb::ExtractRequest> {
         let mut messages: Vec<pb::ExtractRequest> = bytes
             .chunks(1024 * 1024)
@@ -156,33 +218,46 @@ async fn node_bench(
     let payloads = std::sync::Arc::new(payloads);
     let start = Instant::now();
     let mut tasks = Vec::new();
-    for _ in 0..clients {
-        let (next, payloads, mut client) = (next.clone(), payloads.clone(), client.clone());
+    for mut client in connections {
+        let (next, payloads) = (next.clone(), payloads.clone());
         let messages: Vec<Vec<pb::ExtractRequest>> = payloads.iter().map(|b| upload(b)).collect();
         tasks.push(tokio::spawn(async move {
             let mut refused = 0usize;
+            let mut latencies = Vec::new();
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 if i >= images {
                     break;
                 }
                 let msgs = messages[i % messages.len()].clone();
-                if let Err(status) = client.extract(tokio_stream::iter(msgs)).await {
-                    anyhow::ensure!(status.code() == tonic::Code::ResourceExhausted, "{status}");
-                    refused += 1;
+                let sent = Instant::now();
+                match client.extract(tokio_stream::iter(msgs)).await {
+                    Ok(_) => latencies.push(sent.elapsed().as_secs_f64() * 1000.0),
+                    Err(status) => {
+                        anyhow::ensure!(
+                            status.code() == tonic::Code::ResourceExhausted,
+                            "{status}"
+                        );
+                        refused += 1;
+                    }
                 }
             }
-            Ok::<usize, anyhow::Error>(refused)
+            Ok::<(usize, Vec<f64>), anyhow::Error>((refused, latencies))
         }));
     }
     let mut refused = 0;
+    let mut latencies = Vec::new();
     for t in tasks {
-        refused += t.await??;
+        let (r, l) = t.await??;
+        refused += r;
+        latencies.extend(l);
     }
     let seconds = start.elapsed().as_secs_f64();
+    latencies.sort_by(f64::total_cmp);
     Ok(serde_json::json!({
         "images_per_s": (images - refused) as f64 / seconds, "seconds": seconds, "refused": refused,
         "clients": clients, "images": images,
+        "p50_ms": percentile(&latencies, 50.0), "p99_ms": percentile(&latencies, 99.0),
     }))
 }
 
@@ -250,18 +325,29 @@ fn main() -> anyhow::Result<()> {
                 forward_bench(&model, batch, repeats, images, &device, reference)?
             );
         }
+        Mode::Connect {
+            url,
+            count,
+            profile,
+        } => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            println!("{}", runtime.block_on(connect_bench(url, count, profile))?);
+        }
         Mode::Node {
             url,
             files,
             images,
             clients,
+            profile,
         } => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
             println!(
                 "{}",
-                runtime.block_on(node_bench(url, files, images, clients))?
+                runtime.block_on(node_bench(url, files, images, clients, profile))?
             );
         }
         Mode::Latency {
