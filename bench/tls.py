@@ -3,7 +3,7 @@ connection) against the same node binary served with mutual TLS 1.3 and with --i
 plaintext, side by side; plus the cost of setting up a connection (TCP + TLS handshake with
 client certificate + HTTP/2 + first RPC).
 
-Runs alternate (plain, mTLS, plain, mTLS, ...) so that the shared machine's noise hits both;
+Runs alternate (plain, mTLS, mTLS, plain, plain, mTLS, ...) so that the shared machine's noise hits both;
 medians and ratios are reported. Writes docs/bench/tls.md.
 
     python bench/tls.py --cxrfed target/release/cxrfed --bin target/release/cxrfed-bench
@@ -70,7 +70,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--cxrfed", default="target/release/cxrfed")
     p.add_argument("--bin", default="target/release/cxrfed-bench")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--out", default="docs/bench/tls.md")
     args = p.parse_args()
@@ -92,15 +92,25 @@ def main():
 
     scenarios = [
         # Transport-bound: a 256 px image, no model: what is left is upload, decode, store.
-        ("256 px DICOM, no model", phantoms("small", 256, 8), "none", 960),
+        ("256 px DICOM, no model", phantoms("small", 256, 8), "none", 4000),
         # Typical: a 1024 px DICOM through the bundled model.
-        ("1024 px DICOM, bundled tiny model", phantoms("large", 1024, 8), "bundled", 160),
+        ("1024 px DICOM, bundled tiny model", phantoms("large", 1024, 8), "bundled", 480),
     ]
     results = {}
     connect = {True: [], False: []}
     for label, files, model, images in scenarios:
+        # One unrecorded run per transport first: page cache, CPU frequency, allocator.
+        for tls in (False, True):
+            node = Node(args.cxrfed, pki, tls, model)
+            try:
+                cmd = [args.bin, "node", "--url", node.url, "--images", str(images // 4),
+                       "--clients", str(args.clients), "--files", *files]
+                run_json(cmd + (["--profile", profile] if tls else []))
+            finally:
+                node.stop()
         for r in range(args.rounds):
-            for tls in (False, True):
+            # Alternate which transport goes first, so order effects cancel out.
+            for tls in ((False, True) if r % 2 == 0 else (True, False)):
                 node = Node(args.cxrfed, pki, tls, model)
                 try:
                     cmd = [args.bin, "node", "--url", node.url, "--images", str(images),
@@ -131,7 +141,8 @@ def main():
                   "certificate verified against the study CA and CRL, authorization layer) and "
                   "`--insecure-dev` plaintext (the same authorization layer, no TLS). "
                   f"{args.clients} concurrent clients, each on its own connection, stream "
-                  f"`Extract` uploads with `force`; {args.rounds} alternating rounds, medians. "
+                  f"`Extract` uploads with `force`; one unrecorded warm-up run per transport, then "
+                  f"{args.rounds} rounds alternating which transport runs first; medians. "
                   "Clients and node share the machine's cores.\n\n")
         out.write("| workload | transport | requests/s | p50 ms | p99 ms | mTLS / plaintext throughput |\n")
         out.write("| --- | --- | ---: | ---: | ---: | ---: |\n")

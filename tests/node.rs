@@ -115,14 +115,7 @@ async fn serve_extract_status_stop_through_the_binary() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut node = NodeProcess::start(dir.path(), &[]);
     let file = pydicom_data_dir().join("RG1_UNCI.dcm");
-    let out = cxrfed(&[
-        "extract",
-        "--node",
-        &node.url(),
-        "--profile",
-        &node.profile(),
-        file.to_str().expect("path"),
-    ]);
+    let out = node.cli(&["extract", file.to_str().expect("path")]);
     assert!(
         out.status.success(),
         "extract failed: {}",
@@ -171,13 +164,7 @@ async fn serve_extract_status_stop_through_the_binary() {
     }
     assert_eq!(record["image_sha256"].as_str().expect("hash").len(), 64);
 
-    let out = cxrfed(&[
-        "records",
-        "--node",
-        &node.url(),
-        "--profile",
-        &node.profile(),
-    ]);
+    let out = node.cli(&["records"]);
     assert!(out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1);
 
@@ -288,14 +275,7 @@ async fn deidentification_leaves_no_identifier_in_records_logs_or_store() {
     drop(other);
 
     let listed = list_all(&mut c, pb::ListRecordsRequest::default()).await;
-    let cli_json = cxrfed(&[
-        "records",
-        "--node",
-        &node.url(),
-        "--profile",
-        &node.profile(),
-    ])
-    .stdout;
+    let cli_json = node.cli(&["records"]).stdout;
     let out = cxrfed(&["node", "stop", "--data-dir", node.data_dir_str()]);
     assert!(out.status.success());
     node.wait_exit(Duration::from_secs(30)).expect("stopped");

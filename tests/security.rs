@@ -41,13 +41,7 @@ async fn roles_are_enforced_and_every_denial_is_logged() {
     let other_admin = node.pki.identity(Role::Admin, "olga", Some("site-b"));
 
     // The site admin may list records.
-    let out = cxrfed(&[
-        "records",
-        "--node",
-        &node.url(),
-        "--profile",
-        &node.profile(),
-    ]);
+    let out = node.cli(&["records"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
 
     // A researcher may not, and the error names the role needed.
@@ -94,13 +88,7 @@ async fn roles_are_enforced_and_every_denial_is_logged() {
         "{log}"
     );
     // Served requests carry the identity in their span.
-    let out = cxrfed(&[
-        "records",
-        "--node",
-        &node.url(),
-        "--profile",
-        &node.profile(),
-    ]);
+    let out = node.cli(&["records"]);
     assert!(out.status.success());
     assert!(
         node_log(&node)

@@ -284,6 +284,15 @@ impl NodeProcess {
             .to_string()
     }
 
+    /// Runs a client command (`records`, `extract`, ...) against this node as the site admin:
+    /// `cxrfed ARGS... --node URL --profile ADMIN_PROFILE`.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        let (url, profile) = (self.url(), self.profile());
+        let mut all = args.to_vec();
+        all.extend(["--node", &url, "--profile", &profile]);
+        cxrfed(&all)
+    }
+
     /// A mutual-TLS channel as the site admin.
     pub async fn channel(&self) -> tonic::transport::Channel {
         self.channel_as(&self.admin).await

@@ -324,11 +324,13 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     println!("  pid:            {}", pid.pid);
     println!("  listen:         {}", pid.listen);
     println!("  data directory: {}", data_dir.display());
-    let url = format!(
-        "{}://{}",
-        if pid.tls { "https" } else { "http" },
-        pid.listen
-    );
+    // A node listening on every interface is reached on loopback (its certificate always
+    // names 127.0.0.1).
+    let mut target = pid.listen;
+    if target.ip().is_unspecified() {
+        target.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let url = format!("{}://{}", if pid.tls { "https" } else { "http" }, target);
     println!(
         "  transport:      {}",
         if pid.tls {
