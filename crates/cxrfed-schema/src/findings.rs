@@ -32,6 +32,8 @@ macro_rules! categories {
         impl $name {
             /// Every category, in schema order.
             pub const ALL: &'static [$name] = &[$($name::$variant),+];
+            /// The text of every category, in schema order.
+            pub const NAMES: &'static [&'static str] = &[$($text),+];
 
             pub fn as_str(self) -> &'static str {
                 match self { $($name::$variant => $text),+ }

@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 mod findings;
+pub mod flat;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};

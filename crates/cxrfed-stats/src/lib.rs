@@ -1,0 +1,21 @@
+//! Cohort statistics over a node's records: the query language ([`query`]), the compact
+//! columnar form a node keeps in sync with its store ([`columns`]) and exact aggregation
+//! ([`exact`]). Knows nothing of gRPC or storage.
+//!
+//! Exact results are for the site's own admin only; the node enforces that. Results meant for
+//! remote parties will go through the differentially private release (next milestone).
+
+pub mod columns;
+pub mod exact;
+pub mod query;
+
+pub use columns::Columns;
+pub use exact::{Table, TableCell};
+pub use query::{Query, QueryError};
+
+/// Parses, binds and evaluates `text` exactly.
+pub fn exact(columns: &Columns, text: &str) -> Result<Table, QueryError> {
+    let query = query::parse(text)?;
+    let bound = exact::bind(columns, query)?;
+    Ok(exact::evaluate(columns, &bound))
+}

@@ -1,0 +1,239 @@
+//! Exact statistics against an independent computation over the records themselves.
+
+use cxrfed_schema::*;
+use cxrfed_stats::exact::MISSING;
+use cxrfed_stats::{Columns, TableCell};
+use proptest::prelude::*;
+
+#[derive(Debug, Clone)]
+struct Spec {
+    quality: Option<usize>,
+    confidence: usize,
+    age: Option<usize>,
+    view: usize,
+    month: u32,
+    ctr: Option<f64>,
+    patient: u8,
+}
+
+const VIEWS: [View; 3] = [View::Pa, View::Ap, View::Ll];
+
+fn record(i: usize, s: &Spec) -> Record {
+    let findings = Findings {
+        image_quality: s.quality.map(|q| Scored {
+            value: ImageQuality::ALL[q],
+            probability: 0.8,
+        }),
+        analysis_confidence: Some(Scored {
+            value: AnalysisConfidence::ALL[s.confidence],
+            probability: 0.7,
+        }),
+        mediastinum: Mediastinum {
+            cardiothoracic_ratio: s.ctr.map(|value| Measured {
+                value,
+                confidence: 0.9,
+            }),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    Record {
+        record_id: format!("r{i}"),
+        image_sha256: format!("{i:064x}"),
+        schema_version: 1,
+        model_id: "test".into(),
+        model_sha256: String::new(),
+        created_at: chrono::DateTime::from_timestamp(1_700_000_000, 0).expect("time"),
+        processing_ms: 1.0,
+        request_id: String::new(),
+        source: Source {
+            modality: "DX".into(),
+            rows: 256,
+            columns: 256,
+            ..Default::default()
+        },
+        patient: Patient {
+            pseudonym: format!("p{}", s.patient),
+            age_group: s
+                .age
+                .map(|a| flat::AGE_GROUPS[a].to_string())
+                .unwrap_or_default(),
+            sex: Sex::Female,
+        },
+        acquisition: Acquisition {
+            month: format!("2020-{:02}", s.month),
+            view: VIEWS[s.view],
+        },
+        findings: Some(findings),
+        processing_notes: Vec::new(),
+    }
+}
+
+fn spec() -> impl Strategy<Value = Spec> {
+    (
+        proptest::option::weighted(0.9, 0usize..4),
+        0usize..4,
+        proptest::option::weighted(0.9, 4usize..9),
+        0usize..3,
+        1u32..13,
+        proptest::option::weighted(0.8, 0.3f64..0.7),
+        0u8..20,
+    )
+        .prop_map(
+            |(quality, confidence, age, view, month, ctr, patient)| Spec {
+                quality,
+                confidence,
+                age,
+                view,
+                month,
+                ctr,
+                patient,
+            },
+        )
+}
+
+fn count_of(table: &cxrfed_stats::Table, row_label: &str, column: &str) -> u64 {
+    let col = table
+        .columns
+        .iter()
+        .position(|c| c == column)
+        .unwrap_or_else(|| panic!("column {column} in {:?}", table.columns));
+    let row = table
+        .rows
+        .iter()
+        .find(|r| r[0] == TableCell::Text(row_label.into()));
+    match row.map(|r| &r[col]) {
+        Some(TableCell::Count(n)) => *n,
+        None => 0,
+        other => panic!("not a count: {other:?}"),
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    #[test]
+    fn crosstab_counts_equal_a_direct_count(specs in proptest::collection::vec(spec(), 0..300)) {
+        let records: Vec<Record> = specs.iter().enumerate().map(|(i, s)| record(i, s)).collect();
+        let columns = Columns::from_records(&records);
+        let table = cxrfed_stats::exact(
+            &columns,
+            r#"crosstab image_quality, analysis_confidence where age_group in ("60-69", "70-79") and month between 2020-03 and 2020-09"#,
+        ).expect("query");
+        let cohort: Vec<&Record> = records.iter().filter(|r| {
+            matches!(r.patient.age_group.as_str(), "60-69" | "70-79")
+                && r.acquisition.month.as_str() >= "2020-03"
+                && r.acquisition.month.as_str() <= "2020-09"
+        }).collect();
+        prop_assert_eq!(table.cohort_size, cohort.len() as u64);
+        for q in ImageQuality::ALL.iter().map(|q| Some(q.as_str())).chain([None]) {
+            for c in AnalysisConfidence::ALL {
+                let expected = cohort.iter().filter(|r| {
+                    let f = r.findings.as_ref().expect("findings");
+                    f.image_quality.map(|s| s.value.as_str()) == q
+                        && f.analysis_confidence.map(|s| s.value) == Some(*c)
+                }).count() as u64;
+                let got = count_of(&table, q.unwrap_or(MISSING), &format!("analysis_confidence={}", c.as_str()));
+                prop_assert_eq!(got, expected, "quality {:?} confidence {:?}", q, c);
+            }
+        }
+    }
+
+    #[test]
+    fn summary_matches_a_direct_computation(specs in proptest::collection::vec(spec(), 1..200)) {
+        let records: Vec<Record> = specs.iter().enumerate().map(|(i, s)| record(i, s)).collect();
+        let columns = Columns::from_records(&records);
+        let table = cxrfed_stats::exact(&columns, "summary cardiothoracic_ratio where view != LL by view").expect("query");
+        for view in ["PA", "AP"] {
+            let mut values: Vec<f64> = records.iter()
+                .filter(|r| r.acquisition.view.as_str() == view)
+                .filter_map(|r| r.findings.as_ref()?.mediastinum.cardiothoracic_ratio.map(|m| m.value as f32 as f64))
+                .collect();
+            values.sort_by(f64::total_cmp);
+            let row = table.rows.iter().find(|r| r[0] == TableCell::Text(view.into())).expect("row");
+            prop_assert_eq!(&row[1], &TableCell::Count(values.len() as u64));
+            if !values.is_empty() {
+                let mean = values.iter().sum::<f64>() / values.len() as f64;
+                let TableCell::Number(got) = row[2] else { panic!("mean") };
+                prop_assert!((got - mean).abs() < 1e-9);
+                let TableCell::Number(min) = row[4] else { panic!("min") };
+                prop_assert_eq!(min, values[0]);
+            }
+        }
+        // Categories are public: LL is listed, with nobody in it.
+        let ll = table.rows.iter().find(|r| r[0] == TableCell::Text("LL".into())).expect("LL row");
+        prop_assert_eq!(&ll[1], &TableCell::Count(0));
+    }
+}
+
+#[test]
+fn normalization_and_replacement() {
+    let specs = [(0usize, 0usize), (0, 1), (0, 1), (1, 2)];
+    let mut records: Vec<Record> = specs
+        .iter()
+        .enumerate()
+        .map(|(i, (q, c))| {
+            record(
+                i,
+                &Spec {
+                    quality: Some(*q),
+                    confidence: *c,
+                    age: Some(6),
+                    view: 0,
+                    month: 1,
+                    ctr: Some(0.5),
+                    patient: i as u8,
+                },
+            )
+        })
+        .collect();
+    let mut columns = Columns::from_records(&records);
+    let table = cxrfed_stats::exact(
+        &columns,
+        "crosstab image_quality, analysis_confidence normalize=row",
+    )
+    .expect("query");
+    let excellent = &table.rows[0];
+    assert_eq!(excellent[0], TableCell::Text("excellent".into()));
+    let TableCell::Number(high) = excellent[1] else {
+        panic!("share")
+    };
+    assert!((high - 1.0 / 3.0).abs() < 1e-12);
+    // A forced re-extraction of image 0 replaces its row instead of adding one.
+    records[0]
+        .findings
+        .as_mut()
+        .expect("findings")
+        .image_quality = Some(Scored {
+        value: ImageQuality::Poor,
+        probability: 0.9,
+    });
+    columns.upsert(&records[0]);
+    assert_eq!(columns.len(), 4);
+    let table = cxrfed_stats::exact(&columns, "histogram image_quality").expect("query");
+    let poor = table
+        .rows
+        .iter()
+        .find(|r| r[0] == TableCell::Text("poor".into()))
+        .expect("poor");
+    assert_eq!(poor[1], TableCell::Count(1));
+}
+
+#[test]
+fn bad_fields_and_values_are_refused_with_their_position() {
+    let columns = Columns::from_records(&[]);
+    let e = cxrfed_stats::exact(&columns, "histogram image_qualty").expect_err("typo");
+    assert_eq!(e.position, 10);
+    assert!(e.message.contains("unknown field"), "{e}");
+    let e = cxrfed_stats::exact(&columns, "count where image_quality = superb").expect_err("value");
+    assert_eq!(e.position, 28);
+    assert!(e.message.contains("excellent, good, fair, poor"), "{e}");
+    let e = cxrfed_stats::exact(&columns, "summary image_quality").expect_err("not numeric");
+    assert_eq!(e.position, 8);
+    let e = cxrfed_stats::exact(&columns, "histogram cardiothoracic_ratio").expect_err("numeric");
+    assert!(e.message.contains("summary"), "{e}");
+    let e = cxrfed_stats::exact(&columns, "count where month >= 2020-1").expect_err("month");
+    assert!(e.message.contains("YYYY-MM"), "{e}");
+    let e = cxrfed_stats::exact(&columns, "count where view > PA").expect_err("range on category");
+    assert!(e.message.contains("categorical"), "{e}");
+}
