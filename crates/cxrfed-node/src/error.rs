@@ -23,6 +23,8 @@ pub enum NodeError {
     Stream(Status),
     #[error(transparent)]
     Model(#[from] ModelError),
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl NodeError {
@@ -52,6 +54,7 @@ impl NodeError {
             NodeError::NotFound(_) => Code::NotFound,
             NodeError::ShuttingDown => Code::Unavailable,
             NodeError::Stream(status) => status.code(),
+            NodeError::Internal(_) => Code::Internal,
             NodeError::Model(e) => match e {
                 ModelError::QueueFull { .. } => Code::ResourceExhausted,
                 _ => Code::Internal,
@@ -69,6 +72,7 @@ impl NodeError {
             NodeError::NotFound(_) => "not_found",
             NodeError::ShuttingDown => "shutting_down",
             NodeError::Stream(_) => "stream",
+            NodeError::Internal(_) => "internal",
             NodeError::Model(ModelError::QueueFull { .. }) => "queue_full",
             NodeError::Model(_) => "model",
         }

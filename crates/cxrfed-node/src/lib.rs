@@ -9,6 +9,7 @@
 
 pub mod config;
 mod error;
+pub mod export;
 pub mod pipeline;
 pub mod secret;
 mod server;

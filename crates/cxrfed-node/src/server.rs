@@ -89,6 +89,10 @@ pub const NODE_RULES: &[(&str, Rule)] = &[
     ("GetRecord", Rule::SiteAdmin),
     ("ListRecords", Rule::SiteAdmin),
     ("Status", Rule::SiteAdmin),
+    // Exact aggregates and row-level exports: the site admin only. Remote researchers get
+    // differentially private statistics (their own RPCs, next milestone).
+    ("Stats", Rule::SiteAdmin),
+    ("Export", Rule::SiteAdmin),
 ];
 
 pub fn node_policy(site: &str) -> Policy {
@@ -153,7 +157,24 @@ pub async fn serve(
         .map_err(|e| ServeError::Join(e.to_string()))??;
     let pipeline = Pipeline::new(&config, secret, model);
     let grace = Duration::from_secs(config.grace_period_secs);
+    let index_store = store.clone();
+    let columns = tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        let mut columns = cxrfed_stats::Columns::new();
+        for record in index_store.iter() {
+            columns.upsert(&record?);
+        }
+        tracing::info!(
+            records = columns.len(),
+            elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "columnar statistics index built"
+        );
+        Ok::<_, cxrfed_store::StoreError>(columns)
+    })
+    .await
+    .map_err(|e| ServeError::Join(e.to_string()))??;
     let state = Arc::new(NodeState {
+        columns: std::sync::RwLock::new(columns),
         config,
         store: store.clone(),
         pipeline,

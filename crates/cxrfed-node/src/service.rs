@@ -34,6 +34,8 @@ pub struct NodeState {
     pub started: Instant,
     pub in_flight: AtomicU32,
     pub shutdown: CancellationToken,
+    /// The columnar form of the stored records, updated after every stored record.
+    pub columns: std::sync::RwLock<cxrfed_stats::Columns>,
 }
 
 /// The gRPC face of the node.
@@ -199,7 +201,14 @@ impl NodeApi {
             .insert(extraction.record, header.force)
             .await?
         {
-            Inserted::Created(record) => (record, true),
+            Inserted::Created(record) => {
+                // The store is the source of truth; the columns follow it (and are rebuilt from
+                // it at start-up, so a crash between the two loses nothing).
+                if let Ok(mut columns) = self.state.columns.write() {
+                    columns.upsert(&record);
+                }
+                (record, true)
+            }
             Inserted::Existing(record) => (record, false),
         };
         span.record("record_id", record.record_id.as_str());
@@ -284,6 +293,24 @@ impl NodeApi {
 }
 
 type RecordStream = Pin<Box<dyn Stream<Item = Result<pb::ListRecordsResponse, Status>> + Send>>;
+type ExportStream = Pin<Box<dyn Stream<Item = Result<pb::ExportChunk, Status>> + Send>>;
+
+fn stats_cell(cell: cxrfed_stats::TableCell) -> pb::StatsCell {
+    use cxrfed_stats::TableCell;
+    use pb::stats_cell::Value;
+    pb::StatsCell {
+        value: match cell {
+            TableCell::Text(t) => Some(Value::Text(t)),
+            TableCell::Count(n) => Some(Value::Count(n)),
+            TableCell::Number(x) => Some(Value::Number(x)),
+            TableCell::Empty => None,
+        },
+    }
+}
+
+fn query_error(e: cxrfed_stats::QueryError) -> NodeError {
+    NodeError::InvalidRequest(format!("query: {e}"))
+}
 
 #[tonic::async_trait]
 impl NodeService for NodeApi {
@@ -339,6 +366,98 @@ impl NodeService for NodeApi {
                 .await
                 .map_err(|_| NodeError::InvalidRequest("listing was cancelled".into()))??;
             let stream: RecordStream = Box::pin(tokio_stream::iter(items.into_iter().map(Ok)));
+            Ok(stream)
+        })
+        .await
+    }
+
+    async fn stats(
+        &self,
+        request: Request<pb::StatsRequest>,
+    ) -> Result<Response<pb::StatsResponse>, Status> {
+        let metadata = request.metadata().clone();
+        let peer = Caller::of(&request);
+        let text = request.into_inner().query;
+        observe(&self.state, "Stats", &peer, &metadata, |_| async {
+            let state = self.state.clone();
+            tokio::task::spawn_blocking(move || {
+                let columns = state
+                    .columns
+                    .read()
+                    .map_err(|_| NodeError::Internal("statistics index poisoned".into()))?;
+                let table = cxrfed_stats::exact(&columns, &text).map_err(query_error)?;
+                tracing::info!(
+                    statistic = table.statistic.as_str(),
+                    cohort = table.cohort_size,
+                    "exact statistics released to the site admin"
+                );
+                Ok(pb::StatsResponse {
+                    statistic: table.statistic,
+                    columns: table.columns,
+                    rows: table
+                        .rows
+                        .into_iter()
+                        .map(|row| pb::StatsRow {
+                            cells: row.into_iter().map(stats_cell).collect(),
+                        })
+                        .collect(),
+                    cohort_size: table.cohort_size,
+                    record_count: columns.len() as u64,
+                })
+            })
+            .await
+            .map_err(|e| NodeError::Internal(format!("statistics task: {e}")))?
+        })
+        .await
+    }
+
+    type ExportStream = ExportStream;
+
+    async fn export(
+        &self,
+        request: Request<pb::ExportRequest>,
+    ) -> Result<Response<Self::ExportStream>, Status> {
+        let metadata = request.metadata().clone();
+        let peer = Caller::of(&request);
+        let request = request.into_inner();
+        observe(&self.state, "Export", &peer, &metadata, |_| async {
+            let format = crate::export::Format::parse(&request.format).ok_or_else(|| {
+                NodeError::InvalidRequest(format!(
+                    "export format {:?} must be csv or jsonl",
+                    request.format
+                ))
+            })?;
+            let conditions =
+                cxrfed_stats::query::parse_filter(&request.r#where).map_err(query_error)?;
+            let images = {
+                let columns = self
+                    .state
+                    .columns
+                    .read()
+                    .map_err(|_| NodeError::Internal("statistics index poisoned".into()))?;
+                let bound = cxrfed_stats::exact::bind(
+                    &columns,
+                    cxrfed_stats::Query {
+                        statistic: cxrfed_stats::query::Statistic::Count,
+                        conditions,
+                        by: None,
+                        normalize: cxrfed_stats::query::Normalize::None,
+                    },
+                )
+                .map_err(query_error)?;
+                bound
+                    .cohort(&columns)
+                    .into_iter()
+                    .map(|row| columns.images()[row].clone())
+                    .collect::<std::collections::HashSet<String>>()
+            };
+            tracing::info!(records = images.len(), "export started");
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            let store = self.state.store.clone();
+            tokio::task::spawn_blocking(move || {
+                crate::export::produce(&store, &images, format, &tx);
+            });
+            let stream: ExportStream = Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx));
             Ok(stream)
         })
         .await

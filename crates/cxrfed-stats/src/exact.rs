@@ -600,7 +600,7 @@ pub fn contingency_table(
     header.push("total".into());
     let mut rows = Vec::new();
     for (i, key) in row_keys.iter().enumerate() {
-        if row_totals[i] == 0 && key.iter().any(|&k| k == 0) {
+        if row_totals[i] == 0 && key.contains(&0) {
             continue;
         }
         let mut row: Vec<TableCell> = key

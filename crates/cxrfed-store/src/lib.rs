@@ -269,6 +269,14 @@ impl RecordStore {
         self.records.len()
     }
 
+    /// Every record, in creation order (for building indexes and exports).
+    pub fn iter(&self) -> impl Iterator<Item = Result<Record>> + '_ {
+        self.records.iter().map(|item| {
+            let (key, value) = item?;
+            Self::decode(&key, &value)
+        })
+    }
+
     pub fn size_on_disk(&self) -> u64 {
         self.db.size_on_disk().unwrap_or(0)
     }

@@ -9,6 +9,7 @@ mod client;
 mod logging;
 mod model_cmd;
 mod node_cmd;
+mod stats_cmd;
 
 use std::process::ExitCode;
 
@@ -44,6 +45,10 @@ enum Command {
     Records(client::RecordsArgs),
     /// Generate synthetic chest X-ray phantoms with exact ground truth (DICOM + labels).
     Phantom(model_cmd::PhantomArgs),
+    /// Exact cohort statistics from a node (site admin): count, histogram, crosstab, summary.
+    Stats(stats_cmd::StatsArgs),
+    /// Export a node's records, flattened, as CSV or JSON lines (site admin).
+    Export(stats_cmd::ExportArgs),
     /// Study CA and certificates: init, issue, inspect, revoke.
     Certs {
         #[command(subcommand)]
@@ -83,6 +88,8 @@ fn main() -> ExitCode {
         Command::Phantom(args) => model_cmd::phantom(args),
         Command::Model { command } => model_cmd::run(command),
         Command::Certs { command } => certs_cmd::run(command),
+        Command::Stats(args) => client::run(stats_cmd::stats(args)),
+        Command::Export(args) => client::run(stats_cmd::export(args)),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,196 @@
+//! `cxrfed stats` and `cxrfed export`: exact statistics and flattened exports from a node
+//! (site admin only).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use cxrfed_proto::v1 as pb;
+
+use crate::client::{Credentials, status_error};
+
+#[derive(Debug, Args)]
+pub struct StatsArgs {
+    /// The query, e.g. 'crosstab image_quality, analysis_confidence where view = PA normalize=row'
+    /// (grammar: crates/cxrfed-stats/src/query.rs and the README).
+    query: String,
+    /// Node URL [default: the profile's node, else https://127.0.0.1:50051].
+    #[arg(long, env = "CXRFED_NODE")]
+    node: Option<String>,
+    #[command(flatten)]
+    credentials: Credentials,
+    /// table, csv or json.
+    #[arg(long, default_value = "table")]
+    format: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// Node URL [default: the profile's node, else https://127.0.0.1:50051].
+    #[arg(long, env = "CXRFED_NODE")]
+    node: Option<String>,
+    #[command(flatten)]
+    credentials: Credentials,
+    /// csv or jsonl.
+    #[arg(long, default_value = "csv")]
+    format: String,
+    /// Only records matching this condition, e.g. 'view = PA and month >= 2020-01'.
+    #[arg(long = "where")]
+    filter: Option<String>,
+    /// Write to this file instead of standard output.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+fn cell_text(cell: &pb::StatsCell, fraction: bool) -> String {
+    use pb::stats_cell::Value;
+    match &cell.value {
+        Some(Value::Text(t)) => t.clone(),
+        Some(Value::Count(n)) => n.to_string(),
+        Some(Value::Number(x)) if fraction => format!("{x:.3}"),
+        Some(Value::Number(x)) => format!("{x:.4}"),
+        None => String::new(),
+    }
+}
+
+fn cell_json(cell: &pb::StatsCell) -> serde_json::Value {
+    use pb::stats_cell::Value;
+    match &cell.value {
+        Some(Value::Text(t)) => serde_json::Value::String(t.clone()),
+        Some(Value::Count(n)) => serde_json::Value::from(*n),
+        Some(Value::Number(x)) => serde_json::Number::from_f64(*x)
+            .map_or(serde_json::Value::Null, serde_json::Value::Number),
+        None => serde_json::Value::Null,
+    }
+}
+
+pub async fn stats(args: StatsArgs) -> anyhow::Result<ExitCode> {
+    if !matches!(args.format.as_str(), "table" | "csv" | "json") {
+        bail!("unknown format {:?} (table, csv or json)", args.format);
+    }
+    let mut client = args.credentials.connect_node(args.node.as_deref()).await?;
+    let response = client
+        .stats(pb::StatsRequest {
+            query: args.query.clone(),
+        })
+        .await
+        .map_err(|status| {
+            // Point at the offending token of a parse error.
+            let caret = status
+                .message()
+                .strip_prefix("invalid request: query: at ")
+                .and_then(|rest| rest.split(':').next())
+                .and_then(|p| p.parse::<usize>().ok())
+                .map(|p| format!("\n  {}\n  {}^", args.query, " ".repeat(p)))
+                .unwrap_or_default();
+            anyhow::anyhow!("{}{caret}", status_error(status))
+        })?
+        .into_inner();
+    let fraction = args.query.contains("normalize");
+    let mut out = std::io::stdout().lock();
+    match args.format.as_str() {
+        "json" => {
+            let rows: Vec<Vec<serde_json::Value>> = response
+                .rows
+                .iter()
+                .map(|r| r.cells.iter().map(cell_json).collect())
+                .collect();
+            let doc = serde_json::json!({
+                "statistic": response.statistic,
+                "columns": response.columns,
+                "rows": rows,
+                "cohort_size": response.cohort_size,
+                "record_count": response.record_count,
+            });
+            writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
+        }
+        "csv" => {
+            let mut w = csv::Writer::from_writer(out);
+            w.write_record(&response.columns)?;
+            for row in &response.rows {
+                w.write_record(row.cells.iter().map(|c| cell_text(c, fraction)))?;
+            }
+            w.flush()?;
+        }
+        _ => {
+            let body: Vec<Vec<String>> = response
+                .rows
+                .iter()
+                .map(|r| r.cells.iter().map(|c| cell_text(c, fraction)).collect())
+                .collect();
+            let mut widths: Vec<usize> =
+                response.columns.iter().map(|c| c.chars().count()).collect();
+            for row in &body {
+                for (i, cell) in row.iter().enumerate() {
+                    if let Some(w) = widths.get_mut(i) {
+                        *w = (*w).max(cell.chars().count());
+                    }
+                }
+            }
+            let line = |cells: &[String]| {
+                cells
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| {
+                        let w = widths.get(i).copied().unwrap_or(0);
+                        let numeric = c.parse::<f64>().is_ok();
+                        if numeric && i > 0 {
+                            format!("{c:>w$}")
+                        } else {
+                            format!("{c:<w$}")
+                        }
+                    })
+                    .collect::<Vec<_>>()
+                    .join("  ")
+            };
+            writeln!(out, "{}", line(&response.columns))?;
+            writeln!(
+                out,
+                "{}",
+                widths
+                    .iter()
+                    .map(|w| "-".repeat(*w))
+                    .collect::<Vec<_>>()
+                    .join("  ")
+            )?;
+            for row in &body {
+                writeln!(out, "{}", line(row))?;
+            }
+            writeln!(
+                out,
+                "({} of {} records in the cohort; exact, site admin only)",
+                response.cohort_size, response.record_count
+            )?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
+    let mut client = args.credentials.connect_node(args.node.as_deref()).await?;
+    let mut stream = client
+        .export(pb::ExportRequest {
+            format: args.format.clone(),
+            r#where: args.filter.clone().unwrap_or_default(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let mut out: Box<dyn Write> = match &args.out {
+        Some(path) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(path)
+                .with_context(|| format!("cannot create {}", path.display()))?,
+        )),
+        None => Box::new(std::io::stdout().lock()),
+    };
+    let mut records = 0;
+    while let Some(chunk) = stream.message().await.map_err(status_error)? {
+        out.write_all(&chunk.data)?;
+        records += chunk.records;
+    }
+    out.flush()?;
+    eprintln!("exported {records} records");
+    Ok(ExitCode::SUCCESS)
+}

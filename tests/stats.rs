@@ -1,0 +1,215 @@
+//! End-to-end exact statistics and exports: phantoms through a real node, the CLI's numbers
+//! checked against an independent computation (Python's standard library over the exported
+//! CSV), parse errors with positions, and the admin-only rules.
+
+use cxrfed_auth::Role;
+use cxrfed_auth::pki;
+use cxrfed_e2e::{NodeProcess, cxrfed, venv_python, workspace_root};
+use cxrfed_proto::v1 as pb;
+use cxrfed_proto::v1::node_service_client::NodeServiceClient;
+use tonic::Code;
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stats_match_an_independent_computation_over_the_export() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let phantoms = dir.path().join("phantoms");
+    let out = cxrfed(&[
+        "phantom",
+        "--out",
+        phantoms.to_str().expect("path"),
+        "--count",
+        "16",
+        "--seed",
+        "31",
+        "--max-size",
+        "384",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let node = NodeProcess::start(&dir.path().join("node"), &[]);
+    let mut files: Vec<String> = std::fs::read_dir(&phantoms)
+        .expect("dir")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "dcm"))
+        .map(|p| p.to_str().expect("path").to_string())
+        .collect();
+    files.sort();
+    let mut args = vec!["extract"];
+    args.extend(files.iter().map(String::as_str));
+    let out = node.cli(&args);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    // The export, and the same numbers computed from it by Python's standard library.
+    let csv_path = dir.path().join("export.csv");
+    let out = node.cli(&[
+        "export",
+        "--format",
+        "csv",
+        "--out",
+        csv_path.to_str().expect("path"),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("exported 16 records"),
+        "{}",
+        text(&out.stderr)
+    );
+    let py = std::process::Command::new(venv_python())
+        .arg(workspace_root().join("tests/helpers/stats_from_csv.py"))
+        .arg(&csv_path)
+        .args([
+            "--row",
+            "image_quality",
+            "--col",
+            "analysis_confidence",
+            "--where",
+            "format=dicom",
+            "--numeric",
+            "cardiothoracic_ratio",
+            "--by",
+            "view",
+        ])
+        .output()
+        .expect("python");
+    assert!(py.status.success(), "{}", text(&py.stderr));
+    let expected: serde_json::Value = serde_json::from_slice(&py.stdout).expect("json");
+    assert_eq!(expected["total"], 16);
+
+    let out = node.cli(&[
+        "stats",
+        "crosstab image_quality, analysis_confidence where format = dicom",
+        "--format",
+        "json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let table: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(table["cohort_size"], expected["cohort"]);
+    let columns: Vec<String> = table["columns"]
+        .as_array()
+        .expect("columns")
+        .iter()
+        .map(|c| c.as_str().expect("name").to_string())
+        .collect();
+    let mut compared = 0;
+    for row in table["rows"].as_array().expect("rows") {
+        let quality = row[0].as_str().expect("label");
+        for (j, name) in columns.iter().enumerate().skip(1) {
+            let Some(confidence) = name.strip_prefix("analysis_confidence=") else {
+                continue;
+            };
+            let want = expected["crosstab"][format!("{quality}|{confidence}")]
+                .as_u64()
+                .unwrap_or(0);
+            assert_eq!(row[j].as_u64(), Some(want), "{quality} x {confidence}");
+            compared += want;
+        }
+    }
+    assert_eq!(compared, expected["cohort"].as_u64().expect("cohort"));
+
+    let out = node.cli(&[
+        "stats",
+        "summary cardiothoracic_ratio by view",
+        "--format",
+        "json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let table: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    for (group, want) in expected["summary"].as_object().expect("summary") {
+        let row = table["rows"]
+            .as_array()
+            .expect("rows")
+            .iter()
+            .find(|r| r[0] == *group)
+            .unwrap_or_else(|| panic!("group {group}"));
+        assert_eq!(row[1], want["n"]);
+        for (col, key) in [(2, "mean"), (6, "median"), (4, "min"), (8, "max")] {
+            let got = row[col].as_f64().expect("number");
+            let want = want[key].as_f64().expect("number");
+            // The export prints the f32 the columns hold; allow its rounding.
+            assert!((got - want).abs() < 1e-6, "{group} {key}: {got} vs {want}");
+        }
+    }
+
+    // The table format, for people.
+    let out = node.cli(&[
+        "stats",
+        "crosstab image_quality, analysis_confidence normalize=row",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("exact, site admin only"));
+
+    // A filtered JSONL export agrees with the count.
+    let out = node.cli(&["stats", "count where view = PA", "--format", "json"]);
+    let count: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let out = node.cli(&["export", "--format", "jsonl", "--where", "view = PA"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let lines = text(&out.stdout).lines().count() as u64;
+    assert_eq!(Some(lines), count["rows"][0][0].as_u64());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn parse_errors_name_the_position_and_researchers_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = NodeProcess::start(dir.path(), &["--model", "none"]);
+    let mut admin = NodeServiceClient::new(node.channel().await);
+    let status = admin
+        .stats(pb::StatsRequest {
+            query: "crosstab image_quality analysis_confidence".into(),
+        })
+        .await
+        .expect_err("parse error");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains("at 23: expected ','"),
+        "{}",
+        status.message()
+    );
+    let status = admin
+        .export(pb::ExportRequest {
+            format: "xlsx".into(),
+            r#where: String::new(),
+        })
+        .await
+        .expect_err("format");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    // The CLI points at the token.
+    let out = node.cli(&["stats", "count where view ~ PA"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("                 ^"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let researcher = node.pki.identity(Role::Researcher, "rita", None);
+    let mut as_researcher = NodeServiceClient::new(node.channel_as(&researcher).await);
+    let status = as_researcher
+        .stats(pb::StatsRequest {
+            query: "count".into(),
+        })
+        .await
+        .expect_err("researcher");
+    assert_eq!(status.code(), Code::PermissionDenied);
+    let status = as_researcher
+        .export(pb::ExportRequest::default())
+        .await
+        .expect_err("researcher");
+    assert_eq!(status.code(), Code::PermissionDenied);
+    let profile = researcher.join(pki::PROFILE);
+    let out = cxrfed(&[
+        "export",
+        "--node",
+        &node.url(),
+        "--profile",
+        profile.to_str().expect("path"),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("PermissionDenied"),
+        "{}",
+        text(&out.stderr)
+    );
+}
