@@ -153,8 +153,40 @@ pub async fn node_status(
         .into_inner())
 }
 
+/// A refusal by the node: its status code, the stable kind from the `x-cxrfed-error`
+/// trailer, and the message.
+#[derive(Debug)]
+pub struct Refused {
+    pub code: tonic::Code,
+    pub kind: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({:?})", self.message, self.code)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+impl From<tonic::Status> for Refused {
+    fn from(status: tonic::Status) -> Refused {
+        Refused {
+            code: status.code(),
+            kind: status
+                .metadata()
+                .get("x-cxrfed-error")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string(),
+            message: status.message().to_string(),
+        }
+    }
+}
+
 /// Streams one file to the node in chunks, reading it as it goes (bounded memory).
-async fn extract_file(
+pub async fn extract_file(
     client: &mut NodeServiceClient<Channel>,
     path: &Path,
     force: bool,
@@ -196,7 +228,7 @@ async fn extract_file(
         .await
         .context("reader task failed")?
         .context("cannot read")?;
-    let response = response.map_err(status_error)?;
+    let response = response.map_err(Refused::from)?;
     Ok(response.into_inner())
 }
 

@@ -6,6 +6,7 @@
 
 mod certs_cmd;
 mod client;
+mod ingest_cmd;
 mod logging;
 mod model_cmd;
 mod node_cmd;
@@ -41,6 +42,9 @@ enum Command {
     /// Extract records from image files (DICOM, JPEG, PNG) through a running node; prints one
     /// JSON record per line.
     Extract(client::ExtractArgs),
+    /// Ingest a folder (recursively; DICOM, JPEG, PNG recognised by content) through a node,
+    /// with progress, a summary and a report of rejects; reruns resume.
+    Ingest(ingest_cmd::IngestArgs),
     /// List a node's stored records as JSON lines.
     Records(client::RecordsArgs),
     /// Generate synthetic chest X-ray phantoms with exact ground truth (DICOM + labels).
@@ -85,6 +89,7 @@ fn main() -> ExitCode {
         } => node_cmd::stop(args),
         Command::Extract(args) => client::run(client::extract(args)),
         Command::Records(args) => client::run(client::records(args)),
+        Command::Ingest(args) => client::run(ingest_cmd::ingest(args)),
         Command::Phantom(args) => model_cmd::phantom(args),
         Command::Model { command } => model_cmd::run(command),
         Command::Certs { command } => certs_cmd::run(command),
