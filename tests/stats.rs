@@ -213,3 +213,108 @@ async fn parse_errors_name_the_position_and_researchers_are_refused() {
         text(&out.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn questions_in_english_and_chinese_map_to_fields_and_are_appended() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let phantoms = dir.path().join("phantoms");
+    let out = cxrfed(&[
+        "phantom",
+        "--out",
+        phantoms.to_str().expect("path"),
+        "--count",
+        "1",
+        "--seed",
+        "7",
+        "--max-size",
+        "384",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let file = std::fs::read_dir(&phantoms)
+        .expect("dir")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "dcm"))
+        .expect("phantom");
+    let node = NodeProcess::start(&dir.path().join("node"), &[]);
+    let out = node.cli(&["extract", file.to_str().expect("path")]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let record: serde_json::Value = serde_json::from_slice(&out.stdout).expect("record");
+    let id = record["record_id"].as_str().expect("id").to_string();
+
+    let mut c = NodeServiceClient::new(node.channel().await);
+    let cases = [
+        (
+            "Is the left costophrenic angle blunted?",
+            "costophrenic_angle",
+            &["blunted_left", "blunted_both"][..],
+        ),
+        ("肺野透亮度是否普遍增高?", "hyperlucency", &["true"][..]),
+        (
+            "外周肺血管纹理是否明显变细?",
+            "vascular_pattern",
+            &["decreased"][..],
+        ),
+        ("What is the image quality?", "image_quality", &[][..]),
+    ];
+    for (question, field, yes) in cases {
+        let answer = c
+            .ask(pb::AskRequest {
+                record_id: id.clone(),
+                question: question.into(),
+            })
+            .await
+            .expect("ask")
+            .into_inner();
+        assert!(answer.understood, "{question}");
+        assert_eq!(answer.field, field, "{question}");
+        assert_eq!(answer.yes_values, yes, "{question}");
+        assert!(!answer.value.is_empty(), "the model answered {question}");
+        // The answer is the model's own value for that field, as stored in the record.
+        let stored = match field {
+            "costophrenic_angle" => &record["findings"]["diaphragm"]["costophrenic_angle"]["value"],
+            "hyperlucency" => &record["findings"]["lungs"]["hyperlucency"]["value"],
+            "vascular_pattern" => &record["findings"]["lungs"]["vascular_pattern"]["value"],
+            _ => &record["findings"]["image_quality"]["value"],
+        };
+        let stored = match stored {
+            serde_json::Value::Bool(b) => b.to_string(),
+            v => v.as_str().expect("text").to_string(),
+        };
+        assert_eq!(answer.value, stored, "{question}");
+        let expected = if yes.is_empty() {
+            pb::YesNo::Unspecified
+        } else if yes.contains(&stored.as_str()) {
+            pb::YesNo::Yes
+        } else {
+            pb::YesNo::No
+        };
+        assert_eq!(answer.yes_no(), expected, "{question}");
+    }
+    let stored = c
+        .get_record(pb::GetRecordRequest {
+            record_id: id.clone(),
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(stored.questions.len(), 4);
+    assert!(stored.questions.iter().all(|q| q.source == "question"));
+    assert_eq!(stored.questions[1].field, "hyperlucency");
+
+    // A question about nothing known: said so, with suggestions, and nothing is added.
+    let out = node.cli(&["ask", &id, "Is the costophrenc angel sharp?", "--json"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(answer["understood"], false);
+    assert_eq!(answer["suggestions"][0]["field"], "costophrenic_angle");
+    let stored = c
+        .get_record(pb::GetRecordRequest { record_id: id })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(
+        stored.questions.len(),
+        4,
+        "nothing added for an unknown question"
+    );
+}

@@ -57,6 +57,8 @@ pub struct NodeConfig {
     pub insecure_dev: bool,
     /// How often the TLS files are checked for changes (rotation, revocation), in ms.
     pub tls_reload_ms: u64,
+    /// The question lexicon for `Ask`: "bundled" (data/lexicon.toml, built in) or a TOML file.
+    pub lexicon: String,
 }
 
 impl Default for NodeConfig {
@@ -87,6 +89,7 @@ impl Default for NodeConfig {
             crl: None,
             insecure_dev: false,
             tls_reload_ms: 2000,
+            lexicon: "bundled".to_string(),
         }
     }
 }
@@ -123,6 +126,7 @@ pub const KEYS: &[&str] = &[
     "crl",
     "insecure_dev",
     "tls_reload_ms",
+    "lexicon",
 ];
 
 #[derive(Debug, thiserror::Error)]

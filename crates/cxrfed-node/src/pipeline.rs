@@ -120,6 +120,7 @@ impl Pipeline {
             acquisition: decoded.acquisition,
             findings,
             processing_notes: decoded.notes,
+            questions: Vec::new(),
         };
         Ok(Extraction { record })
     }

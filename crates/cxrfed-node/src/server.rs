@@ -38,6 +38,8 @@ pub enum ServeError {
     Tls(#[from] cxrfed_auth::AuthError),
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    #[error("{0}")]
+    Lexicon(String),
 }
 
 /// The node's transport: mutual TLS with its node certificate, or `--insecure-dev`. With TLS the
@@ -93,6 +95,7 @@ pub const NODE_RULES: &[(&str, Rule)] = &[
     // differentially private statistics (their own RPCs, next milestone).
     ("Stats", Rule::SiteAdmin),
     ("Export", Rule::SiteAdmin),
+    ("Ask", Rule::SiteAdmin),
 ];
 
 pub fn node_policy(site: &str) -> Policy {
@@ -173,7 +176,18 @@ pub async fn serve(
     })
     .await
     .map_err(|e| ServeError::Join(e.to_string()))??;
+    let lexicon = match config.lexicon.trim() {
+        "bundled" => cxrfed_schema::lexicon::Lexicon::bundled()
+            .map_err(|e| ServeError::Lexicon(e.to_string()))?,
+        path => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| ServeError::Lexicon(format!("lexicon {path}: {e}")))?;
+            cxrfed_schema::lexicon::Lexicon::parse(&text)
+                .map_err(|e| ServeError::Lexicon(format!("{path}: {e}")))?
+        }
+    };
     let state = Arc::new(NodeState {
+        lexicon,
         columns: std::sync::RwLock::new(columns),
         config,
         store: store.clone(),

@@ -36,6 +36,8 @@ pub struct NodeState {
     pub shutdown: CancellationToken,
     /// The columnar form of the stored records, updated after every stored record.
     pub columns: std::sync::RwLock<cxrfed_stats::Columns>,
+    /// Maps questions to fields for `Ask`.
+    pub lexicon: cxrfed_schema::lexicon::Lexicon,
 }
 
 /// The gRPC face of the node.
@@ -143,6 +145,114 @@ where
 }
 
 impl NodeApi {
+    async fn ask_inner(&self, request: pb::AskRequest) -> Result<pb::AskResponse, NodeError> {
+        use cxrfed_schema::flat::Cell;
+        use cxrfed_schema::lexicon::Interpretation;
+        let id = request.record_id;
+        uuid::Uuid::parse_str(&id)
+            .map_err(|_| NodeError::InvalidRequest(format!("record_id {id:?} is not a UUID")))?;
+        if request.question.trim().is_empty() || request.question.len() > 2000 {
+            return Err(NodeError::InvalidRequest(
+                "the question must be 1 to 2000 bytes".into(),
+            ));
+        }
+        let record = self
+            .state
+            .store
+            .get(&id)?
+            .ok_or_else(|| NodeError::NotFound(id.clone()))?;
+        let (field, phrase, yes) = match self.state.lexicon.interpret(&request.question) {
+            Interpretation::Unknown { suggestions } => {
+                let listed = suggestions
+                    .iter()
+                    .map(|(f, p)| format!("{f} (\"{p}\")"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                tracing::info!(understood = false, "question not understood");
+                return Ok(pb::AskResponse {
+                    understood: false,
+                    answer: format!(
+                        "The question matches no known field, so nothing was added to the record. Closest fields: {listed}."
+                    ),
+                    suggestions: suggestions
+                        .into_iter()
+                        .map(|(field, phrase)| pb::AskSuggestion { field, phrase })
+                        .collect(),
+                    ..Default::default()
+                });
+            }
+            Interpretation::Field { field, phrase, yes } => (field, phrase, yes),
+        };
+        let flat = cxrfed_schema::flat::field(&field)
+            .ok_or_else(|| NodeError::Internal(format!("lexicon field {field} is not a column")))?;
+        let (value, probability) = if record.findings.is_none() {
+            (String::new(), 0.0)
+        } else {
+            let value = match (flat.get)(&record) {
+                Cell::Number(x) => format!("{x:.3}"),
+                cell => cell.to_text(),
+            };
+            (
+                value,
+                flat.probability.and_then(|p| p(&record)).unwrap_or(0.0),
+            )
+        };
+        let yes_no = if yes.is_empty() {
+            pb::YesNo::Unspecified
+        } else if value.is_empty() {
+            pb::YesNo::Unknown
+        } else if yes.contains(&value) {
+            pb::YesNo::Yes
+        } else {
+            pb::YesNo::No
+        };
+        let answer = if value.is_empty() {
+            format!(
+                "{field}: this record has no findings (it was stored without a model), so there is nothing to answer from."
+            )
+        } else {
+            let verdict = match yes_no {
+                pb::YesNo::Yes => ": yes",
+                pb::YesNo::No => ": no",
+                _ => "",
+            };
+            format!("{field} is {value} (probability {probability:.2}){verdict}.")
+        };
+        let updated = self
+            .state
+            .store
+            .append_question(
+                &id,
+                cxrfed_schema::QuestionAnswer {
+                    field: field.clone(),
+                    value: value.clone(),
+                    probability,
+                    source: "question".into(),
+                    matched_phrase: phrase.clone(),
+                    asked_at: chrono::Utc::now(),
+                },
+            )
+            .await?
+            .ok_or_else(|| NodeError::NotFound(id.clone()))?;
+        tracing::info!(
+            field = field.as_str(),
+            record_id = id.as_str(),
+            "question answered"
+        );
+        Ok(pb::AskResponse {
+            understood: true,
+            field,
+            matched_phrase: phrase,
+            value,
+            probability,
+            yes_values: yes,
+            yes_no: yes_no as i32,
+            answer,
+            suggestions: Vec::new(),
+            record: Some(pb::Record::from(&updated)),
+        })
+    }
+
     async fn receive_upload(
         &self,
         mut stream: Streaming<pb::ExtractRequest>,
@@ -459,6 +569,19 @@ impl NodeService for NodeApi {
             });
             let stream: ExportStream = Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx));
             Ok(stream)
+        })
+        .await
+    }
+
+    async fn ask(
+        &self,
+        request: Request<pb::AskRequest>,
+    ) -> Result<Response<pb::AskResponse>, Status> {
+        let metadata = request.metadata().clone();
+        let peer = Caller::of(&request);
+        let request = request.into_inner();
+        observe(&self.state, "Ask", &peer, &metadata, |_| async {
+            self.ask_inner(request).await
         })
         .await
     }

@@ -304,6 +304,18 @@ impl From<&schema::Record> for pb::Record {
             }),
             findings: r.findings.as_ref().map(findings_to_pb),
             processing_notes: r.processing_notes.clone(),
+            questions: r
+                .questions
+                .iter()
+                .map(|q| pb::QuestionAnswer {
+                    field: q.field.clone(),
+                    value: q.value.clone(),
+                    probability: q.probability,
+                    source: q.source.clone(),
+                    matched_phrase: q.matched_phrase.clone(),
+                    asked_at: Some(timestamp(q.asked_at)),
+                })
+                .collect(),
         }
     }
 }
@@ -365,6 +377,22 @@ impl TryFrom<pb::Record> for schema::Record {
             },
             findings: r.findings.map(schema::Findings::try_from).transpose()?,
             processing_notes: r.processing_notes,
+            questions: r
+                .questions
+                .into_iter()
+                .map(|q| {
+                    Ok(schema::QuestionAnswer {
+                        asked_at: q.asked_at.as_ref().and_then(from_timestamp).ok_or_else(
+                            || invalid("questions.asked_at", "missing or out of range"),
+                        )?,
+                        field: q.field,
+                        value: q.value,
+                        probability: q.probability,
+                        source: q.source,
+                        matched_phrase: q.matched_phrase,
+                    })
+                })
+                .collect::<Result<_, ConversionError>>()?,
         })
     }
 }
@@ -401,6 +429,14 @@ mod tests {
             },
             findings: None,
             processing_notes: vec!["note".into()],
+            questions: vec![schema::QuestionAnswer {
+                field: "hyperlucency".into(),
+                value: "false".into(),
+                probability: 0.9,
+                source: "question".into(),
+                matched_phrase: "透亮度".into(),
+                asked_at: chrono::DateTime::from_timestamp(1_700_000_000, 0).expect("time"),
+            }],
         }
     }
 

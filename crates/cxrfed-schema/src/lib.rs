@@ -11,6 +11,7 @@
 
 mod findings;
 pub mod flat;
+pub mod lexicon;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -49,6 +50,23 @@ pub struct Record {
     /// How the image was read, e.g. "multi-frame: first of 3 frames used".
     #[serde(default)]
     pub processing_notes: Vec<String>,
+    /// Fields asked about with `Ask`, oldest first (source "question"). The question's free
+    /// text is not kept (it could carry anything); the lexicon phrase that matched is.
+    #[serde(default)]
+    pub questions: Vec<QuestionAnswer>,
+}
+
+/// One answered question, appended to a record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QuestionAnswer {
+    pub field: String,
+    /// The model's value as text; empty when the record has no findings.
+    pub value: String,
+    pub probability: f32,
+    /// Always "question".
+    pub source: String,
+    pub matched_phrase: String,
+    pub asked_at: DateTime<Utc>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

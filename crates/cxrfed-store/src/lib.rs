@@ -221,6 +221,35 @@ impl RecordStore {
         Ok(outcome)
     }
 
+    /// Appends an answered question to a stored record (read-modify-write in one transaction, so
+    /// concurrent questions are all kept). `None` when the record does not exist. Durable when
+    /// this returns.
+    pub async fn append_question(
+        &self,
+        record_id: &str,
+        answer: cxrfed_schema::QuestionAnswer,
+    ) -> Result<Option<Record>> {
+        let outcome = self.records.transaction(|records| {
+            let Some(bytes) = records.get(record_id.as_bytes())? else {
+                return Ok(None);
+            };
+            let mut record = Self::decode(record_id.as_bytes(), &bytes)
+                .map_err(ConflictableTransactionError::Abort)?;
+            record.questions.push(answer.clone());
+            let value = Self::encode(&record).map_err(ConflictableTransactionError::Abort)?;
+            records.insert(record_id.as_bytes(), value.as_slice())?;
+            Ok(Some(record))
+        });
+        let outcome = outcome.map_err(|e| match e {
+            TransactionError::Abort(e) => e,
+            TransactionError::Storage(e) => StoreError::Sled(e),
+        })?;
+        if outcome.is_some() {
+            self.flush().await?;
+        }
+        Ok(outcome)
+    }
+
     pub fn get(&self, record_id: &str) -> Result<Option<Record>> {
         self.records
             .get(record_id.as_bytes())?
@@ -343,6 +372,7 @@ mod tests {
             },
             findings: None,
             processing_notes: vec![],
+            questions: Vec::new(),
         }
     }
 

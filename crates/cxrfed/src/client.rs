@@ -318,3 +318,58 @@ pub async fn records(args: RecordsArgs) -> anyhow::Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+#[derive(Debug, Args)]
+pub struct AskArgs {
+    /// The record to ask about.
+    record_id: String,
+    /// The question, in English or Chinese, e.g. "Is the left costophrenic angle blunted?".
+    question: String,
+    /// Node URL [default: the profile's node, else https://127.0.0.1:50051].
+    #[arg(long, env = "CXRFED_NODE")]
+    node: Option<String>,
+    #[command(flatten)]
+    credentials: Credentials,
+    /// Print the whole response as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn ask(args: AskArgs) -> anyhow::Result<ExitCode> {
+    let mut client = args.credentials.connect_node(args.node.as_deref()).await?;
+    let response = client
+        .ask(pb::AskRequest {
+            record_id: args.record_id.clone(),
+            question: args.question.clone(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if args.json {
+        let yes_no = match response.yes_no() {
+            pb::YesNo::Yes => "yes",
+            pb::YesNo::No => "no",
+            pb::YesNo::Unknown => "unknown",
+            pb::YesNo::Unspecified => "",
+        };
+        let doc = serde_json::json!({
+            "understood": response.understood,
+            "field": response.field,
+            "matched_phrase": response.matched_phrase,
+            "value": response.value,
+            "probability": response.probability,
+            "yes_values": response.yes_values,
+            "yes_no": yes_no,
+            "answer": response.answer,
+            "suggestions": response.suggestions.iter().map(|s| serde_json::json!({"field": s.field, "phrase": s.phrase})).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string(&doc)?);
+    } else {
+        println!("{}", response.answer);
+    }
+    Ok(if response.understood {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(3)
+    })
+}

@@ -45,6 +45,9 @@ enum Command {
     /// Ingest a folder (recursively; DICOM, JPEG, PNG recognised by content) through a node,
     /// with progress, a summary and a report of rejects; reruns resume.
     Ingest(ingest_cmd::IngestArgs),
+    /// Ask a question about a record in English or Chinese; the answer (the model's value for
+    /// the field the question maps to) is appended to the record. Exit code 3: not understood.
+    Ask(client::AskArgs),
     /// List a node's stored records as JSON lines.
     Records(client::RecordsArgs),
     /// Generate synthetic chest X-ray phantoms with exact ground truth (DICOM + labels).
@@ -89,6 +92,7 @@ fn main() -> ExitCode {
         } => node_cmd::stop(args),
         Command::Extract(args) => client::run(client::extract(args)),
         Command::Records(args) => client::run(client::records(args)),
+        Command::Ask(args) => client::run(client::ask(args)),
         Command::Ingest(args) => client::run(ingest_cmd::ingest(args)),
         Command::Phantom(args) => model_cmd::phantom(args),
         Command::Model { command } => model_cmd::run(command),
