@@ -9,7 +9,7 @@ CARGO ?= cargo
 export LIBTORCH_USE_PYTORCH := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: demo test venv build bench bench-imaging bench-model bench-tls model lint clean-venv
+.PHONY: demo test venv build bench bench-imaging bench-model bench-tls bench-research model lint clean-venv
 
 $(STAMP): requirements-dev.txt
 	@test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -28,7 +28,7 @@ demo: build
 test: build
 	$(CARGO) test --locked --workspace --no-fail-fast
 
-bench: bench-imaging bench-model bench-tls
+bench: bench-imaging bench-model bench-tls bench-research
 
 bench-imaging: venv
 	$(CARGO) build --locked --release -p cxrfed --bins
@@ -41,6 +41,10 @@ bench-model: venv
 bench-tls: venv
 	$(CARGO) build --locked --release -p cxrfed --bins
 	$(PYTHON) bench/tls.py --cxrfed target/release/cxrfed --bin target/release/cxrfed-bench --out docs/bench/tls.md
+
+bench-research: venv
+	$(CARGO) build --locked --release -p cxrfed --bins
+	$(PYTHON) bench/research.py --cxrfed target/release/cxrfed --bin target/release/cxrfed-bench --out docs/bench/research.md
 
 # Reproduces the bundled model (models/tiny-phantom-v1): 3000 phantoms of seed 1 from the
 # university, community and icu profiles (capped at 768 px), 50 epochs of the tiny

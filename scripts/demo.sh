@@ -43,17 +43,31 @@ echo "   earlier run); the JPEG 2000 copies of the same pixels then dedupe to th
 echo
 PHANTOMS=$(mktemp -d)
 trap 'rm -rf "$PHANTOMS"' EXIT
-echo "== generating 4 phantoms (one per site profile) and extracting them =="
-"$BIN" phantom --out "$PHANTOMS" --count 4 --seed 2026 --max-size 1024
-"$BIN" extract "$PHANTOMS"/*.dcm
+echo "== generating a folder of 24 phantoms (four site profiles) and ingesting it =="
+"$BIN" phantom --out "$PHANTOMS" --count 24 --seed 2026 --max-size 1024
+"$BIN" ingest "$PHANTOMS" --state "$PHANTOMS/.ingest-state.jsonl" --report "$PHANTOMS/.ingest-rejects.jsonl"
 
 echo
-echo "== ground truth of those phantoms (labels.csv) =="
-cut -d, -f1,3,4,8- "$PHANTOMS/labels.csv" | column -s, -t 2>/dev/null || cat "$PHANTOMS/labels.csv"
+echo "== ground truth of the first phantoms (labels.csv) =="
+head -5 "$PHANTOMS/labels.csv" | cut -d, -f1,3,4,8- | column -s, -t 2>/dev/null || head -5 "$PHANTOMS/labels.csv"
 
 echo
-echo "== stored records (one line each) =="
-"$BIN" records
+echo "== asking questions about one record (English and Chinese) =="
+RECORD_ID=$("$BIN" records --limit 1 | "$PYTHON" -c "import json,sys; print(json.loads(sys.stdin.readline())['record_id'])")
+"$BIN" ask "$RECORD_ID" "Is the left costophrenic angle blunted?"
+"$BIN" ask "$RECORD_ID" "肺野透亮度是否普遍增高?"
+"$BIN" ask "$RECORD_ID" "外周肺血管纹理是否明显变细?"
+"$BIN" ask "$RECORD_ID" "What colour is the scanner?" || true
+
+echo
+echo "== image quality vs analysis confidence (exact, site admin) =="
+"$BIN" stats 'crosstab image_quality, analysis_confidence'
+"$BIN" stats 'crosstab image_quality, analysis_confidence normalize=row'
+"$BIN" stats 'summary cardiothoracic_ratio by view'
+
+echo
+echo "== stored records (first 3, one JSON line each) =="
+"$BIN" records --limit 3
 
 echo
 echo "== node status =="

@@ -89,6 +89,19 @@ enum Mode {
         #[arg(long)]
         profile: Option<PathBuf>,
     },
+    /// Exact statistics over synthetic records held in the node's columnar form: builds
+    /// `records` records (deterministic), writes them as CSV for pandas when `--csv` is given,
+    /// and times the query (parse + bind + one pass) `repeats` times.
+    Stats {
+        #[arg(long, default_value_t = 1_000_000)]
+        records: usize,
+        #[arg(long)]
+        query: String,
+        #[arg(long, default_value_t = 20)]
+        repeats: usize,
+        #[arg(long)]
+        csv: Option<PathBuf>,
+    },
     /// Connection set-up cost: `count` sequential fresh connections, each with one Status call
     /// (TCP + TLS 1.3 handshake with client certificate + HTTP/2 + first RPC).
     Connect {
@@ -99,6 +112,124 @@ enum Mode {
         #[arg(long)]
         profile: Option<PathBuf>,
     },
+}
+
+/// A deterministic synthetic record: skewed categorical findings, ages, views, months.
+fn synthetic_record(i: usize) -> cxrfed_schema::Record {
+    use cxrfed_schema::*;
+    let mut state = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
+    let mut next = |n: u64| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state % n
+    };
+    let quality = ImageQuality::ALL[[0, 0, 1, 1, 1, 2, 2, 3][next(8) as usize]];
+    let confidence = AnalysisConfidence::ALL[[0, 0, 0, 1, 1, 2, 3][next(7) as usize]];
+    let findings = Findings {
+        image_quality: Some(Scored {
+            value: quality,
+            probability: 0.8,
+        }),
+        analysis_confidence: Some(Scored {
+            value: confidence,
+            probability: 0.7,
+        }),
+        mediastinum: Mediastinum {
+            cardiothoracic_ratio: Some(Measured {
+                value: 0.35 + next(30) as f64 / 100.0,
+                confidence: 0.9,
+            }),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    Record {
+        record_id: format!("{i}"),
+        image_sha256: format!("{i:064x}"),
+        schema_version: 1,
+        model_id: "bench".into(),
+        model_sha256: String::new(),
+        created_at: chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap_or_default(),
+        processing_ms: 1.0,
+        request_id: String::new(),
+        source: Source {
+            modality: "DX".into(),
+            rows: 2048,
+            columns: 2048,
+            ..Default::default()
+        },
+        patient: Patient {
+            pseudonym: format!("p{}", next(400_000)),
+            age_group: flat::AGE_GROUPS[2 + next(8) as usize].to_string(),
+            sex: if next(2) == 0 { Sex::Female } else { Sex::Male },
+        },
+        acquisition: Acquisition {
+            month: format!("{}-{:02}", 2018 + next(6), 1 + next(12)),
+            view: [View::Pa, View::Pa, View::Ap, View::Ll][next(4) as usize],
+        },
+        findings: Some(findings),
+        processing_notes: Vec::new(),
+        questions: Vec::new(),
+    }
+}
+
+fn stats_bench(
+    records: usize,
+    query: &str,
+    repeats: usize,
+    csv: Option<PathBuf>,
+) -> anyhow::Result<serde_json::Value> {
+    let started = Instant::now();
+    let mut columns = cxrfed_stats::Columns::new();
+    let mut writer = csv.map(|path| csv::Writer::from_path(path)).transpose()?;
+    if let Some(w) = writer.as_mut() {
+        w.write_record([
+            "image_quality",
+            "analysis_confidence",
+            "age_group",
+            "view",
+            "month",
+            "cardiothoracic_ratio",
+        ])?;
+    }
+    for i in 0..records {
+        let record = synthetic_record(i);
+        columns.upsert(&record);
+        if let Some(w) = writer.as_mut() {
+            let f = record.findings.as_ref();
+            w.write_record([
+                f.and_then(|f| f.image_quality)
+                    .map(|s| s.value.as_str())
+                    .unwrap_or(""),
+                f.and_then(|f| f.analysis_confidence)
+                    .map(|s| s.value.as_str())
+                    .unwrap_or(""),
+                record.patient.age_group.as_str(),
+                record.acquisition.view.as_str(),
+                record.acquisition.month.as_str(),
+                &f.and_then(|f| f.mediastinum.cardiothoracic_ratio)
+                    .map(|m| (m.value as f32).to_string())
+                    .unwrap_or_default(),
+            ])?;
+        }
+    }
+    if let Some(mut w) = writer {
+        w.flush()?;
+    }
+    let build_s = started.elapsed().as_secs_f64();
+    let mut millis = Vec::new();
+    let mut table = None;
+    for _ in 0..repeats {
+        let t = Instant::now();
+        table = Some(cxrfed_stats::exact(&columns, query)?);
+        millis.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    millis.sort_by(f64::total_cmp);
+    Ok(serde_json::json!({
+        "records": records, "build_s": build_s, "p50_ms": percentile(&millis, 50.0),
+        "p99_ms": percentile(&millis, 99.0), "cohort": table.map(|t| t.cohort_size),
+    }))
 }
 
 fn credentials(profile: Option<&Path>) -> anyhow::Result<Option<cxrfed_auth::ClientCredentials>> {
@@ -324,6 +455,14 @@ fn main() -> anyhow::Result<()> {
                 "{}",
                 forward_bench(&model, batch, repeats, images, &device, reference)?
             );
+        }
+        Mode::Stats {
+            records,
+            query,
+            repeats,
+            csv,
+        } => {
+            println!("{}", stats_bench(records, &query, repeats, csv)?);
         }
         Mode::Connect {
             url,
