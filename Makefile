@@ -9,7 +9,7 @@ CARGO ?= cargo
 export LIBTORCH_USE_PYTORCH := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: demo test venv build bench bench-imaging bench-model bench-tls bench-research model lint clean-venv
+.PHONY: demo test venv sdk build bench bench-imaging bench-model bench-tls bench-research model lint clean-venv
 
 $(STAMP): requirements-dev.txt
 	@test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -19,7 +19,18 @@ $(STAMP): requirements-dev.txt
 
 venv: $(STAMP)
 
-build: venv
+# The Python SDK (clients/python): stubs generated from proto/ with grpcio-tools, installed
+# into the virtualenv in editable mode. Regenerated when the protos change.
+SDK_STAMP := clients/python/cxrfed/.generated-$(shell cat proto/cxrfed/v1/*.proto | sha256sum | cut -c1-16)
+$(SDK_STAMP): $(STAMP) $(wildcard proto/cxrfed/v1/*.proto)
+	rm -rf clients/python/cxrfed && mkdir -p clients/python/cxrfed
+	$(PYTHON) -m grpc_tools.protoc -Iproto --python_out=clients/python --grpc_python_out=clients/python proto/cxrfed/v1/*.proto
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e clients/python
+	touch $@
+
+sdk: $(SDK_STAMP)
+
+build: venv sdk
 	$(CARGO) build --locked -p cxrfed --bins
 
 demo: build

@@ -66,6 +66,11 @@ echo "== image quality vs analysis confidence (exact, site admin) =="
 "$BIN" stats 'summary cardiothoracic_ratio by view'
 
 echo
+echo "== the same analysis from Python (clients/python), chart included =="
+CHART="$DATA_DIR/quality_vs_confidence.png"
+"$PYTHON" clients/python/examples/quality_vs_confidence.py --out "$CHART"
+
+echo
 echo "== stored records (first 3, one JSON line each) =="
 "$BIN" records --limit 3
 

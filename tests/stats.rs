@@ -318,3 +318,77 @@ async fn questions_in_english_and_chinese_map_to_fields_and_are_appended() {
         "nothing added for an unknown question"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_python_sdk_extracts_queries_and_exports_into_pandas() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let phantoms = dir.path().join("phantoms");
+    let out = cxrfed(&[
+        "phantom",
+        "--out",
+        phantoms.to_str().expect("path"),
+        "--count",
+        "6",
+        "--seed",
+        "12",
+        "--max-size",
+        "384",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let node = NodeProcess::start(&dir.path().join("node"), &[]);
+    let run = |script: &str, extra: &[&str]| {
+        let out = std::process::Command::new(venv_python())
+            .arg(workspace_root().join(script))
+            .args(["--node", &node.url(), "--profile", &node.profile()])
+            .args(extra)
+            .env_remove("CXRFED_PROFILE")
+            .output()
+            .expect("python");
+        assert!(
+            out.status.success(),
+            "{script}: {}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        text(&out.stdout)
+    };
+    let seen: serde_json::Value = serde_json::from_str(
+        run(
+            "tests/helpers/sdk_check.py",
+            &["--folder", phantoms.to_str().expect("path")],
+        )
+        .trim(),
+    )
+    .expect("json");
+    assert_eq!(
+        seen["created"],
+        serde_json::json!([true, true, true, true, true, true])
+    );
+    assert_eq!(seen["again_created"], false);
+    assert_eq!(seen["records"], 6);
+    assert_eq!(seen["answer_field"], "costophrenic_angle");
+    assert_eq!(seen["crosstab_total"], 6);
+    assert_eq!(
+        seen["crosstab_index"],
+        serde_json::json!(["excellent", "good", "fair", "poor"])
+    );
+    assert_eq!(seen["export_rows"], 6);
+    assert_eq!(seen["pandas_crosstab_total"], 6);
+    assert_eq!(seen["export_pa_rows"], seen["count_pa"]);
+    assert_eq!(seen["export_columns"][0], "record_id");
+    assert_eq!(seen["parse_error"][0], "INVALID_ARGUMENT");
+    assert_eq!(seen["parse_error"][1], "invalid_request");
+
+    // The example reproduces the seed's analysis and writes the chart.
+    let chart = dir.path().join("chart.png");
+    let printed = run(
+        "clients/python/examples/quality_vs_confidence.py",
+        &["--out", chart.to_str().expect("path")],
+    );
+    assert!(
+        printed.contains("pandas.crosstab over the export agrees"),
+        "{printed}"
+    );
+    let png = std::fs::read(&chart).expect("chart");
+    assert!(png.starts_with(b"\x89PNG"), "a PNG chart");
+}

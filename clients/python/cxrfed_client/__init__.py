@@ -1,0 +1,197 @@
+"""Python client for a cxrfed node.
+
+    from cxrfed_client import Node
+    node = Node("https://127.0.0.1:50051", profile="alice/profile.toml")
+    node.extract("chest.dcm")
+    node.stats('crosstab image_quality, analysis_confidence normalize=row')   # pandas.DataFrame
+    node.export(where="view = PA")                                            # pandas.DataFrame
+
+Every call goes over mutual TLS with the certificates `cxrfed certs issue` wrote (or a profile
+that names them); `http://` URLs reach only a node started with `--insecure-dev`. Errors are
+raised as `CxrfedError` with the gRPC code and the node's message.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tomllib
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import grpc
+import pandas as pd
+from google.protobuf.json_format import MessageToDict
+
+from cxrfed.v1 import node_pb2, node_pb2_grpc
+
+__all__ = ["Node", "CxrfedError"]
+
+_CHUNK = 1024 * 1024
+_MAX_MESSAGE = 8 * 1024 * 1024
+
+
+class CxrfedError(Exception):
+    """A call the node refused: `code` is the gRPC status code name, `kind` the node's stable
+    error kind (the `x-cxrfed-error` trailer) when it sent one."""
+
+    def __init__(self, code: str, message: str, kind: str = ""):
+        super().__init__(f"{message} ({code})")
+        self.code = code
+        self.message = message
+        self.kind = kind
+
+
+def _error(e: grpc.RpcError) -> CxrfedError:
+    kind = ""
+    for key, value in (e.trailing_metadata() or ()):
+        if key == "x-cxrfed-error":
+            kind = value
+    return CxrfedError(e.code().name, e.details() or "", kind)
+
+
+def _read(path: str | os.PathLike | None) -> bytes | None:
+    if path is None:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
+class Node:
+    """A connection to one node."""
+
+    def __init__(self, url: str | None = None, ca: str | None = None, cert: str | None = None,
+                 key: str | None = None, profile: str | None = None):
+        profile = profile or os.environ.get("CXRFED_PROFILE")
+        if profile:
+            base = Path(profile).parent
+            with open(profile, "rb") as f:
+                p = tomllib.load(f)
+            resolve = lambda v: str(base / v) if v and not os.path.isabs(v) else v  # noqa: E731
+            ca = ca or resolve(p.get("ca"))
+            cert = cert or resolve(p.get("cert"))
+            key = key or resolve(p.get("key"))
+            url = url or p.get("node")
+        url = url or "https://127.0.0.1:50051"
+        options = [("grpc.max_receive_message_length", _MAX_MESSAGE),
+                   ("grpc.max_send_message_length", _MAX_MESSAGE)]
+        if url.startswith("https://"):
+            if ca is None:
+                raise ValueError(f"{url} uses TLS: pass ca= (and cert=, key=) or profile=")
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=_read(ca), private_key=_read(key), certificate_chain=_read(cert))
+            self._channel = grpc.secure_channel(url.removeprefix("https://"), credentials, options)
+        elif url.startswith("http://"):
+            self._channel = grpc.insecure_channel(url.removeprefix("http://"), options)
+        else:
+            raise ValueError(f"URL {url!r} must start with https:// (or http:// for --insecure-dev)")
+        self._stub = node_pb2_grpc.NodeServiceStub(self._channel)
+        self.url = url
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "Node":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _call(self, method, request):
+        try:
+            return method(request)
+        except grpc.RpcError as e:
+            raise _error(e) from None
+
+    def status(self) -> dict:
+        return MessageToDict(self._call(self._stub.Status, node_pb2.StatusRequest()),
+                             preserving_proto_field_name=True)
+
+    def extract(self, path: str | os.PathLike, force: bool = False) -> dict:
+        """Uploads one image (DICOM, JPEG or PNG) in chunks; returns its record as a dict, with
+        `created` False when the node already had the same pixels."""
+        size = os.path.getsize(path)
+
+        def chunks() -> Iterator[node_pb2.ExtractRequest]:
+            header = node_pb2.ExtractHeader(filename=os.path.basename(path), force=force,
+                                            size_hint=size)
+            with open(path, "rb") as f:
+                first = True
+                while True:
+                    data = f.read(_CHUNK)
+                    if not data and not first:
+                        return
+                    yield node_pb2.ExtractRequest(header=header if first else None, chunk=data)
+                    first = False
+                    if not data:
+                        return
+
+        response = self._call(self._stub.Extract, chunks())
+        record = MessageToDict(response.record, preserving_proto_field_name=True)
+        record["created"] = response.created
+        return record
+
+    def records(self, limit: int = 1000, view: str | None = None) -> list[dict]:
+        """Stored records as dicts (nested, as the schema has them)."""
+        out: list[dict] = []
+        token = ""
+        views = {"PA": 1, "AP": 2, "LL": 3, "UNKNOWN": 4}
+        while len(out) < limit:
+            request = node_pb2.ListRecordsRequest(page_size=min(1000, limit - len(out)),
+                                                  page_token=token,
+                                                  view=views.get((view or "").upper(), 0))
+            token = ""
+            try:
+                for item in self._stub.ListRecords(request):
+                    if item.HasField("record"):
+                        out.append(MessageToDict(item.record, preserving_proto_field_name=True))
+                    elif item.HasField("page_end"):
+                        token = item.page_end.next_page_token
+            except grpc.RpcError as e:
+                raise _error(e) from None
+            if not token:
+                break
+        return out[:limit]
+
+    def ask(self, record_id: str, question: str) -> dict:
+        """Asks a question about a record in English or Chinese; returns the answer as a dict
+        (`understood`, `field`, `value`, `probability`, `yes_no`, `answer`, `suggestions`)."""
+        uuid.UUID(record_id)
+        response = self._call(self._stub.Ask,
+                              node_pb2.AskRequest(record_id=record_id, question=question))
+        answer = MessageToDict(response, preserving_proto_field_name=True,
+                               always_print_fields_with_no_presence=True)
+        answer.pop("record", None)
+        return answer
+
+    def stats(self, query: str) -> pd.DataFrame:
+        """Exact statistics (site admin) as a DataFrame; the cohort size is in `df.attrs`."""
+        response = self._call(self._stub.Stats, node_pb2.StatsRequest(query=query))
+        rows = []
+        for row in response.rows:
+            values = []
+            for cell in row.cells:
+                which = cell.WhichOneof("value")
+                values.append(getattr(cell, which) if which else None)
+            rows.append(values)
+        frame = pd.DataFrame(rows, columns=list(response.columns))
+        if response.statistic == "crosstab" and not frame.empty:
+            # The tabulated fields down the side become the index; `field=value` columns and
+            # `total` stay columns.
+            frame = frame.set_index([c for c in frame.columns if "=" not in c and c != "total"])
+        frame.attrs.update(statistic=response.statistic, cohort_size=response.cohort_size,
+                           record_count=response.record_count, query=query)
+        return frame
+
+    def export(self, where: str | None = None) -> pd.DataFrame:
+        """Flattened records (site admin) as a DataFrame: one column per schema field, with
+        `<field>_probability` alongside."""
+        buffer = io.BytesIO()
+        try:
+            for chunk in self._stub.Export(node_pb2.ExportRequest(format="csv", where=where or "")):
+                buffer.write(chunk.data)
+        except grpc.RpcError as e:
+            raise _error(e) from None
+        buffer.seek(0)
+        return pd.read_csv(buffer, keep_default_na=True)
