@@ -773,14 +773,17 @@ async fn reflection_health_and_request_ids() {
         response.metadata().get("x-request-id").is_some(),
         "a generated id is returned"
     );
-    // The one log line per request carries the id.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let log = std::fs::read_to_string(dir.path().join("logs/node.log")).expect("log");
-    let line = log
-        .lines()
-        .find(|l| l.contains("e2e-req-42"))
-        .expect("request logged");
-    let json: serde_json::Value = serde_json::from_str(line).expect("JSON log line");
+    // The one log line per request carries the id (written by a background thread: poll).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let line = loop {
+        let log = std::fs::read_to_string(dir.path().join("logs/node.log")).unwrap_or_default();
+        if let Some(line) = log.lines().find(|l| l.contains("e2e-req-42")) {
+            break line.to_string();
+        }
+        assert!(std::time::Instant::now() < deadline, "request not logged");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let json: serde_json::Value = serde_json::from_str(&line).expect("JSON log line");
     assert!(json["timestamp"].is_string() && json["level"].is_string());
     assert_eq!(json["span"]["method"], "Status");
 }

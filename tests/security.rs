@@ -73,30 +73,42 @@ async fn roles_are_enforced_and_every_denial_is_logged() {
         .expect_err("other site's admin");
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
 
-    // Every denial is in the log with the identity and the method.
-    let log = node_log(&node);
-    assert!(
-        log.lines().any(|l| l.contains("PERMISSION_DENIED")
-            && l.contains("cxrfed://e2e/researcher/-/rita")
-            && l.contains("/cxrfed.v1.NodeService/ListRecords")),
-        "{log}"
-    );
-    assert!(
-        log.lines().any(|l| l.contains("PERMISSION_DENIED")
-            && l.contains("cxrfed://e2e/admin/site-b/olga")
-            && l.contains("/cxrfed.v1.NodeService/Status")),
-        "{log}"
-    );
+    // Every denial is in the log with the identity and the method (the log is written by a
+    // background thread: wait for it).
+    let logged = |needles: &'static [&'static str]| {
+        let node = &node;
+        async move || {
+            node_log(node)
+                .lines()
+                .any(|l| needles.iter().all(|n| l.contains(n)))
+        }
+    };
+    eventually(
+        "the researcher's denial in the log",
+        logged(&[
+            "PERMISSION_DENIED",
+            "cxrfed://e2e/researcher/-/rita",
+            "/cxrfed.v1.NodeService/ListRecords",
+        ]),
+    )
+    .await;
+    eventually(
+        "the other admin's denial in the log",
+        logged(&[
+            "PERMISSION_DENIED",
+            "cxrfed://e2e/admin/site-b/olga",
+            "/cxrfed.v1.NodeService/Status",
+        ]),
+    )
+    .await;
     // Served requests carry the identity in their span.
     let out = node.cli(&["records"]);
     assert!(out.status.success());
-    assert!(
-        node_log(&node)
-            .lines()
-            .any(|l| l.contains("request finished")
-                && l.contains("cxrfed://e2e/admin/site-a/admin-site-a")),
-        "served requests name the caller"
-    );
+    eventually(
+        "served requests naming the caller",
+        logged(&["request finished", "cxrfed://e2e/admin/site-a/admin-site-a"]),
+    )
+    .await;
 }
 
 fn uuid_like() -> String {

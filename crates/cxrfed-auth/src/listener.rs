@@ -178,6 +178,12 @@ async fn handshake(tls: &ReloadingTls, tcp: TcpStream, remote: SocketAddr) -> Op
     let acceptor = tokio_rustls::TlsAcceptor::from(material.config.clone());
     let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(stream)) => stream,
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            // A TCP probe (load balancer, `node serve --detach` waiting for the port) that
+            // closed without a ClientHello.
+            tracing::debug!(%remote, "connection closed before the TLS handshake");
+            return None;
+        }
         Ok(Err(e)) => {
             let hint = if e.to_string().contains("InvalidContentType")
                 || e.to_string().contains("corrupt message")
