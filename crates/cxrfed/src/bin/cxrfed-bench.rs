@@ -182,7 +182,7 @@ fn stats_bench(
 ) -> anyhow::Result<serde_json::Value> {
     let started = Instant::now();
     let mut columns = cxrfed_stats::Columns::new();
-    let mut writer = csv.map(|path| csv::Writer::from_path(path)).transpose()?;
+    let mut writer = csv.map(csv::Writer::from_path).transpose()?;
     if let Some(w) = writer.as_mut() {
         w.write_record([
             "image_quality",
