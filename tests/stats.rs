@@ -198,6 +198,24 @@ async fn parse_errors_name_the_position_and_researchers_are_refused() {
         .await
         .expect_err("researcher");
     assert_eq!(status.code(), Code::PermissionDenied);
+    // The schema is public: a researcher reads it, and it is the committed one.
+    let schema = as_researcher
+        .get_schema(pb::GetSchemaRequest {})
+        .await
+        .expect("schema")
+        .into_inner();
+    let committed = std::fs::read_to_string(workspace_root().join("schema/record.schema.json"))
+        .expect("committed schema");
+    let served: serde_json::Value = serde_json::from_str(&schema.record_json_schema).expect("json");
+    let committed: serde_json::Value = serde_json::from_str(&committed).expect("json");
+    assert_eq!(served, committed);
+    let quality = schema
+        .fields
+        .iter()
+        .find(|f| f.name == "image_quality")
+        .expect("image_quality");
+    assert_eq!(quality.categories, ["excellent", "good", "fair", "poor"]);
+    assert!(quality.has_probability);
     let profile = researcher.join(pki::PROFILE);
     let out = cxrfed(&[
         "export",

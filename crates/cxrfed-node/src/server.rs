@@ -96,6 +96,8 @@ pub const NODE_RULES: &[(&str, Rule)] = &[
     ("Stats", Rule::SiteAdmin),
     ("Export", Rule::SiteAdmin),
     ("Ask", Rule::SiteAdmin),
+    // The schema is public: any identity of the study.
+    ("GetSchema", Rule::AnyIdentity),
 ];
 
 pub fn node_policy(site: &str) -> Policy {

@@ -586,6 +586,52 @@ impl NodeService for NodeApi {
         .await
     }
 
+    async fn get_schema(
+        &self,
+        request: Request<pb::GetSchemaRequest>,
+    ) -> Result<Response<pb::GetSchemaResponse>, Status> {
+        use cxrfed_schema::flat::{FIELDS, FieldKind};
+        let metadata = request.metadata().clone();
+        let peer = Caller::of(&request);
+        observe(&self.state, "GetSchema", &peer, &metadata, |_| async {
+            Ok(pb::GetSchemaResponse {
+                schema_version: cxrfed_schema::SCHEMA_VERSION.to_string(),
+                record_json_schema: serde_json::to_string_pretty(
+                    &cxrfed_schema::record_json_schema(),
+                )
+                .map_err(|e| NodeError::Internal(e.to_string()))?,
+                fields: FIELDS
+                    .iter()
+                    .map(|f| {
+                        let (kind, min, max) = match f.kind {
+                            FieldKind::Categorical(_) => ("categorical", 0.0, 0.0),
+                            FieldKind::Bool => ("bool", 0.0, 0.0),
+                            FieldKind::Numeric { min, max } => ("numeric", min, max),
+                            FieldKind::Month => ("month", 0.0, 0.0),
+                            FieldKind::Text => ("text", 0.0, 0.0),
+                        };
+                        pb::FieldInfo {
+                            name: f.name.to_string(),
+                            kind: kind.to_string(),
+                            description: f.description.to_string(),
+                            categories: f
+                                .kind
+                                .categories()
+                                .unwrap_or(&[])
+                                .iter()
+                                .map(|c| c.to_string())
+                                .collect(),
+                            min,
+                            max,
+                            has_probability: f.probability.is_some(),
+                        }
+                    })
+                    .collect(),
+            })
+        })
+        .await
+    }
+
     async fn status(
         &self,
         request: Request<pb::StatusRequest>,

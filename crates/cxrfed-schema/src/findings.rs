@@ -15,7 +15,7 @@ pub trait Category: Copy + Sized {
 macro_rules! categories {
     ($(#[$meta:meta])* $name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
         $(#[$meta])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
         pub enum $name {
             $(#[serde(rename = $text)] $variant),+
         }
@@ -77,26 +77,26 @@ categories!(
 );
 
 /// A categorical value with the model's probability for it.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Scored<T> {
     pub value: T,
     pub probability: f32,
 }
 
 /// A numeric value with the model's confidence in [0, 1].
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Measured {
     pub value: f64,
     pub confidence: f32,
 }
 
 /// A set of lung zones, each with its probability.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ZoneSet {
     pub zones: Vec<Scored<LungZone>>,
 }
 
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Findings {
     pub image_quality: Option<Scored<ImageQuality>>,
     pub analysis_confidence: Option<Scored<AnalysisConfidence>>,
@@ -106,14 +106,14 @@ pub struct Findings {
     pub diaphragm: Diaphragm,
 }
 
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Thorax {
     pub rib_fracture: Option<Scored<bool>>,
     pub clavicle_symmetry: Option<Scored<ClavicleSymmetry>>,
     pub spine_alignment: Option<Scored<SpineAlignment>>,
 }
 
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Lungs {
     pub opacity_distribution: Option<ZoneSet>,
     pub opacity_severity: Option<Scored<Severity>>,
@@ -122,7 +122,7 @@ pub struct Lungs {
     pub hyperlucency: Option<Scored<bool>>,
 }
 
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Mediastinum {
     pub cardiac_contour: Option<Scored<CardiacContour>>,
     pub cardiothoracic_ratio: Option<Measured>,
@@ -130,7 +130,7 @@ pub struct Mediastinum {
     pub hilar_size: Option<Scored<HilarSize>>,
 }
 
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Diaphragm {
     pub position: Option<Scored<DiaphragmPosition>>,
     pub contour: Option<Scored<DiaphragmContour>>,

@@ -25,7 +25,7 @@ pub const SCHEMA_VERSION: u32 = 1;
 pub const NO_MODEL: &str = "none";
 
 /// One structured, de-identified record of one chest X-ray.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Record {
     /// Time-ordered UUID v7, canonical text form.
     pub record_id: String,
@@ -57,7 +57,7 @@ pub struct Record {
 }
 
 /// One answered question, appended to a record.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct QuestionAnswer {
     pub field: String,
     /// The model's value as text; empty when the record has no findings.
@@ -69,7 +69,7 @@ pub struct QuestionAnswer {
     pub asked_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ImageFormat {
     Dicom,
@@ -88,7 +88,7 @@ impl ImageFormat {
 }
 
 /// Technical facts about the source image (no identifiers).
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Source {
     pub format: Option<ImageFormat>,
     pub transfer_syntax_uid: String,
@@ -104,7 +104,9 @@ pub struct Source {
 }
 
 /// Patient sex with the DICOM codes as its text form ("F", "M", "O"), "unknown" when absent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, schemars::JsonSchema,
+)]
 pub enum Sex {
     #[serde(rename = "F")]
     Female,
@@ -139,7 +141,7 @@ impl Sex {
 }
 
 /// De-identified patient facts.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Patient {
     /// HMAC-SHA256 (hex) of PatientID under the site secret; empty when no PatientID.
     pub pseudonym: String,
@@ -148,7 +150,9 @@ pub struct Patient {
     pub sex: Sex,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum View {
     Pa,
@@ -191,7 +195,7 @@ impl View {
 }
 
 /// Acquisition facts, coarsened.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Acquisition {
     /// "YYYY-MM", or empty when the file has no usable date.
     pub month: String,
@@ -218,9 +222,45 @@ pub fn is_valid_month(text: &str) -> bool {
         && matches!(text[5..].parse::<u32>(), Ok(1..=12))
 }
 
+/// The JSON Schema (draft 2020-12) of a [`Record`] as the node returns and exports it.
+/// Committed as `schema/record.schema.json`; a test keeps the two equal.
+pub fn record_json_schema() -> serde_json::Value {
+    let mut schema = serde_json::to_value(schemars::schema_for!(Record)).unwrap_or_default();
+    if let Some(object) = schema.as_object_mut() {
+        object.insert(
+            "$id".into(),
+            serde_json::Value::String(format!(
+                "https://cxrfed.invalid/schema/record-v{SCHEMA_VERSION}.json"
+            )),
+        );
+        object.insert(
+            "description".into(),
+            serde_json::Value::String(format!(
+                "One structured, de-identified record of one chest X-ray (cxrfed schema v{SCHEMA_VERSION}). Research use only, not a diagnosis."
+            )),
+        );
+    }
+    schema
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_committed_json_schema_is_current() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../schema/record.schema.json");
+        let generated = serde_json::to_string_pretty(&record_json_schema()).expect("json") + "\n";
+        if std::env::var_os("CXRFED_UPDATE_SCHEMA").is_some() {
+            std::fs::write(&path, &generated).expect("write schema");
+        }
+        let committed = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            committed == generated,
+            "schema/record.schema.json is stale: regenerate with `CXRFED_UPDATE_SCHEMA=1 cargo test -p cxrfed-schema`"
+        );
+    }
 
     #[test]
     fn age_bands() {

@@ -56,6 +56,8 @@ enum Command {
     Stats(stats_cmd::StatsArgs),
     /// Export a node's records, flattened, as CSV or JSON lines (site admin).
     Export(stats_cmd::ExportArgs),
+    /// Print the JSON Schema of a record (schema/record.schema.json).
+    Schema,
     /// Study CA and certificates: init, issue, inspect, revoke.
     Certs {
         #[command(subcommand)]
@@ -97,6 +99,12 @@ fn main() -> ExitCode {
         Command::Phantom(args) => model_cmd::phantom(args),
         Command::Model { command } => model_cmd::run(command),
         Command::Certs { command } => certs_cmd::run(command),
+        Command::Schema => serde_json::to_string_pretty(&cxrfed_schema::record_json_schema())
+            .map(|text| {
+                println!("{text}");
+                ExitCode::SUCCESS
+            })
+            .map_err(Into::into),
         Command::Stats(args) => client::run(stats_cmd::stats(args)),
         Command::Export(args) => client::run(stats_cmd::export(args)),
     };
