@@ -410,3 +410,210 @@ async fn the_python_sdk_extracts_queries_and_exports_into_pandas() {
     let png = std::fs::read(&chart).expect("chart");
     assert!(png.starts_with(b"\x89PNG"), "a PNG chart");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn custom_fields_and_annotations_reach_records_statistics_and_exports() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let phantoms = dir.path().join("phantoms");
+    let out = cxrfed(&[
+        "phantom",
+        "--out",
+        phantoms.to_str().expect("path"),
+        "--count",
+        "8",
+        "--seed",
+        "21",
+        "--max-size",
+        "384",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let data = dir.path().join("node");
+    let node = NodeProcess::start(&data, &[]);
+    let state = dir.path().join("state.jsonl");
+    let out = node.cli(&[
+        "ingest",
+        phantoms.to_str().expect("path"),
+        "--state",
+        state.to_str().expect("path"),
+        "--report",
+        dir.path().join("r.jsonl").to_str().expect("path"),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    // Define, redefine (a new version), list.
+    for _ in 0..2 {
+        let out = node.cli(&[
+            "field",
+            "define",
+            "pneumothorax",
+            "--type",
+            "bool",
+            "--description",
+            "visible pleural line",
+            "--synonym",
+            "气胸",
+            "--synonym",
+            "collapsed lung",
+        ]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let out = node.cli(&["field", "list"]);
+    assert!(
+        text(&out.stdout).contains("pneumothorax  v2  bool"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = node.cli(&["field", "define", "image_quality", "--type", "bool"]);
+    assert!(!out.status.success() && text(&out.stderr).contains("schema column"));
+
+    // The phantom labels file imports as is (schema findings become corrections).
+    let out = node.cli(&[
+        "annotate",
+        "import",
+        phantoms.join("labels.csv").to_str().expect("path"),
+        "--annotator",
+        "ground-truth",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("from 8 rows"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(text(&out.stdout).contains("0 rows name images the node does not have"));
+
+    // Label the custom field on five records.
+    let mut c = NodeServiceClient::new(node.channel().await);
+    let records = {
+        let mut stream = c
+            .list_records(pb::ListRecordsRequest::default())
+            .await
+            .expect("list")
+            .into_inner();
+        let mut out = Vec::new();
+        while let Some(item) = stream.message().await.expect("page") {
+            if let Some(pb::list_records_response::Item::Record(r)) = item.item {
+                out.push(r);
+            }
+        }
+        out
+    };
+    assert_eq!(records.len(), 8);
+    for (i, record) in records.iter().take(5).enumerate() {
+        let value = if i < 3 { "true" } else { "no" };
+        let out = node.cli(&["annotate", "set", &record.record_id, "pneumothorax", value]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let status = c
+        .annotate(pb::AnnotateRequest {
+            record_id: records[0].record_id.clone(),
+            field: "pneumothorax".into(),
+            value: "maybe".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("not a bool");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let status = c
+        .annotate(pb::AnnotateRequest {
+            record_id: records[0].record_id.clone(),
+            field: "tube_position".into(),
+            value: "ok".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("undefined field");
+    assert!(
+        status.message().contains("define it first"),
+        "{}",
+        status.message()
+    );
+
+    // Records carry the labels, apart from the findings.
+    let first = c
+        .get_record(pb::GetRecordRequest {
+            record_id: records[0].record_id.clone(),
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    let pneumothorax = first
+        .annotations
+        .iter()
+        .find(|a| a.field == "pneumothorax")
+        .expect("label");
+    assert_eq!(
+        (pneumothorax.value.as_str(), pneumothorax.source.as_str()),
+        ("true", "annotation")
+    );
+    assert!(
+        first
+            .annotations
+            .iter()
+            .any(|a| a.field == "image_quality" && a.annotator == "ground-truth")
+    );
+
+    // Statistics over the custom field and over model vs human labels.
+    let histogram = |node: &NodeProcess| {
+        let out = node.cli(&["stats", "histogram pneumothorax", "--format", "json"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("json")["rows"].clone()
+    };
+    let expected = serde_json::json!([["false", 2], ["true", 3], ["(missing)", 3]]);
+    assert_eq!(histogram(&node), expected);
+    let out = node.cli(&[
+        "stats",
+        "crosstab image_quality, image_quality_annotated",
+        "--format",
+        "json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let table: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(table["cohort_size"], 8);
+
+    // The export has the custom field and the corrections as columns.
+    let out = node.cli(&["export", "--format", "jsonl"]);
+    let rows: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    assert_eq!(
+        rows.iter().filter(|r| r["pneumothorax"] == "true").count(),
+        3
+    );
+    assert_eq!(
+        rows.iter().filter(|r| r["pneumothorax"] == "false").count(),
+        2
+    );
+    assert!(
+        rows.iter()
+            .all(|r| r["image_quality_annotated"].is_string())
+    );
+
+    // A question naming the custom field says how many labels exist.
+    let answer = c
+        .ask(pb::AskRequest {
+            record_id: records[0].record_id.clone(),
+            question: "这张片子有气胸吗?".into(),
+        })
+        .await
+        .expect("ask")
+        .into_inner();
+    assert_eq!(answer.field, "pneumothorax");
+    assert!(
+        answer.answer.contains("5 image(s) are annotated"),
+        "{}",
+        answer.answer
+    );
+    assert_eq!(answer.value, "true");
+
+    // After a restart the index is rebuilt with the labels.
+    drop(c);
+    let out = cxrfed(&["node", "stop", "--data-dir", data.to_str().expect("path")]);
+    assert!(out.status.success());
+    let mut node = node;
+    node.wait_exit(std::time::Duration::from_secs(30))
+        .expect("stopped");
+    let node = NodeProcess::start(&data, &[]);
+    assert_eq!(histogram(&node), expected);
+}

@@ -28,8 +28,9 @@ impl Format {
     }
 }
 
-/// Column names of an export, in order.
-pub fn header() -> Vec<String> {
+/// Column names of an export, in order: record facts, every schema column (with its
+/// probability), `<finding>_annotated` (human corrections), then the custom fields.
+pub fn header(custom: &[String]) -> Vec<String> {
     let mut names: Vec<String> = [
         "record_id",
         "image_sha256",
@@ -47,10 +48,18 @@ pub fn header() -> Vec<String> {
             names.push(format!("{}_probability", field.name));
         }
     }
+    for field in FIELDS.iter().filter(|f| f.probability.is_some()) {
+        names.push(format!("{}_annotated", field.name));
+    }
+    names.extend(custom.iter().cloned());
     names
 }
 
-fn row(record: &Record) -> Vec<Cell<'_>> {
+fn row<'a>(
+    record: &'a Record,
+    labels: &std::collections::HashMap<String, String>,
+    custom: &[String],
+) -> Vec<Cell<'a>> {
     let text = |s: &str| Cell::Text(s.to_string().into());
     let mut cells = vec![
         text(&record.record_id),
@@ -69,6 +78,17 @@ fn row(record: &Record) -> Vec<Cell<'_>> {
         if let Some(probability) = field.probability {
             cells.push(probability(record).map_or(Cell::Missing, |p| Cell::Number(f64::from(p))));
         }
+    }
+    let label = |field: &str| {
+        labels
+            .get(field)
+            .map_or(Cell::Missing, |v| Cell::Text(v.clone().into()))
+    };
+    for field in FIELDS.iter().filter(|f| f.probability.is_some()) {
+        cells.push(label(field.name));
+    }
+    for name in custom {
+        cells.push(label(name));
     }
     cells
 }
@@ -89,9 +109,10 @@ pub fn produce(
     store: &RecordStore,
     images: &HashSet<String>,
     format: Format,
+    custom: &[String],
     tx: &tokio::sync::mpsc::Sender<Result<pb::ExportChunk, Status>>,
 ) {
-    let names = header();
+    let names = header(custom);
     let mut buffer: Vec<u8> = Vec::with_capacity(CHUNK * 2);
     let mut exported = 0u64;
     if format == Format::Csv {
@@ -115,7 +136,15 @@ pub fn produce(
         if !images.contains(&record.image_sha256) {
             continue;
         }
-        let cells = row(&record);
+        let labels: std::collections::HashMap<String, String> =
+            match store.annotations_of(&record.image_sha256) {
+                Ok(list) => list.into_iter().map(|a| (a.field, a.value)).collect(),
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(Status::internal(format!("store: {e}"))));
+                    return;
+                }
+            };
+        let cells = row(&record, &labels, custom);
         match format {
             Format::Csv => {
                 let mut w = csv::Writer::from_writer(&mut buffer);

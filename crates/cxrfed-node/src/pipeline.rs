@@ -121,6 +121,7 @@ impl Pipeline {
             findings,
             processing_notes: decoded.notes,
             questions: Vec::new(),
+            annotations: Vec::new(),
         };
         Ok(Extraction { record })
     }

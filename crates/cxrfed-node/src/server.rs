@@ -98,6 +98,9 @@ pub const NODE_RULES: &[(&str, Rule)] = &[
     ("Ask", Rule::SiteAdmin),
     // The schema is public: any identity of the study.
     ("GetSchema", Rule::AnyIdentity),
+    ("DefineField", Rule::SiteAdmin),
+    ("ListFields", Rule::SiteAdmin),
+    ("Annotate", Rule::SiteAdmin),
 ];
 
 pub fn node_policy(site: &str) -> Policy {
@@ -163,18 +166,36 @@ pub async fn serve(
     let pipeline = Pipeline::new(&config, secret, model);
     let grace = Duration::from_secs(config.grace_period_secs);
     let index_store = store.clone();
-    let columns = tokio::task::spawn_blocking(move || {
+    let (columns, custom_fields) = tokio::task::spawn_blocking(move || {
         let started = Instant::now();
         let mut columns = cxrfed_stats::Columns::new();
         for record in index_store.iter() {
             columns.upsert(&record?);
+        }
+        let fields = index_store.custom_fields()?;
+        for definition in &fields {
+            columns.define_custom(definition);
+        }
+        for annotation in index_store.annotations() {
+            let annotation = annotation?;
+            let fits = match fields.iter().find(|f| f.name == annotation.field) {
+                Some(definition) => definition.check_value(&annotation.value).is_ok(),
+                None => cxrfed_schema::flat::field(&annotation.field).is_some(),
+            };
+            if fits {
+                columns.annotate(
+                    &annotation.image_sha256,
+                    &annotation.field,
+                    &annotation.value,
+                );
+            }
         }
         tracing::info!(
             records = columns.len(),
             elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
             "columnar statistics index built"
         );
-        Ok::<_, cxrfed_store::StoreError>(columns)
+        Ok::<_, cxrfed_store::StoreError>((columns, fields))
     })
     .await
     .map_err(|e| ServeError::Join(e.to_string()))??;
@@ -189,6 +210,12 @@ pub async fn serve(
         }
     };
     let state = Arc::new(NodeState {
+        custom_fields: std::sync::RwLock::new(
+            custom_fields
+                .into_iter()
+                .map(|f| (f.name.clone(), f))
+                .collect(),
+        ),
         lexicon,
         columns: std::sync::RwLock::new(columns),
         config,

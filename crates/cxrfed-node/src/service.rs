@@ -38,6 +38,21 @@ pub struct NodeState {
     pub columns: std::sync::RwLock<cxrfed_stats::Columns>,
     /// Maps questions to fields for `Ask`.
     pub lexicon: cxrfed_schema::lexicon::Lexicon,
+    /// Custom field definitions (latest versions), by name.
+    pub custom_fields: std::sync::RwLock<
+        std::collections::BTreeMap<String, cxrfed_schema::custom::FieldDefinition>,
+    >,
+}
+
+impl NodeState {
+    /// A stored record with its image's annotations attached.
+    pub fn with_annotations(
+        &self,
+        mut record: cxrfed_schema::Record,
+    ) -> Result<cxrfed_schema::Record, NodeError> {
+        record.annotations = self.store.annotations_of(&record.image_sha256)?;
+        Ok(record)
+    }
 }
 
 /// The gRPC face of the node.
@@ -161,6 +176,48 @@ impl NodeApi {
             .store
             .get(&id)?
             .ok_or_else(|| NodeError::NotFound(id.clone()))?;
+        // Custom fields first: their synonyms are the study's own words.
+        let lowered = request.question.to_lowercase();
+        let custom = self.state.custom_fields.read().ok().and_then(|fields| {
+            fields
+                .values()
+                .flat_map(|f| {
+                    std::iter::once(f.name.replace('_', " "))
+                        .chain(f.synonyms.iter().map(|s| s.to_lowercase()))
+                        .map(move |p| (f.clone(), p))
+                })
+                .filter(|(_, p)| !p.trim().is_empty() && lowered.contains(p.as_str()))
+                .max_by_key(|(_, p)| p.chars().count())
+        });
+        if let Some((definition, phrase)) = custom {
+            let mut count = 0u64;
+            for a in self.state.store.annotations() {
+                if a?.field == definition.name {
+                    count += 1;
+                }
+            }
+            let own = self
+                .state
+                .store
+                .annotations_of(&record.image_sha256)?
+                .into_iter()
+                .find(|a| a.field == definition.name);
+            let answer = format!(
+                "{} is a custom field: no model head fills it yet; {count} image(s) are annotated for it{}.",
+                definition.name,
+                own.as_ref()
+                    .map(|a| format!(", this one as {} by {}", a.value, a.annotator))
+                    .unwrap_or_default()
+            );
+            return Ok(pb::AskResponse {
+                understood: true,
+                field: definition.name.clone(),
+                matched_phrase: phrase,
+                value: own.map(|a| a.value).unwrap_or_default(),
+                answer,
+                ..Default::default()
+            });
+        }
         let (field, phrase, yes) = match self.state.lexicon.interpret(&request.question) {
             Interpretation::Unknown { suggestions } => {
                 let listed = suggestions
@@ -249,7 +306,7 @@ impl NodeApi {
             yes_no: yes_no as i32,
             answer,
             suggestions: Vec::new(),
-            record: Some(pb::Record::from(&updated)),
+            record: Some(pb::Record::from(&self.state.with_annotations(updated)?)),
         })
     }
 
@@ -387,11 +444,16 @@ impl NodeApi {
         };
         let returned = records.len() as u32;
         let mut out: Vec<_> = records
-            .iter()
-            .map(|r| pb::ListRecordsResponse {
-                item: Some(pb::list_records_response::Item::Record(pb::Record::from(r))),
+            .into_iter()
+            .map(|r| {
+                let r = self.state.with_annotations(r)?;
+                Ok(pb::ListRecordsResponse {
+                    item: Some(pb::list_records_response::Item::Record(pb::Record::from(
+                        &r,
+                    ))),
+                })
             })
-            .collect();
+            .collect::<Result<_, NodeError>>()?;
         out.push(pb::ListRecordsResponse {
             item: Some(pb::list_records_response::Item::PageEnd(pb::PageEnd {
                 next_page_token,
@@ -456,6 +518,7 @@ impl NodeService for NodeApi {
                 .map_err(|_| NodeError::InvalidRequest("lookup was cancelled".into()))??
                 .ok_or_else(|| NodeError::NotFound(id.clone()))?;
             Span::current().record("image_sha256", record.image_sha256.as_str());
+            let record = self.state.with_annotations(record)?;
             Ok(pb::Record::from(&record))
         })
         .await
@@ -564,8 +627,14 @@ impl NodeService for NodeApi {
             tracing::info!(records = images.len(), "export started");
             let (tx, rx) = tokio::sync::mpsc::channel(4);
             let store = self.state.store.clone();
+            let custom: Vec<String> = self
+                .state
+                .custom_fields
+                .read()
+                .map(|f| f.keys().cloned().collect())
+                .unwrap_or_default();
             tokio::task::spawn_blocking(move || {
-                crate::export::produce(&store, &images, format, &tx);
+                crate::export::produce(&store, &images, format, &custom, &tx);
             });
             let stream: ExportStream = Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx));
             Ok(stream)
@@ -627,6 +696,167 @@ impl NodeService for NodeApi {
                         }
                     })
                     .collect(),
+            })
+        })
+        .await
+    }
+
+    async fn define_field(
+        &self,
+        request: Request<pb::DefineFieldRequest>,
+    ) -> Result<Response<pb::FieldDefinition>, Status> {
+        let metadata = request.metadata().clone();
+        let peer = Caller::of(&request);
+        let field = request.into_inner().field.unwrap_or_default();
+        observe(&self.state, "DefineField", &peer, &metadata, |_| async {
+            let kind = cxrfed_proto::custom_kind(&field)
+                .map_err(|e| NodeError::InvalidRequest(e.to_string()))?;
+            let definition = cxrfed_schema::custom::FieldDefinition {
+                name: field.name.trim().to_string(),
+                kind,
+                description: field.description,
+                synonyms: field.synonyms,
+                version: 0,
+                defined_at: chrono::Utc::now(),
+                defined_by: peer.identity.clone().unwrap_or_default(),
+            };
+            definition.validate().map_err(NodeError::InvalidRequest)?;
+            let stored = self.state.store.define_field(definition).await?;
+            {
+                let mut columns = self
+                    .state
+                    .columns
+                    .write()
+                    .map_err(|_| NodeError::Internal("statistics index poisoned".into()))?;
+                columns.define_custom(&stored);
+                // A redefinition keeps the labels that still fit the new definition.
+                for annotation in self.state.store.annotations() {
+                    let annotation = annotation?;
+                    if annotation.field == stored.name
+                        && stored.check_value(&annotation.value).is_ok()
+                    {
+                        columns.annotate(
+                            &annotation.image_sha256,
+                            &annotation.field,
+                            &annotation.value,
+                        );
+                    }
+                }
+            }
+            if let Ok(mut fields) = self.state.custom_fields.write() {
+                fields.insert(stored.name.clone(), stored.clone());
+            }
+            tracing::info!(
+                field = stored.name.as_str(),
+                version = stored.version,
+                "custom field defined"
+            );
+            Ok(pb::FieldDefinition::from(&stored))
+        })
+        .await
+    }
+
+    async fn list_fields(
+        &self,
+        request: Request<pb::ListFieldsRequest>,
+    ) -> Result<Response<pb::ListFieldsResponse>, Status> {
+        let metadata = request.metadata().clone();
+        let peer = Caller::of(&request);
+        observe(&self.state, "ListFields", &peer, &metadata, |_| async {
+            Ok(pb::ListFieldsResponse {
+                fields: self
+                    .state
+                    .store
+                    .custom_fields()?
+                    .iter()
+                    .map(pb::FieldDefinition::from)
+                    .collect(),
+            })
+        })
+        .await
+    }
+
+    async fn annotate(
+        &self,
+        request: Request<pb::AnnotateRequest>,
+    ) -> Result<Response<pb::AnnotateResponse>, Status> {
+        let metadata = request.metadata().clone();
+        let peer = Caller::of(&request);
+        let request = request.into_inner();
+        observe(&self.state, "Annotate", &peer, &metadata, |_| async {
+            let record = match (
+                request.record_id.is_empty(),
+                request.image_sha256.is_empty(),
+            ) {
+                (false, true) => {
+                    uuid::Uuid::parse_str(&request.record_id).map_err(|_| {
+                        NodeError::InvalidRequest(format!(
+                            "record_id {:?} is not a UUID",
+                            request.record_id
+                        ))
+                    })?;
+                    self.state.store.get(&request.record_id)?
+                }
+                (true, false) => self.state.store.get_by_image(&request.image_sha256)?,
+                _ => {
+                    return Err(NodeError::InvalidRequest(
+                        "give exactly one of record_id and image_sha256".into(),
+                    ));
+                }
+            }
+            .ok_or_else(|| {
+                NodeError::NotFound(if request.record_id.is_empty() {
+                    format!("for image {}", request.image_sha256)
+                } else {
+                    request.record_id.clone()
+                })
+            })?;
+            let custom = self
+                .state
+                .custom_fields
+                .read()
+                .ok()
+                .and_then(|f| f.get(&request.field).cloned());
+            let value = match custom {
+                Some(definition) => definition.check_value(&request.value),
+                None if cxrfed_schema::flat::field(&request.field).is_some() => {
+                    cxrfed_schema::custom::check_schema_value(&request.field, &request.value)
+                }
+                None => Err(format!(
+                    "unknown field {:?}: define it first (`cxrfed field define`)",
+                    request.field
+                )),
+            }
+            .map_err(NodeError::InvalidRequest)?;
+            let annotator = match request.annotator.trim() {
+                "" => peer.identity.clone().unwrap_or_default(),
+                name if name.len() <= 128 => name.to_string(),
+                _ => {
+                    return Err(NodeError::InvalidRequest(
+                        "annotator is at most 128 bytes".into(),
+                    ));
+                }
+            };
+            let annotation = cxrfed_schema::custom::Annotation {
+                image_sha256: record.image_sha256.clone(),
+                field: request.field.clone(),
+                value,
+                annotator,
+                annotated_at: chrono::Utc::now(),
+                source: "annotation".into(),
+            };
+            self.state.store.annotate(&annotation).await?;
+            if let Ok(mut columns) = self.state.columns.write() {
+                columns.annotate(
+                    &annotation.image_sha256,
+                    &annotation.field,
+                    &annotation.value,
+                );
+            }
+            Span::current().record("record_id", record.record_id.as_str());
+            Ok(pb::AnnotateResponse {
+                annotation: Some(pb::Annotation::from(&annotation)),
+                record_id: record.record_id,
             })
         })
         .await

@@ -316,6 +316,7 @@ impl From<&schema::Record> for pb::Record {
                     asked_at: Some(timestamp(q.asked_at)),
                 })
                 .collect(),
+            annotations: r.annotations.iter().map(pb::Annotation::from).collect(),
         }
     }
 }
@@ -393,7 +394,86 @@ impl TryFrom<pb::Record> for schema::Record {
                     })
                 })
                 .collect::<Result<_, ConversionError>>()?,
+            annotations: r
+                .annotations
+                .into_iter()
+                .map(schema::custom::Annotation::try_from)
+                .collect::<Result<_, _>>()?,
         })
+    }
+}
+
+impl From<&schema::custom::Annotation> for pb::Annotation {
+    fn from(a: &schema::custom::Annotation) -> Self {
+        pb::Annotation {
+            image_sha256: a.image_sha256.clone(),
+            field: a.field.clone(),
+            value: a.value.clone(),
+            annotator: a.annotator.clone(),
+            annotated_at: Some(timestamp(a.annotated_at)),
+            source: a.source.clone(),
+        }
+    }
+}
+
+impl TryFrom<pb::Annotation> for schema::custom::Annotation {
+    type Error = ConversionError;
+
+    fn try_from(a: pb::Annotation) -> Result<Self, ConversionError> {
+        Ok(schema::custom::Annotation {
+            annotated_at: a
+                .annotated_at
+                .as_ref()
+                .and_then(from_timestamp)
+                .ok_or_else(|| invalid("annotations.annotated_at", "missing or out of range"))?,
+            image_sha256: a.image_sha256,
+            field: a.field,
+            value: a.value,
+            annotator: a.annotator,
+            source: a.source,
+        })
+    }
+}
+
+impl From<&schema::custom::FieldDefinition> for pb::FieldDefinition {
+    fn from(d: &schema::custom::FieldDefinition) -> Self {
+        use schema::custom::CustomKind;
+        let (kind, values, min, max) = match &d.kind {
+            CustomKind::Bool => ("bool", Vec::new(), 0.0, 0.0),
+            CustomKind::Categorical { values } => ("categorical", values.clone(), 0.0, 0.0),
+            CustomKind::Numeric { min, max } => ("numeric", Vec::new(), *min, *max),
+        };
+        pb::FieldDefinition {
+            name: d.name.clone(),
+            r#type: kind.to_string(),
+            values,
+            min,
+            max,
+            description: d.description.clone(),
+            synonyms: d.synonyms.clone(),
+            version: d.version,
+            defined_at: Some(timestamp(d.defined_at)),
+            defined_by: d.defined_by.clone(),
+        }
+    }
+}
+
+/// The kind of a field definition from its proto form.
+pub fn custom_kind(d: &pb::FieldDefinition) -> Result<schema::custom::CustomKind, ConversionError> {
+    use schema::custom::CustomKind;
+    match d.r#type.as_str() {
+        "bool" => Ok(CustomKind::Bool),
+        "categorical" => Ok(CustomKind::Categorical {
+            values: d.values.clone(),
+        }),
+        "numeric" => Ok(CustomKind::Numeric {
+            min: d.min,
+            max: d.max,
+        }),
+        other => Err(invalid(
+            "field.type",
+            format!("{other:?} must be bool, categorical or numeric"),
+        )),
     }
 }
 
@@ -436,6 +516,14 @@ mod tests {
                 source: "question".into(),
                 matched_phrase: "透亮度".into(),
                 asked_at: chrono::DateTime::from_timestamp(1_700_000_000, 0).expect("time"),
+            }],
+            annotations: vec![schema::custom::Annotation {
+                image_sha256: "ab".repeat(32),
+                field: "pneumothorax".into(),
+                value: "true".into(),
+                annotator: "alice".into(),
+                annotated_at: chrono::DateTime::from_timestamp(1_700_000_100, 0).expect("time"),
+                source: "annotation".into(),
             }],
         }
     }

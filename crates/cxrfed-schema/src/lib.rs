@@ -9,6 +9,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod custom;
 mod findings;
 pub mod flat;
 pub mod lexicon;
@@ -54,6 +55,10 @@ pub struct Record {
     /// text is not kept (it could carry anything); the lexicon phrase that matched is.
     #[serde(default)]
     pub questions: Vec<QuestionAnswer>,
+    /// Human labels for this image (custom fields, corrections of findings). Kept apart from
+    /// the model's findings and from the stored record: filled in when the record is read.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub annotations: Vec<custom::Annotation>,
 }
 
 /// One answered question, appended to a record.

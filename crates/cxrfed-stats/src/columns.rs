@@ -21,7 +21,7 @@ pub struct Dict {
 }
 
 impl Dict {
-    fn fixed(values: &[&str]) -> Dict {
+    pub fn fixed(values: &[&str]) -> Dict {
         let mut dict = Dict::default();
         for v in values {
             dict.insert(v);
@@ -81,8 +81,18 @@ pub enum ColumnData {
 
 #[derive(Debug, Clone)]
 pub struct Column {
-    pub field: &'static FlatField,
+    pub name: String,
+    pub kind: FieldKind,
     pub data: ColumnData,
+}
+
+/// Where a column's values come from.
+#[derive(Debug, Clone, Copy)]
+enum Origin {
+    /// A schema field, read from the record.
+    Schema(&'static FlatField),
+    /// Human labels: `<field>_annotated` for schema findings, or a custom field.
+    Annotation,
 }
 
 /// The columnar table.
@@ -90,6 +100,7 @@ pub struct Column {
 pub struct Columns {
     len: usize,
     columns: Vec<Column>,
+    origins: Vec<Origin>,
     pseudonyms: Vec<u32>,
     pseudonym_dict: HashMap<String, u32>,
     images: Vec<String>,
@@ -104,30 +115,44 @@ impl Default for Columns {
 
 impl Columns {
     pub fn new() -> Columns {
-        let columns = FIELDS
-            .iter()
-            .map(|field| Column {
-                field,
-                data: match field.kind {
-                    FieldKind::Numeric { .. } => ColumnData::Numeric(Vec::new()),
-                    FieldKind::Categorical(values) => ColumnData::Coded {
-                        codes: Vec::new(),
-                        dict: Dict::fixed(values),
-                    },
-                    FieldKind::Bool => ColumnData::Coded {
-                        codes: Vec::new(),
-                        dict: Dict::fixed(&["false", "true"]),
-                    },
-                    FieldKind::Month | FieldKind::Text => ColumnData::Coded {
-                        codes: Vec::new(),
-                        dict: Dict::default(),
-                    },
-                },
-            })
-            .collect();
+        let empty = |kind: FieldKind| match kind {
+            FieldKind::Numeric { .. } => ColumnData::Numeric(Vec::new()),
+            FieldKind::Categorical(values) => ColumnData::Coded {
+                codes: Vec::new(),
+                dict: Dict::fixed(values),
+            },
+            FieldKind::Bool => ColumnData::Coded {
+                codes: Vec::new(),
+                dict: Dict::fixed(&["false", "true"]),
+            },
+            FieldKind::Month | FieldKind::Text => ColumnData::Coded {
+                codes: Vec::new(),
+                dict: Dict::default(),
+            },
+        };
+        let mut columns = Vec::new();
+        let mut origins = Vec::new();
+        for field in FIELDS {
+            columns.push(Column {
+                name: field.name.to_string(),
+                kind: field.kind,
+                data: empty(field.kind),
+            });
+            origins.push(Origin::Schema(field));
+        }
+        // Human corrections of the findings, next to the model's values.
+        for field in FIELDS.iter().filter(|f| f.probability.is_some()) {
+            columns.push(Column {
+                name: format!("{}_annotated", field.name),
+                kind: field.kind,
+                data: empty(field.kind),
+            });
+            origins.push(Origin::Annotation);
+        }
         Columns {
             len: 0,
             columns,
+            origins,
             pseudonyms: Vec::new(),
             pseudonym_dict: HashMap::new(),
             images: Vec::new(),
@@ -155,7 +180,71 @@ impl Columns {
         self.columns
             .iter()
             .enumerate()
-            .find(|(_, c)| c.field.name == name)
+            .find(|(_, c)| c.name == name)
+    }
+
+    /// Adds a custom field's column (or replaces it, emptied, when redefined): its values
+    /// come from annotations, see [`Columns::annotate`].
+    pub fn define_custom(&mut self, definition: &cxrfed_schema::custom::FieldDefinition) {
+        use cxrfed_schema::custom::CustomKind;
+        let len = self.len;
+        let (kind, data) = match &definition.kind {
+            CustomKind::Bool => (
+                FieldKind::Bool,
+                ColumnData::Coded {
+                    codes: vec![0; len],
+                    dict: Dict::fixed(&["false", "true"]),
+                },
+            ),
+            CustomKind::Categorical { values } => (
+                FieldKind::Text,
+                ColumnData::Coded {
+                    codes: vec![0; len],
+                    dict: Dict::fixed(&values.iter().map(String::as_str).collect::<Vec<_>>()),
+                },
+            ),
+            CustomKind::Numeric { min, max } => (
+                FieldKind::Numeric {
+                    min: *min,
+                    max: *max,
+                },
+                ColumnData::Numeric(vec![f32::NAN; len]),
+            ),
+        };
+        let column = Column {
+            name: definition.name.clone(),
+            kind,
+            data,
+        };
+        match self.column(&definition.name).map(|(i, _)| i) {
+            Some(i) => self.columns[i] = column,
+            None => {
+                self.columns.push(column);
+                self.origins.push(Origin::Annotation);
+            }
+        }
+    }
+
+    /// Records a human label: the custom field's column, or `<field>_annotated` for a schema
+    /// finding. Labels for images without a row, or fields without a column, are ignored.
+    pub fn annotate(&mut self, image_sha256: &str, field: &str, value: &str) {
+        let Some(&row) = self.rows_by_image.get(image_sha256) else {
+            return;
+        };
+        let name = if cxrfed_schema::flat::field(field).is_some() {
+            format!("{field}_annotated")
+        } else {
+            field.to_string()
+        };
+        let Some(index) = self.column(&name).map(|(i, _)| i) else {
+            return;
+        };
+        match &mut self.columns[index].data {
+            ColumnData::Coded { codes, dict } => codes[row] = dict.code(value).unwrap_or(0),
+            ColumnData::Numeric(values) => {
+                values[row] = value.parse::<f32>().unwrap_or(f32::NAN);
+            }
+        }
     }
 
     pub fn columns(&self) -> &[Column] {
@@ -200,8 +289,11 @@ impl Columns {
                 .entry(record.patient.pseudonym.clone())
                 .or_insert(next)
         };
-        for column in &mut self.columns {
-            let cell = (column.field.get)(record);
+        for (column, origin) in self.columns.iter_mut().zip(&self.origins) {
+            let Origin::Schema(field) = origin else {
+                continue;
+            };
+            let cell = (field.get)(record);
             match &mut column.data {
                 ColumnData::Coded { codes, dict } => {
                     codes[row] = match cell {

@@ -106,7 +106,7 @@ fn known_fields(columns: &Columns) -> String {
     columns
         .columns()
         .iter()
-        .map(|c| c.field.name)
+        .map(|c| c.name.as_str())
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -189,7 +189,7 @@ fn category_code(
 fn bind_condition(columns: &Columns, condition: &Condition) -> Result<BoundFilter, QueryError> {
     let column = lookup(columns, &condition.field)?;
     let col = &columns.columns()[column];
-    let name = col.field.name;
+    let name = col.name.as_str();
     let pred = match &col.data {
         ColumnData::Numeric(_) => Pred::Numeric(match &condition.op {
             Op::Eq(v) => NumTest::In(vec![number(v, name)?]),
@@ -211,7 +211,7 @@ fn bind_condition(columns: &Columns, condition: &Condition) -> Result<BoundFilte
             Op::Between(a, b) => range(number(a, name)?, true, number(b, name)?, true),
         }),
         ColumnData::Coded { dict, .. } => {
-            let kind = col.field.kind;
+            let kind = col.kind;
             let mut allowed = vec![false; dict.width()];
             let set = |allowed: &mut Vec<bool>, values: &[Spanned<Value>], to: bool| {
                 for v in values {
@@ -457,7 +457,7 @@ pub fn evaluate(columns: &Columns, bound: &Bound) -> Table {
                     .collect();
                 Table {
                     statistic,
-                    columns: vec![columns.columns()[by].field.name.into(), "count".into()],
+                    columns: vec![columns.columns()[by].name.clone(), "count".into()],
                     rows,
                     cohort_size,
                 }
@@ -561,9 +561,9 @@ pub fn contingency_table(
     };
     let mut header: Vec<String> = tab[..tab.len() - 1]
         .iter()
-        .map(|&i| columns.columns()[i].field.name.to_string())
+        .map(|&i| columns.columns()[i].name.to_string())
         .collect();
-    let across_name = columns.columns()[tab[tab.len() - 1]].field.name;
+    let across_name = columns.columns()[tab[tab.len() - 1]].name.as_str();
     if header.is_empty() {
         // A histogram without `by`: one row per category.
         let mut rows = Vec::new();
@@ -686,7 +686,7 @@ fn summary(
     };
     let mut header: Vec<String> = Vec::new();
     if let Some(by) = bound.by {
-        header.push(columns.columns()[by].field.name.to_string());
+        header.push(columns.columns()[by].name.to_string());
     }
     header.extend(
         ["n", "mean", "std", "min", "q25", "median", "q75", "max"]

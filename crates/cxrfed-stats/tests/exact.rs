@@ -67,6 +67,7 @@ fn record(i: usize, s: &Spec) -> Record {
         findings: Some(findings),
         processing_notes: Vec::new(),
         questions: Vec::new(),
+        annotations: Vec::new(),
     }
 }
 

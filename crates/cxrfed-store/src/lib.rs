@@ -27,6 +27,8 @@ use thiserror::Error;
 const RECORDS: &str = "records";
 const BY_IMAGE: &str = "records_by_image";
 const META: &str = "meta";
+const FIELDS: &str = "custom_fields";
+const ANNOTATIONS: &str = "annotations";
 const SCHEMA_KEY: &str = "schema_version";
 
 #[derive(Debug, Error)]
@@ -99,6 +101,10 @@ pub struct RecordStore {
     db: sled::Db,
     records: sled::Tree,
     by_image: sled::Tree,
+    /// Custom field definitions: name → JSON `FieldDefinition` (latest version).
+    fields: sled::Tree,
+    /// Human labels: `image_sha256 \0 field` → JSON `Annotation` (latest per image and field).
+    annotations: sled::Tree,
     commits: std::sync::Arc<GroupCommit>,
 }
 
@@ -155,6 +161,8 @@ impl RecordStore {
         Ok(RecordStore {
             records: db.open_tree(RECORDS)?,
             by_image: db.open_tree(BY_IMAGE)?,
+            fields: db.open_tree(FIELDS)?,
+            annotations: db.open_tree(ANNOTATIONS)?,
             commits: Default::default(),
             db,
         })
@@ -219,6 +227,95 @@ impl RecordStore {
             self.flush().await?;
         }
         Ok(outcome)
+    }
+
+    /// Stores a custom field definition as the next version of its name; returns it as stored.
+    pub async fn define_field(
+        &self,
+        definition: cxrfed_schema::custom::FieldDefinition,
+    ) -> Result<cxrfed_schema::custom::FieldDefinition> {
+        let stored = self.fields.transaction(|fields| {
+            let previous = fields.get(definition.name.as_bytes())?.and_then(|b| {
+                serde_json::from_slice::<cxrfed_schema::custom::FieldDefinition>(&b).ok()
+            });
+            let mut definition = definition.clone();
+            definition.version = previous.map_or(1, |p| p.version + 1);
+            let bytes = serde_json::to_vec(&definition).map_err(|e| {
+                ConflictableTransactionError::Abort(StoreError::Encode(e.to_string()))
+            })?;
+            fields.insert(definition.name.as_bytes(), bytes)?;
+            Ok(definition)
+        });
+        let stored = stored.map_err(|e| match e {
+            TransactionError::Abort(e) => e,
+            TransactionError::Storage(e) => StoreError::Sled(e),
+        })?;
+        self.flush().await?;
+        Ok(stored)
+    }
+
+    /// Every custom field definition (latest versions), by name.
+    pub fn custom_fields(&self) -> Result<Vec<cxrfed_schema::custom::FieldDefinition>> {
+        self.fields
+            .iter()
+            .map(|item| {
+                let (key, value) = item?;
+                serde_json::from_slice(&value).map_err(|e| StoreError::Corrupt {
+                    record_id: format!("field {}", String::from_utf8_lossy(&key)),
+                    message: e.to_string(),
+                })
+            })
+            .collect()
+    }
+
+    fn annotation_key(image_sha256: &str, field: &str) -> Vec<u8> {
+        let mut key = image_sha256.as_bytes().to_vec();
+        key.push(0);
+        key.extend_from_slice(field.as_bytes());
+        key
+    }
+
+    /// Stores a human label (replacing an earlier one for the same image and field). Durable
+    /// when this returns.
+    pub async fn annotate(&self, annotation: &cxrfed_schema::custom::Annotation) -> Result<()> {
+        let bytes =
+            serde_json::to_vec(annotation).map_err(|e| StoreError::Encode(e.to_string()))?;
+        self.annotations.insert(
+            Self::annotation_key(&annotation.image_sha256, &annotation.field),
+            bytes,
+        )?;
+        self.flush().await
+    }
+
+    /// The labels of one image.
+    pub fn annotations_of(
+        &self,
+        image_sha256: &str,
+    ) -> Result<Vec<cxrfed_schema::custom::Annotation>> {
+        let mut prefix = image_sha256.as_bytes().to_vec();
+        prefix.push(0);
+        self.annotations
+            .scan_prefix(prefix)
+            .map(|item| Self::decode_annotation(item?))
+            .collect()
+    }
+
+    /// Every label.
+    pub fn annotations(
+        &self,
+    ) -> impl Iterator<Item = Result<cxrfed_schema::custom::Annotation>> + '_ {
+        self.annotations
+            .iter()
+            .map(|item| Self::decode_annotation(item?))
+    }
+
+    fn decode_annotation(
+        (key, value): (sled::IVec, sled::IVec),
+    ) -> Result<cxrfed_schema::custom::Annotation> {
+        serde_json::from_slice(&value).map_err(|e| StoreError::Corrupt {
+            record_id: format!("annotation {}", String::from_utf8_lossy(&key)),
+            message: e.to_string(),
+        })
     }
 
     /// Appends an answered question to a stored record (read-modify-write in one transaction, so
@@ -373,6 +470,7 @@ mod tests {
             findings: None,
             processing_notes: vec![],
             questions: Vec::new(),
+            annotations: Vec::new(),
         }
     }
 

@@ -6,6 +6,7 @@
 
 mod certs_cmd;
 mod client;
+mod fields_cmd;
 mod ingest_cmd;
 mod logging;
 mod model_cmd;
@@ -56,6 +57,16 @@ enum Command {
     Stats(stats_cmd::StatsArgs),
     /// Export a node's records, flattened, as CSV or JSON lines (site admin).
     Export(stats_cmd::ExportArgs),
+    /// Custom fields: define (a new version when redefined), list.
+    Field {
+        #[command(subcommand)]
+        command: fields_cmd::FieldCommand,
+    },
+    /// Human labels: set one, or import a CSV (the phantom labels.csv works as is).
+    Annotate {
+        #[command(subcommand)]
+        command: fields_cmd::AnnotateCommand,
+    },
     /// Print the JSON Schema of a record (schema/record.schema.json).
     Schema,
     /// Study CA and certificates: init, issue, inspect, revoke.
@@ -99,6 +110,8 @@ fn main() -> ExitCode {
         Command::Phantom(args) => model_cmd::phantom(args),
         Command::Model { command } => model_cmd::run(command),
         Command::Certs { command } => certs_cmd::run(command),
+        Command::Field { command } => client::run(fields_cmd::field(command)),
+        Command::Annotate { command } => client::run(fields_cmd::annotate(command)),
         Command::Schema => serde_json::to_string_pretty(&cxrfed_schema::record_json_schema())
             .map(|text| {
                 println!("{text}");

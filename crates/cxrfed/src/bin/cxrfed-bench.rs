@@ -171,6 +171,7 @@ fn synthetic_record(i: usize) -> cxrfed_schema::Record {
         findings: Some(findings),
         processing_notes: Vec::new(),
         questions: Vec::new(),
+        annotations: Vec::new(),
     }
 }
 
