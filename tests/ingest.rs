@@ -177,3 +177,70 @@ fn a_node_killed_mid_ingest_stores_every_image_exactly_once_after_a_rerun() {
     hashes.dedup();
     assert_eq!((total, hashes.len()), (40, 40));
 }
+
+#[test]
+fn the_node_ingests_a_folder_on_its_own_disk_as_a_background_job() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let folder = dir.path().join("pacs-export");
+    phantoms(&folder.join("a"), 6, 51);
+    std::fs::write(folder.join("README.txt"), b"export of 2020").expect("write");
+    let data = dir.path().join("node");
+    let node = NodeProcess::start(&data, &["--model", "none"]);
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "node",
+            "ingest",
+            folder.to_str().expect("path"),
+            "--data-dir",
+            data.to_str().expect("path"),
+        ];
+        args.extend_from_slice(extra);
+        let profile = node.profile();
+        args.extend(["--profile", profile.as_str()]);
+        let out = cxrfed(&args);
+        assert!(
+            out.status.success(),
+            "{}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        text(&out.stdout)
+    };
+    let summary = run(&[]);
+    assert!(
+        summary.contains("done: 9/9 files, ingested 6, already present 0, rejected 3"),
+        "{summary}"
+    );
+    assert!(summary.contains("rejected not_an_image: 3"), "{summary}");
+    assert_eq!(record_count(&node), 6);
+    let summary = run(&[]);
+    assert!(
+        summary.contains("ingested 0, already present 6"),
+        "{summary}"
+    );
+    // `node status` lists the jobs.
+    let out = cxrfed(&[
+        "node",
+        "status",
+        "--data-dir",
+        data.to_str().expect("path"),
+        "--profile",
+        &node.profile(),
+    ]);
+    let status = text(&out.stdout);
+    assert_eq!(status.matches("  ingest job ").count(), 2, "{status}");
+    // A relative or missing folder is refused.
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let refused = runtime.block_on(async {
+        let mut client =
+            cxrfed_proto::v1::node_service_client::NodeServiceClient::new(node.channel().await);
+        client
+            .start_ingest(cxrfed_proto::v1::StartIngestRequest {
+                folder: "relative/path".into(),
+                force: false,
+            })
+            .await
+            .expect_err("relative path")
+    });
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+}

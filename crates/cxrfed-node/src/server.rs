@@ -101,6 +101,8 @@ pub const NODE_RULES: &[(&str, Rule)] = &[
     ("DefineField", Rule::SiteAdmin),
     ("ListFields", Rule::SiteAdmin),
     ("Annotate", Rule::SiteAdmin),
+    ("StartIngest", Rule::SiteAdmin),
+    ("IngestJobs", Rule::SiteAdmin),
 ];
 
 pub fn node_policy(site: &str) -> Policy {
@@ -210,6 +212,7 @@ pub async fn serve(
         }
     };
     let state = Arc::new(NodeState {
+        jobs: Default::default(),
         custom_fields: std::sync::RwLock::new(
             custom_fields
                 .into_iter()

@@ -38,6 +38,8 @@ pub struct NodeState {
     pub columns: std::sync::RwLock<cxrfed_stats::Columns>,
     /// Maps questions to fields for `Ask`.
     pub lexicon: cxrfed_schema::lexicon::Lexicon,
+    /// Ingest jobs started on this node (newest last).
+    pub jobs: crate::jobs::Jobs,
     /// Custom field definitions (latest versions), by name.
     pub custom_fields: std::sync::RwLock<
         std::collections::BTreeMap<String, cxrfed_schema::custom::FieldDefinition>,
@@ -45,6 +47,36 @@ pub struct NodeState {
 }
 
 impl NodeState {
+    /// Decodes, runs the model and stores one image (the path of `Extract` and of ingest
+    /// jobs). Returns the record and whether it was created.
+    pub async fn extract_and_store(
+        &self,
+        bytes: Vec<u8>,
+        filename: &str,
+        force: bool,
+        request_id: String,
+    ) -> Result<(cxrfed_schema::Record, bool), NodeError> {
+        let mut extraction = self.pipeline.extract(bytes, request_id).await?;
+        if let Some(note) = extension_note(filename, extraction.record.source.format) {
+            extraction.record.processing_notes.push(note);
+        }
+        let span = Span::current();
+        span.record("image_sha256", extraction.record.image_sha256.as_str());
+        let (record, created) = match self.store.insert(extraction.record, force).await? {
+            Inserted::Created(record) => {
+                // The store is the source of truth; the columns follow it (and are rebuilt from
+                // it at start-up, so a crash between the two loses nothing).
+                if let Ok(mut columns) = self.columns.write() {
+                    columns.upsert(&record);
+                }
+                (record, true)
+            }
+            Inserted::Existing(record) => (record, false),
+        };
+        span.record("record_id", record.record_id.as_str());
+        Ok((record, created))
+    }
+
     /// A stored record with its image's annotations attached.
     pub fn with_annotations(
         &self,
@@ -356,29 +388,10 @@ impl NodeApi {
         }
         let (header, bytes) = self.receive_upload(stream).await?;
         tracing::debug!(bytes = bytes.len(), "upload received");
-        let mut extraction = self.state.pipeline.extract(bytes, request_id).await?;
-        if let Some(note) = extension_note(&header.filename, extraction.record.source.format) {
-            extraction.record.processing_notes.push(note);
-        }
-        let span = Span::current();
-        span.record("image_sha256", extraction.record.image_sha256.as_str());
-        let (record, created) = match self
+        let (record, created) = self
             .state
-            .store
-            .insert(extraction.record, header.force)
-            .await?
-        {
-            Inserted::Created(record) => {
-                // The store is the source of truth; the columns follow it (and are rebuilt from
-                // it at start-up, so a crash between the two loses nothing).
-                if let Ok(mut columns) = self.state.columns.write() {
-                    columns.upsert(&record);
-                }
-                (record, true)
-            }
-            Inserted::Existing(record) => (record, false),
-        };
-        span.record("record_id", record.record_id.as_str());
+            .extract_and_store(bytes, &header.filename, header.force, request_id)
+            .await?;
         tracing::info!(
             created,
             processing_ms = record.processing_ms,
@@ -862,6 +875,52 @@ impl NodeService for NodeApi {
         .await
     }
 
+    async fn start_ingest(
+        &self,
+        request: Request<pb::StartIngestRequest>,
+    ) -> Result<Response<pb::IngestJob>, Status> {
+        let metadata = request.metadata().clone();
+        let peer = Caller::of(&request);
+        let request = request.into_inner();
+        observe(&self.state, "StartIngest", &peer, &metadata, |_| async {
+            if self.state.shutdown.is_cancelled() {
+                return Err(NodeError::ShuttingDown);
+            }
+            let job = crate::jobs::start(
+                self.state.clone(),
+                std::path::PathBuf::from(request.folder),
+                request.force,
+            )?;
+            Ok(job.to_pb())
+        })
+        .await
+    }
+
+    async fn ingest_jobs(
+        &self,
+        request: Request<pb::IngestJobsRequest>,
+    ) -> Result<Response<pb::IngestJobsResponse>, Status> {
+        let metadata = request.metadata().clone();
+        let peer = Caller::of(&request);
+        let id = request.into_inner().job_id;
+        observe(&self.state, "IngestJobs", &peer, &metadata, |_| async {
+            let jobs = if id.is_empty() {
+                self.state.jobs.all()
+            } else {
+                vec![
+                    self.state
+                        .jobs
+                        .get(&id)
+                        .ok_or_else(|| NodeError::NotFound(format!("ingest job {id}")))?,
+                ]
+            };
+            Ok(pb::IngestJobsResponse {
+                jobs: jobs.iter().map(|j| j.to_pb()).collect(),
+            })
+        })
+        .await
+    }
+
     async fn status(
         &self,
         request: Request<pb::StatusRequest>,
@@ -906,6 +965,7 @@ impl NodeService for NodeApi {
                 pid: std::process::id(),
                 // This request itself is not counted.
                 in_flight: state.in_flight.load(Ordering::SeqCst).saturating_sub(1),
+                ingest_jobs: state.jobs.all().iter().map(|j| j.to_pb()).collect(),
             })
         })
         .await

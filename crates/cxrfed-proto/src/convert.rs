@@ -22,7 +22,7 @@ fn invalid(field: &'static str, reason: impl Into<String>) -> ConversionError {
     }
 }
 
-fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
+pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: t.timestamp(),
         nanos: t.timestamp_subsec_nanos() as i32,

@@ -19,4 +19,4 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("cxrf
 
 mod convert;
 
-pub use convert::{ConversionError, custom_kind};
+pub use convert::{ConversionError, custom_kind, timestamp};

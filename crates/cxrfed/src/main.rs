@@ -87,6 +87,9 @@ enum NodeCommand {
     Serve(Box<node_cmd::ServeArgs>),
     /// Show whether the node of a data directory runs: PID, address, uptime, records, last log lines.
     Status(node_cmd::StatusArgs),
+    /// Ingest a folder on this machine's disk inside the running node (a background job);
+    /// shows progress until it finishes.
+    Ingest(node_cmd::NodeIngestArgs),
     /// Stop the node of a data directory gracefully (SIGTERM, drain, flush; forced after a grace period).
     Stop(node_cmd::StopArgs),
 }
@@ -103,6 +106,9 @@ fn main() -> ExitCode {
         Command::Node {
             command: NodeCommand::Stop(args),
         } => node_cmd::stop(args),
+        Command::Node {
+            command: NodeCommand::Ingest(args),
+        } => node_cmd::ingest(args),
         Command::Extract(args) => client::run(client::extract(args)),
         Command::Records(args) => client::run(client::records(args)),
         Command::Ask(args) => client::run(client::ask(args)),

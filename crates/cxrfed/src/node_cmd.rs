@@ -128,6 +128,24 @@ pub struct StatusArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct NodeIngestArgs {
+    /// A folder on this machine's disk, ingested by the node itself (walked recursively).
+    folder: PathBuf,
+    /// Node data directory [default: the embedded default].
+    #[arg(long, env = "CXRFED_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Re-extract images the node already has.
+    #[arg(long)]
+    force: bool,
+    /// Start the job and return (follow it with `cxrfed node status`).
+    #[arg(long)]
+    no_wait: bool,
+    /// Credentials (the site admin).
+    #[command(flatten)]
+    credentials: crate::client::Credentials,
+}
+
+#[derive(Debug, Args)]
 pub struct StopArgs {
     /// Node data directory [default: the embedded default].
     #[arg(long, env = "CXRFED_DATA_DIR")]
@@ -303,6 +321,98 @@ fn last_lines(path: &Path, n: usize) -> Vec<String> {
     lines[lines.len().saturating_sub(n)..].to_vec()
 }
 
+/// How a client on this machine reaches the node of a PID file. A node listening on every
+/// interface is reached on loopback (its certificate always names 127.0.0.1).
+fn local_url(pid: &PidFile) -> String {
+    let mut target = pid.listen;
+    if target.ip().is_unspecified() {
+        target.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    format!("{}://{}", if pid.tls { "https" } else { "http" }, target)
+}
+
+/// `cxrfed node ingest FOLDER`: an ingest job inside the running node of a data directory.
+pub fn ingest(args: NodeIngestArgs) -> anyhow::Result<ExitCode> {
+    use cxrfed_proto::v1 as pb;
+    let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
+    let Some(pid) = read_pid_file(&data_dir).filter(|p| alive(p.pid)) else {
+        bail!(
+            "no node is running on {}; start one with `cxrfed node serve`",
+            data_dir.display()
+        );
+    };
+    let folder = std::fs::canonicalize(&args.folder)
+        .with_context(|| format!("{} is not a folder", args.folder.display()))?;
+    let url = local_url(&pid);
+    crate::client::run(async move {
+        let mut client = args.credentials.connect_node(Some(&url)).await?;
+        let job = client
+            .start_ingest(pb::StartIngestRequest {
+                folder: folder.display().to_string(),
+                force: args.force,
+            })
+            .await
+            .map_err(crate::client::status_error)?
+            .into_inner();
+        println!("ingest job {} started", job.job_id);
+        if args.no_wait {
+            return Ok(ExitCode::SUCCESS);
+        }
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} files  {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let jobs = client
+                .ingest_jobs(pb::IngestJobsRequest {
+                    job_id: job.job_id.clone(),
+                })
+                .await
+                .map_err(crate::client::status_error)?
+                .into_inner()
+                .jobs;
+            let Some(now) = jobs.into_iter().next() else {
+                bail!("the node lost job {}", job.job_id);
+            };
+            bar.set_length(now.files_total);
+            bar.set_position(now.files_done);
+            bar.set_message(format!(
+                "{:.1} files/s, {} rejected",
+                now.files_per_second, now.rejected
+            ));
+            if now.state != "running" {
+                bar.finish_and_clear();
+                println!("{}", describe_job(&now));
+                return Ok(if now.state == "done" {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                });
+            }
+        }
+    })
+}
+
+fn describe_job(job: &cxrfed_proto::v1::IngestJob) -> String {
+    let mut text = format!(
+        "job {} {}: {}/{} files, ingested {}, already present {}, rejected {} ({:.1} files/s)",
+        job.job_id,
+        job.state,
+        job.files_done,
+        job.files_total,
+        job.ingested,
+        job.already_present,
+        job.rejected,
+        job.files_per_second
+    );
+    for (reason, n) in &job.rejected_by_reason {
+        text.push_str(&format!("\n    rejected {reason}: {n}"));
+    }
+    text
+}
+
 pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let data_dir = args.data_dir.unwrap_or_else(default_data_dir);
     let logs = last_lines(&log_dir(&data_dir).join("node.log"), 5);
@@ -367,6 +477,9 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
                 );
             }
             println!("  in flight:      {}", s.in_flight);
+            for job in &s.ingest_jobs {
+                println!("  ingest {}", describe_job(job));
+            }
         }
         Err(e) => println!("  status RPC:     unavailable ({e:#})"),
     }
