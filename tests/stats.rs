@@ -133,6 +133,43 @@ async fn stats_match_an_independent_computation_over_the_export() {
         }
     }
 
+    // The structured (proto) form gives the same table as the text.
+    let mut c = NodeServiceClient::new(node.channel().await);
+    let text_form = c
+        .stats(pb::StatsRequest {
+            query: r#"crosstab image_quality, analysis_confidence where format = dicom and view in (PA, AP) normalize=row"#.into(),
+            structured: None,
+        })
+        .await
+        .expect("text")
+        .into_inner();
+    let structured = c
+        .stats(pb::StatsRequest {
+            query: String::new(),
+            structured: Some(pb::StructuredQuery {
+                statistic: "crosstab".into(),
+                fields: vec!["image_quality".into(), "analysis_confidence".into()],
+                conditions: vec![
+                    pb::StatsCondition {
+                        field: "format".into(),
+                        op: "=".into(),
+                        values: vec!["dicom".into()],
+                    },
+                    pb::StatsCondition {
+                        field: "view".into(),
+                        op: "in".into(),
+                        values: vec!["PA".into(), "AP".into()],
+                    },
+                ],
+                by: String::new(),
+                normalize: "row".into(),
+            }),
+        })
+        .await
+        .expect("structured")
+        .into_inner();
+    assert_eq!(text_form, structured);
+
     // The table format, for people.
     let out = node.cli(&[
         "stats",
@@ -158,6 +195,7 @@ async fn parse_errors_name_the_position_and_researchers_are_refused() {
     let status = admin
         .stats(pb::StatsRequest {
             query: "crosstab image_quality analysis_confidence".into(),
+            structured: None,
         })
         .await
         .expect_err("parse error");
@@ -189,6 +227,7 @@ async fn parse_errors_name_the_position_and_researchers_are_refused() {
     let status = as_researcher
         .stats(pb::StatsRequest {
             query: "count".into(),
+            structured: None,
         })
         .await
         .expect_err("researcher");
@@ -394,6 +433,9 @@ async fn the_python_sdk_extracts_queries_and_exports_into_pandas() {
     assert_eq!(seen["pandas_crosstab_total"], 6);
     assert_eq!(seen["export_pa_rows"], seen["count_pa"]);
     assert_eq!(seen["export_columns"][0], "record_id");
+    assert_eq!(seen["labelled"], "true");
+    assert_eq!(seen["fields"], serde_json::json!(["pneumothorax"]));
+    assert_eq!(seen["export_pneumothorax_true"], 1);
     assert_eq!(seen["parse_error"][0], "INVALID_ARGUMENT");
     assert_eq!(seen["parse_error"][1], "invalid_request");
 

@@ -20,9 +20,12 @@ def main():
         again = node.extract(os.path.join(args.folder, files[0]))
         records = node.records()
         answer = node.ask(records[0]["record_id"], "Is the left costophrenic angle blunted?")
+        node.define_field("pneumothorax", "bool", description="visible pleural line", synonyms=["气胸"])
+        labelled = node.annotate("pneumothorax", True, record_id=records[0]["record_id"], annotator="sdk")
         crosstab = node.stats("crosstab image_quality, analysis_confidence")
         count = node.stats("count where view = PA")
         export = node.export()
+        node_fields = node.fields()
         pa = node.export(where="view = PA")
         try:
             node.stats("crosstab image_quality analysis_confidence")
@@ -41,6 +44,9 @@ def main():
         "export_rows": len(export),
         "export_columns": list(export.columns)[:8],
         "export_pa_rows": len(pa),
+        "labelled": labelled["value"],
+        "fields": [f["name"] for f in node_fields],
+        "export_pneumothorax_true": int((export["pneumothorax"] == True).sum()),  # noqa: E712
         "pandas_crosstab_total": int(export.groupby(["image_quality", "analysis_confidence"]).size().sum()),
         "parse_error": parse_error,
     }))

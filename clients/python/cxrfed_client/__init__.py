@@ -165,6 +165,34 @@ class Node:
         answer.pop("record", None)
         return answer
 
+    def define_field(self, name: str, type: str, values: list[str] | None = None,
+                     min: float = 0.0, max: float = 0.0, description: str = "",
+                     synonyms: list[str] | None = None) -> dict:
+        """Defines a custom field (bool, categorical with `values`, numeric with `min`/`max`);
+        redefining a name makes a new version."""
+        field = node_pb2.FieldDefinition(name=name, type=type, values=values or [], min=min, max=max,
+                                         description=description, synonyms=synonyms or [])
+        defined = self._call(self._stub.DefineField, node_pb2.DefineFieldRequest(field=field))
+        return MessageToDict(defined, preserving_proto_field_name=True)
+
+    def fields(self) -> list[dict]:
+        """The custom field definitions."""
+        response = self._call(self._stub.ListFields, node_pb2.ListFieldsRequest())
+        return [MessageToDict(f, preserving_proto_field_name=True) for f in response.fields]
+
+    def annotate(self, field: str, value, record_id: str | None = None,
+                 image_sha256: str | None = None, annotator: str | None = None) -> dict:
+        """Labels one field (a custom field, or a correction of a finding) of one record (by
+        `record_id` or `image_sha256`)."""
+        if (record_id is None) == (image_sha256 is None):
+            raise ValueError("give exactly one of record_id and image_sha256")
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        request = node_pb2.AnnotateRequest(record_id=record_id or "", image_sha256=image_sha256 or "",
+                                           field=field, value=str(value), annotator=annotator or "")
+        response = self._call(self._stub.Annotate, request)
+        return MessageToDict(response.annotation, preserving_proto_field_name=True)
+
     def stats(self, query: str) -> pd.DataFrame:
         """Exact statistics (site admin) as a DataFrame; the cohort size is in `df.attrs`."""
         response = self._call(self._stub.Stats, node_pb2.StatsRequest(query=query))

@@ -563,15 +563,34 @@ impl NodeService for NodeApi {
     ) -> Result<Response<pb::StatsResponse>, Status> {
         let metadata = request.metadata().clone();
         let peer = Caller::of(&request);
-        let text = request.into_inner().query;
+        let request = request.into_inner();
         observe(&self.state, "Stats", &peer, &metadata, |_| async {
+            let query = match (request.query.trim().is_empty(), request.structured) {
+                (false, None) => cxrfed_stats::query::parse(&request.query).map_err(query_error)?,
+                (true, Some(s)) => cxrfed_stats::query::structured(
+                    &s.statistic,
+                    &s.fields,
+                    &s.conditions
+                        .into_iter()
+                        .map(|c| (c.field, c.op, c.values))
+                        .collect::<Vec<_>>(),
+                    &s.by,
+                    &s.normalize,
+                )
+                .map_err(query_error)?,
+                _ => {
+                    return Err(NodeError::InvalidRequest(
+                        "give exactly one of query and structured".into(),
+                    ));
+                }
+            };
             let state = self.state.clone();
             tokio::task::spawn_blocking(move || {
                 let columns = state
                     .columns
                     .read()
                     .map_err(|_| NodeError::Internal("statistics index poisoned".into()))?;
-                let table = cxrfed_stats::exact(&columns, &text).map_err(query_error)?;
+                let table = cxrfed_stats::exact_query(&columns, query).map_err(query_error)?;
                 tracing::info!(
                     statistic = table.statistic.as_str(),
                     cohort = table.cohort_size,

@@ -15,7 +15,11 @@ pub use query::{Query, QueryError};
 
 /// Parses, binds and evaluates `text` exactly.
 pub fn exact(columns: &Columns, text: &str) -> Result<Table, QueryError> {
-    let query = query::parse(text)?;
+    exact_query(columns, query::parse(text)?)
+}
+
+/// Binds and evaluates a parsed (or structured) query exactly.
+pub fn exact_query(columns: &Columns, query: Query) -> Result<Table, QueryError> {
     let bound = exact::bind(columns, query)?;
     Ok(exact::evaluate(columns, &bound))
 }

@@ -423,6 +423,124 @@ pub fn parse(text: &str) -> Result<Query, QueryError> {
     }
 }
 
+/// A structured query (the proto form) as a [`Query`]. Values are read as numbers, booleans
+/// or text; positions in errors are the condition's index.
+pub fn structured(
+    statistic: &str,
+    fields: &[String],
+    conditions: &[(String, String, Vec<String>)],
+    by: &str,
+    normalize: &str,
+) -> Result<Query, QueryError> {
+    let at = |position: usize, value: String| Spanned { value, position };
+    let value = |text: &str, position: usize| Spanned {
+        value: match text.trim() {
+            "true" => Value::Bool(true),
+            "false" => Value::Bool(false),
+            t => match t.parse::<f64>() {
+                Ok(n) if n.is_finite() => Value::Number(n),
+                _ => Value::Text(t.to_string()),
+            },
+        },
+        position,
+    };
+    let field_count = |n: std::ops::RangeInclusive<usize>| {
+        if n.contains(&fields.len()) {
+            Ok(())
+        } else {
+            err(
+                0,
+                format!(
+                    "{statistic} takes {}..={} fields, got {}",
+                    n.start(),
+                    n.end(),
+                    fields.len()
+                ),
+            )
+        }
+    };
+    let statistic = match statistic.trim().to_ascii_lowercase().as_str() {
+        "count" => {
+            field_count(0..=0)?;
+            Statistic::Count
+        }
+        "histogram" => {
+            field_count(1..=1)?;
+            Statistic::Histogram(at(0, fields[0].clone()))
+        }
+        "summary" => {
+            field_count(1..=1)?;
+            Statistic::Summary(at(0, fields[0].clone()))
+        }
+        "crosstab" => {
+            field_count(2..=3)?;
+            Statistic::Crosstab(
+                fields
+                    .iter()
+                    .enumerate()
+                    .map(|(i, f)| at(i, f.clone()))
+                    .collect(),
+            )
+        }
+        other => {
+            return err(
+                0,
+                format!("statistic {other:?} must be count, histogram, crosstab or summary"),
+            );
+        }
+    };
+    let mut parsed = Vec::new();
+    for (i, (field, op, values)) in conditions.iter().enumerate() {
+        let one = || -> Result<Spanned<Value>, QueryError> {
+            match values.as_slice() {
+                [v] => Ok(value(v, i)),
+                _ => err(i, format!("condition {i} ({field} {op}) takes one value")),
+            }
+        };
+        let op = match op.trim().to_ascii_lowercase().as_str() {
+            "=" | "==" => Op::Eq(one()?),
+            "!=" => Op::Ne(one()?),
+            "<" => Op::Lt(one()?),
+            "<=" => Op::Le(one()?),
+            ">" => Op::Gt(one()?),
+            ">=" => Op::Ge(one()?),
+            "in" | "not in" | "not_in" if values.is_empty() => {
+                return err(i, format!("condition {i} ({field} in) needs values"));
+            }
+            "in" => Op::In(values.iter().map(|v| value(v, i)).collect()),
+            "not in" | "not_in" => Op::NotIn(values.iter().map(|v| value(v, i)).collect()),
+            "between" => match values.as_slice() {
+                [a, b] => Op::Between(value(a, i), value(b, i)),
+                _ => {
+                    return err(
+                        i,
+                        format!("condition {i} ({field} between) takes two values"),
+                    );
+                }
+            },
+            other => return err(i, format!("condition {i}: unknown operator {other:?}")),
+        };
+        parsed.push(Condition {
+            field: at(i, field.trim().to_ascii_lowercase()),
+            op,
+        });
+    }
+    Ok(Query {
+        statistic,
+        conditions: parsed,
+        by: Some(by.trim())
+            .filter(|b| !b.is_empty())
+            .map(|b| at(0, b.to_ascii_lowercase())),
+        normalize: match normalize.trim().to_ascii_lowercase().as_str() {
+            "" | "none" => Normalize::None,
+            "row" => Normalize::Row,
+            "column" => Normalize::Column,
+            "all" => Normalize::All,
+            other => return err(0, format!("normalize {other:?} must be row, column or all")),
+        },
+    })
+}
+
 /// Parses only a filter (`a = "x" and b in (...)`), as `export --where` takes it.
 pub fn parse_filter(text: &str) -> Result<Vec<Condition>, QueryError> {
     if text.trim().is_empty() {

@@ -74,6 +74,7 @@ pub async fn stats(args: StatsArgs) -> anyhow::Result<ExitCode> {
     let response = client
         .stats(pb::StatsRequest {
             query: args.query.clone(),
+            structured: None,
         })
         .await
         .map_err(|status| {
