@@ -62,12 +62,12 @@ RECORD_ID=$("$BIN" records --limit 1 | "$PYTHON" -c "import json,sys; print(json
 echo
 echo "== image quality vs analysis confidence (exact, site admin) =="
 "$BIN" stats 'crosstab image_quality, analysis_confidence'
-"$BIN" stats 'crosstab image_quality, analysis_confidence normalize=row'
+"$BIN" stats 'crosstab image_quality, analysis_confidence normalize=row' --plot "$DATA_DIR/quality_vs_confidence.png"
 "$BIN" stats 'summary cardiothoracic_ratio by view'
 
 echo
 echo "== the same analysis from Python (clients/python), chart included =="
-CHART="$DATA_DIR/quality_vs_confidence.png"
+CHART="$DATA_DIR/quality_vs_confidence_python.png"
 "$PYTHON" clients/python/examples/quality_vs_confidence.py --out "$CHART"
 
 echo

@@ -170,13 +170,33 @@ async fn stats_match_an_independent_computation_over_the_export() {
         .into_inner();
     assert_eq!(text_form, structured);
 
-    // The table format, for people.
+    // The table format, for people, and the chart.
+    let chart = dir.path().join("quality-vs-confidence.png");
     let out = node.cli(&[
         "stats",
         "crosstab image_quality, analysis_confidence normalize=row",
+        "--plot",
+        chart.to_str().expect("path"),
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("exact, site admin only"));
+    let png = image::open(&chart).expect("a PNG");
+    assert_eq!((png.width(), png.height()), (960, 560));
+    let histogram = dir.path().join("hist.png");
+    let out = node.cli(&[
+        "stats",
+        "histogram costophrenic_angle",
+        "--plot",
+        histogram.to_str().expect("path"),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = node.cli(&[
+        "stats",
+        "summary cardiothoracic_ratio",
+        "--plot",
+        histogram.to_str().expect("path"),
+    ]);
+    assert!(!out.status.success() && text(&out.stderr).contains("crosstabs and histograms"));
 
     // A filtered JSONL export agrees with the count.
     let out = node.cli(&["stats", "count where view = PA", "--format", "json"]);

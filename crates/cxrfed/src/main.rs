@@ -11,6 +11,7 @@ mod ingest_cmd;
 mod logging;
 mod model_cmd;
 mod node_cmd;
+mod plot;
 mod stats_cmd;
 
 use std::process::ExitCode;

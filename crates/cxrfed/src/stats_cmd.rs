@@ -24,6 +24,10 @@ pub struct StatsArgs {
     /// table, csv or json.
     #[arg(long, default_value = "table")]
     format: String,
+    /// Also draw the result as a PNG chart: a stacked bar chart for a crosstab, bars for a
+    /// histogram.
+    #[arg(long)]
+    plot: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -89,6 +93,10 @@ pub async fn stats(args: StatsArgs) -> anyhow::Result<ExitCode> {
             anyhow::anyhow!("{}{caret}", status_error(status))
         })?
         .into_inner();
+    if let Some(path) = &args.plot {
+        crate::plot::draw(&response, &args.query, path)?;
+        eprintln!("chart written to {}", path.display());
+    }
     let fraction = args.query.contains("normalize");
     let mut out = std::io::stdout().lock();
     match args.format.as_str() {
