@@ -198,6 +198,45 @@ async fn stats_match_an_independent_computation_over_the_export() {
     ]);
     assert!(!out.status.success() && text(&out.stderr).contains("crosstabs and histograms"));
 
+    // Parquet: typed columns, the same rows (read back with the parquet crate's own reader).
+    let parquet_path = dir.path().join("export.parquet");
+    let out = node.cli(&[
+        "export",
+        "--format",
+        "parquet",
+        "--out",
+        parquet_path.to_str().expect("path"),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    {
+        use parquet::file::reader::FileReader;
+        let reader = parquet::file::reader::SerializedFileReader::new(
+            std::fs::File::open(&parquet_path).expect("parquet file"),
+        )
+        .expect("a parquet file");
+        let meta = reader.metadata();
+        assert_eq!(meta.file_metadata().num_rows(), 16);
+        let schema = meta.file_metadata().schema_descr();
+        let column = |name: &str| {
+            (0..schema.num_columns())
+                .map(|i| schema.column(i))
+                .find(|c| c.name() == name)
+                .unwrap_or_else(|| panic!("column {name}"))
+        };
+        assert_eq!(
+            column("cardiothoracic_ratio").physical_type(),
+            parquet::basic::Type::DOUBLE
+        );
+        assert_eq!(
+            column("hyperlucency").physical_type(),
+            parquet::basic::Type::BOOLEAN
+        );
+        assert_eq!(
+            column("image_quality").physical_type(),
+            parquet::basic::Type::BYTE_ARRAY
+        );
+    }
+
     // A filtered JSONL export agrees with the count.
     let out = node.cli(&["stats", "count where view = PA", "--format", "json"]);
     let count: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");

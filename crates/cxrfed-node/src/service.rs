@@ -628,7 +628,7 @@ impl NodeService for NodeApi {
         observe(&self.state, "Export", &peer, &metadata, |_| async {
             let format = crate::export::Format::parse(&request.format).ok_or_else(|| {
                 NodeError::InvalidRequest(format!(
-                    "export format {:?} must be csv or jsonl",
+                    "export format {:?} must be csv, jsonl or parquet",
                     request.format
                 ))
             })?;

@@ -37,7 +37,7 @@ pub struct ExportArgs {
     node: Option<String>,
     #[command(flatten)]
     credentials: Credentials,
-    /// csv or jsonl.
+    /// csv, jsonl or parquet.
     #[arg(long, default_value = "csv")]
     format: String,
     /// Only records matching this condition, e.g. 'view = PA and month >= 2020-01'.
