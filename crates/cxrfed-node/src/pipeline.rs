@@ -122,6 +122,7 @@ impl Pipeline {
             processing_notes: decoded.notes,
             questions: Vec::new(),
             annotations: Vec::new(),
+            custom_fields: Default::default(),
         };
         Ok(Extraction { record })
     }

@@ -83,6 +83,19 @@ impl NodeState {
         mut record: cxrfed_schema::Record,
     ) -> Result<cxrfed_schema::Record, NodeError> {
         record.annotations = self.store.annotations_of(&record.image_sha256)?;
+        if let Ok(fields) = self.custom_fields.read() {
+            record.custom_fields = fields
+                .keys()
+                .map(|name| {
+                    let value = record
+                        .annotations
+                        .iter()
+                        .find(|a| &a.field == name)
+                        .map(|a| a.value.clone());
+                    (name.clone(), value)
+                })
+                .collect();
+        }
         Ok(record)
     }
 }
@@ -493,6 +506,57 @@ fn stats_cell(cell: cxrfed_stats::TableCell) -> pb::StatsCell {
     }
 }
 
+/// The record JSON Schema with this site's custom fields spelled out under `custom_fields`.
+fn with_custom_fields(
+    mut schema: serde_json::Value,
+    custom: &[cxrfed_schema::custom::FieldDefinition],
+) -> serde_json::Value {
+    use cxrfed_schema::custom::CustomKind;
+    let properties: serde_json::Map<String, serde_json::Value> = custom
+        .iter()
+        .map(|d| {
+            let mut field = match &d.kind {
+                CustomKind::Bool => serde_json::json!({"enum": ["true", "false", null]}),
+                CustomKind::Categorical { values } => {
+                    let mut values: Vec<serde_json::Value> = values
+                        .iter()
+                        .map(|v| serde_json::Value::from(v.as_str()))
+                        .collect();
+                    values.push(serde_json::Value::Null);
+                    serde_json::json!({ "enum": values })
+                }
+                CustomKind::Numeric { min, max } => serde_json::json!({
+                    "type": ["string", "null"],
+                    "description": format!("a number in {min}..={max}, as text"),
+                }),
+            };
+            if let Some(object) = field.as_object_mut() {
+                object.insert(
+                    "title".into(),
+                    format!("{} (custom field v{})", d.name, d.version).into(),
+                );
+                if !d.description.is_empty() {
+                    object
+                        .entry("description")
+                        .or_insert(d.description.clone().into());
+                }
+            }
+            (d.name.clone(), field)
+        })
+        .collect();
+    if custom.is_empty() {
+        return schema;
+    }
+    if let Some(custom_fields) = schema
+        .get_mut("properties")
+        .and_then(|p| p.get_mut("custom_fields"))
+        .and_then(|c| c.as_object_mut())
+    {
+        custom_fields.insert("properties".into(), serde_json::Value::Object(properties));
+    }
+    schema
+}
+
 fn query_error(e: cxrfed_stats::QueryError) -> NodeError {
     NodeError::InvalidRequest(format!("query: {e}"))
 }
@@ -695,11 +759,18 @@ impl NodeService for NodeApi {
         let metadata = request.metadata().clone();
         let peer = Caller::of(&request);
         observe(&self.state, "GetSchema", &peer, &metadata, |_| async {
-            Ok(pb::GetSchemaResponse {
+            let custom: Vec<cxrfed_schema::custom::FieldDefinition> = self
+                .state
+                .custom_fields
+                .read()
+                .map(|f| f.values().cloned().collect())
+                .unwrap_or_default();
+            let mut response = pb::GetSchemaResponse {
                 schema_version: cxrfed_schema::SCHEMA_VERSION.to_string(),
-                record_json_schema: serde_json::to_string_pretty(
-                    &cxrfed_schema::record_json_schema(),
-                )
+                record_json_schema: serde_json::to_string_pretty(&with_custom_fields(
+                    cxrfed_schema::record_json_schema(),
+                    &custom,
+                ))
                 .map_err(|e| NodeError::Internal(e.to_string()))?,
                 fields: FIELDS
                     .iter()
@@ -728,7 +799,25 @@ impl NodeService for NodeApi {
                         }
                     })
                     .collect(),
-            })
+            };
+            response.fields.extend(custom.iter().map(|d| {
+                use cxrfed_schema::custom::CustomKind;
+                let (kind, categories, min, max) = match &d.kind {
+                    CustomKind::Bool => ("bool", vec!["false".into(), "true".into()], 0.0, 0.0),
+                    CustomKind::Categorical { values } => ("categorical", values.clone(), 0.0, 0.0),
+                    CustomKind::Numeric { min, max } => ("numeric", Vec::new(), *min, *max),
+                };
+                pb::FieldInfo {
+                    name: d.name.clone(),
+                    kind: kind.into(),
+                    description: format!("custom field v{}: {}", d.version, d.description),
+                    categories,
+                    min,
+                    max,
+                    has_probability: false,
+                }
+            }));
+            Ok(response)
         })
         .await
     }

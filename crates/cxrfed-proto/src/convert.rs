@@ -317,6 +317,11 @@ impl From<&schema::Record> for pb::Record {
                 })
                 .collect(),
             annotations: r.annotations.iter().map(pb::Annotation::from).collect(),
+            custom_fields: r
+                .custom_fields
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone().unwrap_or_default()))
+                .collect(),
         }
     }
 }
@@ -399,6 +404,11 @@ impl TryFrom<pb::Record> for schema::Record {
                 .into_iter()
                 .map(schema::custom::Annotation::try_from)
                 .collect::<Result<_, _>>()?,
+            custom_fields: r
+                .custom_fields
+                .into_iter()
+                .map(|(k, v)| (k, Some(v).filter(|v| !v.is_empty())))
+                .collect(),
         })
     }
 }
@@ -525,6 +535,12 @@ mod tests {
                 annotated_at: chrono::DateTime::from_timestamp(1_700_000_100, 0).expect("time"),
                 source: "annotation".into(),
             }],
+            custom_fields: [
+                ("pneumothorax".to_string(), Some("true".to_string())),
+                ("tube".to_string(), None),
+            ]
+            .into_iter()
+            .collect(),
         }
     }
 

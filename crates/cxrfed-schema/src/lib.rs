@@ -59,6 +59,10 @@ pub struct Record {
     /// the model's findings and from the stored record: filled in when the record is read.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub annotations: Vec<custom::Annotation>,
+    /// Every custom field the site defined, with this image's labelled value; `None` (null)
+    /// while unknown. Filled in when the record is read, never stored.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub custom_fields: std::collections::BTreeMap<String, Option<String>>,
 }
 
 /// One answered question, appended to a record.

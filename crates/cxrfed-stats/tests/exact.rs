@@ -68,6 +68,7 @@ fn record(i: usize, s: &Spec) -> Record {
         processing_notes: Vec::new(),
         questions: Vec::new(),
         annotations: Vec::new(),
+        custom_fields: Default::default(),
     }
 }
 

@@ -471,6 +471,7 @@ mod tests {
             processing_notes: vec![],
             questions: Vec::new(),
             annotations: Vec::new(),
+            custom_fields: Default::default(),
         }
     }
 

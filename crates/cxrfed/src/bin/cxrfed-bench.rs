@@ -172,6 +172,7 @@ fn synthetic_record(i: usize) -> cxrfed_schema::Record {
         processing_notes: Vec::new(),
         questions: Vec::new(),
         annotations: Vec::new(),
+        custom_fields: Default::default(),
     }
 }
 
