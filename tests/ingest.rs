@@ -2,29 +2,9 @@
 //! the real binary and a real node; reruns resume; a node killed mid-ingest loses nothing and
 //! stores nothing twice.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use cxrfed_e2e::{NodeProcess, cxrfed};
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn phantoms(dir: &Path, count: u32, seed: u32) {
-    let out = cxrfed(&[
-        "phantom",
-        "--out",
-        dir.to_str().expect("path"),
-        "--count",
-        &count.to_string(),
-        "--seed",
-        &seed.to_string(),
-        "--max-size",
-        "320",
-    ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-}
+use cxrfed_e2e::{NodeProcess, cxrfed, text, write_phantoms};
 
 fn record_count(node: &NodeProcess) -> u64 {
     let out = node.cli(&["stats", "count", "--format", "json"]);
@@ -37,7 +17,7 @@ fn record_count(node: &NodeProcess) -> u64 {
 fn a_mixed_folder_is_ingested_with_rejects_reported_and_a_rerun_adds_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let folder = dir.path().join("export");
-    phantoms(&folder.join("nested/deeper"), 10, 41);
+    write_phantoms(&folder.join("nested/deeper"), 10, 41, 320);
     // Corrupt and non-image files mixed in (labels.json and labels.csv are there already).
     let good = std::fs::read_dir(folder.join("nested/deeper"))
         .expect("dir")
@@ -108,7 +88,7 @@ fn a_mixed_folder_is_ingested_with_rejects_reported_and_a_rerun_adds_nothing() {
 fn a_node_killed_mid_ingest_stores_every_image_exactly_once_after_a_rerun() {
     let dir = tempfile::tempdir().expect("tempdir");
     let folder = dir.path().join("export");
-    phantoms(&folder, 40, 43);
+    write_phantoms(&folder, 40, 43, 320);
     let data = dir.path().join("node");
     let mut node = NodeProcess::start(&data, &["--model", "none"]);
     let state = dir.path().join("state.jsonl");
@@ -182,7 +162,7 @@ fn a_node_killed_mid_ingest_stores_every_image_exactly_once_after_a_rerun() {
 fn the_node_ingests_a_folder_on_its_own_disk_as_a_background_job() {
     let dir = tempfile::tempdir().expect("tempdir");
     let folder = dir.path().join("pacs-export");
-    phantoms(&folder.join("a"), 6, 51);
+    write_phantoms(&folder.join("a"), 6, 51, 320);
     std::fs::write(folder.join("README.txt"), b"export of 2020").expect("write");
     let data = dir.path().join("node");
     let node = NodeProcess::start(&data, &["--model", "none"]);

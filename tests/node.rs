@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use cxrfed_e2e::{
     NodeProcess, TestDicom, cxrfed, pydicom_data_dir, pydicom_test_files_dir, venv_python,
+    write_phantoms,
 };
 use cxrfed_proto::v1 as pb;
 use cxrfed_proto::v1::node_service_client::NodeServiceClient;
@@ -880,22 +881,7 @@ async fn sigterm_drains_an_in_flight_extraction_then_exits() {
 async fn phantoms_extract_to_full_records_matching_their_labels() {
     let dir = tempfile::tempdir().expect("tempdir");
     let phantoms = dir.path().join("phantoms");
-    let out = cxrfed(&[
-        "phantom",
-        "--out",
-        phantoms.to_str().expect("path"),
-        "--count",
-        "8",
-        "--seed",
-        "77",
-        "--max-size",
-        "512",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    write_phantoms(&phantoms, 8, 77, 512);
     let labels: serde_json::Value =
         serde_json::from_slice(&std::fs::read(phantoms.join("labels.json")).expect("labels"))
             .expect("json");

@@ -7,15 +7,11 @@ use std::time::{Duration, Instant};
 
 use cxrfed_auth::Role;
 use cxrfed_auth::pki;
-use cxrfed_e2e::{NodeProcess, TestPki, cxrfed, free_port, venv_python};
+use cxrfed_e2e::{NodeProcess, TestPki, cxrfed, free_port, text, venv_python};
 use cxrfed_proto::v1 as pb;
 use cxrfed_proto::v1::node_service_client::NodeServiceClient;
 use prost::Message;
 use tonic::Code;
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
 
 fn node_log(node: &NodeProcess) -> String {
     std::fs::read_to_string(node.data_dir.join("logs").join("node.log")).unwrap_or_default()

@@ -4,31 +4,16 @@
 
 use cxrfed_auth::Role;
 use cxrfed_auth::pki;
-use cxrfed_e2e::{NodeProcess, cxrfed, venv_python, workspace_root};
+use cxrfed_e2e::{NodeProcess, cxrfed, text, venv_python, workspace_root, write_phantoms};
 use cxrfed_proto::v1 as pb;
 use cxrfed_proto::v1::node_service_client::NodeServiceClient;
 use tonic::Code;
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn stats_match_an_independent_computation_over_the_export() {
     let dir = tempfile::tempdir().expect("tempdir");
     let phantoms = dir.path().join("phantoms");
-    let out = cxrfed(&[
-        "phantom",
-        "--out",
-        phantoms.to_str().expect("path"),
-        "--count",
-        "16",
-        "--seed",
-        "31",
-        "--max-size",
-        "384",
-    ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    write_phantoms(&phantoms, 16, 31, 384);
     let node = NodeProcess::start(&dir.path().join("node"), &[]);
     let mut files: Vec<String> = std::fs::read_dir(&phantoms)
         .expect("dir")
@@ -334,18 +319,7 @@ async fn parse_errors_name_the_position_and_researchers_are_refused() {
 async fn questions_in_english_and_chinese_map_to_fields_and_are_appended() {
     let dir = tempfile::tempdir().expect("tempdir");
     let phantoms = dir.path().join("phantoms");
-    let out = cxrfed(&[
-        "phantom",
-        "--out",
-        phantoms.to_str().expect("path"),
-        "--count",
-        "1",
-        "--seed",
-        "7",
-        "--max-size",
-        "384",
-    ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    write_phantoms(&phantoms, 1, 7, 384);
     let file = std::fs::read_dir(&phantoms)
         .expect("dir")
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -439,18 +413,7 @@ async fn questions_in_english_and_chinese_map_to_fields_and_are_appended() {
 async fn the_python_sdk_extracts_queries_and_exports_into_pandas() {
     let dir = tempfile::tempdir().expect("tempdir");
     let phantoms = dir.path().join("phantoms");
-    let out = cxrfed(&[
-        "phantom",
-        "--out",
-        phantoms.to_str().expect("path"),
-        "--count",
-        "6",
-        "--seed",
-        "12",
-        "--max-size",
-        "384",
-    ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    write_phantoms(&phantoms, 6, 12, 384);
     let node = NodeProcess::start(&dir.path().join("node"), &[]);
     let run = |script: &str, extra: &[&str]| {
         let out = std::process::Command::new(venv_python())
@@ -516,18 +479,7 @@ async fn the_python_sdk_extracts_queries_and_exports_into_pandas() {
 async fn custom_fields_and_annotations_reach_records_statistics_and_exports() {
     let dir = tempfile::tempdir().expect("tempdir");
     let phantoms = dir.path().join("phantoms");
-    let out = cxrfed(&[
-        "phantom",
-        "--out",
-        phantoms.to_str().expect("path"),
-        "--count",
-        "8",
-        "--seed",
-        "21",
-        "--max-size",
-        "384",
-    ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    write_phantoms(&phantoms, 8, 21, 384);
     let data = dir.path().join("node");
     let node = NodeProcess::start(&data, &[]);
     let state = dir.path().join("state.jsonl");

@@ -91,6 +91,27 @@ pub fn cxrfed(args: &[&str]) -> std::process::Output {
         .expect("run cxrfed")
 }
 
+/// Lossy UTF-8 of a process's output, for assertions and messages.
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// `cxrfed phantom --out DIR --count N --seed S --max-size PX`: phantoms with their labels.
+pub fn write_phantoms(dir: &Path, count: u32, seed: u32, max_size: u32) {
+    let out = cxrfed(&[
+        "phantom",
+        "--out",
+        dir.to_str().expect("utf-8 path"),
+        "--count",
+        &count.to_string(),
+        "--seed",
+        &seed.to_string(),
+        "--max-size",
+        &max_size.to_string(),
+    ]);
+    assert!(out.status.success(), "phantom: {}", text(&out.stderr));
+}
+
 /// A free loopback port (bound then released; good enough for tests on one machine).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
