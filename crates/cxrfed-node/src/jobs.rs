@@ -135,21 +135,25 @@ pub fn start(state: Arc<NodeState>, folder: PathBuf, force: bool) -> Result<Arc<
     Ok(job)
 }
 
+/// Every regular file below `folder` (recursively, symlinks not followed), sorted: the order
+/// both ingest paths (this job and `cxrfed ingest`) take a folder in.
+pub fn files_under(folder: &std::path::Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = walkdir::WalkDir::new(folder)
+        .follow_links(false)
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_file())
+        .map(|e| e.into_path())
+        .collect();
+    files.sort();
+    files
+}
+
 async fn run(state: &Arc<NodeState>, job: &Arc<Job>, force: bool) -> Result<(), NodeError> {
     let folder = job.folder.clone();
-    let files = tokio::task::spawn_blocking(move || {
-        let mut files: Vec<PathBuf> = walkdir::WalkDir::new(&folder)
-            .follow_links(false)
-            .into_iter()
-            .filter_map(Result::ok)
-            .filter(|e| e.file_type().is_file())
-            .map(|e| e.into_path())
-            .collect();
-        files.sort();
-        files
-    })
-    .await
-    .map_err(|e| NodeError::Internal(format!("folder walk: {e}")))?;
+    let files = tokio::task::spawn_blocking(move || files_under(&folder))
+        .await
+        .map_err(|e| NodeError::Internal(format!("folder walk: {e}")))?;
     job.total.store(files.len() as u64, Ordering::SeqCst);
     let permits = Arc::new(tokio::sync::Semaphore::new(
         state.config.decode_workers.max(1) * 2,

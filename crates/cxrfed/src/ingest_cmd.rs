@@ -114,14 +114,7 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.dir.is_dir(), "{} is not a folder", args.dir.display());
     let client = args.credentials.connect_node(args.node.as_deref()).await?;
 
-    let mut files: Vec<PathBuf> = walkdir::WalkDir::new(&args.dir)
-        .follow_links(false)
-        .into_iter()
-        .filter_map(Result::ok)
-        .filter(|e| e.file_type().is_file())
-        .map(|e| e.into_path())
-        .collect();
-    files.sort();
+    let files = cxrfed_node::jobs::files_under(&args.dir);
     let done = load_state(&args.state);
     let mut state = std::fs::OpenOptions::new()
         .create(true)
