@@ -14,7 +14,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
+
+from common import Node, run_json
 
 SCHEMA_V1_WIDTHS = [
     ("image_quality", 4), ("rib_fracture", 1), ("clavicle_symmetry", 2), ("spine_alignment", 2),
@@ -177,40 +178,14 @@ def python_forward(model_dir, batch, repeats, images, reference):
     return {"images_per_s": statistics.median(rates), "samples": rates, "threads": torch.get_num_threads()}
 
 
-def run_json(cmd):
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 def node_throughput(cxrfed, bench, model_dir, files, clients, images, batch):
-    data = tempfile.mkdtemp(prefix="cxrfed-bench-node-")
-    port = free_port()
-    proc = subprocess.Popen(
-        [cxrfed, "node", "serve", "--data-dir", data, "--listen", f"127.0.0.1:{port}",
-         "--model", model_dir, "--device", "cpu", "--max-batch", str(batch), "--max-wait-ms", "50",
-         "--inference-queue", "512", "--log-level", "warn", "--insecure-dev"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    node = Node(cxrfed, ["--model", model_dir, "--device", "cpu", "--max-batch", str(batch), "--max-wait-ms", "50",
+                         "--inference-queue", "512", "--log-level", "warn"])
     try:
-        for _ in range(600):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        return run_json([bench, "node", "--url", f"http://127.0.0.1:{port}", "--images", str(images),
+        return run_json([bench, "node", "--url", node.url, "--images", str(images),
                          "--clients", str(clients), "--files", *files])
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-        shutil.rmtree(data, ignore_errors=True)
+        node.stop()
 
 
 def main():

@@ -12,36 +12,19 @@ Writes docs/bench/research.md.
 """
 
 import argparse
-import json
 import os
 import platform
 import re
 import shutil
-import socket
 import statistics
-import subprocess
 import tempfile
 import time
 
 import pandas as pd
 
+from common import Node, run, run_json
+
 QUERY = 'crosstab image_quality, analysis_confidence where age_group in ("60-69", "70-79")'
-
-
-def run(cmd):
-    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-
-
-def run_json(cmd):
-    return json.loads(run(cmd).strip().splitlines()[-1])
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def pandas_crosstab(path, repeats, categorical):
@@ -93,39 +76,25 @@ def main():
     profile = f"{pki}/admin/profile.toml"
 
     def node():
-        data = tempfile.mkdtemp(prefix="cxrfed-bench-ingest-", dir=work)
-        port = free_port()
-        proc = subprocess.Popen(
-            [args.cxrfed, "node", "serve", "--data-dir", data, "--listen", f"127.0.0.1:{port}",
-             "--ca", f"{pki}/ca/ca.pem", "--cert", f"{pki}/node/cert.pem", "--key", f"{pki}/node/key.pem",
-             "--log-level", "warn", "--device", "cpu"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for _ in range(600):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        return proc, f"https://127.0.0.1:{port}"
+        return Node(args.cxrfed, ["--log-level", "warn", "--device", "cpu"], pki,
+                    prefix="cxrfed-bench-ingest-", dir=work)
 
     single, ingest = [], []
     for _ in range(3):
-        proc, url = node()
+        n = node()
         try:
-            single.append(run_json([args.bin, "node", "--url", url, "--profile", profile, "--clients", "1",
+            single.append(run_json([args.bin, "node", "--url", n.url, "--profile", profile, "--clients", "1",
                                     "--images", str(len(files) // 2), "--files", *files])["images_per_s"])
         finally:
-            proc.terminate()
-            proc.wait(timeout=60)
-        proc, url = node()
+            n.stop()
+        n = node()
         try:
             state = os.path.join(work, f"state-{time.time_ns()}.jsonl")
-            out = run([args.cxrfed, "ingest", folder, "--node", url, "--profile", profile,
+            out = run([args.cxrfed, "ingest", folder, "--node", n.url, "--profile", profile,
                        "--state", state, "--report", os.path.join(work, "rejects.jsonl")])
             ingest.append(float(re.search(r"\(([0-9.]+) files/s\)", out).group(1)))
         finally:
-            proc.terminate()
-            proc.wait(timeout=60)
+            n.stop()
         print(f"single {single[-1]:.1f}/s, ingest {ingest[-1]:.1f} files/s", flush=True)
     cores = os.cpu_count()
     single_m, ingest_m = statistics.median(single), statistics.median(ingest)

@@ -10,60 +10,19 @@ medians and ratios are reported. Writes docs/bench/tls.md.
 """
 
 import argparse
-import json
 import os
 import platform
 import shutil
-import socket
 import statistics
-import subprocess
 import tempfile
 import time
 
-
-def run(cmd):
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
-    return out.stdout
+from common import Node, run, run_json
 
 
-def run_json(cmd):
-    return json.loads(run(cmd).strip().splitlines()[-1])
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-class Node:
-    def __init__(self, cxrfed, pki, tls, model):
-        self.data = tempfile.mkdtemp(prefix="cxrfed-bench-tls-")
-        self.port = free_port()
-        cmd = [cxrfed, "node", "serve", "--data-dir", self.data, "--listen", f"127.0.0.1:{self.port}",
-               "--model", model, "--device", "cpu", "--log-level", "warn", "--inference-queue", "512"]
-        if tls:
-            cmd += ["--ca", f"{pki}/ca/ca.pem", "--cert", f"{pki}/node/cert.pem",
-                    "--key", f"{pki}/node/key.pem"]
-            self.url = f"https://127.0.0.1:{self.port}"
-        else:
-            cmd += ["--insecure-dev"]
-            self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for _ in range(600):
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError("node did not start")
-
-    def stop(self):
-        self.proc.terminate()
-        self.proc.wait(timeout=60)
-        shutil.rmtree(self.data, ignore_errors=True)
+def start_node(cxrfed, pki, tls, model):
+    return Node(cxrfed, ["--model", model, "--device", "cpu", "--log-level", "warn", "--inference-queue", "512"],
+                pki if tls else None, prefix="cxrfed-bench-tls-")
 
 
 def main():
@@ -101,7 +60,7 @@ def main():
     for label, files, model, images in scenarios:
         # One unrecorded run per transport first: page cache, CPU frequency, allocator.
         for tls in (False, True):
-            node = Node(args.cxrfed, pki, tls, model)
+            node = start_node(args.cxrfed, pki, tls, model)
             try:
                 cmd = [args.bin, "node", "--url", node.url, "--images", str(images // 4),
                        "--clients", str(args.clients), "--files", *files]
@@ -111,7 +70,7 @@ def main():
         for r in range(args.rounds):
             # Alternate which transport goes first, so order effects cancel out.
             for tls in ((False, True) if r % 2 == 0 else (True, False)):
-                node = Node(args.cxrfed, pki, tls, model)
+                node = start_node(args.cxrfed, pki, tls, model)
                 try:
                     cmd = [args.bin, "node", "--url", node.url, "--images", str(images),
                            "--clients", str(args.clients), "--files", *files]
