@@ -19,6 +19,16 @@ pub struct Target {
     credentials: Credentials,
 }
 
+impl Target {
+    async fn connect(
+        &self,
+    ) -> anyhow::Result<
+        cxrfed_proto::v1::node_service_client::NodeServiceClient<tonic::transport::Channel>,
+    > {
+        self.credentials.connect_node(self.node.as_deref()).await
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum FieldCommand {
     /// Define a custom field (again: a new version).
@@ -86,10 +96,7 @@ pub async fn field(command: FieldCommand) -> anyhow::Result<ExitCode> {
             synonyms,
             target,
         } => {
-            let mut client = target
-                .credentials
-                .connect_node(target.node.as_deref())
-                .await?;
+            let mut client = target.connect().await?;
             let defined = client
                 .define_field(pb::DefineFieldRequest {
                     field: Some(pb::FieldDefinition {
@@ -109,10 +116,7 @@ pub async fn field(command: FieldCommand) -> anyhow::Result<ExitCode> {
             println!("defined {} (version {})", defined.name, defined.version);
         }
         FieldCommand::List { target } => {
-            let mut client = target
-                .credentials
-                .connect_node(target.node.as_deref())
-                .await?;
+            let mut client = target.connect().await?;
             let fields = client
                 .list_fields(pb::ListFieldsRequest {})
                 .await
@@ -141,10 +145,7 @@ pub async fn annotate(command: AnnotateCommand) -> anyhow::Result<ExitCode> {
             annotator,
             target,
         } => {
-            let mut client = target
-                .credentials
-                .connect_node(target.node.as_deref())
-                .await?;
+            let mut client = target.connect().await?;
             let response = client
                 .annotate(pb::AnnotateRequest {
                     record_id,
@@ -168,10 +169,7 @@ pub async fn annotate(command: AnnotateCommand) -> anyhow::Result<ExitCode> {
             annotator,
             target,
         } => {
-            let mut client = target
-                .credentials
-                .connect_node(target.node.as_deref())
-                .await?;
+            let mut client = target.connect().await?;
             let custom: Vec<String> = client
                 .list_fields(pb::ListFieldsRequest {})
                 .await
