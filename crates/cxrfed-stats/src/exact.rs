@@ -329,7 +329,7 @@ pub fn bind(columns: &Columns, query: Query) -> Result<Bound, QueryError> {
                 tab.push(index);
             }
         }
-        Statistic::Summary(f) => {
+        Statistic::Summary(f) | Statistic::Sum(f) | Statistic::Mean(f) => {
             let index = lookup(columns, f)?;
             if !matches!(columns.columns()[index].data, ColumnData::Numeric(_)) {
                 return field_error(
@@ -401,7 +401,7 @@ impl Bound {
     }
 }
 
-fn dict_of(columns: &Columns, index: usize) -> (&Dict, &[u16]) {
+pub(crate) fn dict_of(columns: &Columns, index: usize) -> (&Dict, &[u16]) {
     match &columns.columns()[index].data {
         ColumnData::Coded { dict, codes } => (dict, codes.as_slice()),
         ColumnData::Numeric(_) => unreachable_numeric(),
@@ -475,6 +475,36 @@ pub fn evaluate(columns: &Columns, bound: &Bound) -> Table {
             )
         }
         Statistic::Summary(_) => summary(columns, bound, &cohort, statistic, cohort_size),
+        Statistic::Sum(_) | Statistic::Mean(_) => {
+            let mean = matches!(bound.query.statistic, Statistic::Mean(_));
+            let mut header: Vec<String> = Vec::new();
+            if let Some(by) = bound.by {
+                header.push(columns.columns()[by].name.to_string());
+            }
+            header.extend(["n".to_string(), statistic.clone()]);
+            let rows = numeric_groups(columns, bound, &cohort)
+                .into_iter()
+                .map(|(group, v)| {
+                    let total: f64 = v.iter().sum();
+                    let value = if !mean {
+                        TableCell::Number(total)
+                    } else if v.is_empty() {
+                        TableCell::Empty
+                    } else {
+                        TableCell::Number(total / v.len() as f64)
+                    };
+                    let mut row: Vec<TableCell> = group.into_iter().map(TableCell::Text).collect();
+                    row.extend([TableCell::Count(v.len() as u64), value]);
+                    row
+                })
+                .collect();
+            Table {
+                statistic,
+                columns: header,
+                rows,
+                cohort_size,
+            }
+        }
     }
 }
 
@@ -643,13 +673,12 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
     sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo as f64)
 }
 
-fn summary(
+/// The non-missing values of the bound numeric column per group (one unnamed group without `by`).
+fn numeric_groups(
     columns: &Columns,
     bound: &Bound,
     cohort: &[usize],
-    statistic: String,
-    cohort_size: u64,
-) -> Table {
+) -> Vec<(Option<String>, Vec<f64>)> {
     let index = bound.numeric.unwrap_or_else(|| unreachable_numeric());
     let ColumnData::Numeric(values) = &columns.columns()[index].data else {
         unreachable_numeric()
@@ -684,6 +713,17 @@ fn summary(
                 .collect()
         }
     };
+    groups
+}
+
+fn summary(
+    columns: &Columns,
+    bound: &Bound,
+    cohort: &[usize],
+    statistic: String,
+    cohort_size: u64,
+) -> Table {
+    let groups = numeric_groups(columns, bound, cohort);
     let mut header: Vec<String> = Vec::new();
     if let Some(by) = bound.by {
         header.push(columns.columns()[by].name.to_string());

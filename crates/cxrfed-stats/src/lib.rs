@@ -1,11 +1,13 @@
 //! Cohort statistics over a node's records: the query language ([`query`]), the compact
 //! columnar form a node keeps in sync with its store ([`columns`]) and exact aggregation
-//! ([`exact`]). Knows nothing of gRPC or storage.
+//! ([`exact`]) and the differentially private release built on opendp ([`dp`]). Knows nothing
+//! of gRPC or storage.
 //!
-//! Exact results are for the site's own admin only; the node enforces that. Results meant for
-//! remote parties will go through the differentially private release (next milestone).
+//! Exact results are for the site's own admin only; the node enforces that. Every result meant
+//! for a remote party goes through [`dp`].
 
 pub mod columns;
+pub mod dp;
 pub mod exact;
 pub mod query;
 

@@ -6,7 +6,8 @@
 //!           | "histogram" field
 //!           | "crosstab" field "," field [ "," field ]
 //!           | "summary" field                      (a numeric field)
-//! clause    = "by" field                           (group count / histogram / summary)
+//!           | "sum" field | "mean" field          (a numeric field, clamped to its bounds)
+//! clause    = "by" field                           (group count / histogram / summary / sum / mean)
 //!           | "normalize" "=" ( "row" | "column" | "all" )   (crosstab, histogram)
 //! condition = field ( "=" | "!=" ) value
 //!           | field [ "not" ] "in" "(" value { "," value } ")"
@@ -44,6 +45,8 @@ pub enum Statistic {
     Histogram(Spanned<String>),
     Crosstab(Vec<Spanned<String>>),
     Summary(Spanned<String>),
+    Sum(Spanned<String>),
+    Mean(Spanned<String>),
 }
 
 impl Statistic {
@@ -53,6 +56,8 @@ impl Statistic {
             Statistic::Histogram(_) => "histogram",
             Statistic::Crosstab(_) => "crosstab",
             Statistic::Summary(_) => "summary",
+            Statistic::Sum(_) => "sum",
+            Statistic::Mean(_) => "mean",
         }
     }
 }
@@ -126,6 +131,74 @@ pub struct Query {
     pub conditions: Vec<Condition>,
     pub by: Option<Spanned<String>>,
     pub normalize: Normalize,
+}
+
+impl Query {
+    /// The query in one canonical text: keywords lower-case, values quoted, conditions sorted.
+    /// Two queries that differ only in spacing, case of keywords or order of conditions have the
+    /// same canonical text (it keys the per-query contribution selection and the audit log).
+    pub fn canonical(&self) -> String {
+        let mut out = self.statistic.name().to_string();
+        match &self.statistic {
+            Statistic::Count => {}
+            Statistic::Histogram(f)
+            | Statistic::Summary(f)
+            | Statistic::Sum(f)
+            | Statistic::Mean(f) => {
+                out.push(' ');
+                out.push_str(&f.value);
+            }
+            Statistic::Crosstab(fields) => {
+                out.push(' ');
+                out.push_str(
+                    &fields
+                        .iter()
+                        .map(|f| f.value.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                );
+            }
+        }
+        let mut conditions: Vec<String> = self.conditions.iter().map(canonical_condition).collect();
+        conditions.sort();
+        if !conditions.is_empty() {
+            out.push_str(" where ");
+            out.push_str(&conditions.join(" and "));
+        }
+        if let Some(by) = &self.by {
+            out.push_str(" by ");
+            out.push_str(&by.value);
+        }
+        match self.normalize {
+            Normalize::None => {}
+            Normalize::Row => out.push_str(" normalize=row"),
+            Normalize::Column => out.push_str(" normalize=column"),
+            Normalize::All => out.push_str(" normalize=all"),
+        }
+        out
+    }
+}
+
+fn canonical_condition(c: &Condition) -> String {
+    let list = |values: &[Spanned<Value>]| {
+        values
+            .iter()
+            .map(|v| v.value.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let field = &c.field.value;
+    match &c.op {
+        Op::Eq(v) => format!("{field} = {}", v.value),
+        Op::Ne(v) => format!("{field} != {}", v.value),
+        Op::In(v) => format!("{field} in ({})", list(v)),
+        Op::NotIn(v) => format!("{field} not in ({})", list(v)),
+        Op::Lt(v) => format!("{field} < {}", v.value),
+        Op::Le(v) => format!("{field} <= {}", v.value),
+        Op::Gt(v) => format!("{field} > {}", v.value),
+        Op::Ge(v) => format!("{field} >= {}", v.value),
+        Op::Between(a, b) => format!("{field} between {} and {}", a.value, b.value),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -363,6 +436,8 @@ pub fn parse(text: &str) -> Result<Query, QueryError> {
             Statistic::Histogram(p.field()?)
         }
         (Tok::Word(w), _) if w.eq_ignore_ascii_case("summary") => Statistic::Summary(p.field()?),
+        (Tok::Word(w), _) if w.eq_ignore_ascii_case("sum") => Statistic::Sum(p.field()?),
+        (Tok::Word(w), _) if w.eq_ignore_ascii_case("mean") => Statistic::Mean(p.field()?),
         (Tok::Word(w), _) if w.eq_ignore_ascii_case("crosstab") => {
             let mut fields = vec![p.field()?];
             p.expect_sym(",")?;
@@ -376,7 +451,7 @@ pub fn parse(text: &str) -> Result<Query, QueryError> {
         (t, pos) => {
             return err(
                 pos,
-                format!("expected count, histogram, crosstab or summary, found {t}"),
+                format!("expected count, histogram, crosstab, summary, sum or mean, found {t}"),
             );
         }
     };
@@ -472,6 +547,14 @@ pub fn structured(
             field_count(1..=1)?;
             Statistic::Summary(at(0, fields[0].clone()))
         }
+        "sum" => {
+            field_count(1..=1)?;
+            Statistic::Sum(at(0, fields[0].clone()))
+        }
+        "mean" => {
+            field_count(1..=1)?;
+            Statistic::Mean(at(0, fields[0].clone()))
+        }
         "crosstab" => {
             field_count(2..=3)?;
             Statistic::Crosstab(
@@ -485,7 +568,9 @@ pub fn structured(
         other => {
             return err(
                 0,
-                format!("statistic {other:?} must be count, histogram, crosstab or summary"),
+                format!(
+                    "statistic {other:?} must be count, histogram, crosstab, summary, sum or mean"
+                ),
             );
         }
     };

@@ -7,6 +7,11 @@
 //! | `records` | record_id (UUID v7 text, so key order is creation order) | CBOR envelope `{schema_version, record}` |
 //! | `records_by_image` | image_sha256 (hex) | record_id |
 //! | `meta` | `schema_version` | u32 big-endian: the newest schema that wrote this store |
+//! | `meta` | `audit_head` | JSON `{seq, hash}` of the last audit entry |
+//! | `custom_fields` | field name | JSON `FieldDefinition` (latest version) |
+//! | `annotations` | image_sha256 `\0` field | JSON `Annotation` (latest per image and field) |
+//! | `privacy_ledger` | identity URI | JSON account: budget and spent ε (1e-9 units) and δ (1e-18 units) |
+//! | `audit` | sequence number (u64 big-endian) | JSON [`audit::AuditEntry`], hash-chained |
 //!
 //! A record and its index entry are written in one sled transaction, so a record is either
 //! fully present (and findable by hash) or absent, even if the process dies mid-write.
@@ -15,6 +20,12 @@
 //! This crate must not depend on gRPC (tonic) or LibTorch (tch).
 
 #![forbid(unsafe_code)]
+
+pub mod audit;
+pub mod ledger;
+
+pub use audit::{AuditEntry, AuditEvent, AuditReport, BrokenLink};
+pub use ledger::{Account, Budget, Limit};
 
 use std::path::Path;
 
@@ -47,6 +58,24 @@ pub enum StoreError {
     Corrupt { record_id: String, message: String },
     #[error("record could not be encoded: {0}")]
     Encode(String),
+    #[error(
+        "privacy budget exhausted for {identity}: this release needs epsilon {requested_epsilon} (delta {requested_delta}) but {remaining_epsilon} (delta {remaining_delta}) remains; nothing was released"
+    )]
+    BudgetExhausted {
+        identity: String,
+        requested_epsilon: f64,
+        remaining_epsilon: f64,
+        requested_delta: f64,
+        remaining_delta: f64,
+    },
+}
+
+/// Unwraps a sled transaction error into ours.
+pub(crate) fn transaction_error(e: TransactionError<StoreError>) -> StoreError {
+    match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => StoreError::Sled(e),
+    }
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -105,6 +134,11 @@ pub struct RecordStore {
     fields: sled::Tree,
     /// Human labels: `image_sha256 \0 field` → JSON `Annotation` (latest per image and field).
     annotations: sled::Tree,
+    /// Privacy accounts by identity ([`ledger`]).
+    ledger: sled::Tree,
+    /// The audit chain ([`audit`]).
+    audit: sled::Tree,
+    meta: sled::Tree,
     commits: std::sync::Arc<GroupCommit>,
 }
 
@@ -163,6 +197,9 @@ impl RecordStore {
             by_image: db.open_tree(BY_IMAGE)?,
             fields: db.open_tree(FIELDS)?,
             annotations: db.open_tree(ANNOTATIONS)?,
+            ledger: db.open_tree(ledger::LEDGER)?,
+            audit: db.open_tree(audit::AUDIT)?,
+            meta,
             commits: Default::default(),
             db,
         })
