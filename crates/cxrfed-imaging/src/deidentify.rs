@@ -40,6 +40,16 @@ impl SiteSecret {
         SiteSecret(bytes)
     }
 
+    /// A key for another purpose (e.g. "dp-row-selection"), derived so that it reveals nothing
+    /// of the pseudonym key.
+    pub fn derive(&self, purpose: &str) -> [u8; 32] {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.0)
+            .expect("HMAC-SHA256 accepts keys of any length");
+        mac.update(b"cxrfed-derive-v1\0");
+        mac.update(purpose.as_bytes());
+        mac.finalize().into_bytes().into()
+    }
+
     /// HMAC-SHA256 of the patient ID, hex encoded; empty when there is no ID.
     pub fn pseudonym(&self, patient_id: &str) -> String {
         let id = patient_id.trim_matches(|c: char| c.is_whitespace() || c == '\0');

@@ -59,6 +59,17 @@ pub struct NodeConfig {
     pub tls_reload_ms: u64,
     /// The question lexicon for `Ask`: "bundled" (data/lexicon.toml, built in) or a TOML file.
     pub lexicon: String,
+    /// Records one patient may contribute to a DP release (k).
+    pub dp_contributions: u32,
+    /// Noisy DP counts below this are withheld.
+    pub dp_suppress_below: u64,
+    /// The ε budget of an identity the site admin has not set one for (0: none until set).
+    pub dp_default_epsilon: f64,
+    /// The δ budget of an identity the site admin has not set one for.
+    pub dp_default_delta: f64,
+    /// Records without a patient pseudonym in DP releases: "exclude" (their privacy unit is
+    /// unknown) or "per-image" (only where each image is known to be its own patient).
+    pub dp_unlinked: String,
 }
 
 impl Default for NodeConfig {
@@ -90,6 +101,11 @@ impl Default for NodeConfig {
             insecure_dev: false,
             tls_reload_ms: 2000,
             lexicon: "bundled".to_string(),
+            dp_contributions: 1,
+            dp_suppress_below: 10,
+            dp_default_epsilon: 0.0,
+            dp_default_delta: 0.0,
+            dp_unlinked: "exclude".to_string(),
         }
     }
 }
@@ -127,6 +143,11 @@ pub const KEYS: &[&str] = &[
     "insecure_dev",
     "tls_reload_ms",
     "lexicon",
+    "dp_contributions",
+    "dp_suppress_below",
+    "dp_default_epsilon",
+    "dp_default_delta",
+    "dp_unlinked",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -158,6 +179,14 @@ impl NodeConfig {
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         config.validate()?;
         Ok(config)
+    }
+
+    pub fn dp_unlinked_mode(&self) -> Option<cxrfed_stats::dp::Unlinked> {
+        match self.dp_unlinked.trim() {
+            "exclude" => Some(cxrfed_stats::dp::Unlinked::Exclude),
+            "per-image" => Some(cxrfed_stats::dp::Unlinked::PerImage),
+            _ => None,
+        }
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -197,6 +226,24 @@ impl NodeConfig {
         }
         if let Err(e) = cxrfed_auth::identity::validate_label("site", &self.site) {
             return bad(e.to_string());
+        }
+        if !(1..=1000).contains(&self.dp_contributions) {
+            return bad(format!(
+                "dp_contributions {} is outside 1..=1000",
+                self.dp_contributions
+            ));
+        }
+        if !(self.dp_default_epsilon.is_finite() && self.dp_default_epsilon >= 0.0) {
+            return bad("dp_default_epsilon must be a non-negative number".into());
+        }
+        if !(self.dp_default_delta.is_finite() && (0.0..1.0).contains(&self.dp_default_delta)) {
+            return bad("dp_default_delta must be in [0, 1)".into());
+        }
+        if self.dp_unlinked_mode().is_none() {
+            return bad(format!(
+                "dp_unlinked {:?} must be \"exclude\" or \"per-image\"",
+                self.dp_unlinked
+            ));
         }
         if !(100..=3_600_000).contains(&self.tls_reload_ms) {
             return bad(format!(

@@ -44,6 +44,7 @@ impl NodeError {
             },
             NodeError::Store(e) => match e {
                 StoreError::NewerSchema { .. } => Code::FailedPrecondition,
+                StoreError::BudgetExhausted { .. } => Code::ResourceExhausted,
                 StoreError::Locked { .. }
                 | StoreError::Sled(_)
                 | StoreError::Corrupt { .. }
@@ -66,6 +67,7 @@ impl NodeError {
     pub fn kind(&self) -> &'static str {
         match self {
             NodeError::Imaging(e) => e.kind(),
+            NodeError::Store(StoreError::BudgetExhausted { .. }) => "budget_exhausted",
             NodeError::Store(_) => "store",
             NodeError::InvalidRequest(_) => "invalid_request",
             NodeError::UploadTooLarge { .. } => "file_too_large",

@@ -28,6 +28,14 @@ impl Format {
             _ => None,
         }
     }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Csv => "csv",
+            Format::Jsonl => "jsonl",
+            Format::Parquet => "parquet",
+        }
+    }
 }
 
 /// Column names of an export, in order: record facts, every schema column (with its

@@ -12,6 +12,7 @@ mod error;
 pub mod export;
 pub mod jobs;
 pub mod pipeline;
+pub mod privacy;
 pub mod secret;
 mod server;
 pub mod service;

@@ -92,7 +92,7 @@ pub const NODE_RULES: &[(&str, Rule)] = &[
     ("ListRecords", Rule::SiteAdmin),
     ("Status", Rule::SiteAdmin),
     // Exact aggregates and row-level exports: the site admin only. Remote researchers get
-    // differentially private statistics (their own RPCs, next milestone).
+    // differentially private statistics (DpStats).
     ("Stats", Rule::SiteAdmin),
     ("Export", Rule::SiteAdmin),
     ("Ask", Rule::SiteAdmin),
@@ -103,6 +103,15 @@ pub const NODE_RULES: &[(&str, Rule)] = &[
     ("Annotate", Rule::SiteAdmin),
     ("StartIngest", Rule::SiteAdmin),
     ("IngestJobs", Rule::SiteAdmin),
+    // Differentially private statistics, charged to the caller's own budget: researchers and
+    // the coordinator (on a study's behalf); the site admin too.
+    ("DpStats", Rule::Roles(&[Role::Researcher, Role::Coordinator])),
+    ("Budget", Rule::Roles(&[Role::Researcher, Role::Coordinator])),
+    // The ledger and the audit chain: the site admin only.
+    ("SetBudget", Rule::SiteAdmin),
+    ("ListBudgets", Rule::SiteAdmin),
+    ("AuditLog", Rule::SiteAdmin),
+    ("VerifyAudit", Rule::SiteAdmin),
 ];
 
 pub fn node_policy(site: &str) -> Policy {
@@ -156,7 +165,12 @@ pub async fn serve(
         source,
     })?;
     let transport = transport(&mut config)?;
+    let study = match &transport {
+        ServerTransport::Tls(tls) => tls.current().own.study.clone(),
+        ServerTransport::InsecureDev(identity) => identity.study.clone(),
+    };
     let secret = secret::load_or_create(&config.secret_path())?;
+    let dp = crate::privacy::DpSettings::from_config(&config, secret.derive("dp-row-selection"));
     let store_dir = config.store_dir();
     let store = tokio::task::spawn_blocking(move || RecordStore::open(&store_dir))
         .await
@@ -220,7 +234,9 @@ pub async fn serve(
                 .collect(),
         ),
         lexicon,
-        columns: std::sync::RwLock::new(columns),
+        columns: Arc::new(std::sync::RwLock::new(columns)),
+        study,
+        dp,
         config,
         store: store.clone(),
         pipeline,

@@ -35,7 +35,11 @@ pub struct NodeState {
     pub in_flight: AtomicU32,
     pub shutdown: CancellationToken,
     /// The columnar form of the stored records, updated after every stored record.
-    pub columns: std::sync::RwLock<cxrfed_stats::Columns>,
+    pub columns: Arc<std::sync::RwLock<cxrfed_stats::Columns>>,
+    /// The study this node serves (from its certificate).
+    pub study: String,
+    /// Differential privacy settings.
+    pub dp: crate::privacy::DpSettings,
     /// Maps questions to fields for `Ask`.
     pub lexicon: cxrfed_schema::lexicon::Lexicon,
     /// Ingest jobs started on this node (newest last).
@@ -132,6 +136,8 @@ pub fn request_id(metadata: &MetadataMap) -> String {
 pub struct Caller {
     pub remote: Option<std::net::SocketAddr>,
     pub identity: Option<String>,
+    /// The verified identity (set by the authorization layer).
+    pub who: Option<cxrfed_auth::Identity>,
 }
 
 impl Caller {
@@ -145,6 +151,7 @@ impl Caller {
             identity: extensions
                 .get::<cxrfed_auth::Identity>()
                 .map(cxrfed_auth::Identity::uri),
+            who: extensions.get::<cxrfed_auth::Identity>().cloned(),
         }
     }
 }
@@ -561,6 +568,88 @@ fn query_error(e: cxrfed_stats::QueryError) -> NodeError {
     NodeError::InvalidRequest(format!("query: {e}"))
 }
 
+/// The query of a request: its text, or its structured form (exactly one).
+fn request_query(
+    text: &str,
+    structured: Option<pb::StructuredQuery>,
+) -> Result<cxrfed_stats::Query, NodeError> {
+    match (text.trim().is_empty(), structured) {
+        (false, None) => cxrfed_stats::query::parse(text).map_err(query_error),
+        (true, Some(s)) => cxrfed_stats::query::structured(
+            &s.statistic,
+            &s.fields,
+            &s.conditions
+                .into_iter()
+                .map(|c| (c.field, c.op, c.values))
+                .collect::<Vec<_>>(),
+            &s.by,
+            &s.normalize,
+        )
+        .map_err(query_error),
+        _ => Err(NodeError::InvalidRequest(
+            "give exactly one of query and structured".into(),
+        )),
+    }
+}
+
+/// The verified identity of a request; the authorization layer always sets one.
+fn caller_identity(peer: &Caller) -> Result<&cxrfed_auth::Identity, NodeError> {
+    peer.who
+        .as_ref()
+        .ok_or_else(|| NodeError::Internal("the request carries no verified identity".into()))
+}
+
+fn budget_account(account: cxrfed_store::Account) -> pb::BudgetAccount {
+    pb::BudgetAccount {
+        identity: account.identity,
+        epsilon_budget: account.epsilon_budget,
+        delta_budget: account.delta_budget,
+        epsilon_spent: account.epsilon_spent,
+        delta_spent: account.delta_spent,
+        epsilon_remaining: account.epsilon_remaining,
+        delta_remaining: account.delta_remaining,
+        releases: account.releases,
+        unlimited: account.unlimited,
+        updated_at: account.updated_at,
+    }
+}
+
+fn audit_entry(e: cxrfed_store::AuditEntry) -> pb::AuditEntry {
+    pb::AuditEntry {
+        seq: e.seq,
+        time: e.time,
+        identity: e.identity,
+        role: e.role,
+        method: e.method,
+        query: e.query,
+        epsilon: e.epsilon,
+        delta: e.delta,
+        digest: e.digest,
+        prev: e.prev,
+        hash: e.hash,
+    }
+}
+
+/// `since` as RFC 3339 or YYYY-MM-DD (midnight UTC).
+fn parse_since(text: &str) -> Result<Option<DateTime<Utc>>, NodeError> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    if let Ok(t) = DateTime::parse_from_rfc3339(text) {
+        return Ok(Some(t.with_timezone(&Utc)));
+    }
+    chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d")
+        .ok()
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .map(|t| Some(t.and_utc()))
+        .ok_or_else(|| {
+            NodeError::InvalidRequest(format!(
+                "since {text:?} must be an RFC 3339 time or YYYY-MM-DD"
+            ))
+        })
+}
+
 #[tonic::async_trait]
 impl NodeService for NodeApi {
     async fn extract(
@@ -629,27 +718,10 @@ impl NodeService for NodeApi {
         let peer = Caller::of(&request);
         let request = request.into_inner();
         observe(&self.state, "Stats", &peer, &metadata, |_| async {
-            let query = match (request.query.trim().is_empty(), request.structured) {
-                (false, None) => cxrfed_stats::query::parse(&request.query).map_err(query_error)?,
-                (true, Some(s)) => cxrfed_stats::query::structured(
-                    &s.statistic,
-                    &s.fields,
-                    &s.conditions
-                        .into_iter()
-                        .map(|c| (c.field, c.op, c.values))
-                        .collect::<Vec<_>>(),
-                    &s.by,
-                    &s.normalize,
-                )
-                .map_err(query_error)?,
-                _ => {
-                    return Err(NodeError::InvalidRequest(
-                        "give exactly one of query and structured".into(),
-                    ));
-                }
-            };
+            let query = request_query(&request.query, request.structured)?;
+            let canonical = query.canonical();
             let state = self.state.clone();
-            tokio::task::spawn_blocking(move || {
+            let response = tokio::task::spawn_blocking(move || {
                 let columns = state
                     .columns
                     .read()
@@ -660,7 +732,8 @@ impl NodeService for NodeApi {
                     cohort = table.cohort_size,
                     "exact statistics released to the site admin"
                 );
-                Ok(pb::StatsResponse {
+                let digest = crate::privacy::digest_of(&table);
+                Ok::<_, NodeError>((digest, pb::StatsResponse {
                     statistic: table.statistic,
                     columns: table.columns,
                     rows: table
@@ -672,10 +745,21 @@ impl NodeService for NodeApi {
                         .collect(),
                     cohort_size: table.cohort_size,
                     record_count: columns.len() as u64,
-                })
+                }))
             })
             .await
-            .map_err(|e| NodeError::Internal(format!("statistics task: {e}")))?
+            .map_err(|e| NodeError::Internal(format!("statistics task: {e}")))?;
+            let (digest, response) = response?;
+            self.state
+                .store
+                .audit(crate::privacy::event(
+                    peer.who.as_ref(),
+                    "Stats",
+                    canonical,
+                    digest,
+                ))
+                .await?;
+            Ok(response)
         })
         .await
     }
@@ -721,6 +805,22 @@ impl NodeService for NodeApi {
                     .collect::<std::collections::HashSet<String>>()
             };
             tracing::info!(records = images.len(), "export started");
+            let mut exported: Vec<&String> = images.iter().collect();
+            exported.sort();
+            self.state
+                .store
+                .audit(crate::privacy::event(
+                    peer.who.as_ref(),
+                    "Export",
+                    format!(
+                        "export {} where {} ({} records)",
+                        format.name(),
+                        request.r#where.trim(),
+                        images.len()
+                    ),
+                    crate::privacy::digest_of(&exported),
+                ))
+                .await?;
             let (tx, rx) = tokio::sync::mpsc::channel(4);
             let store = self.state.store.clone();
             let custom: Vec<String> = self
@@ -967,6 +1067,18 @@ impl NodeService for NodeApi {
                 source: "annotation".into(),
             };
             self.state.store.annotate(&annotation).await?;
+            self.state
+                .store
+                .audit(crate::privacy::event(
+                    peer.who.as_ref(),
+                    "Annotate",
+                    format!(
+                        "{} = {:?} on record {}",
+                        annotation.field, annotation.value, record.record_id
+                    ),
+                    crate::privacy::digest_of(&annotation),
+                ))
+                .await?;
             if let Ok(mut columns) = self.state.columns.write() {
                 columns.annotate(
                     &annotation.image_sha256,
@@ -1024,6 +1136,219 @@ impl NodeService for NodeApi {
             };
             Ok(pb::IngestJobsResponse {
                 jobs: jobs.iter().map(|j| j.to_pb()).collect(),
+            })
+        })
+        .await
+    }
+
+    async fn dp_stats(
+        &self,
+        request: Request<pb::DpStatsRequest>,
+    ) -> Result<Response<pb::DpStatsResponse>, Status> {
+        let metadata = request.metadata().clone();
+        let peer = Caller::of(&request);
+        let request = request.into_inner();
+        observe(&self.state, "DpStats", &peer, &metadata, |_| async {
+            let identity = caller_identity(&peer)?;
+            let query = request_query(&request.query, request.structured)?;
+            let mechanism =
+                cxrfed_stats::dp::Mechanism::parse(&request.mechanism).ok_or_else(|| {
+                    NodeError::InvalidRequest(format!(
+                        "mechanism {:?} must be laplace or gaussian",
+                        request.mechanism
+                    ))
+                })?;
+            let state = &self.state;
+            let limit = crate::privacy::limit_for(identity, &state.config.site, &state.dp);
+            let released = crate::privacy::release(
+                &state.store,
+                state.columns.clone(),
+                &state.dp,
+                identity,
+                limit,
+                crate::privacy::DpRequest {
+                    query,
+                    epsilon: request.epsilon,
+                    delta: request.delta,
+                    mechanism,
+                },
+                "DpStats",
+            )
+            .await?;
+            let r = released.release;
+            Ok(pb::DpStatsResponse {
+                statistic: r.statistic,
+                query: r.query,
+                label_columns: r.label_columns,
+                value_columns: r.value_columns,
+                rows: r
+                    .rows
+                    .into_iter()
+                    .map(|row| pb::DpRow {
+                        labels: row.labels,
+                        values: row
+                            .values
+                            .into_iter()
+                            .map(|v| pb::DpValue {
+                                value: v.value,
+                                error_bound: v.error_bound,
+                            })
+                            .collect(),
+                    })
+                    .collect(),
+                epsilon: r.cost.epsilon,
+                delta: r.cost.delta,
+                mechanism: r.mechanism,
+                noise_scale: r.noise_scale,
+                confidence: r.confidence,
+                contributions: r.contributions,
+                suppress_below: r.suppress_below,
+                threshold: r.threshold.unwrap_or(0),
+                notes: r.notes,
+                budget: Some(budget_account(released.account)),
+                audit_seq: released.audit.seq,
+                audit_hash: released.audit.hash,
+            })
+        })
+        .await
+    }
+
+    async fn budget(
+        &self,
+        request: Request<pb::BudgetRequest>,
+    ) -> Result<Response<pb::BudgetAccount>, Status> {
+        let metadata = request.metadata().clone();
+        let peer = Caller::of(&request);
+        observe(&self.state, "Budget", &peer, &metadata, |_| async {
+            let identity = caller_identity(&peer)?;
+            let limit = crate::privacy::limit_for(identity, &self.state.config.site, &self.state.dp);
+            Ok(budget_account(
+                self.state.store.account(&identity.uri(), limit)?,
+            ))
+        })
+        .await
+    }
+
+    async fn set_budget(
+        &self,
+        request: Request<pb::SetBudgetRequest>,
+    ) -> Result<Response<pb::BudgetAccount>, Status> {
+        let metadata = request.metadata().clone();
+        let peer = Caller::of(&request);
+        let request = request.into_inner();
+        observe(&self.state, "SetBudget", &peer, &metadata, |_| async {
+            let target = crate::privacy::resolve_identity(&request.identity, &self.state.study)?;
+            if !(request.epsilon.is_finite() && request.epsilon >= 0.0) {
+                return Err(NodeError::InvalidRequest(format!(
+                    "epsilon must be a non-negative number, got {}",
+                    request.epsilon
+                )));
+            }
+            if !(request.delta.is_finite() && (0.0..1.0).contains(&request.delta)) {
+                return Err(NodeError::InvalidRequest(format!(
+                    "delta must be in [0, 1), got {}",
+                    request.delta
+                )));
+            }
+            let (account, entry) = self
+                .state
+                .store
+                .set_budget(
+                    &target,
+                    cxrfed_store::Budget {
+                        epsilon: request.epsilon,
+                        delta: request.delta,
+                    },
+                    crate::privacy::event(
+                        peer.who.as_ref(),
+                        "SetBudget",
+                        format!(
+                            "budget of {target} set to epsilon {} delta {}",
+                            request.epsilon, request.delta
+                        ),
+                        String::new(),
+                    ),
+                )
+                .await?;
+            tracing::info!(
+                target_identity = target.as_str(),
+                epsilon = request.epsilon,
+                delta = request.delta,
+                audit_seq = entry.seq,
+                "privacy budget set"
+            );
+            Ok(budget_account(account))
+        })
+        .await
+    }
+
+    async fn list_budgets(
+        &self,
+        request: Request<pb::ListBudgetsRequest>,
+    ) -> Result<Response<pb::ListBudgetsResponse>, Status> {
+        let metadata = request.metadata().clone();
+        let peer = Caller::of(&request);
+        observe(&self.state, "ListBudgets", &peer, &metadata, |_| async {
+            let site_admin_prefix = format!(
+                "cxrfed://{}/admin/{}/",
+                self.state.study, self.state.config.site
+            );
+            Ok(pb::ListBudgetsResponse {
+                accounts: self
+                    .state
+                    .store
+                    .accounts()?
+                    .into_iter()
+                    .map(|mut a| {
+                        a.unlimited = a.identity.starts_with(&site_admin_prefix);
+                        budget_account(a)
+                    })
+                    .collect(),
+            })
+        })
+        .await
+    }
+
+    async fn audit_log(
+        &self,
+        request: Request<pb::AuditLogRequest>,
+    ) -> Result<Response<pb::AuditLogResponse>, Status> {
+        let metadata = request.metadata().clone();
+        let peer = Caller::of(&request);
+        let request = request.into_inner();
+        observe(&self.state, "AuditLog", &peer, &metadata, |_| async {
+            let since = parse_since(&request.since)?;
+            let store = self.state.store.clone();
+            let (entries, head) = tokio::task::spawn_blocking(move || {
+                Ok::<_, NodeError>((store.audit_entries(since)?, store.verify_audit()?.head))
+            })
+            .await
+            .map_err(|e| NodeError::Internal(format!("audit task: {e}")))??;
+            Ok(pb::AuditLogResponse {
+                entries: entries.into_iter().map(audit_entry).collect(),
+                head,
+            })
+        })
+        .await
+    }
+
+    async fn verify_audit(
+        &self,
+        request: Request<pb::VerifyAuditRequest>,
+    ) -> Result<Response<pb::VerifyAuditResponse>, Status> {
+        let metadata = request.metadata().clone();
+        let peer = Caller::of(&request);
+        observe(&self.state, "VerifyAudit", &peer, &metadata, |_| async {
+            let store = self.state.store.clone();
+            let report = tokio::task::spawn_blocking(move || store.verify_audit())
+                .await
+                .map_err(|e| NodeError::Internal(format!("audit task: {e}")))??;
+            Ok(pb::VerifyAuditResponse {
+                ok: report.broken.is_none(),
+                entries: report.entries,
+                head: report.head,
+                broken_seq: report.broken.as_ref().map_or(0, |b| b.seq),
+                reason: report.broken.map(|b| b.reason).unwrap_or_default(),
             })
         })
         .await

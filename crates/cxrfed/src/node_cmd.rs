@@ -111,6 +111,18 @@ pub struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     tls_reload_ms: Option<u64>,
+    /// Records one patient may contribute to a DP release (k) [default: 1].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dp_contributions: Option<u32>,
+    /// Noisy DP counts below this are withheld [default: 10].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dp_suppress_below: Option<u64>,
+    /// Epsilon budget of identities the admin has not set one for [default: 0].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dp_default_epsilon: Option<f64>,
     /// Start in the background and return once the node accepts connections.
     #[arg(long)]
     #[serde(skip)]

@@ -1,0 +1,226 @@
+//! Differentially private statistics at the node: what a release costs, who pays for it, and
+//! what the audit chain records.
+//!
+//! A release is planned and computed on a blocking thread (opendp measurements are not `Send`)
+//! from the columnar index, then charged to the caller's ledger account together with its audit
+//! entry in one store transaction. Only when that commits is the release returned: an exhausted
+//! budget releases nothing, and concurrent releases can never spend more than the budget.
+
+use std::sync::{Arc, RwLock};
+
+use cxrfed_auth::{Identity, Role};
+use cxrfed_stats::Columns;
+use cxrfed_stats::dp::{self, DpError, DpParams, DpRelease, Mechanism, Unlinked};
+use cxrfed_store::{Account, AuditEntry, AuditEvent, Budget, Limit, RecordStore, StoreError};
+use sha2::{Digest, Sha256};
+
+use crate::config::NodeConfig;
+use crate::error::NodeError;
+
+/// The site's DP settings.
+#[derive(Debug, Clone)]
+pub struct DpSettings {
+    pub contributions: u32,
+    pub suppress_below: u64,
+    /// The budget of an identity the admin never set one for.
+    pub default_budget: Budget,
+    pub unlinked: Unlinked,
+    /// Keys the per-query row selection (derived from the site secret).
+    pub selection_secret: [u8; 32],
+}
+
+impl DpSettings {
+    pub fn from_config(config: &NodeConfig, selection_secret: [u8; 32]) -> DpSettings {
+        DpSettings {
+            contributions: config.dp_contributions,
+            suppress_below: config.dp_suppress_below,
+            default_budget: Budget {
+                epsilon: config.dp_default_epsilon,
+                delta: config.dp_default_delta,
+            },
+            unlinked: config.dp_unlinked_mode().unwrap_or_default(),
+            selection_secret,
+        }
+    }
+}
+
+/// Whether `identity` is the admin of `site` (whose releases are recorded, not limited).
+pub fn is_site_admin(identity: &Identity, site: &str) -> bool {
+    identity.role == Role::Admin && identity.site.as_deref() == Some(site)
+}
+
+/// How `identity`'s releases are limited.
+pub fn limit_for(identity: &Identity, site: &str, settings: &DpSettings) -> Limit {
+    if is_site_admin(identity, site) {
+        Limit::Unlimited
+    } else {
+        Limit::Budget(settings.default_budget)
+    }
+}
+
+/// An identity URI from what an admin types: a full `cxrfed://` URI (of this study),
+/// `ROLE/SITE/NAME`, or a bare `NAME` (a researcher without a site).
+pub fn resolve_identity(spec: &str, study: &str) -> Result<String, NodeError> {
+    let spec = spec.trim();
+    let invalid = |e: cxrfed_auth::AuthError| NodeError::InvalidRequest(e.to_string());
+    if spec.starts_with("cxrfed://") {
+        let (uri_study, role, site, name) = cxrfed_auth::identity::parse_uri(spec).map_err(invalid)?;
+        if uri_study != study {
+            return Err(NodeError::InvalidRequest(format!(
+                "{spec} is of study {uri_study:?}; this node serves study {study:?}"
+            )));
+        }
+        return Ok(cxrfed_auth::identity::identity_uri(
+            study,
+            role,
+            site.as_deref(),
+            &name,
+        ));
+    }
+    let (role, site, name) = match spec.split('/').collect::<Vec<_>>().as_slice() {
+        [name] => (Role::Researcher, None, *name),
+        [role, site, name] => (
+            role.parse::<Role>().map_err(invalid)?,
+            Some(*site).filter(|s| *s != "-"),
+            *name,
+        ),
+        _ => {
+            return Err(NodeError::InvalidRequest(format!(
+                "identity {spec:?} must be a cxrfed:// URI, ROLE/SITE/NAME or NAME"
+            )));
+        }
+    };
+    cxrfed_auth::identity::validate_label("name", name).map_err(invalid)?;
+    if let Some(site) = site {
+        cxrfed_auth::identity::validate_label("site", site).map_err(invalid)?;
+    }
+    Ok(cxrfed_auth::identity::identity_uri(study, role, site, name))
+}
+
+/// A DP statistics request, parsed.
+#[derive(Debug, Clone)]
+pub struct DpRequest {
+    pub query: cxrfed_stats::Query,
+    pub epsilon: f64,
+    pub delta: f64,
+    pub mechanism: Mechanism,
+}
+
+/// A release that was charged and recorded.
+#[derive(Debug, Clone)]
+pub struct Released {
+    pub release: DpRelease,
+    pub account: Account,
+    pub audit: AuditEntry,
+}
+
+fn dp_error(e: DpError) -> NodeError {
+    match e {
+        DpError::Query(q) => NodeError::InvalidRequest(format!("query: {q}")),
+        DpError::Unsupported(m) => NodeError::InvalidRequest(m),
+        DpError::OpenDp(m) => NodeError::Internal(format!("DP release: {m}")),
+    }
+}
+
+/// Plans, computes, charges and records one DP release for `identity`.
+pub async fn release(
+    store: &RecordStore,
+    columns: Arc<RwLock<Columns>>,
+    settings: &DpSettings,
+    identity: &Identity,
+    limit: Limit,
+    request: DpRequest,
+    method: &str,
+) -> Result<Released, NodeError> {
+    let uri = identity.uri();
+    let params = DpParams {
+        epsilon: request.epsilon,
+        delta: request.delta,
+        mechanism: request.mechanism,
+        contributions: settings.contributions,
+        suppress_below: settings.suppress_below,
+        unlinked: settings.unlinked,
+        selection_secret: settings.selection_secret,
+    };
+    let precheck_store = store.clone();
+    let precheck_uri = uri.clone();
+    let release = tokio::task::spawn_blocking(move || {
+        let columns = columns
+            .read()
+            .map_err(|_| NodeError::Internal("statistics index poisoned".into()))?;
+        let plan = dp::plan(&columns, request.query, &params).map_err(dp_error)?;
+        let cost = plan.cost();
+        // Fail fast without computing anything; the charge below is the authoritative check.
+        if let Limit::Budget(_) = limit {
+            let account = precheck_store.account(&precheck_uri, limit)?;
+            if cost.epsilon > account.epsilon_remaining + 1e-9
+                || cost.delta > account.delta_remaining + 1e-18
+            {
+                return Err(NodeError::Store(StoreError::BudgetExhausted {
+                    identity: precheck_uri,
+                    requested_epsilon: cost.epsilon,
+                    remaining_epsilon: account.epsilon_remaining,
+                    requested_delta: cost.delta,
+                    remaining_delta: account.delta_remaining,
+                }));
+            }
+        }
+        plan.release(&columns).map_err(dp_error)
+    })
+    .await
+    .map_err(|e| NodeError::Internal(format!("DP task: {e}")))??;
+    let event = AuditEvent {
+        identity: uri.clone(),
+        role: identity.role.as_str().to_string(),
+        method: method.to_string(),
+        query: release.query.clone(),
+        epsilon: release.cost.epsilon,
+        delta: release.cost.delta,
+        digest: release.digest(),
+    };
+    let (account, audit) = store
+        .charge(&uri, release.cost.epsilon, release.cost.delta, limit, event)
+        .await?;
+    tracing::info!(
+        statistic = release.statistic.as_str(),
+        epsilon = release.cost.epsilon,
+        delta = release.cost.delta,
+        epsilon_remaining = account.epsilon_remaining,
+        audit_seq = audit.seq,
+        "DP statistics released"
+    );
+    Ok(Released {
+        release,
+        account,
+        audit,
+    })
+}
+
+/// SHA-256 (hex) of any serializable value: the digest of what was released.
+pub fn digest_of<T: serde::Serialize>(value: &T) -> String {
+    let bytes = serde_json::to_vec(value).unwrap_or_default();
+    Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// An audit event for a non-DP action by `identity`.
+pub fn event(
+    identity: Option<&Identity>,
+    method: &str,
+    query: String,
+    digest: String,
+) -> AuditEvent {
+    AuditEvent {
+        identity: identity.map(Identity::uri).unwrap_or_default(),
+        role: identity
+            .map(|i| i.role.as_str().to_string())
+            .unwrap_or_default(),
+        method: method.to_string(),
+        query,
+        epsilon: 0.0,
+        delta: 0.0,
+        digest,
+    }
+}
