@@ -133,7 +133,7 @@ pub struct RecordsArgs {
     to: Option<String>,
 }
 
-pub fn run(future: impl Future<Output = anyhow::Result<ExitCode>>) -> anyhow::Result<ExitCode> {
+pub fn run<T>(future: impl Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
     crate::logging::init_client();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -12,6 +12,7 @@ mod logging;
 mod model_cmd;
 mod node_cmd;
 mod plot;
+mod privacy_cmd;
 mod stats_cmd;
 
 use std::process::ExitCode;
@@ -54,8 +55,11 @@ enum Command {
     Records(client::RecordsArgs),
     /// Generate synthetic chest X-ray phantoms with exact ground truth (DICOM + labels).
     Phantom(model_cmd::PhantomArgs),
-    /// Exact cohort statistics from a node (site admin): count, histogram, crosstab, summary.
+    /// Cohort statistics from a node: count, histogram, crosstab, summary, sum, mean. Exact for
+    /// the site admin; with --dp, differentially private (researchers), charged to your budget.
     Stats(stats_cmd::StatsArgs),
+    /// Your own privacy budget at a node: granted, spent, remaining.
+    Budget(privacy_cmd::BudgetArgs),
     /// Export a node's records, flattened, as CSV or JSON lines (site admin).
     Export(stats_cmd::ExportArgs),
     /// Custom fields: define (a new version when redefined), list.
@@ -93,6 +97,17 @@ enum NodeCommand {
     Ingest(node_cmd::NodeIngestArgs),
     /// Stop the node of a data directory gracefully (SIGTERM, drain, flush; forced after a grace period).
     Stop(node_cmd::StopArgs),
+    /// Privacy budgets per identity (site admin, through the running node).
+    Budget {
+        #[command(subcommand)]
+        command: privacy_cmd::BudgetCommand,
+    },
+    /// The audit chain: verify it, or show it (through the running node, or from the store of
+    /// a stopped one).
+    Audit {
+        #[command(subcommand)]
+        command: privacy_cmd::AuditCommand,
+    },
 }
 
 fn main() -> ExitCode {
@@ -110,6 +125,13 @@ fn main() -> ExitCode {
         Command::Node {
             command: NodeCommand::Ingest(args),
         } => node_cmd::ingest(args),
+        Command::Node {
+            command: NodeCommand::Budget { command },
+        } => client::run(privacy_cmd::node_budget(command)),
+        Command::Node {
+            command: NodeCommand::Audit { command },
+        } => privacy_cmd::node_audit(command),
+        Command::Budget(args) => client::run(privacy_cmd::budget(args)),
         Command::Extract(args) => client::run(client::extract(args)),
         Command::Records(args) => client::run(client::records(args)),
         Command::Ask(args) => client::run(client::ask(args)),

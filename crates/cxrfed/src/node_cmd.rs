@@ -343,6 +343,13 @@ fn local_url(pid: &PidFile) -> String {
     format!("{}://{}", if pid.tls { "https" } else { "http" }, target)
 }
 
+/// The URL of the node running on `data_dir`, if one runs.
+pub fn running_node_url(data_dir: &Path) -> Option<String> {
+    read_pid_file(data_dir)
+        .filter(|p| alive(p.pid))
+        .map(|p| local_url(&p))
+}
+
 /// `cxrfed node ingest FOLDER`: an ingest job inside the running node of a data directory.
 pub fn ingest(args: NodeIngestArgs) -> anyhow::Result<ExitCode> {
     use cxrfed_proto::v1 as pb;

@@ -1,5 +1,5 @@
 //! `cxrfed stats` and `cxrfed export`: exact statistics and flattened exports from a node
-//! (site admin only).
+//! (site admin only), and DP statistics (`cxrfed stats --dp`, researchers too).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -28,6 +28,19 @@ pub struct StatsArgs {
     /// histogram.
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// A differentially private release (what researchers get): noisy values with 95% error
+    /// bounds, charged to your privacy budget and recorded on the node's audit chain.
+    #[arg(long)]
+    dp: bool,
+    /// The privacy loss to spend on this release (with --dp).
+    #[arg(long, requires = "dp")]
+    epsilon: Option<f64>,
+    /// delta: needed by --mechanism gaussian and by releases over months or modalities.
+    #[arg(long, requires = "dp", default_value_t = 0.0)]
+    delta: f64,
+    /// laplace (pure epsilon) or gaussian (zCDP, converted to (epsilon, delta)).
+    #[arg(long, requires = "dp", default_value = "laplace")]
+    mechanism: String,
 }
 
 #[derive(Debug, Args)]
@@ -70,28 +83,51 @@ fn cell_json(cell: &pb::StatsCell) -> serde_json::Value {
     }
 }
 
+/// A status error, pointing at the offending token of a query parse error.
+fn query_status_error(status: tonic::Status, query: &str) -> anyhow::Error {
+    let caret = status
+        .message()
+        .strip_prefix("invalid request: query: at ")
+        .and_then(|rest| rest.split(':').next())
+        .and_then(|p| p.parse::<usize>().ok())
+        .map(|p| format!("\n  {query}\n  {}^", " ".repeat(p)))
+        .unwrap_or_default();
+    anyhow::anyhow!("{}{caret}", status_error(status))
+}
+
 pub async fn stats(args: StatsArgs) -> anyhow::Result<ExitCode> {
     if !matches!(args.format.as_str(), "table" | "csv" | "json") {
         bail!("unknown format {:?} (table, csv or json)", args.format);
     }
     let mut client = args.credentials.connect_node(args.node.as_deref()).await?;
+    if args.dp {
+        if args.plot.is_some() {
+            bail!("--plot draws exact results; leave it out with --dp");
+        }
+        let Some(epsilon) = args.epsilon else {
+            bail!("--dp needs --epsilon (the privacy loss to spend, e.g. 0.5)");
+        };
+        let request = pb::DpStatsRequest {
+            query: args.query.clone(),
+            structured: None,
+            epsilon,
+            delta: args.delta,
+            mechanism: args.mechanism.clone(),
+        };
+        let response = client
+            .dp_stats(request)
+            .await
+            .map_err(|status| query_status_error(status, &args.query))?
+            .into_inner();
+        return crate::privacy_cmd::print_release(&response, &args.format);
+    }
     let response = client
         .stats(pb::StatsRequest {
             query: args.query.clone(),
             structured: None,
         })
         .await
-        .map_err(|status| {
-            // Point at the offending token of a parse error.
-            let caret = status
-                .message()
-                .strip_prefix("invalid request: query: at ")
-                .and_then(|rest| rest.split(':').next())
-                .and_then(|p| p.parse::<usize>().ok())
-                .map(|p| format!("\n  {}\n  {}^", args.query, " ".repeat(p)))
-                .unwrap_or_default();
-            anyhow::anyhow!("{}{caret}", status_error(status))
-        })?
+        .map_err(|status| query_status_error(status, &args.query))?
         .into_inner();
     if let Some(path) = &args.plot {
         crate::plot::draw(&response, &args.query, path)?;
@@ -129,44 +165,7 @@ pub async fn stats(args: StatsArgs) -> anyhow::Result<ExitCode> {
                 .iter()
                 .map(|r| r.cells.iter().map(|c| cell_text(c, fraction)).collect())
                 .collect();
-            let mut widths: Vec<usize> =
-                response.columns.iter().map(|c| c.chars().count()).collect();
-            for row in &body {
-                for (i, cell) in row.iter().enumerate() {
-                    if let Some(w) = widths.get_mut(i) {
-                        *w = (*w).max(cell.chars().count());
-                    }
-                }
-            }
-            let line = |cells: &[String]| {
-                cells
-                    .iter()
-                    .enumerate()
-                    .map(|(i, c)| {
-                        let w = widths.get(i).copied().unwrap_or(0);
-                        let numeric = c.parse::<f64>().is_ok();
-                        if numeric && i > 0 {
-                            format!("{c:>w$}")
-                        } else {
-                            format!("{c:<w$}")
-                        }
-                    })
-                    .collect::<Vec<_>>()
-                    .join("  ")
-            };
-            writeln!(out, "{}", line(&response.columns))?;
-            writeln!(
-                out,
-                "{}",
-                widths
-                    .iter()
-                    .map(|w| "-".repeat(*w))
-                    .collect::<Vec<_>>()
-                    .join("  ")
-            )?;
-            for row in &body {
-                writeln!(out, "{}", line(row))?;
-            }
+            print_table(&mut out, &response.columns, &body)?;
             writeln!(
                 out,
                 "({} of {} records in the cohort; exact, site admin only)",
@@ -175,6 +174,55 @@ pub async fn stats(args: StatsArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A plain-text table: numbers right-aligned (but the first column), a rule under the header.
+pub fn print_table(
+    out: &mut impl Write,
+    header: &[String],
+    body: &[Vec<String>],
+) -> std::io::Result<()> {
+    let mut widths: Vec<usize> = header.iter().map(|c| c.chars().count()).collect();
+    for row in body {
+        for (i, cell) in row.iter().enumerate() {
+            if let Some(w) = widths.get_mut(i) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+    }
+    let line = |cells: &[String]| {
+        cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let w = widths.get(i).copied().unwrap_or(0);
+                let numeric = c
+                    .split_whitespace()
+                    .next()
+                    .is_some_and(|n| n.parse::<f64>().is_ok());
+                if numeric && i > 0 {
+                    format!("{c:>w$}")
+                } else {
+                    format!("{c:<w$}")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("  ")
+    };
+    writeln!(out, "{}", line(header))?;
+    writeln!(
+        out,
+        "{}",
+        widths
+            .iter()
+            .map(|w| "-".repeat(*w))
+            .collect::<Vec<_>>()
+            .join("  ")
+    )?;
+    for row in body {
+        writeln!(out, "{}", line(row))?;
+    }
+    Ok(())
 }
 
 pub async fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
