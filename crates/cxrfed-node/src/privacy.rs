@@ -64,7 +64,8 @@ pub fn resolve_identity(spec: &str, study: &str) -> Result<String, NodeError> {
     let spec = spec.trim();
     let invalid = |e: cxrfed_auth::AuthError| NodeError::InvalidRequest(e.to_string());
     if spec.starts_with("cxrfed://") {
-        let (uri_study, role, site, name) = cxrfed_auth::identity::parse_uri(spec).map_err(invalid)?;
+        let (uri_study, role, site, name) =
+            cxrfed_auth::identity::parse_uri(spec).map_err(invalid)?;
         if uri_study != study {
             return Err(NodeError::InvalidRequest(format!(
                 "{spec} is of study {uri_study:?}; this node serves study {study:?}"

@@ -105,8 +105,14 @@ pub const NODE_RULES: &[(&str, Rule)] = &[
     ("IngestJobs", Rule::SiteAdmin),
     // Differentially private statistics, charged to the caller's own budget: researchers and
     // the coordinator (on a study's behalf); the site admin too.
-    ("DpStats", Rule::Roles(&[Role::Researcher, Role::Coordinator])),
-    ("Budget", Rule::Roles(&[Role::Researcher, Role::Coordinator])),
+    (
+        "DpStats",
+        Rule::Roles(&[Role::Researcher, Role::Coordinator]),
+    ),
+    (
+        "Budget",
+        Rule::Roles(&[Role::Researcher, Role::Coordinator]),
+    ),
     // The ledger and the audit chain: the site admin only.
     ("SetBudget", Rule::SiteAdmin),
     ("ListBudgets", Rule::SiteAdmin),

@@ -733,19 +733,22 @@ impl NodeService for NodeApi {
                     "exact statistics released to the site admin"
                 );
                 let digest = crate::privacy::digest_of(&table);
-                Ok::<_, NodeError>((digest, pb::StatsResponse {
-                    statistic: table.statistic,
-                    columns: table.columns,
-                    rows: table
-                        .rows
-                        .into_iter()
-                        .map(|row| pb::StatsRow {
-                            cells: row.into_iter().map(stats_cell).collect(),
-                        })
-                        .collect(),
-                    cohort_size: table.cohort_size,
-                    record_count: columns.len() as u64,
-                }))
+                Ok::<_, NodeError>((
+                    digest,
+                    pb::StatsResponse {
+                        statistic: table.statistic,
+                        columns: table.columns,
+                        rows: table
+                            .rows
+                            .into_iter()
+                            .map(|row| pb::StatsRow {
+                                cells: row.into_iter().map(stats_cell).collect(),
+                            })
+                            .collect(),
+                        cohort_size: table.cohort_size,
+                        record_count: columns.len() as u64,
+                    },
+                ))
             })
             .await
             .map_err(|e| NodeError::Internal(format!("statistics task: {e}")))?;
@@ -1221,7 +1224,8 @@ impl NodeService for NodeApi {
         let peer = Caller::of(&request);
         observe(&self.state, "Budget", &peer, &metadata, |_| async {
             let identity = caller_identity(&peer)?;
-            let limit = crate::privacy::limit_for(identity, &self.state.config.site, &self.state.dp);
+            let limit =
+                crate::privacy::limit_for(identity, &self.state.config.site, &self.state.dp);
             Ok(budget_account(
                 self.state.store.account(&identity.uri(), limit)?,
             ))

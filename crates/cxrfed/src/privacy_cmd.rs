@@ -245,9 +245,7 @@ impl LocalNode {
 
     async fn connect(
         &self,
-    ) -> anyhow::Result<
-        pb::node_service_client::NodeServiceClient<tonic::transport::Channel>,
-    > {
+    ) -> anyhow::Result<pb::node_service_client::NodeServiceClient<tonic::transport::Channel>> {
         let Some(url) = crate::node_cmd::running_node_url(&self.data_dir()) else {
             bail!(
                 "no node is running on {}; start it with `cxrfed node serve` (the ledger changes \
@@ -390,10 +388,7 @@ pub fn node_audit(command: AuditCommand) -> anyhow::Result<ExitCode> {
                 })?
             } else {
                 let report = open_store(&data_dir)?.verify_audit()?;
-                let (seq, reason) = report
-                    .broken
-                    .map(|b| (b.seq, b.reason))
-                    .unwrap_or_default();
+                let (seq, reason) = report.broken.map(|b| (b.seq, b.reason)).unwrap_or_default();
                 print_verification(seq == 0, report.entries, &report.head, seq, &reason)?
             };
             Ok(report)
