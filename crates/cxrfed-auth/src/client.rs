@@ -31,10 +31,10 @@ impl Profile {
             .map_err(|e| AuthError::Invalid(format!("profile {}: {e}", path.display())))?;
         let base = path.parent().unwrap_or(Path::new("."));
         for field in [&mut profile.ca, &mut profile.cert, &mut profile.key] {
-            if let Some(p) = field.as_mut() {
-                if p.is_relative() {
-                    *p = base.join(&*p);
-                }
+            if let Some(p) = field.as_mut()
+                && p.is_relative()
+            {
+                *p = base.join(&*p);
             }
         }
         Ok(profile)

@@ -254,11 +254,11 @@ impl ReloadingTls {
                 Ok(true)
             }
             Err(e) => {
-                if let Ok(mut last) = self.last_failure.lock() {
-                    if *last != Some(digest) {
-                        tracing::warn!(error = %e, "TLS files changed but do not load; still serving the previous certificate");
-                        *last = Some(digest);
-                    }
+                if let Ok(mut last) = self.last_failure.lock()
+                    && *last != Some(digest)
+                {
+                    tracing::warn!(error = %e, "TLS files changed but do not load; still serving the previous certificate");
+                    *last = Some(digest);
                 }
                 Err(e)
             }

@@ -505,39 +505,41 @@ fn decode_dicom(
     // Fast path: uncompressed 16-bit grayscale is already in memory as u16 samples. Taking the
     // buffer out of the parsed object (no copy) and masking it in place saves two full-image
     // copies through dicom-pixeldata.
-    if native && samples_per_pixel == 1 && bits_allocated == 16 {
-        if let Some(element) = obj.take(tags::PIXEL_DATA) {
-            if let Some(dicom_core::PrimitiveValue::U16(_)) = element.value().primitive() {
-                let Some(dicom_core::PrimitiveValue::U16(values)) =
-                    element.into_value().into_primitive()
-                else {
-                    unreachable!("checked to be a U16 primitive just above");
-                };
-                let mut values = values.into_vec();
-                let pixels = shape.0 * shape.1;
-                if values.len() < pixels {
-                    return Err(ImagingError::Corrupt(format!(
-                        "pixel data holds {} samples, {pixels} expected",
-                        values.len()
-                    )));
-                }
-                values.truncate(pixels);
-                let samples = if signed {
-                    let mut values: Vec<i16> = bytemuck::allocation::cast_vec(values);
-                    for v in &mut values {
-                        *v = (*v << sign_shift) >> sign_shift;
-                    }
-                    Samples::I16(Array2::from_shape_vec(shape, values).expect("length checked"))
-                } else {
-                    for v in &mut values {
-                        *v &= mask;
-                    }
-                    Samples::U16(Array2::from_shape_vec(shape, values).expect("length checked"))
-                };
-                return Ok(finish_dicom(&obj, secret, &header, samples, notes, false));
+    if native
+        && samples_per_pixel == 1
+        && bits_allocated == 16
+        && let Some(element) = obj.take(tags::PIXEL_DATA)
+    {
+        if let Some(dicom_core::PrimitiveValue::U16(_)) = element.value().primitive() {
+            let Some(dicom_core::PrimitiveValue::U16(values)) =
+                element.into_value().into_primitive()
+            else {
+                unreachable!("checked to be a U16 primitive just above");
+            };
+            let mut values = values.into_vec();
+            let pixels = shape.0 * shape.1;
+            if values.len() < pixels {
+                return Err(ImagingError::Corrupt(format!(
+                    "pixel data holds {} samples, {pixels} expected",
+                    values.len()
+                )));
             }
-            obj.put(element);
+            values.truncate(pixels);
+            let samples = if signed {
+                let mut values: Vec<i16> = bytemuck::allocation::cast_vec(values);
+                for v in &mut values {
+                    *v = (*v << sign_shift) >> sign_shift;
+                }
+                Samples::I16(Array2::from_shape_vec(shape, values).expect("length checked"))
+            } else {
+                for v in &mut values {
+                    *v &= mask;
+                }
+                Samples::U16(Array2::from_shape_vec(shape, values).expect("length checked"))
+            };
+            return Ok(finish_dicom(&obj, secret, &header, samples, notes, false));
         }
+        obj.put(element);
     }
 
     let pixel = obj
@@ -737,19 +739,20 @@ fn dicom_voi(obj: &DefaultDicomObject, signed: bool) -> Voi {
     if let (Some(center), Some(width)) = (
         attr::number(obj, tags::WINDOW_CENTER),
         attr::number(obj, tags::WINDOW_WIDTH),
-    ) {
-        if width > 0.0 && center.is_finite() && width.is_finite() {
-            let function = match attr::text(obj, tags::VOILUT_FUNCTION).as_str() {
-                "SIGMOID" => VoiLutFunction::Sigmoid,
-                "LINEAR_EXACT" => VoiLutFunction::LinearExact,
-                _ => VoiLutFunction::Linear,
-            };
-            return Voi::Window {
-                center,
-                width,
-                function,
-            };
-        }
+    ) && width > 0.0
+        && center.is_finite()
+        && width.is_finite()
+    {
+        let function = match attr::text(obj, tags::VOILUT_FUNCTION).as_str() {
+            "SIGMOID" => VoiLutFunction::Sigmoid,
+            "LINEAR_EXACT" => VoiLutFunction::LinearExact,
+            _ => VoiLutFunction::Linear,
+        };
+        return Voi::Window {
+            center,
+            width,
+            function,
+        };
     }
     Voi::Percentile
 }

@@ -69,18 +69,18 @@ impl Credentials {
             let probe = tonic_health::pb::health_client::HealthClient::new(channel.clone())
                 .check(tonic_health::pb::HealthCheckRequest::default())
                 .await;
-            if let Err(status) = probe {
-                if !matches!(
+            if let Err(status) = probe
+                && !matches!(
                     status.code(),
                     tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
-                ) {
-                    anyhow::bail!(
-                        "the node at {url} does not answer plaintext gRPC ({}): it speaks mutual \
+                )
+            {
+                anyhow::bail!(
+                    "the node at {url} does not answer plaintext gRPC ({}): it speaks mutual \
                          TLS unless started with --insecure-dev; use https:// with --profile or \
                          --ca/--cert/--key",
-                        status.message()
-                    );
-                }
+                    status.message()
+                );
             }
         }
         Ok(NodeServiceClient::new(channel)

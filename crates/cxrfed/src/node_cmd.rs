@@ -302,17 +302,16 @@ fn detach(config: &NodeConfig) -> anyhow::Result<ExitCode> {
             let tail = last_lines(&out_path, 10).join("\n");
             bail!("the node exited during start-up ({status}):\n{tail}");
         }
-        if let Some(pid) = read_pid_file(&config.data_dir).filter(|p| p.pid == child.id()) {
-            if std::net::TcpStream::connect_timeout(&pid.listen, Duration::from_millis(200)).is_ok()
-            {
-                println!(
-                    "node started: pid {}, listening on {}, data directory {}",
-                    pid.pid,
-                    pid.listen,
-                    config.data_dir.display()
-                );
-                return Ok(ExitCode::SUCCESS);
-            }
+        if let Some(pid) = read_pid_file(&config.data_dir).filter(|p| p.pid == child.id())
+            && std::net::TcpStream::connect_timeout(&pid.listen, Duration::from_millis(200)).is_ok()
+        {
+            println!(
+                "node started: pid {}, listening on {}, data directory {}",
+                pid.pid,
+                pid.listen,
+                config.data_dir.display()
+            );
+            return Ok(ExitCode::SUCCESS);
         }
         std::thread::sleep(Duration::from_millis(100));
     }
