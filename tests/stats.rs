@@ -431,14 +431,50 @@ async fn the_python_sdk_extracts_queries_and_exports_into_pandas() {
         );
         text(&out.stdout)
     };
+    // A researcher with a budget, for the DP part.
+    let researcher = node.pki.identity(Role::Researcher, "pia", None);
+    let admin = node.profile();
+    let out = cxrfed(&[
+        "node",
+        "budget",
+        "set",
+        "--data-dir",
+        node.data_dir_str(),
+        "--identity",
+        "pia",
+        "--epsilon",
+        "1",
+        "--profile",
+        &admin,
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let researcher_profile = researcher.join(pki::PROFILE);
     let seen: serde_json::Value = serde_json::from_str(
         run(
             "tests/helpers/sdk_check.py",
-            &["--folder", phantoms.to_str().expect("path")],
+            &[
+                "--folder",
+                phantoms.to_str().expect("path"),
+                "--researcher-profile",
+                researcher_profile.to_str().expect("path"),
+            ],
         )
         .trim(),
     )
     .expect("json");
+    let dp = &seen["dp"];
+    assert_eq!(
+        dp["columns"],
+        serde_json::json!(["count", "count_error_bound"])
+    );
+    assert_eq!(
+        dp["index"],
+        serde_json::json!(["PA", "AP", "LL", "unknown", "(missing)"])
+    );
+    assert_eq!(dp["bounds_positive"], true);
+    assert_eq!(dp["spent_before"], 0.0);
+    assert!(dp["spent_after"].as_f64().expect("spent") > 0.49);
+    assert_eq!(dp["exact_error"], "PERMISSION_DENIED");
     assert_eq!(
         seen["created"],
         serde_json::json!([true, true, true, true, true, true])

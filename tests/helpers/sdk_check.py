@@ -13,6 +13,7 @@ def main():
     p.add_argument("--node", required=True)
     p.add_argument("--profile", required=True)
     p.add_argument("--folder", required=True)
+    p.add_argument("--researcher-profile")
     args = p.parse_args()
     with Node(args.node, profile=args.profile) as node:
         files = sorted(f for f in os.listdir(args.folder) if f.endswith(".dcm"))
@@ -32,7 +33,28 @@ def main():
             parse_error = None
         except CxrfedError as e:
             parse_error = [e.code, e.kind, e.message]
+    dp = None
+    if args.researcher_profile:
+        with Node(args.node, profile=args.researcher_profile) as researcher:
+            before = researcher.budget()
+            frame = researcher.dp_stats("histogram view", epsilon=0.5)
+            after = researcher.budget()
+            try:
+                researcher.stats("count")
+                exact_error = None
+            except CxrfedError as e:
+                exact_error = e.code
+            dp = {
+                "columns": list(frame.columns),
+                "index": list(frame.index),
+                "bounds_positive": bool((frame["count_error_bound"] > 0).all()),
+                "epsilon": frame.attrs["epsilon"],
+                "spent_before": before["epsilon_spent"],
+                "spent_after": after["epsilon_spent"],
+                "exact_error": exact_error,
+            }
     print(json.dumps({
+        "dp": dp,
         "created": created,
         "again_created": again["created"],
         "records": len(records),

@@ -5,6 +5,8 @@
     node.extract("chest.dcm")
     node.stats('crosstab image_quality, analysis_confidence normalize=row')   # pandas.DataFrame
     node.export(where="view = PA")                                            # pandas.DataFrame
+    node.dp_stats("histogram image_quality", epsilon=0.5)   # DP: values with ± bounds (researchers)
+    node.budget()                                           # your privacy budget at this node
 
 Every call goes over mutual TLS with the certificates `cxrfed certs issue` wrote (or a profile
 that names them); `http://` URLs reach only a node started with `--insecure-dev`. Errors are
@@ -211,6 +213,46 @@ class Node:
         frame.attrs.update(statistic=response.statistic, cohort_size=response.cohort_size,
                            record_count=response.record_count, query=query)
         return frame
+
+    def dp_stats(self, query: str, epsilon: float, delta: float = 0.0,
+                 mechanism: str = "laplace") -> pd.DataFrame:
+        """Differentially private statistics, charged to your budget at the node.
+
+        One row per released row: the label columns, then for each value column `NAME` (None
+        when suppressed below the node's threshold) and `NAME_error_bound` (the 95% bound: the
+        true value lies within ± it with 95% probability). `df.attrs` holds epsilon and delta
+        charged, mechanism, noise scale, contributions per patient, suppression threshold,
+        notes, the remaining budget and the audit entry."""
+        request = node_pb2.DpStatsRequest(query=query, epsilon=epsilon, delta=delta,
+                                          mechanism=mechanism)
+        response = self._call(self._stub.DpStats, request)
+        columns = list(response.label_columns)
+        for name in response.value_columns:
+            columns += [name, f"{name}_error_bound"]
+        rows = []
+        for row in response.rows:
+            values = list(row.labels)
+            for v in row.values:
+                values += [v.value if v.HasField("value") else None, v.error_bound]
+            rows.append(values)
+        frame = pd.DataFrame(rows, columns=columns)
+        if response.label_columns and not frame.empty:
+            frame = frame.set_index(list(response.label_columns))
+        budget = response.budget
+        frame.attrs.update(
+            statistic=response.statistic, query=response.query, epsilon=response.epsilon,
+            delta=response.delta, mechanism=response.mechanism, noise_scale=response.noise_scale,
+            confidence=response.confidence, contributions=response.contributions,
+            suppress_below=response.suppress_below, threshold=response.threshold or None,
+            notes=list(response.notes), epsilon_remaining=budget.epsilon_remaining,
+            delta_remaining=budget.delta_remaining, audit_seq=response.audit_seq)
+        return frame
+
+    def budget(self) -> dict:
+        """Your own privacy account at this node: budget, spent, remaining, releases."""
+        return MessageToDict(self._call(self._stub.Budget, node_pb2.BudgetRequest()),
+                             preserving_proto_field_name=True,
+                             always_print_fields_with_no_presence=True)
 
     def export(self, where: str | None = None) -> pd.DataFrame:
         """Flattened records (site admin) as a DataFrame: one column per schema field, with
