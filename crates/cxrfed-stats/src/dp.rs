@@ -568,8 +568,37 @@ pub fn plan(columns: &Columns, query: Query, params: &DpParams) -> Result<Plan, 
     })
 }
 
+/// The per-query selection priority of an image: its content hash (already SHA-256 of the
+/// pixels) mixed word by word with the query's seed through the splitmix64 finalizer. It depends only on the image and the query, so bounding stays a per-patient
+/// transformation; the seed comes from the site secret and the canonical query, so the choice
+/// is the same for the same query and cannot be predicted without the secret.
+fn priority(image_sha256: &str, seed: u64) -> u64 {
+    fn mix(mut z: u64) -> u64 {
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    let bytes = image_sha256.as_bytes();
+    let mut h = mix(seed);
+    if bytes.len() % 16 == 0 && bytes.iter().all(u8::is_ascii_hexdigit) {
+        for word in bytes.chunks(16) {
+            let word = std::str::from_utf8(word)
+                .ok()
+                .and_then(|w| u64::from_str_radix(w, 16).ok())
+                .unwrap_or(0);
+            h = mix(h ^ word);
+        }
+    } else {
+        // Not a hex hash (never from a node): fold the bytes.
+        for &b in bytes {
+            h = mix(h ^ u64::from(b));
+        }
+    }
+    h
+}
+
 /// Keeps at most `k` rows per patient: all rows of a patient with at most `k`, else the `k`
-/// with the smallest keyed hash of their image. Rows without a pseudonym follow `unlinked`.
+/// with the smallest selection priority. Rows without a pseudonym follow `unlinked`.
 pub fn bound_contributions(
     columns: &Columns,
     rows: &[usize],
@@ -578,6 +607,10 @@ pub fn bound_contributions(
     unlinked: Unlinked,
 ) -> Vec<usize> {
     let pseudonyms = columns.pseudonyms();
+    let images = columns.images();
+    let mut seed_bytes = [0u8; 8];
+    seed_bytes.copy_from_slice(&selection_key[..8]);
+    let seed = u64::from_le_bytes(seed_bytes);
     let most = rows.iter().map(|&r| pseudonyms[r]).max().unwrap_or(0) as usize;
     let mut per_patient = vec![0u32; most + 1];
     for &r in rows {
@@ -585,30 +618,53 @@ pub fn bound_contributions(
         per_patient[p] = per_patient[p].saturating_add(1);
     }
     let mut kept = Vec::with_capacity(rows.len());
-    let mut over: HashMap<u32, Vec<(u64, usize)>> = HashMap::new();
-    for &r in rows {
-        let p = pseudonyms[r];
-        if p == 0 {
-            if unlinked == Unlinked::PerImage {
+    if k == 1 {
+        // The one row of smallest priority per over-contributing patient, in one pass.
+        const NONE: (u64, usize) = (u64::MAX, usize::MAX);
+        let mut best = vec![NONE; most + 1];
+        for &r in rows {
+            let p = pseudonyms[r];
+            if p == 0 {
+                if unlinked == Unlinked::PerImage {
+                    kept.push(r);
+                }
+            } else if per_patient[p as usize] <= 1 {
                 kept.push(r);
+            } else {
+                let candidate = (priority(&images[r], seed), r);
+                if candidate < best[p as usize] {
+                    best[p as usize] = candidate;
+                }
             }
-        } else if per_patient[p as usize] <= k {
-            kept.push(r);
-        } else {
-            let mut h = Sha256::new();
-            h.update(selection_key);
-            h.update(columns.images()[r].as_bytes());
-            let digest = h.finalize();
-            let mut first = [0u8; 8];
-            first.copy_from_slice(&digest[..8]);
-            over.entry(p)
-                .or_default()
-                .push((u64::from_be_bytes(first), r));
         }
-    }
-    for (_, mut candidates) in over {
-        candidates.sort_unstable();
-        kept.extend(candidates.into_iter().take(k as usize).map(|(_, r)| r));
+        kept.extend(best.into_iter().filter(|b| *b != NONE).map(|(_, r)| r));
+    } else {
+        let mut over: Vec<(u32, u64, usize)> = Vec::new();
+        for &r in rows {
+            let p = pseudonyms[r];
+            if p == 0 {
+                if unlinked == Unlinked::PerImage {
+                    kept.push(r);
+                }
+            } else if per_patient[p as usize] <= k {
+                kept.push(r);
+            } else {
+                over.push((p, priority(&images[r], seed), r));
+            }
+        }
+        over.sort_unstable();
+        let mut taken = 0u32;
+        let mut current = 0u32;
+        for (p, _, r) in over {
+            if p != current {
+                current = p;
+                taken = 0;
+            }
+            if taken < k {
+                kept.push(r);
+                taken += 1;
+            }
+        }
     }
     kept.sort_unstable();
     kept
@@ -675,6 +731,22 @@ impl Plan {
 
     /// Runs the measurement on the bounded rows and post-processes the result.
     pub fn release(&self, columns: &Columns) -> Result<DpRelease, DpError> {
+        self.run(columns, false)
+    }
+
+    /// The exact counts of the bounded rows, laid out as [`Plan::release`] lays out the noisy
+    /// ones (suppression applies alike): what the release estimates, for accuracy studies and benchmarks.
+    /// Never for a remote caller. Count, histogram and crosstab over public categories only.
+    pub fn noiseless(&self, columns: &Columns) -> Result<DpRelease, DpError> {
+        if !matches!(self.shape, Shape::Cells { .. }) {
+            return Err(DpError::Unsupported(
+                "noiseless layouts exist for counts over public categories only".into(),
+            ));
+        }
+        self.run(columns, true)
+    }
+
+    fn run(&self, columns: &Columns, noiseless: bool) -> Result<DpRelease, DpError> {
         let rows = self.bounded_rows(columns);
         let params = &self.params;
         let (k, mechanism, alpha) = (params.contributions, params.mechanism, 1.0 - CONFIDENCE);
@@ -711,9 +783,17 @@ impl Plan {
                     .iter()
                     .map(|&r| cell_index(columns, tab, r) as u32)
                     .collect();
-                let noisy = cells_measurement(*cells, mechanism, self.scale, params.delta)
-                    .and_then(|m| m.invoke(&data))
-                    .map_err(opendp_error)?;
+                let noisy = if noiseless {
+                    let mut exact = vec![0i64; *cells as usize];
+                    for &cell in &data {
+                        exact[cell as usize] += 1;
+                    }
+                    exact
+                } else {
+                    cells_measurement(*cells, mechanism, self.scale, params.delta)
+                        .and_then(|m| m.invoke(&data))
+                        .map_err(opendp_error)?
+                };
                 let bound = accuracy(mechanism, self.scale, alpha)?;
                 self.lay_out_cells(columns, tab, &noisy, bound, &mut release);
                 release.label_columns = match tab.len() {

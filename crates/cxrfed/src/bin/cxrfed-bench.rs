@@ -101,6 +101,13 @@ enum Mode {
         repeats: usize,
         #[arg(long)]
         csv: Option<PathBuf>,
+        /// Also time the DP release of the same query at this epsilon (discrete Laplace, no
+        /// suppression) and measure its error against the exact counts of the bounded data.
+        #[arg(long)]
+        dp_epsilon: Option<f64>,
+        /// Records per patient in the DP release (k).
+        #[arg(long, default_value_t = 1)]
+        dp_k: u32,
     },
     /// Connection set-up cost: `count` sequential fresh connections, each with one Status call
     /// (TCP + TLS 1.3 handshake with client certificate + HTTP/2 + first RPC).
@@ -176,11 +183,81 @@ fn synthetic_record(i: usize) -> cxrfed_schema::Record {
     }
 }
 
+/// DP release timings and errors over `repeats` releases: p50/p99 latency (plan + bounding +
+/// opendp measurement + post-processing), and per cell the error against the exact count of the
+/// bounded rows, next to what the discrete Laplace distribution predicts (mean |X| =
+/// 2q / (1 - q^2), q = exp(-1/scale); relative error = |X| / true count, averaged over cells).
+fn dp_bench(
+    columns: &cxrfed_stats::Columns,
+    query: &str,
+    repeats: usize,
+    epsilon: f64,
+    k: u32,
+) -> anyhow::Result<serde_json::Value> {
+    use cxrfed_stats::dp;
+    let params = dp::DpParams {
+        epsilon,
+        delta: 0.0,
+        mechanism: dp::Mechanism::Laplace,
+        contributions: k,
+        suppress_below: 0,
+        unlinked: dp::Unlinked::Exclude,
+        selection_secret: [42; 32],
+    };
+    let plan = dp::plan(columns, cxrfed_stats::query::parse(query)?, &params)?;
+    let truth = plan.noiseless(columns)?;
+    let mut millis = Vec::new();
+    let (mut abs_errors, mut rel_errors, mut within) = (Vec::new(), Vec::new(), 0usize);
+    let mut scale = 0.0;
+    let mut bound = 0.0;
+    for _ in 0..repeats {
+        let t = Instant::now();
+        let release = dp::release(columns, cxrfed_stats::query::parse(query)?, &params)?;
+        millis.push(t.elapsed().as_secs_f64() * 1000.0);
+        scale = release.noise_scale;
+        for (noisy_row, true_row) in release.rows.iter().zip(&truth.rows) {
+            for (noisy, exact) in noisy_row.values.iter().zip(&true_row.values) {
+                // Empty cells are clamped at 0, which shrinks their error: leave them out.
+                let (Some(n), Some(x)) = (noisy.value, exact.value.filter(|&x| x > 0.0)) else {
+                    continue;
+                };
+                bound = noisy.error_bound;
+                let error = (n - x).abs();
+                abs_errors.push(error);
+                within += usize::from(error < noisy.error_bound);
+                rel_errors.push(error / x);
+            }
+        }
+    }
+    millis.sort_by(f64::total_cmp);
+    // Theory: |X| for discrete Laplace of scale b has mean 2q / (1 - q^2), q = exp(-1/b).
+    let q = (-1.0 / scale).exp();
+    let theory_abs = 2.0 * q / (1.0 - q * q);
+    let true_counts: Vec<f64> = truth
+        .rows
+        .iter()
+        .flat_map(|r| r.values.iter().filter_map(|v| v.value))
+        .filter(|&x| x > 0.0)
+        .collect();
+    let theory_rel: Vec<f64> = true_counts.iter().map(|x| theory_abs / x).collect();
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    Ok(serde_json::json!({
+        "epsilon": epsilon, "k": k, "noise_scale": scale, "error_bound_95": bound,
+        "p50_ms": percentile(&millis, 50.0), "p99_ms": percentile(&millis, 99.0),
+        "cells": true_counts.len(), "bounded_rows": plan.bounded_rows(columns).len(),
+        "mean_abs_error": mean(&abs_errors), "theory_mean_abs_error": theory_abs,
+        "mean_rel_error": mean(&rel_errors), "theory_mean_rel_error": mean(&theory_rel),
+        "smallest_cell": true_counts.iter().copied().fold(f64::INFINITY, f64::min),
+        "within_bound": within as f64 / abs_errors.len().max(1) as f64,
+    }))
+}
+
 fn stats_bench(
     records: usize,
     query: &str,
     repeats: usize,
     csv: Option<PathBuf>,
+    dp: Option<(f64, u32)>,
 ) -> anyhow::Result<serde_json::Value> {
     let started = Instant::now();
     let mut columns = cxrfed_stats::Columns::new();
@@ -228,9 +305,13 @@ fn stats_bench(
         millis.push(t.elapsed().as_secs_f64() * 1000.0);
     }
     millis.sort_by(f64::total_cmp);
+    let dp = dp
+        .map(|(epsilon, k)| dp_bench(&columns, query, repeats, epsilon, k))
+        .transpose()?;
     Ok(serde_json::json!({
         "records": records, "build_s": build_s, "p50_ms": percentile(&millis, 50.0),
         "p99_ms": percentile(&millis, 99.0), "cohort": table.map(|t| t.cohort_size),
+        "dp": dp,
     }))
 }
 
@@ -463,8 +544,11 @@ fn main() -> anyhow::Result<()> {
             query,
             repeats,
             csv,
+            dp_epsilon,
+            dp_k,
         } => {
-            println!("{}", stats_bench(records, &query, repeats, csv)?);
+            let dp = dp_epsilon.map(|e| (e, dp_k));
+            println!("{}", stats_bench(records, &query, repeats, csv, dp)?);
         }
         Mode::Connect {
             url,
