@@ -270,6 +270,8 @@ fn stats_bench(
             "view",
             "month",
             "cardiothoracic_ratio",
+            "patient_pseudonym",
+            "image_sha256",
         ])?;
     }
     for i in 0..records {
@@ -290,6 +292,8 @@ fn stats_bench(
                 &f.and_then(|f| f.mediastinum.cardiothoracic_ratio)
                     .map(|m| (m.value as f32).to_string())
                     .unwrap_or_default(),
+                record.patient.pseudonym.as_str(),
+                record.image_sha256.as_str(),
             ])?;
         }
     }
