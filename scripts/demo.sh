@@ -83,6 +83,28 @@ echo "== a researcher's certificate does not open the node's records =="
 "$BIN" records --profile "$PKI/researcher/profile.toml" || echo "   (refused, as it should be: records are for the site admin)"
 
 echo
+echo "== the site admin grants the researcher 2 more epsilon of privacy budget (audited) =="
+RESEARCHER="$PKI/researcher/profile.toml"
+SPENT=$("$BIN" node budget list --json | "$PYTHON" -c '
+import json, sys
+spent = [a["epsilon_spent"] for a in json.load(sys.stdin) if a["identity"].endswith("/demo-researcher")]
+print(spent[0] if spent else 0)')
+"$BIN" node budget set --identity demo-researcher --epsilon "$("$PYTHON" -c "print($SPENT + 2)")"
+
+echo
+echo "== the researcher's differentially private statistics (noisy, 95% bounds, small cells withheld) =="
+"$BIN" stats --dp --epsilon 0.5 'histogram view' --profile "$RESEARCHER"
+"$BIN" stats --dp --epsilon 0.5 'crosstab image_quality, analysis_confidence' --profile "$RESEARCHER"
+"$BIN" stats --dp --epsilon 0.5 'mean cardiothoracic_ratio' --profile "$RESEARCHER"
+"$BIN" budget --profile "$RESEARCHER"
+"$BIN" stats --dp --epsilon 1 'count' --profile "$RESEARCHER" || echo "   (refused: the budget is spent; nothing was released)"
+
+echo
+echo "== the audit chain: every release, exact query, export, budget change and label (today) =="
+"$BIN" node audit show --since "$(date -u +%F)" | tail -n 12
+"$BIN" node audit verify
+
+echo
 echo "== services, through server reflection (mutual TLS) =="
 GRPCURL_TLS="-cacert $PKI/ca/ca.pem -cert $PKI/admin/cert.pem -key $PKI/admin/key.pem"
 if command -v grpcurl >/dev/null 2>&1; then
