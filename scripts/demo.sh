@@ -101,7 +101,7 @@ echo "== the researcher's differentially private statistics (noisy, 95% bounds, 
 
 echo
 echo "== the audit chain: every release, exact query, export, budget change and label (today) =="
-"$BIN" node audit show --since "$(date -u +%F)" | tail -n 12
+"$BIN" node audit show --since "$(date -u +%F)"
 "$BIN" node audit verify
 
 echo
