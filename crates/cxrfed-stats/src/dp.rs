@@ -580,7 +580,7 @@ fn priority(image_sha256: &str, seed: u64) -> u64 {
     }
     let bytes = image_sha256.as_bytes();
     let mut h = mix(seed);
-    if bytes.len() % 16 == 0 && bytes.iter().all(u8::is_ascii_hexdigit) {
+    if bytes.len().is_multiple_of(16) && bytes.iter().all(u8::is_ascii_hexdigit) {
         for word in bytes.chunks(16) {
             let word = std::str::from_utf8(word)
                 .ok()
