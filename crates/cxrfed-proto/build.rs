@@ -5,7 +5,11 @@ use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-    let files = ["cxrfed/v1/record.proto", "cxrfed/v1/node.proto"];
+    let files = [
+        "cxrfed/v1/record.proto",
+        "cxrfed/v1/node.proto",
+        "cxrfed/v1/coordinator.proto",
+    ];
     for file in &files {
         println!("cargo:rerun-if-changed={}", root.join(file).display());
     }

@@ -11,6 +11,7 @@ pub mod files;
 pub mod identity;
 pub mod listener;
 pub mod pki;
+pub mod signing;
 pub mod tls;
 
 pub use authz::{AuthLayer, Policy, Rule};

@@ -106,6 +106,10 @@ pub struct DpParams {
     pub unlinked: Unlinked,
     /// Site secret keying the per-query row selection.
     pub selection_secret: [u8; 32],
+    /// Release the raw noisy values (no clamping, no suppression; a mean as its noisy sum and
+    /// count) for a coordinator to pool. Still differentially private: clamping and
+    /// suppression are post-processing.
+    pub raw: bool,
 }
 
 /// Why a release could not be made.
@@ -168,6 +172,10 @@ pub struct DpRelease {
     pub suppress_below: u64,
     /// The threshold of a thresholded release (categories that are not public).
     pub threshold: Option<u64>,
+    /// The noise scale of each value column, in its units.
+    pub value_scales: Vec<f64>,
+    /// Whether the values are raw (see [`DpParams::raw`]).
+    pub raw: bool,
     /// How to read the release (how a mean was built, what was clamped).
     pub notes: Vec<String>,
 }
@@ -722,6 +730,12 @@ impl Plan {
     }
 
     fn count_value(&self, noisy: i64, bound: f64) -> DpValue {
+        if self.params.raw {
+            return DpValue {
+                value: Some(noisy as f64),
+                error_bound: bound,
+            };
+        }
         let clamped = noisy.max(0) as u64;
         DpValue {
             value: (clamped >= self.params.suppress_below).then_some(clamped as f64),
@@ -775,6 +789,8 @@ impl Plan {
             contributions: k,
             suppress_below: params.suppress_below,
             threshold: None,
+            value_scales: Vec::new(),
+            raw: params.raw,
             notes: Vec::new(),
         };
         match &self.shape {
@@ -800,6 +816,13 @@ impl Plan {
                     0 | 1 => names(tab),
                     n => names(&tab[..n - 1]),
                 };
+            }
+            Shape::Keyed { .. } if params.raw => {
+                return Err(DpError::Unsupported(
+                    "a pooled release needs public categories; months, modalities and free text \
+                     are released per site only"
+                        .into(),
+                ));
             }
             Shape::Keyed { tab, threshold } => {
                 let data: Vec<u64> = rows.iter().map(|&r| cell_index(columns, tab, r)).collect();
@@ -854,7 +877,26 @@ impl Plan {
                     bounds.1,
                     1.0 / FIXED_POINT
                 ));
-                if !mean {
+                if mean && params.raw {
+                    let noisy_count = cells_measurement(1, mechanism, self.count_scale, part_delta)
+                        .and_then(|m| m.invoke(&vec![0u32; rows.len()]))
+                        .map_err(opendp_error)?[0];
+                    release.value_columns = vec!["sum".into(), "n".into()];
+                    release.value_scales = vec![self.scale / FIXED_POINT, self.count_scale];
+                    release.rows = vec![DpRow {
+                        labels: Vec::new(),
+                        values: vec![
+                            DpValue {
+                                value: Some(noisy_sum),
+                                error_bound: accuracy(mechanism, self.scale, alpha)? / FIXED_POINT,
+                            },
+                            DpValue {
+                                value: Some(noisy_count as f64),
+                                error_bound: accuracy(mechanism, self.count_scale, alpha)?,
+                            },
+                        ],
+                    }];
+                } else if !mean {
                     release.value_columns = vec!["sum".into()];
                     release.rows = vec![DpRow {
                         labels: Vec::new(),
@@ -905,6 +947,16 @@ impl Plan {
                     ));
                 }
             }
+        }
+        if release.value_scales.is_empty() {
+            let scale = match self.shape {
+                Shape::Sum { .. } => self.scale / FIXED_POINT,
+                _ => self.scale,
+            };
+            release.value_scales = vec![scale; release.value_columns.len()];
+        }
+        if params.raw {
+            notes.push("raw noisy values for pooling: not clamped, not suppressed".to_string());
         }
         release.notes = notes;
         Ok(release)

@@ -9,6 +9,7 @@
 pub mod columns;
 pub mod dp;
 pub mod exact;
+pub mod pool;
 pub mod query;
 
 pub use columns::Columns;

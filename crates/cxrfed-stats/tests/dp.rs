@@ -42,6 +42,7 @@ fn params(epsilon: f64, k: u32) -> DpParams {
         suppress_below: 0,
         unlinked: Unlinked::Exclude,
         selection_secret: [7; 32],
+        raw: false,
     }
 }
 

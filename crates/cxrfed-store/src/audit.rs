@@ -37,6 +37,8 @@ pub struct AuditEvent {
     pub delta: f64,
     /// SHA-256 (hex) of what was released; empty when nothing was.
     pub digest: String,
+    /// Who relayed the request (a federated query's coordinator); empty for direct calls.
+    pub via: String,
 }
 
 /// One entry of the chain, as stored.
@@ -52,6 +54,10 @@ pub struct AuditEntry {
     pub epsilon: f64,
     pub delta: f64,
     pub digest: String,
+    /// Who relayed the request (a federated query's coordinator). Absent from the JSON when
+    /// empty, so entries written before the field existed hash as they did.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub via: String,
     /// Hash of the previous entry ([`GENESIS`] for the first).
     pub prev: String,
     /// SHA-256 of this entry's JSON with `hash` empty.
@@ -129,6 +135,7 @@ pub(crate) fn append_in(
         epsilon: event.epsilon,
         delta: event.delta,
         digest: event.digest.clone(),
+        via: event.via.clone(),
         prev: head.hash,
         hash: String::new(),
     };
@@ -148,119 +155,141 @@ pub(crate) fn append_in(
     Ok(entry)
 }
 
+/// Entries of an audit tree in order, from `since` (inclusive) on.
+pub(crate) fn entries_of(
+    audit: &sled::Tree,
+    since: Option<DateTime<Utc>>,
+) -> Result<Vec<AuditEntry>> {
+    let since = since.map(|t| t.to_rfc3339_opts(SecondsFormat::Millis, true));
+    let mut out = Vec::new();
+    for item in audit.iter() {
+        let (key, value) = item?;
+        let entry: AuditEntry =
+            serde_json::from_slice(&value).map_err(|e| StoreError::Corrupt {
+                record_id: format!("audit entry {}", seq_of(&key)),
+                message: e.to_string(),
+            })?;
+        if since.as_ref().is_none_or(|s| entry.time >= *s) {
+            out.push(entry);
+        }
+    }
+    Ok(out)
+}
+
+/// Walks a whole chain: every entry must be readable, numbered in order, hash to what it says
+/// and link to its predecessor, and the head must name the last entry.
+pub(crate) fn verify_chain(audit: &sled::Tree, meta: &sled::Tree) -> Result<AuditReport> {
+    let mut expected = 1u64;
+    let mut prev = GENESIS.to_string();
+    let broken = |seq: u64, reason: String, entries: u64, head: &str| AuditReport {
+        entries,
+        head: head.to_string(),
+        broken: Some(BrokenLink { seq, reason }),
+    };
+    for item in audit.iter() {
+        let (key, value) = item?;
+        let checked = expected - 1;
+        let key_seq = seq_of(&key);
+        let entry: AuditEntry = match serde_json::from_slice(&value) {
+            Ok(entry) => entry,
+            Err(e) => {
+                return Ok(broken(
+                    key_seq,
+                    format!("entry {key_seq} is not readable: {e}"),
+                    checked,
+                    &prev,
+                ));
+            }
+        };
+        if key_seq != expected || entry.seq != key_seq {
+            return Ok(broken(
+                expected,
+                format!(
+                    "entry {expected} is missing or renumbered (found entry {} stored as {key_seq})",
+                    entry.seq
+                ),
+                checked,
+                &prev,
+            ));
+        }
+        if entry.compute_hash() != entry.hash {
+            return Ok(broken(
+                key_seq,
+                format!("entry {key_seq} was altered: its contents do not match its hash"),
+                checked,
+                &prev,
+            ));
+        }
+        if entry.prev != prev {
+            return Ok(broken(
+                key_seq,
+                format!(
+                    "entry {key_seq} does not link to entry {}: one of them was altered or replaced",
+                    key_seq - 1
+                ),
+                checked,
+                &prev,
+            ));
+        }
+        prev = entry.hash;
+        expected += 1;
+    }
+    let entries = expected - 1;
+    let head = match meta.get(HEAD_KEY)? {
+        Some(bytes) => serde_json::from_slice::<Head>(&bytes).ok(),
+        None => None,
+    };
+    let head_ok = match &head {
+        Some(h) => h.seq == entries && h.hash == prev,
+        None => entries == 0,
+    };
+    if !head_ok {
+        let recorded = head.map_or(0, |h| h.seq);
+        return Ok(broken(
+            entries + 1,
+            format!(
+                "the chain ends at entry {entries} but its head records entry {recorded}: entries were removed or the head was altered"
+            ),
+            entries,
+            &prev,
+        ));
+    }
+    Ok(AuditReport {
+        entries,
+        head: prev,
+        broken: None,
+    })
+}
+
+/// Appends `event` to the chain in `audit` (head in `meta`) in one transaction.
+pub(crate) fn append(
+    audit: &sled::Tree,
+    meta: &sled::Tree,
+    event: &AuditEvent,
+) -> Result<AuditEntry> {
+    use sled::Transactional;
+    let now = Utc::now();
+    (audit, meta)
+        .transaction(|(audit, meta)| append_in(audit, meta, event, now))
+        .map_err(crate::transaction_error)
+}
+
 impl RecordStore {
     /// Appends one entry to the audit chain. Durable when this returns.
     pub async fn audit(&self, event: AuditEvent) -> Result<AuditEntry> {
-        use sled::Transactional;
-        let now = Utc::now();
-        let entry = (&self.audit, &self.meta)
-            .transaction(|(audit, meta)| append_in(audit, meta, &event, now))
-            .map_err(crate::transaction_error)?;
+        let entry = append(&self.audit, &self.meta, &event)?;
         self.flush().await?;
         Ok(entry)
     }
 
     /// Entries in order, from `since` (inclusive) on.
     pub fn audit_entries(&self, since: Option<DateTime<Utc>>) -> Result<Vec<AuditEntry>> {
-        let since = since.map(|t| t.to_rfc3339_opts(SecondsFormat::Millis, true));
-        let mut out = Vec::new();
-        for item in self.audit.iter() {
-            let (key, value) = item?;
-            let entry: AuditEntry =
-                serde_json::from_slice(&value).map_err(|e| StoreError::Corrupt {
-                    record_id: format!("audit entry {}", seq_of(&key)),
-                    message: e.to_string(),
-                })?;
-            if since.as_ref().is_none_or(|s| entry.time >= *s) {
-                out.push(entry);
-            }
-        }
-        Ok(out)
+        entries_of(&self.audit, since)
     }
 
-    /// Walks the whole chain: every entry must be readable, numbered in order, hash to what it
-    /// says and link to its predecessor, and the head must name the last entry.
+    /// Walks the whole chain (see [`verify_chain`]).
     pub fn verify_audit(&self) -> Result<AuditReport> {
-        let mut expected = 1u64;
-        let mut prev = GENESIS.to_string();
-        let broken = |seq: u64, reason: String, entries: u64, head: &str| AuditReport {
-            entries,
-            head: head.to_string(),
-            broken: Some(BrokenLink { seq, reason }),
-        };
-        for item in self.audit.iter() {
-            let (key, value) = item?;
-            let checked = expected - 1;
-            let key_seq = seq_of(&key);
-            let entry: AuditEntry = match serde_json::from_slice(&value) {
-                Ok(entry) => entry,
-                Err(e) => {
-                    return Ok(broken(
-                        key_seq,
-                        format!("entry {key_seq} is not readable: {e}"),
-                        checked,
-                        &prev,
-                    ));
-                }
-            };
-            if key_seq != expected || entry.seq != key_seq {
-                return Ok(broken(
-                    expected,
-                    format!(
-                        "entry {expected} is missing or renumbered (found entry {} stored as {key_seq})",
-                        entry.seq
-                    ),
-                    checked,
-                    &prev,
-                ));
-            }
-            if entry.compute_hash() != entry.hash {
-                return Ok(broken(
-                    key_seq,
-                    format!("entry {key_seq} was altered: its contents do not match its hash"),
-                    checked,
-                    &prev,
-                ));
-            }
-            if entry.prev != prev {
-                return Ok(broken(
-                    key_seq,
-                    format!(
-                        "entry {key_seq} does not link to entry {}: one of them was altered or replaced",
-                        key_seq - 1
-                    ),
-                    checked,
-                    &prev,
-                ));
-            }
-            prev = entry.hash;
-            expected += 1;
-        }
-        let entries = expected - 1;
-        let head = match self.meta.get(HEAD_KEY)? {
-            Some(bytes) => serde_json::from_slice::<Head>(&bytes).ok(),
-            None => None,
-        };
-        let head_ok = match &head {
-            Some(h) => h.seq == entries && h.hash == prev,
-            None => entries == 0,
-        };
-        if !head_ok {
-            let recorded = head.map_or(0, |h| h.seq);
-            return Ok(broken(
-                entries + 1,
-                format!(
-                    "the chain ends at entry {entries} but its head records entry {recorded}: entries were removed or the head was altered"
-                ),
-                entries,
-                &prev,
-            ));
-        }
-        Ok(AuditReport {
-            entries,
-            head: prev,
-            broken: None,
-        })
+        verify_chain(&self.audit, &self.meta)
     }
 }
 
@@ -282,6 +311,7 @@ mod tests {
             epsilon: 0.1,
             delta: 0.0,
             digest: "ab".repeat(32),
+            via: String::new(),
         }
     }
 
@@ -390,12 +420,12 @@ mod tests {
         let limit = Limit::Budget(Budget::default());
         for _ in 0..3 {
             store
-                .charge(alice, 0.1, 0.0, limit, event(1))
+                .charge(alice, 0.1, 0.0, limit, event(1), None)
                 .await
                 .expect("within budget");
         }
         let err = store
-            .charge(alice, 0.1, 0.0, limit, event(1))
+            .charge(alice, 0.1, 0.0, limit, event(1), None)
             .await
             .expect_err("exhausted");
         assert!(
@@ -420,7 +450,9 @@ mod tests {
         let tasks: Vec<_> = (0..50)
             .map(|i| {
                 let store = store.clone();
-                tokio::spawn(async move { store.charge(bob, 0.07, 0.0, limit, event(i)).await })
+                tokio::spawn(
+                    async move { store.charge(bob, 0.07, 0.0, limit, event(i), None).await },
+                )
             })
             .collect();
         let mut ok = 0;

@@ -131,7 +131,8 @@ fn write(
 impl RecordStore {
     /// Charges (ε, δ) to `identity` and appends `event` to the audit chain, atomically: either
     /// the budget covers it and both are durable when this returns, or nothing is written and
-    /// [`StoreError::BudgetExhausted`] says what was asked and what remains.
+    /// [`StoreError::BudgetExhausted`] says what was asked and what remains. A `nonce` (of a
+    /// signed request) is charged once: a second charge with it is [`StoreError::Replay`].
     pub async fn charge(
         &self,
         identity: &str,
@@ -139,6 +140,7 @@ impl RecordStore {
         delta: f64,
         limit: Limit,
         event: AuditEvent,
+        nonce: Option<&str>,
     ) -> Result<(Account, AuditEntry)> {
         let now = Utc::now();
         let (epsilon_units, delta_units) = (
@@ -149,8 +151,19 @@ impl RecordStore {
             Limit::Budget(b) => b,
             Limit::Unlimited => Budget::default(),
         };
-        let outcome = (&self.ledger, &self.audit, &self.meta)
-            .transaction(|(ledger, audit, meta)| {
+        let outcome = (&self.ledger, &self.audit, &self.meta, &self.nonces)
+            .transaction(|(ledger, audit, meta, nonces)| {
+                if let Some(nonce) = nonce {
+                    if nonces.get(nonce.as_bytes())?.is_some() {
+                        return Err(ConflictableTransactionError::Abort(StoreError::Replay {
+                            nonce: nonce.to_string(),
+                        }));
+                    }
+                    nonces.insert(
+                        nonce.as_bytes(),
+                        now.to_rfc3339_opts(SecondsFormat::Millis, true).as_bytes(),
+                    )?;
+                }
                 let mut stored = read(ledger, identity, default)?;
                 let remaining_epsilon = stored.budget_epsilon.saturating_sub(stored.spent_epsilon);
                 let remaining_delta = stored.budget_delta.saturating_sub(stored.spent_delta);

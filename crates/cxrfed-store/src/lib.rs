@@ -12,6 +12,7 @@
 //! | `annotations` | image_sha256 `\0` field | JSON `Annotation` (latest per image and field) |
 //! | `privacy_ledger` | identity URI | JSON account: budget and spent ε (1e-9 units) and δ (1e-18 units) |
 //! | `audit` | sequence number (u64 big-endian) | JSON [`audit::AuditEntry`], hash-chained |
+//! | `signed_nonces` | nonce of a signed federated request | time it was charged (charged once) |
 //!
 //! A record and its index entry are written in one sled transaction, so a record is either
 //! fully present (and findable by hash) or absent, even if the process dies mid-write.
@@ -22,9 +23,11 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod coordinator;
 pub mod ledger;
 
 pub use audit::{AuditEntry, AuditEvent, AuditReport, BrokenLink};
+pub use coordinator::{CoordinatorStore, SiteRecord};
 pub use ledger::{Account, Budget, Limit};
 
 use std::path::Path;
@@ -68,6 +71,22 @@ pub enum StoreError {
         requested_delta: f64,
         remaining_delta: f64,
     },
+    #[error("signed request {nonce} was already charged here; a signed request is answered once")]
+    Replay { nonce: String },
+}
+
+/// Opens a sled database, naming a lock held by another process.
+pub(crate) fn open_db(path: &Path) -> Result<sled::Db> {
+    sled::Config::new().path(path).open().map_err(|e| match e {
+        sled::Error::Io(ref io)
+            if io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("lock") =>
+        {
+            StoreError::Locked {
+                path: path.display().to_string(),
+            }
+        }
+        other => StoreError::Sled(other),
+    })
 }
 
 /// Unwraps a sled transaction error into ours.
@@ -139,6 +158,8 @@ pub struct RecordStore {
     /// The audit chain ([`audit`]).
     audit: sled::Tree,
     meta: sled::Tree,
+    /// Nonces of signed (federated) requests already charged: nonce → time.
+    nonces: sled::Tree,
     commits: std::sync::Arc<GroupCommit>,
 }
 
@@ -150,27 +171,33 @@ pub struct RecordStore {
 /// node deadlocked that way under 32 concurrent extractions. Serialising flushes removes the
 /// deadlock, and coalescing keeps one flush per burst instead of one per record.
 #[derive(Debug, Default)]
-struct GroupCommit {
+pub(crate) struct GroupCommit {
     /// Tickets handed to writes, in order.
     written: std::sync::atomic::AtomicU64,
     /// The highest ticket known to be on disk; the lock is held while flushing.
     durable: tokio::sync::Mutex<u64>,
 }
 
+impl GroupCommit {
+    pub(crate) async fn flush(&self, db: &sled::Db) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        let ticket = self.written.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut durable = self.durable.lock().await;
+        if *durable >= ticket {
+            return Ok(());
+        }
+        // Everything written up to here is covered by this flush.
+        let covered = self.written.load(Ordering::SeqCst);
+        db.flush_async().await?;
+        *durable = covered;
+        Ok(())
+    }
+}
+
 impl RecordStore {
     /// Opens (or creates) the store in `path`, refusing stores written by a newer schema.
     pub fn open(path: &Path) -> Result<Self> {
-        let db = sled::Config::new().path(path).open().map_err(|e| match e {
-            sled::Error::Io(ref io)
-                if io.kind() == std::io::ErrorKind::WouldBlock
-                    || io.to_string().contains("lock") =>
-            {
-                StoreError::Locked {
-                    path: path.display().to_string(),
-                }
-            }
-            other => StoreError::Sled(other),
-        })?;
+        let db = open_db(path)?;
         let meta = db.open_tree(META)?;
         match meta.get(SCHEMA_KEY)? {
             Some(bytes) => {
@@ -199,6 +226,7 @@ impl RecordStore {
             annotations: db.open_tree(ANNOTATIONS)?,
             ledger: db.open_tree(ledger::LEDGER)?,
             audit: db.open_tree(audit::AUDIT)?,
+            nonces: db.open_tree("signed_nonces")?,
             meta,
             commits: Default::default(),
             db,
@@ -446,17 +474,7 @@ impl RecordStore {
 
     /// Makes every write made before this call durable (see [`GroupCommit`]).
     pub async fn flush(&self) -> Result<()> {
-        use std::sync::atomic::Ordering;
-        let ticket = self.commits.written.fetch_add(1, Ordering::SeqCst) + 1;
-        let mut durable = self.commits.durable.lock().await;
-        if *durable >= ticket {
-            return Ok(());
-        }
-        // Everything written up to here is covered by this flush.
-        let covered = self.commits.written.load(Ordering::SeqCst);
-        self.db.flush_async().await?;
-        *durable = covered;
-        Ok(())
+        self.commits.flush(&self.db).await
     }
 
     /// Checks every record decodes and the image index is consistent; returns the count.

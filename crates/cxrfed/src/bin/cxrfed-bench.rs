@@ -203,6 +203,7 @@ fn dp_bench(
         suppress_below: 0,
         unlinked: dp::Unlinked::Exclude,
         selection_secret: [42; 32],
+        raw: false,
     };
     let plan = dp::plan(columns, cxrfed_stats::query::parse(query)?, &params)?;
     let truth = plan.noiseless(columns)?;
