@@ -70,6 +70,9 @@ pub struct NodeConfig {
     /// Records without a patient pseudonym in DP releases: "exclude" (their privacy unit is
     /// unknown) or "per-image" (only where each image is known to be its own patient).
     pub dp_unlinked: String,
+    /// The study coordinator's URL (https://HOST:PORT). When set, the node dials out to it with
+    /// its node certificate and answers federated DP queries over that link.
+    pub coordinator: Option<String>,
 }
 
 impl Default for NodeConfig {
@@ -106,6 +109,7 @@ impl Default for NodeConfig {
             dp_default_epsilon: 0.0,
             dp_default_delta: 0.0,
             dp_unlinked: "exclude".to_string(),
+            coordinator: None,
         }
     }
 }
@@ -148,6 +152,7 @@ pub const KEYS: &[&str] = &[
     "dp_default_epsilon",
     "dp_default_delta",
     "dp_unlinked",
+    "coordinator",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -244,6 +249,16 @@ impl NodeConfig {
                 "dp_unlinked {:?} must be \"exclude\" or \"per-image\"",
                 self.dp_unlinked
             ));
+        }
+        if let Some(url) = &self.coordinator
+            && !url.starts_with("https://")
+        {
+            return bad(format!(
+                "coordinator {url:?} must be an https:// URL (the link is mutual TLS)"
+            ));
+        }
+        if self.coordinator.is_some() && self.insecure_dev {
+            return bad("--coordinator needs mutual TLS; it cannot be used with --insecure-dev".into());
         }
         if !(100..=3_600_000).contains(&self.tls_reload_ms) {
             return bad(format!(

@@ -45,6 +45,7 @@ impl NodeError {
             NodeError::Store(e) => match e {
                 StoreError::NewerSchema { .. } => Code::FailedPrecondition,
                 StoreError::BudgetExhausted { .. } => Code::ResourceExhausted,
+                StoreError::Replay { .. } => Code::AlreadyExists,
                 StoreError::Locked { .. }
                 | StoreError::Sled(_)
                 | StoreError::Corrupt { .. }
@@ -68,6 +69,7 @@ impl NodeError {
         match self {
             NodeError::Imaging(e) => e.kind(),
             NodeError::Store(StoreError::BudgetExhausted { .. }) => "budget_exhausted",
+            NodeError::Store(StoreError::Replay { .. }) => "replay",
             NodeError::Store(_) => "store",
             NodeError::InvalidRequest(_) => "invalid_request",
             NodeError::UploadTooLarge { .. } => "file_too_large",

@@ -10,6 +10,7 @@
 pub mod config;
 mod error;
 pub mod export;
+pub mod federation;
 pub mod jobs;
 pub mod pipeline;
 pub mod privacy;

@@ -105,6 +105,32 @@ pub struct DpRequest {
     pub epsilon: f64,
     pub delta: f64,
     pub mechanism: Mechanism,
+    /// Raw noisy values for a coordinator to pool (a federated task).
+    pub raw: bool,
+    /// The nonce of a signed request: charged once.
+    pub nonce: Option<String>,
+    /// Who relayed the request (the coordinator), for the audit chain.
+    pub via: String,
+}
+
+impl DpRequest {
+    /// A direct request (the `DpStats` RPC).
+    pub fn direct(
+        query: cxrfed_stats::Query,
+        epsilon: f64,
+        delta: f64,
+        mechanism: Mechanism,
+    ) -> DpRequest {
+        DpRequest {
+            query,
+            epsilon,
+            delta,
+            mechanism,
+            raw: false,
+            nonce: None,
+            via: String::new(),
+        }
+    }
 }
 
 /// A release that was charged and recorded.
@@ -142,7 +168,9 @@ pub async fn release(
         suppress_below: settings.suppress_below,
         unlinked: settings.unlinked,
         selection_secret: settings.selection_secret,
+        raw: request.raw,
     };
+    let (nonce, via) = (request.nonce.clone(), request.via.clone());
     let precheck_store = store.clone();
     let precheck_uri = uri.clone();
     let release = tokio::task::spawn_blocking(move || {
@@ -178,9 +206,17 @@ pub async fn release(
         epsilon: release.cost.epsilon,
         delta: release.cost.delta,
         digest: release.digest(),
+        via,
     };
     let (account, audit) = store
-        .charge(&uri, release.cost.epsilon, release.cost.delta, limit, event)
+        .charge(
+            &uri,
+            release.cost.epsilon,
+            release.cost.delta,
+            limit,
+            event,
+            nonce.as_deref(),
+        )
         .await?;
     tracing::info!(
         statistic = release.statistic.as_str(),
@@ -223,5 +259,6 @@ pub fn event(
         epsilon: 0.0,
         delta: 0.0,
         digest,
+        via: String::new(),
     }
 }

@@ -231,7 +231,12 @@ pub async fn serve(
                 .map_err(|e| ServeError::Lexicon(format!("{path}: {e}")))?
         }
     };
+    let node_tls = match &transport {
+        ServerTransport::Tls(tls) => Some(tls.clone()),
+        ServerTransport::InsecureDev(_) => None,
+    };
     let state = Arc::new(NodeState {
+        tls: node_tls,
         jobs: Default::default(),
         custom_fields: std::sync::RwLock::new(
             custom_fields
@@ -286,6 +291,15 @@ pub async fn serve(
         }
         ServerTransport::InsecureDev(_) => None,
     };
+    if let Some(url) = state.config.coordinator.clone() {
+        let paths = state.config.tls_paths()?;
+        let credentials = cxrfed_auth::ClientCredentials {
+            ca: paths.ca,
+            cert: Some(paths.cert),
+            key: Some(paths.key),
+        };
+        crate::federation::spawn(state.clone(), url, credentials, shutdown.clone());
+    }
     let auth = AuthLayer::new(node_policy(&state.config.site), tls);
     let node = NodeServiceServer::new(NodeApi::new(state.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)

@@ -40,6 +40,9 @@ pub struct NodeState {
     pub study: String,
     /// Differential privacy settings.
     pub dp: crate::privacy::DpSettings,
+    /// The node's TLS material (None under --insecure-dev): verifies the certificates of
+    /// researchers who sign federated queries.
+    pub tls: Option<Arc<cxrfed_auth::ReloadingTls>>,
     /// Maps questions to fields for `Ask`.
     pub lexicon: cxrfed_schema::lexicon::Lexicon,
     /// Ingest jobs started on this node (newest last).
@@ -597,6 +600,46 @@ fn caller_identity(peer: &Caller) -> Result<&cxrfed_auth::Identity, NodeError> {
     peer.who
         .as_ref()
         .ok_or_else(|| NodeError::Internal("the request carries no verified identity".into()))
+}
+
+/// A charged DP release as the proto message (the `DpStats` reply and a federated task's result).
+pub(crate) fn dp_response(released: crate::privacy::Released) -> pb::DpStatsResponse {
+    let r = released.release;
+    pb::DpStatsResponse {
+        statistic: r.statistic,
+        query: r.query,
+        label_columns: r.label_columns,
+        value_columns: r.value_columns,
+        rows: r
+            .rows
+            .into_iter()
+            .map(|row| pb::DpRow {
+                labels: row.labels,
+                values: row
+                    .values
+                    .into_iter()
+                    .map(|v| pb::DpValue {
+                        value: v.value,
+                        error_bound: v.error_bound,
+                    })
+                    .collect(),
+            })
+            .collect(),
+        epsilon: r.cost.epsilon,
+        delta: r.cost.delta,
+        mechanism: r.mechanism,
+        noise_scale: r.noise_scale,
+        confidence: r.confidence,
+        contributions: r.contributions,
+        suppress_below: r.suppress_below,
+        threshold: r.threshold.unwrap_or(0),
+        notes: r.notes,
+        budget: Some(budget_account(released.account)),
+        audit_seq: released.audit.seq,
+        audit_hash: released.audit.hash,
+        raw: r.raw,
+        value_scales: r.value_scales,
+    }
 }
 
 fn budget_account(account: cxrfed_store::Account) -> pb::BudgetAccount {
@@ -1169,49 +1212,16 @@ impl NodeService for NodeApi {
                 &state.dp,
                 identity,
                 limit,
-                crate::privacy::DpRequest {
+                crate::privacy::DpRequest::direct(
                     query,
-                    epsilon: request.epsilon,
-                    delta: request.delta,
+                    request.epsilon,
+                    request.delta,
                     mechanism,
-                },
+                ),
                 "DpStats",
             )
             .await?;
-            let r = released.release;
-            Ok(pb::DpStatsResponse {
-                statistic: r.statistic,
-                query: r.query,
-                label_columns: r.label_columns,
-                value_columns: r.value_columns,
-                rows: r
-                    .rows
-                    .into_iter()
-                    .map(|row| pb::DpRow {
-                        labels: row.labels,
-                        values: row
-                            .values
-                            .into_iter()
-                            .map(|v| pb::DpValue {
-                                value: v.value,
-                                error_bound: v.error_bound,
-                            })
-                            .collect(),
-                    })
-                    .collect(),
-                epsilon: r.cost.epsilon,
-                delta: r.cost.delta,
-                mechanism: r.mechanism,
-                noise_scale: r.noise_scale,
-                confidence: r.confidence,
-                contributions: r.contributions,
-                suppress_below: r.suppress_below,
-                threshold: r.threshold.unwrap_or(0),
-                notes: r.notes,
-                budget: Some(budget_account(released.account)),
-                audit_seq: released.audit.seq,
-                audit_hash: released.audit.hash,
-            })
+            Ok(dp_response(released))
         })
         .await
     }

@@ -109,12 +109,12 @@ async fn dp_count_noise_matches_the_configured_scale_for_k_1_and_3() {
                 &settings,
                 &identity,
                 Limit::Budget(Budget::default()),
-                DpRequest {
-                    query: cxrfed_stats::query::parse("count where view = PA").expect("query"),
+                DpRequest::direct(
+                    cxrfed_stats::query::parse("count where view = PA").expect("query"),
                     epsilon,
-                    delta: 0.0,
-                    mechanism: Mechanism::Laplace,
-                },
+                    0.0,
+                    Mechanism::Laplace,
+                ),
                 "DpStats",
             )
             .await

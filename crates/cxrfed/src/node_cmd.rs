@@ -123,6 +123,10 @@ pub struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     dp_default_epsilon: Option<f64>,
+    /// The study coordinator to dial out to (https://HOST:PORT) for federated queries.
+    #[arg(long, env = "CXRFED_COORDINATOR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    coordinator: Option<String>,
     /// Start in the background and return once the node accepts connections.
     #[arg(long)]
     #[serde(skip)]

@@ -1,0 +1,300 @@
+//! The node's link to the study coordinator. Hospital firewalls rarely accept inbound
+//! connections, so the node dials out: one long-lived bidirectional stream, authenticated with
+//! the node certificate, over which the coordinator sends tasks. The node keeps serving its
+//! local users whether or not the link is up.
+//!
+//! - Heartbeats every `heartbeat_secs` (from the coordinator's Welcome) carry the record count.
+//! - A dropped link is redialled with exponential backoff (1 s doubling to 60 s) and jitter.
+//! - A task's result that could not be sent is kept and sent after the next NodeHello; a task
+//!   the coordinator sends again after a reconnect is answered from the kept result, never
+//!   charged twice (the ledger also charges a signed request's nonce once).
+//!
+//! A task is a researcher's signed query. The node verifies the researcher's certificate
+//! against the study CA (chain, revocation, expiry, role researcher, same study), the signature
+//! over the exact intent bytes, the intent's study, site list and validity window, then releases
+//! with its own DP mechanism, charging the researcher's own account in its ledger. Nothing but
+//! that release (raw noisy values) or an error goes back.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cxrfed_auth::{ClientCredentials, Role};
+use cxrfed_proto::v1 as pb;
+use cxrfed_proto::v1::coordinator_service_client::CoordinatorServiceClient;
+use prost::Message;
+use rustls::pki_types::CertificateDer;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::NodeError;
+use crate::service::NodeState;
+
+/// How long a task's result is kept for a coordinator that asks again.
+const KEEP_RESULTS: Duration = Duration::from_secs(3600);
+/// Clock skew tolerated on a signed intent's issue time.
+const SKEW_SECS: i64 = 300;
+
+#[derive(Debug, Default)]
+struct Results {
+    /// Every result of the last hour, by task id.
+    done: HashMap<String, (Instant, pb::TaskResult)>,
+    /// Results not yet delivered (the link was down when they were ready).
+    unsent: Vec<pb::TaskResult>,
+}
+
+/// Starts the link in the background; it ends when `shutdown` fires.
+pub fn spawn(
+    state: Arc<NodeState>,
+    url: String,
+    credentials: ClientCredentials,
+    shutdown: CancellationToken,
+) {
+    tokio::spawn(async move {
+        let results = Arc::new(Mutex::new(Results::default()));
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            if shutdown.is_cancelled() {
+                return;
+            }
+            let started = Instant::now();
+            match session(&state, &url, &credentials, &shutdown, &results).await {
+                Ok(()) => return,
+                Err(e) => tracing::warn!(coordinator = url.as_str(), error = %e, "coordinator link down; retrying"),
+            }
+            // A session that lasted resets the backoff.
+            if started.elapsed() > Duration::from_secs(30) {
+                backoff = Duration::from_secs(1);
+            }
+            let jitter = Duration::from_millis(u64::from(rand_u16()) % (backoff.as_millis() as u64 / 2 + 1));
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(backoff + jitter) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(60));
+        }
+    });
+}
+
+fn rand_u16() -> u16 {
+    let mut b = [0u8; 2];
+    let _ = getrandom::fill(&mut b);
+    u16::from_le_bytes(b)
+}
+
+/// One connection: hello, then heartbeats out and tasks in until either side ends it.
+async fn session(
+    state: &Arc<NodeState>,
+    url: &str,
+    credentials: &ClientCredentials,
+    shutdown: &CancellationToken,
+    results: &Arc<Mutex<Results>>,
+) -> Result<(), String> {
+    let channel = cxrfed_auth::client::connect(url, Some(credentials))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut client = CoordinatorServiceClient::new(channel);
+    let (tx, rx) = mpsc::channel::<pb::NodeMessage>(64);
+    let send = |kind| pb::NodeMessage { kind: Some(kind) };
+    tx.send(send(pb::node_message::Kind::Hello(pb::NodeHello {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        model_id: state
+            .pipeline
+            .model()
+            .map_or_else(|| cxrfed_schema::NO_MODEL.to_string(), |m| m.card().model_id.clone()),
+        record_count: state.store.count() as u64,
+    })))
+    .await
+    .map_err(|e| e.to_string())?;
+    let unsent = results
+        .lock()
+        .map(|mut r| std::mem::take(&mut r.unsent))
+        .unwrap_or_default();
+    for result in unsent {
+        tx.send(send(pb::node_message::Kind::Result(result)))
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    let mut inbound = client
+        .link(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .map_err(|s| format!("{}: {}", s.code(), s.message()))?
+        .into_inner();
+    tracing::info!(coordinator = url, "connected to the coordinator");
+    let mut heartbeat = tokio::time::interval(Duration::from_secs(10));
+    heartbeat.tick().await;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = heartbeat.tick() => {
+                tx.send(send(pb::node_message::Kind::Heartbeat(pb::Heartbeat {
+                    record_count: state.store.count() as u64,
+                })))
+                .await
+                .map_err(|e| e.to_string())?;
+            }
+            message = inbound.message() => {
+                let message = message
+                    .map_err(|s| format!("{}: {}", s.code(), s.message()))?
+                    .ok_or("the coordinator closed the stream")?;
+                match message.kind {
+                    Some(pb::coordinator_message::Kind::Welcome(w)) => {
+                        let secs = u64::from(w.heartbeat_secs.clamp(1, 3600));
+                        heartbeat = tokio::time::interval(Duration::from_secs(secs));
+                        heartbeat.tick().await;
+                    }
+                    Some(pb::coordinator_message::Kind::Task(task)) => {
+                        let (state, tx, results, via) =
+                            (state.clone(), tx.clone(), results.clone(), url.to_string());
+                        tokio::spawn(async move {
+                            let result = answer(&state, task, &via, &results).await;
+                            if let Err(e) = tx.send(pb::NodeMessage {
+                                kind: Some(pb::node_message::Kind::Result(result)),
+                            })
+                            .await
+                            {
+                                let pb::node_message::Kind::Result(result) = e.0.kind.unwrap_or(
+                                    pb::node_message::Kind::Heartbeat(pb::Heartbeat::default()),
+                                ) else {
+                                    return;
+                                };
+                                if let Ok(mut r) = results.lock() {
+                                    r.unsent.push(result);
+                                }
+                            }
+                        });
+                    }
+                    None => {}
+                }
+            }
+        }
+    }
+}
+
+/// The result of a task: from the kept results when the coordinator asks again, else freshly
+/// verified, released and kept.
+async fn answer(
+    state: &Arc<NodeState>,
+    task: pb::Task,
+    via: &str,
+    results: &Arc<Mutex<Results>>,
+) -> pb::TaskResult {
+    if let Ok(mut r) = results.lock() {
+        r.done.retain(|_, (at, _)| at.elapsed() < KEEP_RESULTS);
+        if let Some((_, result)) = r.done.get(&task.task_id) {
+            return result.clone();
+        }
+    }
+    let task_id = task.task_id.clone();
+    let outcome = match execute(state, task, via).await {
+        Ok(release) => pb::task_result::Outcome::Release(release),
+        Err(e) => {
+            let code = match &e {
+                NodeError::Store(cxrfed_store::StoreError::BudgetExhausted { .. }) => {
+                    "budget_exhausted"
+                }
+                NodeError::Store(cxrfed_store::StoreError::Replay { .. }) => "refused",
+                NodeError::InvalidRequest(m) if m.starts_with("refused:") => "refused",
+                NodeError::InvalidRequest(_) => "invalid",
+                _ => "internal",
+            };
+            tracing::warn!(task_id = task_id.as_str(), code, error = %e, "federated task not answered");
+            pb::task_result::Outcome::Error(pb::TaskError {
+                code: code.to_string(),
+                message: e.to_string(),
+            })
+        }
+    };
+    let result = pb::TaskResult {
+        task_id: task_id.clone(),
+        outcome: Some(outcome),
+    };
+    if let Ok(mut r) = results.lock() {
+        r.done.insert(task_id, (Instant::now(), result.clone()));
+    }
+    result
+}
+
+fn refused(reason: impl std::fmt::Display) -> NodeError {
+    NodeError::InvalidRequest(format!("refused: {reason}"))
+}
+
+/// Verifies a signed query and releases it for the researcher who signed it.
+async fn execute(
+    state: &Arc<NodeState>,
+    task: pb::Task,
+    via: &str,
+) -> Result<pb::DpStatsResponse, NodeError> {
+    let signed = task
+        .query
+        .ok_or_else(|| NodeError::InvalidRequest("the task carries no query".into()))?;
+    let Some(tls) = &state.tls else {
+        return Err(refused(
+            "this node runs --insecure-dev and cannot verify researchers' certificates",
+        ));
+    };
+    let material = tls.current();
+    let researcher = material
+        .verify_client(&[CertificateDer::from(signed.certificate.clone())])
+        .map_err(|r| refused(format!("the signer's certificate: {}", r.reason)))?;
+    material.still_valid(&researcher).map_err(refused)?;
+    if researcher.role != Role::Researcher {
+        return Err(refused(format!(
+            "{} is not a researcher certificate",
+            researcher.uri()
+        )));
+    }
+    cxrfed_auth::signing::verify(&signed.certificate, &signed.intent, &signed.signature)
+        .map_err(|e| refused(format!("{e} (signer {})", researcher.uri())))?;
+    let intent = pb::QueryIntent::decode(signed.intent.as_slice())
+        .map_err(|e| NodeError::InvalidRequest(format!("the signed intent is unreadable: {e}")))?;
+    if intent.study != state.study {
+        return Err(refused(format!(
+            "the query is for study {:?}; this node serves {:?}",
+            intent.study, state.study
+        )));
+    }
+    let now = chrono::Utc::now().timestamp();
+    if now > intent.expires_at_unix || intent.issued_at_unix > now + SKEW_SECS {
+        return Err(refused("the signed query has expired or is not yet valid"));
+    }
+    if !intent.sites.is_empty() && !intent.sites.iter().any(|s| *s == state.config.site) {
+        return Err(refused(format!(
+            "the researcher did not ask site {}",
+            state.config.site
+        )));
+    }
+    if intent.nonce.len() < 16 {
+        return Err(NodeError::InvalidRequest(
+            "the signed query has no nonce".into(),
+        ));
+    }
+    let query = cxrfed_stats::query::parse(&intent.query)
+        .map_err(|e| NodeError::InvalidRequest(format!("query: {e}")))?;
+    let mechanism = cxrfed_stats::dp::Mechanism::parse(&intent.mechanism).ok_or_else(|| {
+        NodeError::InvalidRequest(format!(
+            "mechanism {:?} must be laplace or gaussian",
+            intent.mechanism
+        ))
+    })?;
+    let limit = cxrfed_store::Limit::Budget(state.dp.default_budget);
+    let released = crate::privacy::release(
+        &state.store,
+        state.columns.clone(),
+        &state.dp,
+        &researcher,
+        limit,
+        crate::privacy::DpRequest {
+            query,
+            epsilon: intent.epsilon,
+            delta: intent.delta,
+            mechanism,
+            raw: true,
+            nonce: Some(format!("{}:{}", researcher.uri(), intent.nonce)),
+            via: format!("coordinator {via}, task {}", task.task_id),
+        },
+        "FederatedQuery",
+    )
+    .await?;
+    Ok(crate::service::dp_response(released))
+}
