@@ -1,0 +1,143 @@
+//! The coordinator's configuration: defaults, then a TOML file, then `CXRFED_*` environment
+//! variables (the keys below), then flags.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    /// Store (site registry, audit chain), PID file and logs.
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub log_level: String,
+    /// The study CA (PEM) every node and researcher certificate must chain to.
+    pub ca: Option<PathBuf>,
+    /// The coordinator's certificate (role coordinator) and key (0600).
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// The study CA's revocation list; defaults to `crl.pem` next to `ca`.
+    pub crl: Option<PathBuf>,
+    pub tls_reload_ms: u64,
+    /// Pooled noisy counts below this are withheld.
+    pub suppress_below: u64,
+    /// Seconds between a node's heartbeats.
+    pub heartbeat_secs: u32,
+    /// Default time to wait for sites, ms (a query may ask for less or more, up to 10 min).
+    pub query_timeout_ms: u32,
+    pub grace_period_secs: u64,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        CoordinatorConfig {
+            data_dir: default_data_dir(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 50061)),
+            log_level: "info".into(),
+            ca: None,
+            cert: None,
+            key: None,
+            crl: None,
+            tls_reload_ms: 2000,
+            suppress_below: 10,
+            heartbeat_secs: 10,
+            query_timeout_ms: 30_000,
+            grace_period_secs: 10,
+        }
+    }
+}
+
+/// `$XDG_DATA_HOME/cxrfed/coordinator`, or `./.cxrfed/coordinator`.
+pub fn default_data_dir() -> PathBuf {
+    dirs::data_local_dir()
+        .map(|d| d.join("cxrfed").join("coordinator"))
+        .unwrap_or_else(|| PathBuf::from(".cxrfed/coordinator"))
+}
+
+pub const KEYS: &[&str] = &[
+    "data_dir",
+    "listen",
+    "log_level",
+    "ca",
+    "cert",
+    "key",
+    "crl",
+    "tls_reload_ms",
+    "suppress_below",
+    "heartbeat_secs",
+    "query_timeout_ms",
+    "grace_period_secs",
+];
+
+#[derive(Debug, thiserror::Error)]
+#[error("configuration: {0}")]
+pub struct ConfigError(pub String);
+
+impl CoordinatorConfig {
+    pub fn load(file: Option<&Path>, flags: impl Serialize) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(CoordinatorConfig::default()));
+        if let Some(file) = file {
+            if !file.exists() {
+                return Err(ConfigError(format!(
+                    "config file {} does not exist",
+                    file.display()
+                )));
+            }
+            figment = figment.merge(Toml::file(file));
+        }
+        let config: CoordinatorConfig = figment
+            .merge(Env::prefixed("CXRFED_").only(KEYS))
+            .merge(Serialized::defaults(flags))
+            .extract()
+            .map_err(|e| ConfigError(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=3600).contains(&self.heartbeat_secs) {
+            return Err(ConfigError("heartbeat_secs must be in 1..=3600".into()));
+        }
+        if !(100..=600_000).contains(&self.query_timeout_ms) {
+            return Err(ConfigError("query_timeout_ms must be in 100..=600000".into()));
+        }
+        self.tls_paths()?;
+        Ok(())
+    }
+
+    pub fn tls_paths(&self) -> Result<cxrfed_auth::TlsPaths, ConfigError> {
+        let (Some(ca), Some(cert), Some(key)) = (&self.ca, &self.cert, &self.key) else {
+            return Err(ConfigError(
+                "the coordinator serves mutual TLS only: give --ca, --cert and --key (a \
+                 coordinator certificate from `cxrfed certs issue --role coordinator`)"
+                    .into(),
+            ));
+        };
+        let crl = self.crl.clone().or_else(|| {
+            let beside = ca.parent()?.join(cxrfed_auth::pki::CA_CRL);
+            beside.exists().then_some(beside)
+        });
+        Ok(cxrfed_auth::TlsPaths {
+            ca: ca.clone(),
+            cert: cert.clone(),
+            key: key.clone(),
+            crl,
+        })
+    }
+
+    pub fn store_dir(&self) -> PathBuf {
+        self.data_dir.join("store")
+    }
+
+    pub fn pid_path(&self) -> PathBuf {
+        self.data_dir.join("coordinator.pid")
+    }
+
+    pub fn log_dir(&self) -> PathBuf {
+        self.data_dir.join("logs")
+    }
+}

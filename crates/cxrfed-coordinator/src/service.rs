@@ -1,0 +1,665 @@
+//! `cxrfed.v1.CoordinatorService`: the nodes' links, federated DP queries, the site registry
+//! and the coordinator's audit chain.
+//!
+//! The coordinator relays a researcher's signed query to the sites over their links and pools
+//! the raw noisy values they release. It never holds a record or an exact aggregate: the link
+//! protocol has no message that could carry one (a task is a signed query, a result is a DP
+//! release or an error), and the node enforces that the coordinator role reaches none of its
+//! exact or admin RPCs.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{SecondsFormat, Utc};
+use cxrfed_auth::Identity;
+use cxrfed_proto::v1 as pb;
+use cxrfed_proto::v1::coordinator_service_server::CoordinatorService;
+use cxrfed_stats::dp::Mechanism;
+use cxrfed_stats::pool::{self, Part};
+use cxrfed_store::{AuditEvent, CoordinatorStore, SiteRecord};
+use prost::Message;
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::config::CoordinatorConfig;
+
+type Outbound = mpsc::Sender<Result<pb::CoordinatorMessage, Status>>;
+
+/// One node's live link.
+#[derive(Debug)]
+struct Link {
+    id: u64,
+    tx: Outbound,
+}
+
+/// A task sent and not yet answered.
+#[derive(Debug)]
+struct Pending {
+    site: String,
+    task: pb::Task,
+    reply: oneshot::Sender<pb::TaskResult>,
+}
+
+/// The coordinator's shared state.
+#[derive(Debug)]
+pub struct CoordinatorState {
+    pub config: CoordinatorConfig,
+    pub store: CoordinatorStore,
+    pub study: String,
+    pub started: Instant,
+    links: Mutex<HashMap<String, Link>>,
+    pending: Mutex<HashMap<String, Pending>>,
+    next_link: AtomicU64,
+}
+
+impl CoordinatorState {
+    pub fn new(config: CoordinatorConfig, store: CoordinatorStore, study: String) -> Self {
+        CoordinatorState {
+            config,
+            store,
+            study,
+            started: Instant::now(),
+            links: Mutex::default(),
+            pending: Mutex::default(),
+            next_link: AtomicU64::new(1),
+        }
+    }
+
+    fn connected(&self) -> HashMap<String, Outbound> {
+        self.links
+            .lock()
+            .map(|l| l.iter().map(|(s, l)| (s.clone(), l.tx.clone())).collect())
+            .unwrap_or_default()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct CoordinatorApi {
+    state: Arc<CoordinatorState>,
+}
+
+impl CoordinatorApi {
+    pub fn new(state: Arc<CoordinatorState>) -> Self {
+        CoordinatorApi { state }
+    }
+}
+
+fn now() -> String {
+    Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+fn identity_of<T>(request: &Request<T>) -> Result<Identity, Status> {
+    request
+        .extensions()
+        .get::<Identity>()
+        .cloned()
+        .ok_or_else(|| Status::unauthenticated("no verified identity"))
+}
+
+fn internal(e: impl std::fmt::Display) -> Status {
+    Status::internal(e.to_string())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+async fn update_site(state: &CoordinatorState, site: &str, edit: impl FnOnce(&mut SiteRecord)) {
+    let mut record = state
+        .store
+        .sites()
+        .ok()
+        .and_then(|all| all.into_iter().find(|s| s.site == site))
+        .unwrap_or_else(|| SiteRecord {
+            site: site.to_string(),
+            ..Default::default()
+        });
+    edit(&mut record);
+    if let Err(e) = state.store.upsert_site(&record).await {
+        tracing::error!(site, error = %e, "cannot record the site");
+    }
+}
+
+/// Reads one node's messages until its stream ends.
+async fn read_link(
+    state: Arc<CoordinatorState>,
+    site: String,
+    identity: String,
+    link_id: u64,
+    mut inbound: Streaming<pb::NodeMessage>,
+) {
+    loop {
+        let message = match inbound.message().await {
+            Ok(Some(m)) => m,
+            Ok(None) => break,
+            Err(status) => {
+                tracing::info!(site, error = %status.message(), "link ended");
+                break;
+            }
+        };
+        match message.kind {
+            Some(pb::node_message::Kind::Hello(hello)) => {
+                let since = now();
+                update_site(&state, &site, |r| {
+                    r.identity = identity.clone();
+                    r.version = hello.version.clone();
+                    r.model_id = hello.model_id.clone();
+                    r.record_count = hello.record_count;
+                    r.connected_since = since.clone();
+                    r.last_seen = since.clone();
+                })
+                .await;
+                tracing::info!(site, version = hello.version.as_str(), records = hello.record_count, "site connected");
+                // Resume: tasks of queries still waiting for this site go out again.
+                let resend: Vec<pb::Task> = state
+                    .pending
+                    .lock()
+                    .map(|p| {
+                        p.values()
+                            .filter(|p| p.site == site)
+                            .map(|p| p.task.clone())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let tx = state
+                    .links
+                    .lock()
+                    .ok()
+                    .and_then(|l| l.get(&site).map(|l| l.tx.clone()));
+                if let Some(tx) = tx {
+                    for task in resend {
+                        tracing::info!(site, task_id = task.task_id.as_str(), "task sent again after a reconnect");
+                        let _ = tx
+                            .send(Ok(pb::CoordinatorMessage {
+                                kind: Some(pb::coordinator_message::Kind::Task(task)),
+                            }))
+                            .await;
+                    }
+                }
+            }
+            Some(pb::node_message::Kind::Heartbeat(beat)) => {
+                let seen = now();
+                update_site(&state, &site, |r| {
+                    r.last_seen = seen;
+                    r.record_count = beat.record_count;
+                })
+                .await;
+            }
+            Some(pb::node_message::Kind::Result(result)) => {
+                let pending = state
+                    .pending
+                    .lock()
+                    .ok()
+                    .and_then(|mut p| p.remove(&result.task_id));
+                match pending {
+                    Some(p) if p.site == site => {
+                        let _ = p.reply.send(result);
+                    }
+                    Some(p) => {
+                        tracing::warn!(site, task_site = p.site.as_str(), "a site answered another site's task; ignored");
+                        if let Ok(mut all) = state.pending.lock() {
+                            all.insert(result.task_id.clone(), p);
+                        }
+                    }
+                    None => tracing::debug!(site, task_id = result.task_id.as_str(), "result of a finished query"),
+                }
+            }
+            None => {}
+        }
+    }
+    let seen = now();
+    update_site(&state, &site, |r| r.last_seen = seen).await;
+    if let Ok(mut links) = state.links.lock()
+        && links.get(&site).is_some_and(|l| l.id == link_id)
+    {
+        links.remove(&site);
+    }
+    tracing::info!(site, "site disconnected");
+}
+
+type LinkStream = Pin<Box<dyn Stream<Item = Result<pb::CoordinatorMessage, Status>> + Send>>;
+
+/// What happened at one site during a query.
+struct Outcome {
+    site: String,
+    status: &'static str,
+    reason: String,
+    release: Option<pb::DpStatsResponse>,
+}
+
+fn site_outcome(o: &Outcome) -> pb::SiteOutcome {
+    let budget = o.release.as_ref().and_then(|r| r.budget.clone());
+    pb::SiteOutcome {
+        site: o.site.clone(),
+        answered: o.status == "answered",
+        status: o.status.to_string(),
+        reason: o.reason.clone(),
+        epsilon: o.release.as_ref().map_or(0.0, |r| r.epsilon),
+        delta: o.release.as_ref().map_or(0.0, |r| r.delta),
+        epsilon_remaining: budget.map_or(0.0, |b| b.epsilon_remaining),
+        audit_seq: o.release.as_ref().map_or(0, |r| r.audit_seq),
+    }
+}
+
+fn part_of(site: &str, r: &pb::DpStatsResponse) -> Part {
+    Part {
+        site: site.to_string(),
+        mechanism: if r.mechanism.contains("gaussian") {
+            Mechanism::Gaussian
+        } else {
+            Mechanism::Laplace
+        },
+        label_columns: r.label_columns.clone(),
+        value_columns: r.value_columns.clone(),
+        rows: r
+            .rows
+            .iter()
+            .map(|row| {
+                (
+                    row.labels.clone(),
+                    row.values.iter().map(|v| v.value.unwrap_or(0.0)).collect(),
+                )
+            })
+            .collect(),
+        scales: r.value_scales.clone(),
+    }
+}
+
+impl CoordinatorApi {
+    /// Verifies the researcher's signed intent: signed by the caller's own certificate, for
+    /// this study, not expired.
+    fn check_intent(
+        &self,
+        caller: &Identity,
+        signed: &pb::SignedQuery,
+    ) -> Result<pb::QueryIntent, Status> {
+        let fingerprint = hex(&Sha256::digest(&signed.certificate));
+        if fingerprint != caller.fingerprint {
+            return Err(Status::permission_denied(
+                "the query must be signed with the caller's own certificate",
+            ));
+        }
+        cxrfed_auth::signing::verify(&signed.certificate, &signed.intent, &signed.signature)
+            .map_err(|e| Status::permission_denied(e.to_string()))?;
+        let intent = pb::QueryIntent::decode(signed.intent.as_slice())
+            .map_err(|e| Status::invalid_argument(format!("the signed intent is unreadable: {e}")))?;
+        if intent.study != self.state.study {
+            return Err(Status::invalid_argument(format!(
+                "the query is for study {:?}; this coordinator serves {:?}",
+                intent.study, self.state.study
+            )));
+        }
+        if Utc::now().timestamp() > intent.expires_at_unix {
+            return Err(Status::invalid_argument("the signed query has expired"));
+        }
+        if !(intent.epsilon.is_finite() && intent.epsilon > 0.0) {
+            return Err(Status::invalid_argument("epsilon must be a positive number"));
+        }
+        let query = cxrfed_stats::query::parse(&intent.query)
+            .map_err(|e| Status::invalid_argument(format!("query: {e}")))?;
+        if matches!(
+            query.statistic,
+            cxrfed_stats::query::Statistic::Summary(_)
+        ) {
+            return Err(Status::invalid_argument(
+                "summary has no DP release; use mean or sum",
+            ));
+        }
+        Ok(intent)
+    }
+}
+
+#[tonic::async_trait]
+impl CoordinatorService for CoordinatorApi {
+    type LinkStream = LinkStream;
+
+    async fn link(
+        &self,
+        request: Request<Streaming<pb::NodeMessage>>,
+    ) -> Result<Response<Self::LinkStream>, Status> {
+        let identity = identity_of(&request)?;
+        let site = identity
+            .site
+            .clone()
+            .ok_or_else(|| Status::permission_denied("a node certificate names its site"))?;
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(64);
+        tx.send(Ok(pb::CoordinatorMessage {
+            kind: Some(pb::coordinator_message::Kind::Welcome(pb::Welcome {
+                heartbeat_secs: self.state.config.heartbeat_secs,
+            })),
+        }))
+        .await
+        .map_err(internal)?;
+        let id = self.state.next_link.fetch_add(1, Ordering::SeqCst);
+        if let Ok(mut links) = self.state.links.lock()
+            && links.insert(site.clone(), Link { id, tx }).is_some()
+        {
+            tracing::info!(site, "site reconnected; its previous link is replaced");
+        }
+        tokio::spawn(read_link(
+            self.state.clone(),
+            site,
+            identity.uri(),
+            id,
+            inbound,
+        ));
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn query(
+        &self,
+        request: Request<pb::FederatedQueryRequest>,
+    ) -> Result<Response<pb::FederatedQueryResponse>, Status> {
+        let caller = identity_of(&request)?;
+        let request = request.into_inner();
+        let signed = request
+            .signed
+            .ok_or_else(|| Status::invalid_argument("the query is not signed"))?;
+        let intent = self.check_intent(&caller, &signed)?;
+        let query_id = uuid::Uuid::now_v7().to_string();
+        let timeout_ms = match request.timeout_ms {
+            0 => self.state.config.query_timeout_ms,
+            t => t.min(600_000),
+        };
+        let min_sites = request.min_sites.max(1);
+        let connected = self.state.connected();
+        let targets: Vec<String> = if intent.sites.is_empty() {
+            let mut all: Vec<String> = connected.keys().cloned().collect();
+            all.sort();
+            all
+        } else {
+            intent.sites.clone()
+        };
+        tracing::info!(
+            query_id = query_id.as_str(),
+            researcher = %caller,
+            sites = targets.len(),
+            epsilon = intent.epsilon,
+            "federated query"
+        );
+        let mut waiting = Vec::new();
+        let mut outcomes = Vec::new();
+        for site in &targets {
+            let Some(tx) = connected.get(site) else {
+                outcomes.push(Outcome {
+                    site: site.clone(),
+                    status: "not_connected",
+                    reason: "the site is not connected to the coordinator".into(),
+                    release: None,
+                });
+                continue;
+            };
+            let task = pb::Task {
+                task_id: format!("{query_id}/{site}"),
+                query: Some(signed.clone()),
+            };
+            let (reply, rx) = oneshot::channel();
+            if let Ok(mut pending) = self.state.pending.lock() {
+                pending.insert(
+                    task.task_id.clone(),
+                    Pending {
+                        site: site.clone(),
+                        task: task.clone(),
+                        reply,
+                    },
+                );
+            }
+            // A failed send leaves the task pending: the site may reconnect in time.
+            let _ = tx
+                .send(Ok(pb::CoordinatorMessage {
+                    kind: Some(pb::coordinator_message::Kind::Task(task.clone())),
+                }))
+                .await;
+            waiting.push((site.clone(), task.task_id, rx));
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(u64::from(timeout_ms));
+        for (site, task_id, rx) in waiting {
+            let outcome = match tokio::time::timeout_at(deadline, rx).await {
+                Ok(Ok(result)) => match result.outcome {
+                    Some(pb::task_result::Outcome::Release(release)) => Outcome {
+                        site,
+                        status: "answered",
+                        reason: String::new(),
+                        release: Some(release),
+                    },
+                    Some(pb::task_result::Outcome::Error(e)) => Outcome {
+                        site,
+                        status: match e.code.as_str() {
+                            "budget_exhausted" => "budget_exhausted",
+                            "invalid" => "invalid",
+                            "internal" => "failed",
+                            _ => "refused",
+                        },
+                        reason: e.message,
+                        release: None,
+                    },
+                    None => Outcome {
+                        site,
+                        status: "failed",
+                        reason: "an empty result".into(),
+                        release: None,
+                    },
+                },
+                _ => {
+                    let connected = self
+                        .state
+                        .links
+                        .lock()
+                        .map(|l| l.contains_key(&site))
+                        .unwrap_or(false);
+                    Outcome {
+                        status: if connected { "timeout" } else { "disconnected" },
+                        reason: format!(
+                            "no answer within {timeout_ms} ms{}",
+                            if connected { "" } else { "; the site's link is down" }
+                        ),
+                        site,
+                        release: None,
+                    }
+                }
+            };
+            if let Ok(mut pending) = self.state.pending.lock() {
+                pending.remove(&task_id);
+            }
+            outcomes.push(outcome);
+        }
+        outcomes.sort_by(|a, b| a.site.cmp(&b.site));
+        // Pool the releases that share the first one's layout.
+        let mut parts: Vec<Part> = Vec::new();
+        let mut statistic = String::new();
+        let mut canonical = intent.query.clone();
+        for o in &mut outcomes {
+            let Some(release) = &o.release else { continue };
+            let part = part_of(&o.site, release);
+            if let Some(first) = parts.first()
+                && !pool::same_layout(first, &part)
+            {
+                o.status = "mismatch";
+                o.reason = "its categories differ from the other sites' (custom fields?)".into();
+                continue;
+            }
+            statistic = release.statistic.clone();
+            canonical = release.query.clone();
+            parts.push(part);
+        }
+        let answered = parts.len() as u32;
+        let summary = outcomes
+            .iter()
+            .map(|o| format!("{} {}", o.site, o.status))
+            .collect::<Vec<_>>()
+            .join(", ");
+        if answered < min_sites {
+            let detail = outcomes
+                .iter()
+                .filter(|o| o.status != "answered")
+                .map(|o| format!("{} {} ({})", o.site, o.status, o.reason))
+                .collect::<Vec<_>>()
+                .join("; ");
+            self.state
+                .store
+                .audit(AuditEvent {
+                    identity: caller.uri(),
+                    role: caller.role.as_str().into(),
+                    method: "Query (failed)".into(),
+                    query: format!("{canonical} [{summary}]"),
+                    epsilon: intent.epsilon,
+                    delta: intent.delta,
+                    digest: String::new(),
+                    via: String::new(),
+                })
+                .await
+                .map_err(internal)?;
+            return Err(Status::unavailable(format!(
+                "{answered} of {} sites answered; at least {min_sites} needed. {detail}",
+                outcomes.len()
+            )));
+        }
+        let suppress_below = self.state.config.suppress_below;
+        let pooled = pool::pool(&statistic, &parts, suppress_below, cxrfed_stats::dp::CONFIDENCE);
+        let rows: Vec<pb::DpRow> = pooled
+            .rows
+            .iter()
+            .map(|row| pb::DpRow {
+                labels: row.labels.clone(),
+                values: row
+                    .values
+                    .iter()
+                    .map(|v| pb::DpValue {
+                        value: v.value,
+                        error_bound: v.error_bound,
+                    })
+                    .collect(),
+            })
+            .collect();
+        let digest = hex(&Sha256::digest(
+            serde_json::to_vec(&serde_json::json!({
+                "rows": pooled.rows, "sites": summary,
+            }))
+            .unwrap_or_default(),
+        ));
+        let entry = self
+            .state
+            .store
+            .audit(AuditEvent {
+                identity: caller.uri(),
+                role: caller.role.as_str().into(),
+                method: "Query".into(),
+                query: format!("{canonical} [{summary}]"),
+                epsilon: intent.epsilon,
+                delta: intent.delta,
+                digest,
+                via: String::new(),
+            })
+            .await
+            .map_err(internal)?;
+        let notes = vec![
+            format!(
+                "pooled over {answered} site(s); each site charged your budget there (epsilon {} each) and added its own noise",
+                intent.epsilon
+            ),
+            "± is the 95% bound of the sum of the sites' independent noises (exact convolution)".into(),
+            format!("pooled counts below {suppress_below} are withheld, negative ones shown as 0"),
+        ];
+        tracing::info!(query_id = query_id.as_str(), answered, sites = summary.as_str(), "federated query answered");
+        Ok(Response::new(pb::FederatedQueryResponse {
+            query_id,
+            statistic,
+            query: canonical,
+            label_columns: pooled.label_columns,
+            value_columns: pooled.value_columns,
+            rows,
+            confidence: cxrfed_stats::dp::CONFIDENCE,
+            suppress_below,
+            notes,
+            sites: outcomes.iter().map(site_outcome).collect(),
+            answered,
+            audit_seq: entry.seq,
+        }))
+    }
+
+    async fn sites(
+        &self,
+        _request: Request<pb::SitesRequest>,
+    ) -> Result<Response<pb::SitesResponse>, Status> {
+        let connected = self.state.connected();
+        let sites = self
+            .state
+            .store
+            .sites()
+            .map_err(internal)?
+            .into_iter()
+            .map(|s| pb::SiteInfo {
+                connected: connected.contains_key(&s.site),
+                site: s.site,
+                identity: s.identity,
+                last_seen: s.last_seen,
+                version: s.version,
+                model_id: s.model_id,
+                record_count: s.record_count,
+                connected_since: s.connected_since,
+            })
+            .collect();
+        Ok(Response::new(pb::SitesResponse { sites }))
+    }
+
+    async fn coordinator_audit(
+        &self,
+        request: Request<pb::AuditLogRequest>,
+    ) -> Result<Response<pb::AuditLogResponse>, Status> {
+        let since = match request.into_inner().since.trim() {
+            "" => None,
+            text => Some(
+                chrono::DateTime::parse_from_rfc3339(text)
+                    .map(|t| t.with_timezone(&Utc))
+                    .or_else(|_| {
+                        chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d")
+                            .map(|d| d.and_hms_opt(0, 0, 0).unwrap_or_default().and_utc())
+                    })
+                    .map_err(|_| Status::invalid_argument("since must be RFC 3339 or YYYY-MM-DD"))?,
+            ),
+        };
+        let entries = self.state.store.audit_entries(since).map_err(internal)?;
+        let head = self.state.store.verify_audit().map_err(internal)?.head;
+        Ok(Response::new(pb::AuditLogResponse {
+            entries: entries
+                .into_iter()
+                .map(|e| pb::AuditEntry {
+                    seq: e.seq,
+                    time: e.time,
+                    identity: e.identity,
+                    role: e.role,
+                    method: e.method,
+                    query: e.query,
+                    epsilon: e.epsilon,
+                    delta: e.delta,
+                    digest: e.digest,
+                    prev: e.prev,
+                    hash: e.hash,
+                })
+                .collect(),
+            head,
+        }))
+    }
+
+    async fn verify_coordinator_audit(
+        &self,
+        _request: Request<pb::VerifyAuditRequest>,
+    ) -> Result<Response<pb::VerifyAuditResponse>, Status> {
+        let report = self.state.store.verify_audit().map_err(internal)?;
+        Ok(Response::new(pb::VerifyAuditResponse {
+            ok: report.broken.is_none(),
+            entries: report.entries,
+            head: report.head,
+            broken_seq: report.broken.as_ref().map_or(0, |b| b.seq),
+            reason: report.broken.map(|b| b.reason).unwrap_or_default(),
+        }))
+    }
+}
