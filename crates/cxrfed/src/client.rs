@@ -42,6 +42,37 @@ impl Credentials {
             .map_err(Into::into)
     }
 
+    /// A mutual-TLS channel to `url` with these credentials.
+    pub async fn channel(&self, url: &str) -> anyhow::Result<Channel> {
+        let profile = self.profile()?;
+        let credentials = cxrfed_auth::client::credentials(
+            profile.as_ref(),
+            self.ca.clone(),
+            self.cert.clone(),
+            self.key.clone(),
+        );
+        cxrfed_auth::client::connect(url, credentials.as_ref())
+            .await
+            .with_context(|| format!("cannot reach {url}; is it running?"))
+    }
+
+    /// The key and certificate that sign requests (the researcher's own).
+    pub fn signer(&self) -> anyhow::Result<cxrfed_auth::signing::Signer> {
+        let profile = self.profile()?;
+        let cert = self
+            .cert
+            .clone()
+            .or_else(|| profile.as_ref().and_then(|p| p.cert.clone()));
+        let key = self
+            .key
+            .clone()
+            .or_else(|| profile.as_ref().and_then(|p| p.key.clone()));
+        let (Some(cert), Some(key)) = (cert, key) else {
+            anyhow::bail!("a federated query is signed with your certificate: give --profile or --cert/--key");
+        };
+        Ok(cxrfed_auth::signing::Signer::load(&cert, &key)?)
+    }
+
     /// The node URL (flag, then profile, then the default) and a connected client.
     pub async fn connect_node(
         &self,

@@ -10,8 +10,13 @@ use tracing_subscriber::{EnvFilter, fmt};
 
 /// JSON logs for a serving node. Keep the guard alive until exit so the file gets flushed.
 pub fn init_node(log_dir: &Path, level: &str) -> anyhow::Result<WorkerGuard> {
+    init_server(log_dir, "node.log", level)
+}
+
+/// JSON logs for a serving process into `log_dir/file_name` and stdout.
+pub fn init_server(log_dir: &Path, file_name: &str, level: &str) -> anyhow::Result<WorkerGuard> {
     std::fs::create_dir_all(log_dir)?;
-    let file = tracing_appender::rolling::never(log_dir, "node.log");
+    let file = tracing_appender::rolling::never(log_dir, file_name);
     let (file, guard) = tracing_appender::non_blocking(file);
     let filter = EnvFilter::try_new(level)
         .map_err(|e| anyhow::anyhow!("invalid log level {level:?}: {e}"))?;

@@ -6,6 +6,7 @@
 
 mod certs_cmd;
 mod client;
+mod coordinator_cmd;
 mod fields_cmd;
 mod ingest_cmd;
 mod logging;
@@ -37,6 +38,14 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run and manage the study coordinator (federated queries across nodes).
+    Coordinator {
+        #[command(subcommand)]
+        command: coordinator_cmd::CoordinatorCommand,
+    },
+    /// A federated, differentially private query through the coordinator: every site charges
+    /// your budget there, the coordinator pools the noisy answers.
+    Query(coordinator_cmd::QueryArgs),
     /// Run and manage a node (the service a hospital runs).
     Node {
         #[command(subcommand)]
@@ -132,6 +141,8 @@ fn main() -> ExitCode {
             command: NodeCommand::Audit { command },
         } => privacy_cmd::node_audit(command),
         Command::Budget(args) => client::run(privacy_cmd::budget(args)),
+        Command::Coordinator { command } => coordinator_cmd::run(command),
+        Command::Query(args) => client::run(coordinator_cmd::query(args)),
         Command::Extract(args) => client::run(client::extract(args)),
         Command::Records(args) => client::run(client::records(args)),
         Command::Ask(args) => client::run(client::ask(args)),

@@ -173,13 +173,13 @@ pub struct StopArgs {
 
 /// Written next to the store while a node runs.
 #[derive(Debug, Serialize, Deserialize)]
-struct PidFile {
-    pid: u32,
-    listen: SocketAddr,
-    started_at: String,
+pub(crate) struct PidFile {
+    pub(crate) pid: u32,
+    pub(crate) listen: SocketAddr,
+    pub(crate) started_at: String,
     /// Whether the node speaks TLS (false only under --insecure-dev).
     #[serde(default = "default_true")]
-    tls: bool,
+    pub(crate) tls: bool,
 }
 
 fn default_true() -> bool {
@@ -187,12 +187,17 @@ fn default_true() -> bool {
 }
 
 fn read_pid_file(data_dir: &Path) -> Option<PidFile> {
-    let text = std::fs::read_to_string(pid_path(data_dir)).ok()?;
+    read_pid_at(&pid_path(data_dir))
+}
+
+/// The PID file at `path`, if readable.
+pub(crate) fn read_pid_at(path: &Path) -> Option<PidFile> {
+    let text = std::fs::read_to_string(path).ok()?;
     serde_json::from_str(&text).ok()
 }
 
 /// Whether `pid` is a live process (a zombie, exited but not yet reaped, is not).
-fn alive(pid: u32) -> bool {
+pub(crate) fn alive(pid: u32) -> bool {
     let signalable = i32::try_from(pid).is_ok_and(|pid| kill(Pid::from_raw(pid), None).is_ok());
     let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
@@ -216,7 +221,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         );
     }
     if args.detach {
-        return detach(&config);
+        return detach_process(&config.data_dir, &config.pid_path(), "node");
     }
     let _guard = crate::logging::init_node(&config.log_dir(), &config.log_level)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -252,6 +257,19 @@ async fn run_node(mut config: NodeConfig) -> anyhow::Result<()> {
     std::fs::write(&pid_path, serde_json::to_vec(&pid_file)?)
         .with_context(|| format!("cannot write {}", pid_path.display()))?;
 
+    let shutdown = shutdown_on_signals();
+    let result = cxrfed_node::serve(config, listener, shutdown).await;
+    // Only remove our own PID file.
+    if read_pid_file(pid_path.parent().unwrap_or(Path::new(".")))
+        .is_some_and(|p| p.pid == std::process::id())
+    {
+        let _ = std::fs::remove_file(&pid_path);
+    }
+    result.map_err(Into::into)
+}
+
+/// A token cancelled by SIGTERM or SIGINT (call inside the runtime).
+pub(crate) fn shutdown_on_signals() -> CancellationToken {
     let shutdown = CancellationToken::new();
     let signals = shutdown.clone();
     tokio::spawn(async move {
@@ -269,21 +287,18 @@ async fn run_node(mut config: NodeConfig) -> anyhow::Result<()> {
         }
         signals.cancel();
     });
-    let result = cxrfed_node::serve(config, listener, shutdown).await;
-    // Only remove our own PID file.
-    if read_pid_file(pid_path.parent().unwrap_or(Path::new(".")))
-        .is_some_and(|p| p.pid == std::process::id())
-    {
-        let _ = std::fs::remove_file(&pid_path);
-    }
-    result.map_err(Into::into)
+    shutdown
 }
 
-/// Re-executes `cxrfed node serve` without `--detach` in a new session, with output to
-/// `logs/serve.out`, and waits until it accepts connections.
-fn detach(config: &NodeConfig) -> anyhow::Result<ExitCode> {
+/// Re-executes this `serve` command without `--detach` in a new session, with output to
+/// `logs/serve.out`, and waits until it accepts connections (a node or the coordinator).
+pub(crate) fn detach_process(
+    data_dir: &Path,
+    pid_path: &Path,
+    what: &str,
+) -> anyhow::Result<ExitCode> {
     use std::os::unix::process::CommandExt;
-    let logs = log_dir(&config.data_dir);
+    let logs = log_dir(data_dir);
     std::fs::create_dir_all(&logs)?;
     let out_path = logs.join("serve.out");
     let out = std::fs::File::create(&out_path)?;
@@ -293,40 +308,40 @@ fn detach(config: &NodeConfig) -> anyhow::Result<ExitCode> {
         .collect();
     let mut child = std::process::Command::new(std::env::current_exe()?)
         .args(&args)
-        .env("CXRFED_DATA_DIR", &config.data_dir)
+        .env("CXRFED_DATA_DIR", data_dir)
         .stdin(Stdio::null())
         .stdout(out.try_clone()?)
         .stderr(out)
         .process_group(0)
         .spawn()
-        .context("cannot start the node process")?;
+        .with_context(|| format!("cannot start the {what} process"))?;
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
         if let Some(status) = child.try_wait()? {
             let tail = last_lines(&out_path, 10).join("\n");
-            bail!("the node exited during start-up ({status}):\n{tail}");
+            bail!("the {what} exited during start-up ({status}):\n{tail}");
         }
-        if let Some(pid) = read_pid_file(&config.data_dir).filter(|p| p.pid == child.id())
+        if let Some(pid) = read_pid_at(pid_path).filter(|p| p.pid == child.id())
             && std::net::TcpStream::connect_timeout(&pid.listen, Duration::from_millis(200)).is_ok()
         {
             println!(
-                "node started: pid {}, listening on {}, data directory {}",
+                "{what} started: pid {}, listening on {}, data directory {}",
                 pid.pid,
                 pid.listen,
-                config.data_dir.display()
+                data_dir.display()
             );
             return Ok(ExitCode::SUCCESS);
         }
         std::thread::sleep(Duration::from_millis(100));
     }
     bail!(
-        "the node did not accept connections within 60 s; see {}",
+        "the {what} did not accept connections within 60 s; see {}",
         out_path.display()
     )
 }
 
 /// The last `n` lines of a file, reading only its end.
-fn last_lines(path: &Path, n: usize) -> Vec<String> {
+pub(crate) fn last_lines(path: &Path, n: usize) -> Vec<String> {
     let Ok(mut file) = std::fs::File::open(path) else {
         return Vec::new();
     };
@@ -338,7 +353,7 @@ fn last_lines(path: &Path, n: usize) -> Vec<String> {
 
 /// How a client on this machine reaches the node of a PID file. A node listening on every
 /// interface is reached on loopback (its certificate always names 127.0.0.1).
-fn local_url(pid: &PidFile) -> String {
+pub(crate) fn local_url(pid: &PidFile) -> String {
     let mut target = pid.listen;
     if target.ip().is_unspecified() {
         target.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
@@ -525,33 +540,43 @@ fn humanize(d: Duration) -> String {
 
 pub fn stop(args: StopArgs) -> anyhow::Result<ExitCode> {
     let data_dir = args.data_dir.unwrap_or_else(default_data_dir);
-    let Some(pid_file) = read_pid_file(&data_dir) else {
-        println!("node: not running (no PID file in {})", data_dir.display());
+    stop_process(&data_dir, &pid_path(&data_dir), "node", args.timeout)
+}
+
+/// SIGTERM to the process of a PID file, SIGKILL after `timeout` seconds.
+pub(crate) fn stop_process(
+    data_dir: &Path,
+    path: &Path,
+    what: &str,
+    timeout: u64,
+) -> anyhow::Result<ExitCode> {
+    let path = path.to_path_buf();
+    let Some(pid_file) = read_pid_at(&path) else {
+        println!("{what}: not running (no PID file in {})", data_dir.display());
         return Ok(ExitCode::SUCCESS);
     };
-    let path = pid_path(&data_dir);
     if !alive(pid_file.pid) {
         std::fs::remove_file(&path).ok();
         println!(
-            "node: not running (removed stale PID file for pid {})",
+            "{what}: not running (removed stale PID file for pid {})",
             pid_file.pid
         );
         return Ok(ExitCode::SUCCESS);
     }
     let pid = Pid::from_raw(i32::try_from(pid_file.pid)?);
-    kill(pid, Signal::SIGTERM).context("cannot signal the node")?;
-    let deadline = Instant::now() + Duration::from_secs(args.timeout);
+    kill(pid, Signal::SIGTERM).with_context(|| format!("cannot signal the {what}"))?;
+    let deadline = Instant::now() + Duration::from_secs(timeout);
     while Instant::now() < deadline {
         if !alive(pid_file.pid) {
             std::fs::remove_file(&path).ok();
-            println!("node stopped (pid {})", pid_file.pid);
+            println!("{what} stopped (pid {})", pid_file.pid);
             return Ok(ExitCode::SUCCESS);
         }
         std::thread::sleep(Duration::from_millis(100));
     }
     eprintln!(
-        "node did not stop within {} s; killing pid {}",
-        args.timeout, pid_file.pid
+        "{what} did not stop within {timeout} s; killing pid {}",
+        pid_file.pid
     );
     kill(pid, Signal::SIGKILL).ok();
     std::thread::sleep(Duration::from_millis(200));
