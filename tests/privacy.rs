@@ -9,7 +9,6 @@ use cxrfed_auth::pki;
 use cxrfed_e2e::{NodeProcess, cxrfed, text, write_phantoms};
 use cxrfed_proto::v1 as pb;
 use cxrfed_proto::v1::node_service_client::NodeServiceClient;
-use prost::Message;
 use tonic::Code;
 
 /// A node (no model: DP needs records, not findings) with `count` phantoms stored.
@@ -285,137 +284,15 @@ async fn the_audit_chain_records_every_release_and_names_a_rewritten_entry() {
     assert!(said.contains("altered"), "{said}");
 }
 
-/// Every method of `cxrfed.v1.NodeService`, from the compiled descriptor.
-fn node_methods() -> Vec<String> {
-    let set = prost_types::FileDescriptorSet::decode(cxrfed_proto::FILE_DESCRIPTOR_SET)
-        .expect("descriptor set");
-    set.file
-        .iter()
-        .flat_map(|f| f.service.iter())
-        .filter(|s| s.name() == "NodeService")
-        .flat_map(|s| s.method.iter().map(|m| m.name().to_string()))
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_researcher_gets_nothing_exact_from_any_rpc() {
     let dir = tempfile::tempdir().expect("tempdir");
     let node = node_with_phantoms(dir.path(), 4);
     let researcher = node.pki.identity(Role::Researcher, "eve", None);
     let channel = node.channel_as(&researcher).await;
-    let mut c = NodeServiceClient::new(channel.clone());
-    let record_id = "0190c6b2-1f5e-7a31-9a44-0c3f1e2d4b5a".to_string();
-    let denied = |r: Result<(), tonic::Status>| match r {
-        Err(s) if s.code() == Code::PermissionDenied => true,
-        Err(s) => panic!("expected PERMISSION_DENIED, got {s:?}"),
-        Ok(()) => false,
-    };
-    let mut checked = Vec::new();
-    for method in node_methods() {
-        let refused = match method.as_str() {
-            "Extract" => denied(
-                c.extract(tokio_stream::iter(vec![pb::ExtractRequest::default()]))
-                    .await
-                    .map(drop),
-            ),
-            "GetRecord" => denied(
-                c.get_record(pb::GetRecordRequest {
-                    record_id: record_id.clone(),
-                })
-                .await
-                .map(drop),
-            ),
-            "ListRecords" => denied(
-                c.list_records(pb::ListRecordsRequest::default())
-                    .await
-                    .map(drop),
-            ),
-            "Status" => denied(c.status(pb::StatusRequest {}).await.map(drop)),
-            "Stats" => denied(
-                c.stats(pb::StatsRequest {
-                    query: "count".into(),
-                    structured: None,
-                })
-                .await
-                .map(drop),
-            ),
-            "Export" => denied(c.export(pb::ExportRequest::default()).await.map(drop)),
-            "Ask" => denied(
-                c.ask(pb::AskRequest {
-                    record_id: record_id.clone(),
-                    question: "Is the image quality good?".into(),
-                })
-                .await
-                .map(drop),
-            ),
-            "DefineField" => denied(
-                c.define_field(pb::DefineFieldRequest::default())
-                    .await
-                    .map(drop),
-            ),
-            "ListFields" => denied(c.list_fields(pb::ListFieldsRequest {}).await.map(drop)),
-            "Annotate" => denied(c.annotate(pb::AnnotateRequest::default()).await.map(drop)),
-            "StartIngest" => denied(
-                c.start_ingest(pb::StartIngestRequest::default())
-                    .await
-                    .map(drop),
-            ),
-            "IngestJobs" => denied(
-                c.ingest_jobs(pb::IngestJobsRequest::default())
-                    .await
-                    .map(drop),
-            ),
-            "SetBudget" => denied(
-                c.set_budget(pb::SetBudgetRequest {
-                    identity: "eve".into(),
-                    epsilon: 100.0,
-                    delta: 0.0,
-                })
-                .await
-                .map(drop),
-            ),
-            "ListBudgets" => denied(c.list_budgets(pb::ListBudgetsRequest {}).await.map(drop)),
-            "AuditLog" => denied(c.audit_log(pb::AuditLogRequest::default()).await.map(drop)),
-            "VerifyAudit" => denied(c.verify_audit(pb::VerifyAuditRequest {}).await.map(drop)),
-            // Public: the schema (field names and categories), no data.
-            "GetSchema" => {
-                let schema = c
-                    .get_schema(pb::GetSchemaRequest {})
-                    .await
-                    .expect("schema")
-                    .into_inner();
-                assert!(!schema.fields.is_empty());
-                false
-            }
-            // The caller's own account: no data.
-            "Budget" => {
-                let account = c
-                    .budget(pb::BudgetRequest {})
-                    .await
-                    .expect("own budget")
-                    .into_inner();
-                assert_eq!(account.identity, "cxrfed://e2e/researcher/-/eve");
-                false
-            }
-            // Only noisy answers, and only within a budget (none granted here).
-            "DpStats" => {
-                let status = c
-                    .dp_stats(dp_request("count", 1.0))
-                    .await
-                    .expect_err("no budget");
-                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
-                false
-            }
-            other => panic!("NodeService.{other} is not covered by this test: add it"),
-        };
-        checked.push((method, refused));
-    }
-    let allowed: Vec<&str> = checked
-        .iter()
-        .filter(|(_, refused)| !refused)
-        .map(|(m, _)| m.as_str())
-        .collect();
+    let allowed = cxrfed_e2e::try_every_node_rpc(channel.clone()).await;
     assert_eq!(allowed, ["GetSchema", "DpStats", "Budget"]);
+    let mut c = NodeServiceClient::new(channel.clone());
 
     // With a budget, what comes back is noisy with bounds, and carries no cohort size.
     set_budget(&node, "eve", "2");

@@ -221,6 +221,11 @@ impl NodeProcess {
     }
 
     pub fn start_on(data_dir: &Path, port: u16, extra: &[&str]) -> NodeProcess {
+        Self::start_in(data_dir, port, TestPki::at(&data_dir.join("pki")), extra)
+    }
+
+    /// Starts a node with certificates of a shared study CA (a federation's sites).
+    pub fn start_in(data_dir: &Path, port: u16, pki: TestPki, extra: &[&str]) -> NodeProcess {
         let listen = format!("127.0.0.1:{port}");
         let site = extra
             .iter()
@@ -228,7 +233,6 @@ impl NodeProcess {
             .and_then(|i| extra.get(i + 1))
             .copied()
             .unwrap_or("local");
-        let pki = TestPki::at(&data_dir.join("pki"));
         let node = pki.identity(Role::Node, &format!("node-{site}"), Some(site));
         let admin = pki.identity(Role::Admin, &format!("admin-{site}"), Some(site));
         let (ca, crl) = (pki.ca_pem(), pki.crl());
@@ -355,6 +359,199 @@ impl Drop for NodeProcess {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+}
+
+/// Calls every method of `cxrfed.v1.NodeService` (from the compiled descriptor) on `channel`
+/// and returns the ones that were not PERMISSION_DENIED. DpStats must come back noisy or
+/// RESOURCE_EXHAUSTED; a method this function does not know fails the test.
+pub async fn try_every_node_rpc(channel: tonic::transport::Channel) -> Vec<String> {
+    use cxrfed_proto::v1 as pb;
+    use prost::Message;
+    use tonic::Code;
+    let set = prost_types::FileDescriptorSet::decode(cxrfed_proto::FILE_DESCRIPTOR_SET)
+        .expect("descriptor set");
+    let methods: Vec<String> = set
+        .file
+        .iter()
+        .flat_map(|f| f.service.iter())
+        .filter(|s| s.name() == "NodeService")
+        .flat_map(|s| s.method.iter().map(|m| m.name().to_string()))
+        .collect();
+    let mut c = pb::node_service_client::NodeServiceClient::new(channel);
+    let record_id = "0190c6b2-1f5e-7a31-9a44-0c3f1e2d4b5a".to_string();
+    let denied = |r: Result<(), tonic::Status>| match r {
+        Err(s) if s.code() == Code::PermissionDenied => true,
+        Err(s) => panic!("expected PERMISSION_DENIED, got {s:?}"),
+        Ok(()) => false,
+    };
+    let mut allowed = Vec::new();
+    for method in methods {
+        let refused = match method.as_str() {
+            "Extract" => denied(
+                c.extract(tokio_stream::iter(vec![pb::ExtractRequest::default()]))
+                    .await
+                    .map(drop),
+            ),
+            "GetRecord" => denied(
+                c.get_record(pb::GetRecordRequest {
+                    record_id: record_id.clone(),
+                })
+                .await
+                .map(drop),
+            ),
+            "ListRecords" => denied(
+                c.list_records(pb::ListRecordsRequest::default())
+                    .await
+                    .map(drop),
+            ),
+            "Status" => denied(c.status(pb::StatusRequest {}).await.map(drop)),
+            "Stats" => denied(
+                c.stats(pb::StatsRequest {
+                    query: "count".into(),
+                    structured: None,
+                })
+                .await
+                .map(drop),
+            ),
+            "Export" => denied(c.export(pb::ExportRequest::default()).await.map(drop)),
+            "Ask" => denied(
+                c.ask(pb::AskRequest {
+                    record_id: record_id.clone(),
+                    question: "Is the image quality good?".into(),
+                })
+                .await
+                .map(drop),
+            ),
+            "DefineField" => denied(
+                c.define_field(pb::DefineFieldRequest::default())
+                    .await
+                    .map(drop),
+            ),
+            "ListFields" => denied(c.list_fields(pb::ListFieldsRequest {}).await.map(drop)),
+            "Annotate" => denied(c.annotate(pb::AnnotateRequest::default()).await.map(drop)),
+            "StartIngest" => denied(
+                c.start_ingest(pb::StartIngestRequest::default())
+                    .await
+                    .map(drop),
+            ),
+            "IngestJobs" => denied(
+                c.ingest_jobs(pb::IngestJobsRequest::default())
+                    .await
+                    .map(drop),
+            ),
+            "SetBudget" => denied(
+                c.set_budget(pb::SetBudgetRequest {
+                    identity: "eve".into(),
+                    epsilon: 100.0,
+                    delta: 0.0,
+                })
+                .await
+                .map(drop),
+            ),
+            "ListBudgets" => denied(c.list_budgets(pb::ListBudgetsRequest {}).await.map(drop)),
+            "AuditLog" => denied(c.audit_log(pb::AuditLogRequest::default()).await.map(drop)),
+            "VerifyAudit" => denied(c.verify_audit(pb::VerifyAuditRequest {}).await.map(drop)),
+            // Public: the schema (field names and public categories), no data.
+            "GetSchema" => {
+                let schema = c
+                    .get_schema(pb::GetSchemaRequest {})
+                    .await
+                    .expect("schema")
+                    .into_inner();
+                assert!(!schema.fields.is_empty());
+                false
+            }
+            // The caller's own account: no data.
+            "Budget" => {
+                c.budget(pb::BudgetRequest {}).await.expect("own budget");
+                false
+            }
+            // Only noisy answers within a budget; none is granted to the caller here.
+            "DpStats" => {
+                let status = c
+                    .dp_stats(pb::DpStatsRequest {
+                        query: "count".into(),
+                        structured: None,
+                        epsilon: 1.0,
+                        delta: 0.0,
+                        mechanism: String::new(),
+                    })
+                    .await
+                    .expect_err("no budget");
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                false
+            }
+            other => panic!("NodeService.{other} is not covered by this test: add it"),
+        };
+        if !refused {
+            allowed.push(method);
+        }
+    }
+    allowed
+}
+
+/// A `cxrfed coordinator serve` child process with a coordinator certificate of `pki`.
+#[derive(Debug)]
+pub struct CoordinatorProcess {
+    pub child: Child,
+    pub port: u16,
+    pub data_dir: PathBuf,
+}
+
+impl CoordinatorProcess {
+    pub fn start(data_dir: &Path, pki: &TestPki) -> CoordinatorProcess {
+        let port = free_port();
+        let me = pki.identity(Role::Coordinator, "coordinator", None);
+        let listen = format!("127.0.0.1:{port}");
+        let (ca, crl) = (pki.ca_pem(), pki.crl());
+        let (cert, key) = (me.join(pki::CERT), me.join(pki::KEY));
+        let child = Command::new(cxrfed_bin())
+            .args([
+                "coordinator",
+                "serve",
+                "--data-dir",
+                data_dir.to_str().expect("utf-8 path"),
+                "--listen",
+                &listen,
+                "--ca",
+                ca.to_str().expect("utf-8 path"),
+                "--crl",
+                crl.to_str().expect("utf-8 path"),
+                "--cert",
+                cert.to_str().expect("utf-8 path"),
+                "--key",
+                key.to_str().expect("utf-8 path"),
+                "--heartbeat-secs",
+                "1",
+            ])
+            .env_remove("CXRFED_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn coordinator");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "the coordinator did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        CoordinatorProcess {
+            child,
+            port,
+            data_dir: data_dir.to_path_buf(),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for CoordinatorProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -103,7 +103,9 @@ impl CoordinatorConfig {
             return Err(ConfigError("heartbeat_secs must be in 1..=3600".into()));
         }
         if !(100..=600_000).contains(&self.query_timeout_ms) {
-            return Err(ConfigError("query_timeout_ms must be in 100..=600000".into()));
+            return Err(ConfigError(
+                "query_timeout_ms must be in 100..=600000".into(),
+            ));
         }
         self.tls_paths()?;
         Ok(())

@@ -39,7 +39,10 @@ pub enum ServeError {
 pub const COORDINATOR_RULES: &[(&str, Rule)] = &[
     ("Link", Rule::Roles(&[Role::Node])),
     ("Query", Rule::Roles(&[Role::Researcher])),
-    ("Sites", Rule::Roles(&[Role::Researcher, Role::Admin, Role::Node])),
+    (
+        "Sites",
+        Rule::Roles(&[Role::Researcher, Role::Admin, Role::Node]),
+    ),
     ("CoordinatorAudit", Rule::Roles(&[Role::Admin])),
     ("VerifyCoordinatorAudit", Rule::Roles(&[Role::Admin])),
 ];
@@ -65,7 +68,11 @@ pub async fn serve(
     let store = tokio::task::spawn_blocking(move || CoordinatorStore::open(&store_dir))
         .await
         .map_err(|e| ServeError::Join(e.to_string()))??;
-    let state = Arc::new(CoordinatorState::new(config.clone(), store.clone(), study.clone()));
+    let state = Arc::new(CoordinatorState::new(
+        config.clone(),
+        store.clone(),
+        study.clone(),
+    ));
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<CoordinatorServiceServer<CoordinatorApi>>()
@@ -75,7 +82,10 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| ServeError::Reflection(e.to_string()))?;
-    tls.spawn_watcher(Duration::from_millis(config.tls_reload_ms), shutdown.clone());
+    tls.spawn_watcher(
+        Duration::from_millis(config.tls_reload_ms),
+        shutdown.clone(),
+    );
     tracing::info!(
         listen = ?listener.local_addr().ok(),
         study = study.as_str(),

@@ -154,7 +154,12 @@ async fn read_link(
                     r.last_seen = since.clone();
                 })
                 .await;
-                tracing::info!(site, version = hello.version.as_str(), records = hello.record_count, "site connected");
+                tracing::info!(
+                    site,
+                    version = hello.version.as_str(),
+                    records = hello.record_count,
+                    "site connected"
+                );
                 // Resume: tasks of queries still waiting for this site go out again.
                 let resend: Vec<pb::Task> = state
                     .pending
@@ -173,7 +178,11 @@ async fn read_link(
                     .and_then(|l| l.get(&site).map(|l| l.tx.clone()));
                 if let Some(tx) = tx {
                     for task in resend {
-                        tracing::info!(site, task_id = task.task_id.as_str(), "task sent again after a reconnect");
+                        tracing::info!(
+                            site,
+                            task_id = task.task_id.as_str(),
+                            "task sent again after a reconnect"
+                        );
                         let _ = tx
                             .send(Ok(pb::CoordinatorMessage {
                                 kind: Some(pb::coordinator_message::Kind::Task(task)),
@@ -201,12 +210,20 @@ async fn read_link(
                         let _ = p.reply.send(result);
                     }
                     Some(p) => {
-                        tracing::warn!(site, task_site = p.site.as_str(), "a site answered another site's task; ignored");
+                        tracing::warn!(
+                            site,
+                            task_site = p.site.as_str(),
+                            "a site answered another site's task; ignored"
+                        );
                         if let Ok(mut all) = state.pending.lock() {
                             all.insert(result.task_id.clone(), p);
                         }
                     }
-                    None => tracing::debug!(site, task_id = result.task_id.as_str(), "result of a finished query"),
+                    None => tracing::debug!(
+                        site,
+                        task_id = result.task_id.as_str(),
+                        "result of a finished query"
+                    ),
                 }
             }
             None => {}
@@ -286,8 +303,9 @@ impl CoordinatorApi {
         }
         cxrfed_auth::signing::verify(&signed.certificate, &signed.intent, &signed.signature)
             .map_err(|e| Status::permission_denied(e.to_string()))?;
-        let intent = pb::QueryIntent::decode(signed.intent.as_slice())
-            .map_err(|e| Status::invalid_argument(format!("the signed intent is unreadable: {e}")))?;
+        let intent = pb::QueryIntent::decode(signed.intent.as_slice()).map_err(|e| {
+            Status::invalid_argument(format!("the signed intent is unreadable: {e}"))
+        })?;
         if intent.study != self.state.study {
             return Err(Status::invalid_argument(format!(
                 "the query is for study {:?}; this coordinator serves {:?}",
@@ -298,14 +316,13 @@ impl CoordinatorApi {
             return Err(Status::invalid_argument("the signed query has expired"));
         }
         if !(intent.epsilon.is_finite() && intent.epsilon > 0.0) {
-            return Err(Status::invalid_argument("epsilon must be a positive number"));
+            return Err(Status::invalid_argument(
+                "epsilon must be a positive number",
+            ));
         }
         let query = cxrfed_stats::query::parse(&intent.query)
             .map_err(|e| Status::invalid_argument(format!("query: {e}")))?;
-        if matches!(
-            query.statistic,
-            cxrfed_stats::query::Statistic::Summary(_)
-        ) {
+        if matches!(query.statistic, cxrfed_stats::query::Statistic::Summary(_)) {
             return Err(Status::invalid_argument(
                 "summary has no DP release; use mean or sum",
             ));
@@ -372,8 +389,18 @@ impl CoordinatorService for CoordinatorApi {
         let min_sites = request.min_sites.max(1);
         let connected = self.state.connected();
         let targets: Vec<String> = if intent.sites.is_empty() {
+            // Every site of the registry: those not connected are reported as such.
             let mut all: Vec<String> = connected.keys().cloned().collect();
+            all.extend(
+                self.state
+                    .store
+                    .sites()
+                    .map_err(internal)?
+                    .into_iter()
+                    .map(|s| s.site),
+            );
             all.sort();
+            all.dedup();
             all
         } else {
             intent.sites.clone()
@@ -459,7 +486,11 @@ impl CoordinatorService for CoordinatorApi {
                         status: if connected { "timeout" } else { "disconnected" },
                         reason: format!(
                             "no answer within {timeout_ms} ms{}",
-                            if connected { "" } else { "; the site's link is down" }
+                            if connected {
+                                ""
+                            } else {
+                                "; the site's link is down"
+                            }
                         ),
                         site,
                         release: None,
@@ -523,7 +554,12 @@ impl CoordinatorService for CoordinatorApi {
             )));
         }
         let suppress_below = self.state.config.suppress_below;
-        let pooled = pool::pool(&statistic, &parts, suppress_below, cxrfed_stats::dp::CONFIDENCE);
+        let pooled = pool::pool(
+            &statistic,
+            &parts,
+            suppress_below,
+            cxrfed_stats::dp::CONFIDENCE,
+        );
         let rows: Vec<pb::DpRow> = pooled
             .rows
             .iter()
@@ -565,10 +601,16 @@ impl CoordinatorService for CoordinatorApi {
                 "pooled over {answered} site(s); each site charged your budget there (epsilon {} each) and added its own noise",
                 intent.epsilon
             ),
-            "± is the 95% bound of the sum of the sites' independent noises (exact convolution)".into(),
+            "± is the 95% bound of the sum of the sites' independent noises (exact convolution)"
+                .into(),
             format!("pooled counts below {suppress_below} are withheld, negative ones shown as 0"),
         ];
-        tracing::info!(query_id = query_id.as_str(), answered, sites = summary.as_str(), "federated query answered");
+        tracing::info!(
+            query_id = query_id.as_str(),
+            answered,
+            sites = summary.as_str(),
+            "federated query answered"
+        );
         Ok(Response::new(pb::FederatedQueryResponse {
             query_id,
             statistic,
@@ -623,7 +665,9 @@ impl CoordinatorService for CoordinatorApi {
                         chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d")
                             .map(|d| d.and_hms_opt(0, 0, 0).unwrap_or_default().and_utc())
                     })
-                    .map_err(|_| Status::invalid_argument("since must be RFC 3339 or YYYY-MM-DD"))?,
+                    .map_err(|_| {
+                        Status::invalid_argument("since must be RFC 3339 or YYYY-MM-DD")
+                    })?,
             ),
         };
         let entries = self.state.store.audit_entries(since).map_err(internal)?;
@@ -643,6 +687,7 @@ impl CoordinatorService for CoordinatorApi {
                     digest: e.digest,
                     prev: e.prev,
                     hash: e.hash,
+                    via: e.via,
                 })
                 .collect(),
             head,

@@ -258,7 +258,9 @@ impl NodeConfig {
             ));
         }
         if self.coordinator.is_some() && self.insecure_dev {
-            return bad("--coordinator needs mutual TLS; it cannot be used with --insecure-dev".into());
+            return bad(
+                "--coordinator needs mutual TLS; it cannot be used with --insecure-dev".into(),
+            );
         }
         if !(100..=3_600_000).contains(&self.tls_reload_ms) {
             return bad(format!(

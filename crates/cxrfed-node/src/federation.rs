@@ -60,13 +60,16 @@ pub fn spawn(
             let started = Instant::now();
             match session(&state, &url, &credentials, &shutdown, &results).await {
                 Ok(()) => return,
-                Err(e) => tracing::warn!(coordinator = url.as_str(), error = %e, "coordinator link down; retrying"),
+                Err(e) => {
+                    tracing::warn!(coordinator = url.as_str(), error = %e, "coordinator link down; retrying")
+                }
             }
             // A session that lasted resets the backoff.
             if started.elapsed() > Duration::from_secs(30) {
                 backoff = Duration::from_secs(1);
             }
-            let jitter = Duration::from_millis(u64::from(rand_u16()) % (backoff.as_millis() as u64 / 2 + 1));
+            let jitter =
+                Duration::from_millis(u64::from(rand_u16()) % (backoff.as_millis() as u64 / 2 + 1));
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(backoff + jitter) => {}
@@ -98,10 +101,10 @@ async fn session(
     let send = |kind| pb::NodeMessage { kind: Some(kind) };
     tx.send(send(pb::node_message::Kind::Hello(pb::NodeHello {
         version: env!("CARGO_PKG_VERSION").to_string(),
-        model_id: state
-            .pipeline
-            .model()
-            .map_or_else(|| cxrfed_schema::NO_MODEL.to_string(), |m| m.card().model_id.clone()),
+        model_id: state.pipeline.model().map_or_else(
+            || cxrfed_schema::NO_MODEL.to_string(),
+            |m| m.card().model_id.clone(),
+        ),
         record_count: state.store.count() as u64,
     })))
     .await

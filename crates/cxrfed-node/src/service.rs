@@ -670,6 +670,7 @@ fn audit_entry(e: cxrfed_store::AuditEntry) -> pb::AuditEntry {
         digest: e.digest,
         prev: e.prev,
         hash: e.hash,
+        via: e.via,
     }
 }
 
@@ -1212,12 +1213,7 @@ impl NodeService for NodeApi {
                 &state.dp,
                 identity,
                 limit,
-                crate::privacy::DpRequest::direct(
-                    query,
-                    request.epsilon,
-                    request.delta,
-                    mechanism,
-                ),
+                crate::privacy::DpRequest::direct(query, request.epsilon, request.delta, mechanism),
                 "DpStats",
             )
             .await?;

@@ -68,7 +68,9 @@ impl Credentials {
             .clone()
             .or_else(|| profile.as_ref().and_then(|p| p.key.clone()));
         let (Some(cert), Some(key)) = (cert, key) else {
-            anyhow::bail!("a federated query is signed with your certificate: give --profile or --cert/--key");
+            anyhow::bail!(
+                "a federated query is signed with your certificate: give --profile or --cert/--key"
+            );
         };
         Ok(cxrfed_auth::signing::Signer::load(&cert, &key)?)
     }

@@ -185,8 +185,10 @@ async fn client(
     credentials: &Credentials,
 ) -> anyhow::Result<CoordinatorServiceClient<tonic::transport::Channel>> {
     let url = url.unwrap_or(DEFAULT_COORDINATOR);
-    Ok(CoordinatorServiceClient::new(credentials.channel(url).await?)
-        .max_decoding_message_size(8 * 1024 * 1024))
+    Ok(
+        CoordinatorServiceClient::new(credentials.channel(url).await?)
+            .max_decoding_message_size(8 * 1024 * 1024),
+    )
 }
 
 async fn sites(args: SitesArgs) -> anyhow::Result<ExitCode> {
@@ -213,7 +215,13 @@ async fn sites(args: SitesArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let header: Vec<String> = [
-        "site", "connected", "last seen", "version", "model", "records", "identity",
+        "site",
+        "connected",
+        "last seen",
+        "version",
+        "model",
+        "records",
+        "identity",
     ]
     .iter()
     .map(|s| s.to_string())

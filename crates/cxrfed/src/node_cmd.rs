@@ -552,7 +552,10 @@ pub(crate) fn stop_process(
 ) -> anyhow::Result<ExitCode> {
     let path = path.to_path_buf();
     let Some(pid_file) = read_pid_at(&path) else {
-        println!("{what}: not running (no PID file in {})", data_dir.display());
+        println!(
+            "{what}: not running (no PID file in {})",
+            data_dir.display()
+        );
         return Ok(ExitCode::SUCCESS);
     };
     if !alive(pid_file.pid) {

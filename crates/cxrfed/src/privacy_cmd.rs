@@ -350,6 +350,7 @@ fn entry_of(e: cxrfed_store::AuditEntry) -> pb::AuditEntry {
         digest: e.digest,
         prev: e.prev,
         hash: e.hash,
+        via: e.via,
     }
 }
 
@@ -462,6 +463,7 @@ fn print_entries(entries: &[pb::AuditEntry], head: &str, json: bool) -> anyhow::
                     "seq": e.seq, "time": e.time, "identity": e.identity, "role": e.role,
                     "method": e.method, "query": e.query, "epsilon": e.epsilon,
                     "delta": e.delta, "digest": e.digest, "prev": e.prev, "hash": e.hash,
+                    "via": e.via,
                 })
             )?;
         }
