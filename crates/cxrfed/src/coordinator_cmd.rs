@@ -279,27 +279,24 @@ pub struct QueryArgs {
     plot: Option<PathBuf>,
 }
 
-/// Builds and signs the intent of a federated query.
-pub fn signed_query(
+/// Builds and signs the intent of a federated query (valid until the query's timeout has
+/// passed, plus five minutes).
+fn signed_query(
     signer: &cxrfed_auth::signing::Signer,
     study: &str,
-    query: &str,
-    epsilon: f64,
-    delta: f64,
-    mechanism: &str,
-    sites: &[String],
-    valid_for: Duration,
+    args: &QueryArgs,
 ) -> anyhow::Result<pb::SignedQuery> {
+    let valid_for = Duration::from_secs(args.timeout + 300);
     let mut nonce = [0u8; 16];
     getrandom::fill(&mut nonce).map_err(|e| anyhow::anyhow!("random: {e}"))?;
     let now = chrono::Utc::now().timestamp();
     let intent = pb::QueryIntent {
         study: study.to_string(),
-        query: query.to_string(),
-        epsilon,
-        delta,
-        mechanism: mechanism.to_string(),
-        sites: sites.to_vec(),
+        query: args.query.clone(),
+        epsilon: args.epsilon,
+        delta: args.delta,
+        mechanism: args.mechanism.clone(),
+        sites: args.sites.clone(),
         nonce: nonce.iter().map(|b| format!("{b:02x}")).collect(),
         issued_at_unix: now,
         expires_at_unix: now + valid_for.as_secs() as i64,
@@ -326,16 +323,7 @@ pub async fn query(args: QueryArgs) -> anyhow::Result<ExitCode> {
     }
     let signer = args.credentials.signer()?;
     let me = cxrfed_auth::Identity::from_cert_der(signer.certificate())?;
-    let signed = signed_query(
-        &signer,
-        &me.study,
-        &args.query,
-        args.epsilon,
-        args.delta,
-        &args.mechanism,
-        &args.sites,
-        Duration::from_secs(args.timeout + 300),
-    )?;
+    let signed = signed_query(&signer, &me.study, &args)?;
     let mut c = client(args.coordinator.as_deref(), &args.credentials).await?;
     let r = c
         .query(pb::FederatedQueryRequest {
