@@ -105,6 +105,10 @@ echo "== the audit chain: every release, exact query, export, budget change and 
 "$BIN" node audit verify
 
 echo
+echo "== a three-site federation: coordinator, three nodes dialling out, federated DP queries =="
+bash scripts/federation-demo.sh
+
+echo
 echo "== services, through server reflection (mutual TLS) =="
 GRPCURL_TLS="-cacert $PKI/ca/ca.pem -cert $PKI/admin/cert.pem -key $PKI/admin/key.pem"
 if command -v grpcurl >/dev/null 2>&1; then

@@ -554,11 +554,23 @@ impl CoordinatorService for CoordinatorApi {
             )));
         }
         let suppress_below = self.state.config.suppress_below;
+        // A mean is clamped to its field's declared bounds, as each site clamps its values.
+        let bounds = cxrfed_stats::query::parse(&intent.query)
+            .ok()
+            .and_then(|q| match q.statistic {
+                cxrfed_stats::query::Statistic::Mean(f) => cxrfed_schema::flat::field(&f.value),
+                _ => None,
+            })
+            .and_then(|f| match f.kind {
+                cxrfed_schema::flat::FieldKind::Numeric { min, max } => Some((min, max)),
+                _ => None,
+            });
         let pooled = pool::pool(
             &statistic,
             &parts,
             suppress_below,
             cxrfed_stats::dp::CONFIDENCE,
+            bounds,
         );
         let rows: Vec<pb::DpRow> = pooled
             .rows

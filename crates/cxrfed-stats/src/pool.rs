@@ -132,8 +132,15 @@ pub fn same_layout(a: &Part, b: &Part) -> bool {
 }
 
 /// Pools parts of the same layout (check with [`same_layout`] first). `statistic` is the
-/// query's (count, histogram, crosstab, sum or mean).
-pub fn pool(statistic: &str, parts: &[Part], suppress_below: u64, confidence: f64) -> Pooled {
+/// query's (count, histogram, crosstab, sum or mean); `bounds` are the declared bounds of a
+/// mean's field, which the pooled mean and its interval are clamped to.
+pub fn pool(
+    statistic: &str,
+    parts: &[Part],
+    suppress_below: u64,
+    confidence: f64,
+    bounds: Option<(f64, f64)>,
+) -> Pooled {
     let Some(first) = parts.first() else {
         return Pooled {
             label_columns: Vec::new(),
@@ -179,9 +186,10 @@ pub fn pool(statistic: &str, parts: &[Part], suppress_below: u64, confidence: f6
             let count_bound = pooled_bound(&noises(1), 1.0 - alpha / 2.0);
             let count = count_value(n, pooled_bound(&noises(1), confidence));
             let denominator = n.max(1.0);
-            let estimate = sum / denominator;
+            let clamp = |m: f64| bounds.map_or(m, |(lo, hi)| m.clamp(lo, hi));
+            let estimate = clamp(sum / denominator);
             let bound = if denominator - count_bound <= 0.0 {
-                f64::INFINITY
+                bounds.map_or(f64::INFINITY, |(lo, hi)| hi - lo)
             } else {
                 [
                     (sum - sum_bound) / (denominator + count_bound),
@@ -190,7 +198,7 @@ pub fn pool(statistic: &str, parts: &[Part], suppress_below: u64, confidence: f6
                     (sum + sum_bound) / (denominator - count_bound),
                 ]
                 .into_iter()
-                .map(|m| (m - estimate).abs())
+                .map(|m| (clamp(m) - estimate).abs())
                 .fold(0.0, f64::max)
             };
             Pooled {

@@ -335,13 +335,26 @@ pub async fn query(args: QueryArgs) -> anyhow::Result<ExitCode> {
         .map_err(status_error)?
         .into_inner();
     if let Some(path) = &args.plot {
+        // A crosstab's value columns are the categories of its last field: name them
+        // `field=value` as the exact crosstab does.
+        let across = cxrfed_stats::query::parse(&args.query)
+            .ok()
+            .and_then(|q| match q.statistic {
+                cxrfed_stats::query::Statistic::Crosstab(fields) => {
+                    fields.last().map(|f| f.value.clone())
+                }
+                _ => None,
+            });
         let table = pb::StatsResponse {
             statistic: r.statistic.clone(),
             columns: r
                 .label_columns
                 .iter()
-                .chain(r.value_columns.iter())
                 .cloned()
+                .chain(r.value_columns.iter().map(|c| match &across {
+                    Some(field) => format!("{field}={c}"),
+                    None => c.clone(),
+                }))
                 .collect(),
             rows: r
                 .rows

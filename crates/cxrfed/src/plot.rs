@@ -49,6 +49,9 @@ pub fn draw(response: &pb::StatsResponse, query: &str, path: &Path) -> anyhow::R
                 .iter()
                 .take_while(|c| !c.contains('='))
                 .count();
+            if keys == 0 || keys >= response.columns.len() {
+                bail!("--plot needs a crosstab laid out as `field=value` columns");
+            }
             let stack_columns: Vec<usize> = (keys..response.columns.len())
                 .filter(|&i| response.columns[i] != "total")
                 .collect();
