@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use cxrfed_auth::Role;
 use cxrfed_auth::pki;
-use cxrfed_e2e::{CoordinatorProcess, NodeProcess, TestPki, cxrfed, free_port, text};
+use cxrfed_e2e::{
+    CoordinatorProcess, NodeProcess, TestPki, cxrfed, free_port, text, venv_python, workspace_root,
+};
 use cxrfed_proto::v1 as pb;
 use cxrfed_proto::v1::coordinator_service_client::CoordinatorServiceClient;
 use cxrfed_proto::v1::node_service_client::NodeServiceClient;
@@ -225,6 +227,37 @@ async fn a_federated_count_is_the_sum_of_the_sites_within_its_bound() {
         "noise variance {variance:.1}, theory {theory:.1}"
     );
 
+    // The Python SDK signs and asks the same way.
+    let out = std::process::Command::new(venv_python())
+        .arg(workspace_root().join("tests/helpers/federated_sdk.py"))
+        .args([
+            "--coordinator",
+            &f.coordinator.url(),
+            "--profile",
+            f.researcher.join(pki::PROFILE).to_str().expect("path"),
+        ])
+        .env_remove("CXRFED_PROFILE")
+        .output()
+        .expect("python");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let seen: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(seen["study"], "e2e");
+    assert_eq!(seen["connected"], 3);
+    assert_eq!(seen["answered"], 3);
+    assert_eq!(seen["charged"], serde_json::json!([0.5, 0.5, 0.5]));
+    assert_eq!(seen["count_bound"], expected);
+    assert!((seen["count"].as_f64().expect("count") - truth).abs() < 4.0 * expected);
+    assert_eq!(
+        seen["crosstab_index"],
+        serde_json::json!(["PA", "AP", "LL", "unknown", "(missing)"])
+    );
+    assert_eq!(seen["summary_refused"], "INVALID_ARGUMENT");
+
     // Each node recorded the federated release for rita, relayed by the coordinator.
     let admin = f.nodes[0].profile();
     let out = cxrfed(&[
@@ -267,7 +300,11 @@ async fn a_federated_count_is_the_sum_of_the_sites_within_its_bound() {
         .await
         .expect("audit")
         .into_inner();
-    assert_eq!(log.entries.len(), runs);
+    assert_eq!(
+        log.entries.len(),
+        runs + 2,
+        "the CLI's queries and the SDK's two"
+    );
     assert!(log.entries[0].query.contains("site-a answered"));
     let verified = c
         .verify_coordinator_audit(pb::VerifyAuditRequest {})

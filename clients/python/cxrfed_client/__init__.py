@@ -8,6 +8,10 @@
     node.dp_stats("histogram image_quality", epsilon=0.5)   # DP: values with ± bounds (researchers)
     node.budget()                                           # your privacy budget at this node
 
+    from cxrfed_client import Coordinator
+    study = Coordinator("https://127.0.0.1:50061", profile="rita/profile.toml")
+    study.query("crosstab image_quality, view", epsilon=0.5)  # pooled over the sites, signed
+
 Every call goes over mutual TLS with the certificates `cxrfed certs issue` wrote (or a profile
 that names them); `http://` URLs reach only a node started with `--insecure-dev`. Errors are
 raised as `CxrfedError` with the gRPC code and the node's message.
@@ -26,9 +30,9 @@ import grpc
 import pandas as pd
 from google.protobuf.json_format import MessageToDict
 
-from cxrfed.v1 import node_pb2, node_pb2_grpc
+from cxrfed.v1 import coordinator_pb2, coordinator_pb2_grpc, node_pb2, node_pb2_grpc
 
-__all__ = ["Node", "CxrfedError"]
+__all__ = ["Node", "Coordinator", "CxrfedError"]
 
 _CHUNK = 1024 * 1024
 _MAX_MESSAGE = 8 * 1024 * 1024
@@ -60,34 +64,42 @@ def _read(path: str | os.PathLike | None) -> bytes | None:
         return f.read()
 
 
+def _credentials(url, ca, cert, key, profile, default_url):
+    """Resolves a profile into (url, ca, cert, key) paths; explicit arguments win."""
+    profile = profile or os.environ.get("CXRFED_PROFILE")
+    if profile:
+        base = Path(profile).parent
+        with open(profile, "rb") as f:
+            p = tomllib.load(f)
+        resolve = lambda v: str(base / v) if v and not os.path.isabs(v) else v  # noqa: E731
+        ca = ca or resolve(p.get("ca"))
+        cert = cert or resolve(p.get("cert"))
+        key = key or resolve(p.get("key"))
+        url = url or p.get("node")
+    return url or default_url, ca, cert, key
+
+
+def _channel(url, ca, cert, key):
+    options = [("grpc.max_receive_message_length", _MAX_MESSAGE),
+               ("grpc.max_send_message_length", _MAX_MESSAGE)]
+    if url.startswith("https://"):
+        if ca is None:
+            raise ValueError(f"{url} uses TLS: pass ca= (and cert=, key=) or profile=")
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=_read(ca), private_key=_read(key), certificate_chain=_read(cert))
+        return grpc.secure_channel(url.removeprefix("https://"), credentials, options)
+    if url.startswith("http://"):
+        return grpc.insecure_channel(url.removeprefix("http://"), options)
+    raise ValueError(f"URL {url!r} must start with https:// (or http:// for --insecure-dev)")
+
+
 class Node:
     """A connection to one node."""
 
     def __init__(self, url: str | None = None, ca: str | None = None, cert: str | None = None,
                  key: str | None = None, profile: str | None = None):
-        profile = profile or os.environ.get("CXRFED_PROFILE")
-        if profile:
-            base = Path(profile).parent
-            with open(profile, "rb") as f:
-                p = tomllib.load(f)
-            resolve = lambda v: str(base / v) if v and not os.path.isabs(v) else v  # noqa: E731
-            ca = ca or resolve(p.get("ca"))
-            cert = cert or resolve(p.get("cert"))
-            key = key or resolve(p.get("key"))
-            url = url or p.get("node")
-        url = url or "https://127.0.0.1:50051"
-        options = [("grpc.max_receive_message_length", _MAX_MESSAGE),
-                   ("grpc.max_send_message_length", _MAX_MESSAGE)]
-        if url.startswith("https://"):
-            if ca is None:
-                raise ValueError(f"{url} uses TLS: pass ca= (and cert=, key=) or profile=")
-            credentials = grpc.ssl_channel_credentials(
-                root_certificates=_read(ca), private_key=_read(key), certificate_chain=_read(cert))
-            self._channel = grpc.secure_channel(url.removeprefix("https://"), credentials, options)
-        elif url.startswith("http://"):
-            self._channel = grpc.insecure_channel(url.removeprefix("http://"), options)
-        else:
-            raise ValueError(f"URL {url!r} must start with https:// (or http:// for --insecure-dev)")
+        url, ca, cert, key = _credentials(url, ca, cert, key, profile, "https://127.0.0.1:50051")
+        self._channel = _channel(url, ca, cert, key)
         self._stub = node_pb2_grpc.NodeServiceStub(self._channel)
         self.url = url
 
@@ -265,3 +277,91 @@ class Node:
             raise _error(e) from None
         buffer.seek(0)
         return pd.read_csv(buffer, keep_default_na=True)
+
+
+class Coordinator:
+    """A connection to the study coordinator, for federated DP queries. Every query is signed
+    with the key of your certificate: each site checks the signature before it charges your
+    budget there."""
+
+    def __init__(self, url: str | None = None, ca: str | None = None, cert: str | None = None,
+                 key: str | None = None, profile: str | None = None):
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+
+        url, ca, cert, key = _credentials(url, ca, cert, key, profile, "https://127.0.0.1:50061")
+        if url.startswith("http://") or cert is None or key is None:
+            raise ValueError("a coordinator is reached over mutual TLS with your certificate and key")
+        self._channel = _channel(url, ca, cert, key)
+        self._stub = coordinator_pb2_grpc.CoordinatorServiceStub(self._channel)
+        certificate = x509.load_pem_x509_certificate(_read(cert))
+        self._certificate = certificate.public_bytes(serialization.Encoding.DER)
+        self._key = serialization.load_pem_private_key(_read(key), password=None)
+        uris = certificate.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName).value.get_values_for_type(x509.UniformResourceIdentifier)
+        self.identity = next(u for u in uris if u.startswith("cxrfed://"))
+        self.study = self.identity.removeprefix("cxrfed://").split("/")[0]
+        self.url = url
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "Coordinator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def sites(self) -> pd.DataFrame:
+        """The registry of sites (connected, last seen, version, model, records)."""
+        try:
+            response = self._stub.Sites(coordinator_pb2.SitesRequest())
+        except grpc.RpcError as e:
+            raise _error(e) from None
+        return pd.DataFrame([MessageToDict(s, preserving_proto_field_name=True,
+                                           always_print_fields_with_no_presence=True)
+                             for s in response.sites])
+
+    def query(self, query: str, epsilon: float, delta: float = 0.0, mechanism: str = "laplace",
+              sites: list[str] | None = None, min_sites: int = 1, timeout: float = 30.0) -> pd.DataFrame:
+        """A federated DP query: every site charges `epsilon` (and `delta`) to your budget there
+        and releases its own noisy answer; the coordinator pools them. Columns as in
+        `Node.dp_stats` (`NAME`, `NAME_error_bound`); `df.attrs["sites"]` says which sites
+        answered, which did not and why, and what each charged."""
+        import time
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        now = int(time.time())
+        intent = coordinator_pb2.QueryIntent(
+            study=self.study, query=query, epsilon=epsilon, delta=delta, mechanism=mechanism,
+            sites=sites or [], nonce=os.urandom(16).hex(), issued_at_unix=now,
+            expires_at_unix=now + int(timeout) + 300).SerializeToString()
+        signed = coordinator_pb2.SignedQuery(
+            intent=intent, signature=self._key.sign(intent, ec.ECDSA(hashes.SHA256())),
+            certificate=self._certificate)
+        request = coordinator_pb2.FederatedQueryRequest(
+            signed=signed, min_sites=min_sites, timeout_ms=int(timeout * 1000))
+        try:
+            response = self._stub.Query(request)
+        except grpc.RpcError as e:
+            raise _error(e) from None
+        columns = list(response.label_columns)
+        for name in response.value_columns:
+            columns += [name, f"{name}_error_bound"]
+        rows = []
+        for row in response.rows:
+            values = list(row.labels)
+            for v in row.values:
+                values += [v.value if v.HasField("value") else None, v.error_bound]
+            rows.append(values)
+        frame = pd.DataFrame(rows, columns=columns)
+        if response.label_columns and not frame.empty:
+            frame = frame.set_index(list(response.label_columns))
+        frame.attrs.update(
+            query_id=response.query_id, statistic=response.statistic, query=response.query,
+            confidence=response.confidence, suppress_below=response.suppress_below,
+            answered=response.answered, notes=list(response.notes), audit_seq=response.audit_seq,
+            sites=[MessageToDict(s, preserving_proto_field_name=True,
+                                 always_print_fields_with_no_presence=True) for s in response.sites])
+        return frame
