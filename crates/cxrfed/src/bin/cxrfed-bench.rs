@@ -109,6 +109,20 @@ enum Mode {
         #[arg(long, default_value_t = 1)]
         dp_k: u32,
     },
+    /// Federated query latency against the number of sites (in-process coordinator and
+    /// sites on loopback, mutual TLS, signed queries), and the pooled error against a central
+    /// release of the same query.
+    Federation {
+        /// Site counts to measure, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "3,10,30")]
+        sites: Vec<usize>,
+        #[arg(long, default_value_t = 20_000)]
+        records: usize,
+        #[arg(long, default_value_t = 20)]
+        queries: usize,
+        #[arg(long, default_value_t = 1.0)]
+        epsilon: f64,
+    },
     /// Connection set-up cost: `count` sequential fresh connections, each with one Status call
     /// (TCP + TLS 1.3 handshake with client certificate + HTTP/2 + first RPC).
     Connect {
@@ -120,6 +134,8 @@ enum Mode {
         profile: Option<PathBuf>,
     },
 }
+
+mod bench_federation;
 
 /// A deterministic synthetic record: skewed categorical findings, ages, views, months.
 fn synthetic_record(i: usize) -> cxrfed_schema::Record {
@@ -554,6 +570,20 @@ fn main() -> anyhow::Result<()> {
         } => {
             let dp = dp_epsilon.map(|e| (e, dp_k));
             println!("{}", stats_bench(records, &query, repeats, csv, dp)?);
+        }
+        Mode::Federation {
+            sites,
+            records,
+            queries,
+            epsilon,
+        } => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            println!(
+                "{}",
+                runtime.block_on(bench_federation::run(&sites, records, queries, epsilon))?
+            );
         }
         Mode::Connect {
             url,
