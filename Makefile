@@ -9,7 +9,7 @@ CARGO ?= cargo
 export LIBTORCH_USE_PYTORCH := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: demo test venv sdk build bench bench-imaging bench-model bench-tls bench-research bench-privacy model lint clean-venv
+.PHONY: demo test venv sdk build bench bench-imaging bench-model bench-tls bench-research bench-privacy bench-federation model lint clean-venv
 
 $(STAMP): requirements-dev.txt
 	@test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -39,7 +39,7 @@ demo: build
 test: build
 	$(CARGO) test --locked --workspace --no-fail-fast
 
-bench: bench-imaging bench-model bench-tls bench-research bench-privacy
+bench: bench-imaging bench-model bench-tls bench-research bench-privacy bench-federation
 
 bench-imaging: venv
 	$(CARGO) build --locked --release -p cxrfed --bins
@@ -58,6 +58,10 @@ bench-privacy: venv
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check opendp==0.16.0
 	$(CARGO) build --locked --release -p cxrfed --bins
 	$(PYTHON) bench/privacy.py --bin target/release/cxrfed-bench --out docs/bench/privacy.md
+
+bench-federation: venv
+	$(CARGO) build --locked --release -p cxrfed --bins
+	$(PYTHON) bench/federation.py --bin target/release/cxrfed-bench --out docs/bench/federation.md
 
 bench-research: venv
 	$(CARGO) build --locked --release -p cxrfed --bins
