@@ -178,6 +178,13 @@ pub(crate) struct GroupCommit {
     durable: tokio::sync::Mutex<u64>,
 }
 
+/// One `flush_async` at a time in the whole process. sled's IO thread pool and its
+/// transaction lock are process-wide: with several stores in one process (a coordinator and
+/// sites in a benchmark, tests) concurrent flushes of different stores exhausted the pool while
+/// transactions blocked the runtime's workers — a deadlock. A node or coordinator process has
+/// one store, for which this costs nothing.
+static FLUSH_GATE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 impl GroupCommit {
     pub(crate) async fn flush(&self, db: &sled::Db) -> Result<()> {
         use std::sync::atomic::Ordering;
@@ -188,6 +195,7 @@ impl GroupCommit {
         }
         // Everything written up to here is covered by this flush.
         let covered = self.written.load(Ordering::SeqCst);
+        let _gate = FLUSH_GATE.lock().await;
         db.flush_async().await?;
         *durable = covered;
         Ok(())

@@ -45,15 +45,32 @@ fn paths(root: &Path, dir: &Path) -> cxrfed_auth::TlsPaths {
     }
 }
 
-/// A site: its node state (no local gRPC server) linked to the coordinator.
-fn start_site(
+/// A site: its node state (no local gRPC server), linked to the coordinator by `link`.
+struct Site {
+    state: Arc<cxrfed_node::service::NodeState>,
+    credentials: cxrfed_auth::ClientCredentials,
+    columns: cxrfed_stats::Columns,
+    selection: [u8; 32],
+}
+
+impl Site {
+    fn link(&self, coordinator: &str, shutdown: &CancellationToken) {
+        cxrfed_node::federation::spawn(
+            self.state.clone(),
+            coordinator.to_string(),
+            self.credentials.clone(),
+            shutdown.clone(),
+        );
+    }
+}
+
+fn make_site(
     root: &Path,
     ca: &StudyCa,
     index: usize,
     records: usize,
-    coordinator: &str,
     shutdown: &CancellationToken,
-) -> anyhow::Result<cxrfed_stats::Columns> {
+) -> anyhow::Result<Site> {
     let site = format!("site-{index:02}");
     let dir = issue(
         ca,
@@ -81,8 +98,8 @@ fn start_site(
         columns.upsert(&record);
     }
     let tls = cxrfed_auth::ReloadingTls::load(paths(root, &dir), &[Role::Node])?;
-    let mut dp =
-        cxrfed_node::privacy::DpSettings::from_config(&config, secret.derive("dp-row-selection"));
+    let selection = secret.derive("dp-row-selection");
+    let mut dp = cxrfed_node::privacy::DpSettings::from_config(&config, selection);
     dp.default_budget = cxrfed_store::Budget {
         epsilon: 1e9,
         delta: 0.0,
@@ -108,13 +125,12 @@ fn start_site(
         cert: Some(dir.join(pki::CERT)),
         key: Some(dir.join(pki::KEY)),
     };
-    cxrfed_node::federation::spawn(
+    Ok(Site {
         state,
-        coordinator.to_string(),
         credentials,
-        shutdown.clone(),
-    );
-    Ok(columns)
+        columns,
+        selection,
+    })
 }
 
 fn signed(signer: &cxrfed_auth::signing::Signer, epsilon: f64) -> anyhow::Result<pb::SignedQuery> {
@@ -174,14 +190,24 @@ pub async fn run(
         config.cert = Some(p.cert);
         config.key = Some(p.key);
         config.crl = p.crl;
+        // Every site's store is opened (sled, blocking) before any link starts.
+        let all = {
+            let (root, shutdown) = (root.to_path_buf(), shutdown.clone());
+            let ca = StudyCa::open(&root.join("ca"))?;
+            tokio::task::spawn_blocking(move || {
+                (0..n)
+                    .map(|i| make_site(&root, &ca, i, records, &shutdown))
+                    .collect::<anyhow::Result<Vec<Site>>>()
+            })
+            .await??
+        };
         tokio::spawn(cxrfed_coordinator::serve(
             config,
             listener,
             shutdown.clone(),
         ));
-        let mut all = Vec::new();
-        for i in 0..n {
-            all.push(start_site(root, &ca, i, records, &url, &shutdown)?);
+        for site in &all {
+            site.link(&url, &shutdown);
         }
         let credentials = cxrfed_auth::ClientCredentials {
             ca: root.join("ca").join(pki::CA_CERT),
@@ -227,9 +253,15 @@ pub async fn run(
             raw: true,
         };
         let mut truth: Vec<f64> = Vec::new();
-        for columns in &all {
+        // Each site selects its records with its own key: the truth uses the same keys.
+        for site in &all {
+            let columns = &site.columns;
+            let site_params = cxrfed_stats::dp::DpParams {
+                selection_secret: site.selection,
+                ..params.clone()
+            };
             let plan =
-                cxrfed_stats::dp::plan(columns, cxrfed_stats::query::parse(QUERY)?, &params)?;
+                cxrfed_stats::dp::plan(columns, cxrfed_stats::query::parse(QUERY)?, &site_params)?;
             let site: Vec<f64> = plan
                 .noiseless(columns)?
                 .rows

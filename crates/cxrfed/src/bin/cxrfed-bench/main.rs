@@ -577,7 +577,9 @@ fn main() -> anyhow::Result<()> {
             queries,
             epsilon,
         } => {
+            // Enough workers that 30 sites' sled calls never starve the coordinator.
             let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(8)
                 .enable_all()
                 .build()?;
             println!(
