@@ -124,3 +124,31 @@ pub async fn serve(
     result.map_err(|e| ServeError::Join(e.to_string()))??;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    #[test]
+    fn every_coordinator_rpc_declares_who_may_call_it() {
+        let set = prost_types::FileDescriptorSet::decode(cxrfed_proto::FILE_DESCRIPTOR_SET)
+            .expect("descriptor set");
+        let policy = coordinator_policy();
+        let mut methods = 0;
+        for file in &set.file {
+            for service in file
+                .service
+                .iter()
+                .filter(|s| s.name() == "CoordinatorService")
+            {
+                for method in &service.method {
+                    let path = format!("/{}.{}/{}", file.package(), service.name(), method.name());
+                    assert!(policy.rule(&path).is_some(), "{path} has no rule");
+                    methods += 1;
+                }
+            }
+        }
+        assert_eq!(methods, COORDINATOR_RULES.len());
+    }
+}
