@@ -45,6 +45,29 @@ pub struct TlsPaths {
     pub crl: Option<PathBuf>,
 }
 
+impl TlsPaths {
+    /// The paths of a configuration: `None` unless ca, cert and key are all given; the CRL
+    /// defaults to `crl.pem` next to the CA certificate when that file exists.
+    pub fn configured(
+        ca: Option<&PathBuf>,
+        cert: Option<&PathBuf>,
+        key: Option<&PathBuf>,
+        crl: Option<&PathBuf>,
+    ) -> Option<TlsPaths> {
+        let (ca, cert, key) = (ca?, cert?, key?);
+        let crl = crl.cloned().or_else(|| {
+            let beside = ca.parent()?.join(crate::pki::CA_CRL);
+            beside.exists().then_some(beside)
+        });
+        Some(TlsPaths {
+            ca: ca.clone(),
+            cert: cert.clone(),
+            key: key.clone(),
+            crl,
+        })
+    }
+}
+
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }

@@ -112,22 +112,18 @@ impl CoordinatorConfig {
     }
 
     pub fn tls_paths(&self) -> Result<cxrfed_auth::TlsPaths, ConfigError> {
-        let (Some(ca), Some(cert), Some(key)) = (&self.ca, &self.cert, &self.key) else {
-            return Err(ConfigError(
+        cxrfed_auth::TlsPaths::configured(
+            self.ca.as_ref(),
+            self.cert.as_ref(),
+            self.key.as_ref(),
+            self.crl.as_ref(),
+        )
+        .ok_or_else(|| {
+            ConfigError(
                 "the coordinator serves mutual TLS only: give --ca, --cert and --key (a \
                  coordinator certificate from `cxrfed certs issue --role coordinator`)"
                     .into(),
-            ));
-        };
-        let crl = self.crl.clone().or_else(|| {
-            let beside = ca.parent()?.join(cxrfed_auth::pki::CA_CRL);
-            beside.exists().then_some(beside)
-        });
-        Ok(cxrfed_auth::TlsPaths {
-            ca: ca.clone(),
-            cert: cert.clone(),
-            key: key.clone(),
-            crl,
+            )
         })
     }
 

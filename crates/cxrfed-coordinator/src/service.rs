@@ -668,40 +668,12 @@ impl CoordinatorService for CoordinatorApi {
         &self,
         request: Request<pb::AuditLogRequest>,
     ) -> Result<Response<pb::AuditLogResponse>, Status> {
-        let since = match request.into_inner().since.trim() {
-            "" => None,
-            text => Some(
-                chrono::DateTime::parse_from_rfc3339(text)
-                    .map(|t| t.with_timezone(&Utc))
-                    .or_else(|_| {
-                        chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d")
-                            .map(|d| d.and_hms_opt(0, 0, 0).unwrap_or_default().and_utc())
-                    })
-                    .map_err(|_| {
-                        Status::invalid_argument("since must be RFC 3339 or YYYY-MM-DD")
-                    })?,
-            ),
-        };
+        let since = cxrfed_store::audit::parse_since(&request.into_inner().since)
+            .map_err(Status::invalid_argument)?;
         let entries = self.state.store.audit_entries(since).map_err(internal)?;
         let head = self.state.store.verify_audit().map_err(internal)?.head;
         Ok(Response::new(pb::AuditLogResponse {
-            entries: entries
-                .into_iter()
-                .map(|e| pb::AuditEntry {
-                    seq: e.seq,
-                    time: e.time,
-                    identity: e.identity,
-                    role: e.role,
-                    method: e.method,
-                    query: e.query,
-                    epsilon: e.epsilon,
-                    delta: e.delta,
-                    digest: e.digest,
-                    prev: e.prev,
-                    hash: e.hash,
-                    via: e.via,
-                })
-                .collect(),
+            entries: entries.into_iter().map(pb::AuditEntry::from).collect(),
             head,
         }))
     }
@@ -711,12 +683,6 @@ impl CoordinatorService for CoordinatorApi {
         _request: Request<pb::VerifyAuditRequest>,
     ) -> Result<Response<pb::VerifyAuditResponse>, Status> {
         let report = self.state.store.verify_audit().map_err(internal)?;
-        Ok(Response::new(pb::VerifyAuditResponse {
-            ok: report.broken.is_none(),
-            entries: report.entries,
-            head: report.head,
-            broken_seq: report.broken.as_ref().map_or(0, |b| b.seq),
-            reason: report.broken.map(|b| b.reason).unwrap_or_default(),
-        }))
+        Ok(Response::new(pb::VerifyAuditResponse::from(report)))
     }
 }

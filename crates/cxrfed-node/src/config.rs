@@ -287,24 +287,20 @@ impl NodeConfig {
 
     /// The TLS files (all of ca, cert and key are required unless `insecure_dev`).
     pub fn tls_paths(&self) -> Result<cxrfed_auth::TlsPaths, ConfigError> {
-        let (Some(ca), Some(cert), Some(key)) = (&self.ca, &self.cert, &self.key) else {
-            return Err(ConfigError::Invalid(
+        cxrfed_auth::TlsPaths::configured(
+            self.ca.as_ref(),
+            self.cert.as_ref(),
+            self.key.as_ref(),
+            self.crl.as_ref(),
+        )
+        .ok_or_else(|| {
+            ConfigError::Invalid(
                 "the node serves mutual TLS only: give --ca, --cert and --key (or ca/cert/key in \
                  the config file, CXRFED_CA/CXRFED_CERT/CXRFED_KEY); `cxrfed certs --help` \
                  creates them. For a loopback-only development node without TLS, pass \
                  --insecure-dev"
                     .into(),
-            ));
-        };
-        let crl = self.crl.clone().or_else(|| {
-            let beside = ca.parent()?.join(cxrfed_auth::pki::CA_CRL);
-            beside.exists().then_some(beside)
-        });
-        Ok(cxrfed_auth::TlsPaths {
-            ca: ca.clone(),
-            cert: cert.clone(),
-            key: key.clone(),
-            crl,
+            )
         })
     }
 

@@ -657,43 +657,6 @@ fn budget_account(account: cxrfed_store::Account) -> pb::BudgetAccount {
     }
 }
 
-fn audit_entry(e: cxrfed_store::AuditEntry) -> pb::AuditEntry {
-    pb::AuditEntry {
-        seq: e.seq,
-        time: e.time,
-        identity: e.identity,
-        role: e.role,
-        method: e.method,
-        query: e.query,
-        epsilon: e.epsilon,
-        delta: e.delta,
-        digest: e.digest,
-        prev: e.prev,
-        hash: e.hash,
-        via: e.via,
-    }
-}
-
-/// `since` as RFC 3339 or YYYY-MM-DD (midnight UTC).
-fn parse_since(text: &str) -> Result<Option<DateTime<Utc>>, NodeError> {
-    let text = text.trim();
-    if text.is_empty() {
-        return Ok(None);
-    }
-    if let Ok(t) = DateTime::parse_from_rfc3339(text) {
-        return Ok(Some(t.with_timezone(&Utc)));
-    }
-    chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d")
-        .ok()
-        .and_then(|d| d.and_hms_opt(0, 0, 0))
-        .map(|t| Some(t.and_utc()))
-        .ok_or_else(|| {
-            NodeError::InvalidRequest(format!(
-                "since {text:?} must be an RFC 3339 time or YYYY-MM-DD"
-            ))
-        })
-}
-
 #[tonic::async_trait]
 impl NodeService for NodeApi {
     async fn extract(
@@ -1327,7 +1290,8 @@ impl NodeService for NodeApi {
         let peer = Caller::of(&request);
         let request = request.into_inner();
         observe(&self.state, "AuditLog", &peer, &metadata, |_| async {
-            let since = parse_since(&request.since)?;
+            let since = cxrfed_store::audit::parse_since(&request.since)
+                .map_err(NodeError::InvalidRequest)?;
             let store = self.state.store.clone();
             let (entries, head) = tokio::task::spawn_blocking(move || {
                 Ok::<_, NodeError>((store.audit_entries(since)?, store.verify_audit()?.head))
@@ -1335,7 +1299,7 @@ impl NodeService for NodeApi {
             .await
             .map_err(|e| NodeError::Internal(format!("audit task: {e}")))??;
             Ok(pb::AuditLogResponse {
-                entries: entries.into_iter().map(audit_entry).collect(),
+                entries: entries.into_iter().map(pb::AuditEntry::from).collect(),
                 head,
             })
         })
@@ -1353,13 +1317,7 @@ impl NodeService for NodeApi {
             let report = tokio::task::spawn_blocking(move || store.verify_audit())
                 .await
                 .map_err(|e| NodeError::Internal(format!("audit task: {e}")))??;
-            Ok(pb::VerifyAuditResponse {
-                ok: report.broken.is_none(),
-                entries: report.entries,
-                head: report.head,
-                broken_seq: report.broken.as_ref().map_or(0, |b| b.seq),
-                reason: report.broken.map(|b| b.reason).unwrap_or_default(),
-            })
+            Ok(pb::VerifyAuditResponse::from(report))
         })
         .await
     }

@@ -155,6 +155,23 @@ pub(crate) fn append_in(
     Ok(entry)
 }
 
+/// A `since` bound for [`RecordStore::audit_entries`]: an RFC 3339 time or YYYY-MM-DD (midnight
+/// UTC); empty is none. The error says what is accepted.
+pub fn parse_since(text: &str) -> std::result::Result<Option<DateTime<Utc>>, String> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    if let Ok(t) = DateTime::parse_from_rfc3339(text) {
+        return Ok(Some(t.with_timezone(&Utc)));
+    }
+    chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d")
+        .ok()
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .map(|t| Some(t.and_utc()))
+        .ok_or_else(|| format!("since {text:?} must be an RFC 3339 time or YYYY-MM-DD"))
+}
+
 /// Entries of an audit tree in order, from `since` (inclusive) on.
 pub(crate) fn entries_of(
     audit: &sled::Tree,

@@ -12,7 +12,6 @@ use clap::{Args, Subcommand};
 use cxrfed_coordinator::CoordinatorConfig;
 use cxrfed_proto::v1 as pb;
 use cxrfed_proto::v1::coordinator_service_client::CoordinatorServiceClient;
-use prost::Message;
 use serde::Serialize;
 
 use crate::client::{Credentials, status_error};
@@ -287,34 +286,13 @@ fn signed_query(
     args: &QueryArgs,
 ) -> anyhow::Result<pb::SignedQuery> {
     let valid_for = Duration::from_secs(args.timeout + 300);
-    let mut nonce = [0u8; 16];
-    getrandom::fill(&mut nonce).map_err(|e| anyhow::anyhow!("random: {e}"))?;
-    let now = chrono::Utc::now().timestamp();
     let intent = pb::QueryIntent {
-        study: study.to_string(),
-        query: args.query.clone(),
-        epsilon: args.epsilon,
         delta: args.delta,
         mechanism: args.mechanism.clone(),
         sites: args.sites.clone(),
-        nonce: nonce.iter().map(|b| format!("{b:02x}")).collect(),
-        issued_at_unix: now,
-        expires_at_unix: now + valid_for.as_secs() as i64,
-    }
-    .encode_to_vec();
-    Ok(pb::SignedQuery {
-        signature: signer.sign(&intent)?,
-        intent,
-        certificate: signer.certificate().to_vec(),
-    })
-}
-
-fn value_text(v: &pb::DpValue) -> String {
-    match v.value {
-        None => "suppressed".to_string(),
-        Some(x) if x.fract() == 0.0 => format!("{x:.0} ±{:.1}", v.error_bound),
-        Some(x) => format!("{x:.4} ±{:.4}", v.error_bound),
-    }
+        ..cxrfed_coordinator::intent::new(study, &args.query, args.epsilon, valid_for)?
+    };
+    Ok(cxrfed_coordinator::intent::sign(signer, &intent)?)
 }
 
 pub async fn query(args: QueryArgs) -> anyhow::Result<ExitCode> {
@@ -389,13 +367,7 @@ pub async fn query(args: QueryArgs) -> anyhow::Result<ExitCode> {
                 "query": r.query,
                 "label_columns": r.label_columns,
                 "value_columns": r.value_columns,
-                "rows": r.rows.iter().map(|row| serde_json::json!({
-                    "labels": row.labels,
-                    "values": row.values.iter().map(|v| serde_json::json!({
-                        "value": v.value, "error_bound": v.error_bound,
-                        "suppressed": v.value.is_none(),
-                    })).collect::<Vec<_>>(),
-                })).collect::<Vec<_>>(),
+                "rows": crate::privacy_cmd::dp_rows_json(&r.rows),
                 "confidence": r.confidence,
                 "suppress_below": r.suppress_below,
                 "answered": r.answered,
@@ -410,42 +382,15 @@ pub async fn query(args: QueryArgs) -> anyhow::Result<ExitCode> {
             writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
         }
         "csv" => {
-            let mut w = csv::Writer::from_writer(out);
-            let mut header = r.label_columns.clone();
-            for c in &r.value_columns {
-                header.push(c.clone());
-                header.push(format!("{c}_error_bound"));
-            }
-            w.write_record(&header)?;
-            for row in &r.rows {
-                let mut cells = row.labels.clone();
-                for v in &row.values {
-                    cells.push(v.value.map(|x| x.to_string()).unwrap_or_default());
-                    cells.push(v.error_bound.to_string());
-                }
-                w.write_record(&cells)?;
-            }
-            w.flush()?;
+            crate::privacy_cmd::write_dp_csv(out, &r.label_columns, &r.value_columns, &r.rows)?
         }
         _ => {
-            let header: Vec<String> = r
-                .label_columns
-                .iter()
-                .chain(r.value_columns.iter())
-                .cloned()
-                .collect();
-            let body: Vec<Vec<String>> = r
-                .rows
-                .iter()
-                .map(|row| {
-                    row.labels
-                        .iter()
-                        .cloned()
-                        .chain(row.values.iter().map(value_text))
-                        .collect()
-                })
-                .collect();
-            print_table(&mut out, &header, &body)?;
+            crate::privacy_cmd::print_dp_table(
+                &mut out,
+                &r.label_columns,
+                &r.value_columns,
+                &r.rows,
+            )?;
             writeln!(
                 out,
                 "federated, differentially private: {} of {} sites answered; ± is the {:.0}% error bound",

@@ -41,6 +41,65 @@ fn value_json(v: &pb::DpValue) -> serde_json::Value {
     })
 }
 
+/// DP rows as JSON (labels, and values with their bounds): a node's release and a pooled one.
+pub(crate) fn dp_rows_json(rows: &[pb::DpRow]) -> Vec<serde_json::Value> {
+    rows.iter()
+        .map(|row| {
+            serde_json::json!({
+                "labels": row.labels,
+                "values": row.values.iter().map(value_json).collect::<Vec<_>>(),
+            })
+        })
+        .collect()
+}
+
+/// DP rows as CSV: the label columns, then each value column with its `_error_bound`.
+pub(crate) fn write_dp_csv(
+    out: impl Write,
+    label_columns: &[String],
+    value_columns: &[String],
+    rows: &[pb::DpRow],
+) -> anyhow::Result<()> {
+    let mut w = csv::Writer::from_writer(out);
+    let mut header = label_columns.to_vec();
+    for c in value_columns {
+        header.push(c.clone());
+        header.push(format!("{c}_error_bound"));
+    }
+    w.write_record(&header)?;
+    for row in rows {
+        let mut cells = row.labels.clone();
+        for v in &row.values {
+            cells.push(v.value.map(|x| x.to_string()).unwrap_or_default());
+            cells.push(v.error_bound.to_string());
+        }
+        w.write_record(&cells)?;
+    }
+    w.flush()?;
+    Ok(())
+}
+
+/// DP rows as a plain table: values shown as "value ±bound" or "suppressed".
+pub(crate) fn print_dp_table(
+    out: &mut impl Write,
+    label_columns: &[String],
+    value_columns: &[String],
+    rows: &[pb::DpRow],
+) -> std::io::Result<()> {
+    let header: Vec<String> = label_columns.iter().chain(value_columns).cloned().collect();
+    let body: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| {
+            row.labels
+                .iter()
+                .cloned()
+                .chain(row.values.iter().map(value_text))
+                .collect()
+        })
+        .collect();
+    print_table(out, &header, &body)
+}
+
 /// Prints a DP release as a table (values with their ± bounds), CSV (value and bound columns)
 /// or JSON.
 pub fn print_release(r: &pb::DpStatsResponse, format: &str) -> anyhow::Result<ExitCode> {
@@ -53,10 +112,7 @@ pub fn print_release(r: &pb::DpStatsResponse, format: &str) -> anyhow::Result<Ex
                 "query": r.query,
                 "label_columns": r.label_columns,
                 "value_columns": r.value_columns,
-                "rows": r.rows.iter().map(|row| serde_json::json!({
-                    "labels": row.labels,
-                    "values": row.values.iter().map(value_json).collect::<Vec<_>>(),
-                })).collect::<Vec<_>>(),
+                "rows": dp_rows_json(&r.rows),
                 "epsilon": r.epsilon,
                 "delta": r.delta,
                 "mechanism": r.mechanism,
@@ -73,39 +129,9 @@ pub fn print_release(r: &pb::DpStatsResponse, format: &str) -> anyhow::Result<Ex
             });
             writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
         }
-        "csv" => {
-            let mut w = csv::Writer::from_writer(out);
-            let mut header = r.label_columns.clone();
-            for c in &r.value_columns {
-                header.push(c.clone());
-                header.push(format!("{c}_error_bound"));
-            }
-            w.write_record(&header)?;
-            for row in &r.rows {
-                let mut cells = row.labels.clone();
-                for v in &row.values {
-                    cells.push(v.value.map(|x| x.to_string()).unwrap_or_default());
-                    cells.push(v.error_bound.to_string());
-                }
-                w.write_record(&cells)?;
-            }
-            w.flush()?;
-        }
+        "csv" => write_dp_csv(out, &r.label_columns, &r.value_columns, &r.rows)?,
         _ => {
-            let mut header = r.label_columns.clone();
-            header.extend(r.value_columns.iter().cloned());
-            let body: Vec<Vec<String>> = r
-                .rows
-                .iter()
-                .map(|row| {
-                    row.labels
-                        .iter()
-                        .cloned()
-                        .chain(row.values.iter().map(value_text))
-                        .collect()
-                })
-                .collect();
-            print_table(&mut out, &header, &body)?;
+            print_dp_table(&mut out, &r.label_columns, &r.value_columns, &r.rows)?;
             writeln!(
                 out,
                 "differentially private: epsilon {} (delta {}) charged, {}, noise scale {:.3}; ± is the {:.0}% error bound",
@@ -337,23 +363,6 @@ pub enum AuditCommand {
     },
 }
 
-fn entry_of(e: cxrfed_store::AuditEntry) -> pb::AuditEntry {
-    pb::AuditEntry {
-        seq: e.seq,
-        time: e.time,
-        identity: e.identity,
-        role: e.role,
-        method: e.method,
-        query: e.query,
-        epsilon: e.epsilon,
-        delta: e.delta,
-        digest: e.digest,
-        prev: e.prev,
-        hash: e.hash,
-        via: e.via,
-    }
-}
-
 /// Opens a stopped node's store directly (a running node holds its lock: ask it instead).
 fn open_store(data_dir: &std::path::Path) -> anyhow::Result<cxrfed_store::RecordStore> {
     let config = cxrfed_node::NodeConfig {
@@ -408,30 +417,20 @@ pub fn node_audit(command: AuditCommand) -> anyhow::Result<ExitCode> {
                     Ok((r.entries, r.head))
                 })?
             } else {
-                let since = match since.as_deref().map(str::trim) {
-                    None | Some("") => None,
-                    Some(text) => Some(parse_since(text)?),
-                };
+                let since = cxrfed_store::audit::parse_since(since.as_deref().unwrap_or(""))
+                    .map_err(|e| anyhow::anyhow!("--{e}"))?;
                 let store = open_store(&data_dir)?;
                 let entries = store.audit_entries(since)?;
                 let head = store.verify_audit()?.head;
-                (entries.into_iter().map(entry_of).collect(), head)
+                (
+                    entries.into_iter().map(pb::AuditEntry::from).collect(),
+                    head,
+                )
             };
             print_entries(&entries, &head, json)?;
             Ok(ExitCode::SUCCESS)
         }
     }
-}
-
-fn parse_since(text: &str) -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
-    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(text) {
-        return Ok(t.with_timezone(&chrono::Utc));
-    }
-    chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d")
-        .ok()
-        .and_then(|d| d.and_hms_opt(0, 0, 0))
-        .map(|t| t.and_utc())
-        .ok_or_else(|| anyhow::anyhow!("--since {text:?} must be an RFC 3339 time or YYYY-MM-DD"))
 }
 
 fn print_verification(

@@ -17,7 +17,6 @@ use cxrfed_auth::Role;
 use cxrfed_auth::pki::{self, IssueRequest, StudyCa};
 use cxrfed_proto::v1 as pb;
 use cxrfed_proto::v1::coordinator_service_client::CoordinatorServiceClient;
-use prost::Message;
 use tokio_util::sync::CancellationToken;
 
 use crate::{percentile, synthetic_record};
@@ -134,26 +133,9 @@ fn make_site(
 }
 
 fn signed(signer: &cxrfed_auth::signing::Signer, epsilon: f64) -> anyhow::Result<pb::SignedQuery> {
-    let mut nonce = [0u8; 16];
-    getrandom::fill(&mut nonce).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let now = chrono::Utc::now().timestamp();
-    let intent = pb::QueryIntent {
-        study: "bench".into(),
-        query: QUERY.into(),
-        epsilon,
-        delta: 0.0,
-        mechanism: String::new(),
-        sites: Vec::new(),
-        nonce: nonce.iter().map(|b| format!("{b:02x}")).collect(),
-        issued_at_unix: now,
-        expires_at_unix: now + 600,
-    }
-    .encode_to_vec();
-    Ok(pb::SignedQuery {
-        signature: signer.sign(&intent)?,
-        intent,
-        certificate: signer.certificate().to_vec(),
-    })
+    let intent =
+        cxrfed_coordinator::intent::new("bench", QUERY, epsilon, Duration::from_secs(600))?;
+    Ok(cxrfed_coordinator::intent::sign(signer, &intent)?)
 }
 
 /// Flattened pooled values of a response (suppressed as 0: the bench sets no threshold).
