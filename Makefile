@@ -9,6 +9,12 @@ CARGO ?= cargo
 export LIBTORCH_USE_PYTORCH := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
+# A fresh clone gains nothing from incremental compilation, and its caches cost gigabytes of
+# the CI machine's disk.
+ifeq ($(CI),true)
+export CARGO_INCREMENTAL := 0
+endif
+
 .PHONY: demo test venv sdk build bench bench-imaging bench-model bench-tls bench-research bench-privacy bench-federation model lint clean-venv
 
 $(STAMP): requirements-dev.txt
