@@ -475,6 +475,48 @@ mod rogue {
         ) -> Result<tonic::Response<pb::VerifyAuditResponse>, tonic::Status> {
             Err(tonic::Status::unimplemented("rogue"))
         }
+
+        async fn start_job(
+            &self,
+            _: tonic::Request<pb::StartJobRequest>,
+        ) -> Result<tonic::Response<pb::JobInfo>, tonic::Status> {
+            Err(tonic::Status::unimplemented("rogue"))
+        }
+
+        async fn list_jobs(
+            &self,
+            _: tonic::Request<pb::ListJobsRequest>,
+        ) -> Result<tonic::Response<pb::ListJobsResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("rogue"))
+        }
+
+        async fn get_job(
+            &self,
+            _: tonic::Request<pb::GetJobRequest>,
+        ) -> Result<tonic::Response<pb::JobInfo>, tonic::Status> {
+            Err(tonic::Status::unimplemented("rogue"))
+        }
+
+        async fn cancel_job(
+            &self,
+            _: tonic::Request<pb::GetJobRequest>,
+        ) -> Result<tonic::Response<pb::JobInfo>, tonic::Status> {
+            Err(tonic::Status::unimplemented("rogue"))
+        }
+
+        async fn list_models(
+            &self,
+            _: tonic::Request<pb::ListModelsRequest>,
+        ) -> Result<tonic::Response<pb::ListModelsResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("rogue"))
+        }
+
+        async fn get_model(
+            &self,
+            _: tonic::Request<pb::GetModelRequest>,
+        ) -> Result<tonic::Response<pb::ModelVersion>, tonic::Status> {
+            Err(tonic::Status::unimplemented("rogue"))
+        }
     }
 }
 

@@ -501,7 +501,11 @@ pub struct CoordinatorProcess {
 
 impl CoordinatorProcess {
     pub fn start(data_dir: &Path, pki: &TestPki) -> CoordinatorProcess {
-        let port = free_port();
+        Self::start_on(data_dir, pki, free_port())
+    }
+
+    /// Starts (or restarts) a coordinator on a chosen port.
+    pub fn start_on(data_dir: &Path, pki: &TestPki, port: u16) -> CoordinatorProcess {
         let me = pki.identity(Role::Coordinator, "coordinator", None);
         let listen = format!("127.0.0.1:{port}");
         let (ca, crl) = (pki.ca_pem(), pki.crl());
@@ -545,6 +549,12 @@ impl CoordinatorProcess {
 
     pub fn url(&self) -> String {
         format!("https://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL: no shutdown, no flush.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -1,13 +1,17 @@
 //! The cxrfed study coordinator: nodes enrol over an outbound link (`Link`), researchers ask
 //! federated differentially private questions (`Query`), and the coordinator pools the sites'
 //! DP releases. It keeps a registry of sites and its own hash-chained audit log; it never sees
-//! a record or an exact aggregate.
+//! a record or an exact aggregate. It also runs federated fine-tuning jobs (`training`) and
+//! keeps the model registry; aggregation works on raw f32 tensors (`aggregate`), so this crate
+//! never links libtorch.
 
 #![forbid(unsafe_code)]
 
+pub mod aggregate;
 pub mod config;
 mod server;
 pub mod service;
+pub mod training;
 
 pub use config::CoordinatorConfig;
 pub use server::{COORDINATOR_RULES, ServeError, coordinator_policy, serve};

@@ -45,6 +45,19 @@ pub const COORDINATOR_RULES: &[(&str, Rule)] = &[
     ),
     ("CoordinatorAudit", Rule::Roles(&[Role::Admin])),
     ("VerifyCoordinatorAudit", Rule::Roles(&[Role::Admin])),
+    // Training jobs are the study admin's; the registry is visible to the study.
+    ("StartJob", Rule::Roles(&[Role::Admin])),
+    ("CancelJob", Rule::Roles(&[Role::Admin])),
+    ("ListJobs", Rule::Roles(&[Role::Admin, Role::Researcher])),
+    ("GetJob", Rule::Roles(&[Role::Admin, Role::Researcher])),
+    (
+        "ListModels",
+        Rule::Roles(&[Role::Admin, Role::Researcher, Role::Node]),
+    ),
+    (
+        "GetModel",
+        Rule::Roles(&[Role::Admin, Role::Researcher, Role::Node]),
+    ),
 ];
 
 pub fn coordinator_policy() -> Policy {
@@ -73,6 +86,10 @@ pub async fn serve(
         store.clone(),
         study.clone(),
     ));
+    crate::training::ensure_bundled(&state)
+        .await
+        .map_err(ServeError::Join)?;
+    crate::training::resume_all(&state);
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<CoordinatorServiceServer<CoordinatorApi>>()

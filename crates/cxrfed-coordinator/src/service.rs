@@ -28,7 +28,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::config::CoordinatorConfig;
 
-type Outbound = mpsc::Sender<Result<pb::CoordinatorMessage, Status>>;
+pub(crate) type Outbound = mpsc::Sender<Result<pb::CoordinatorMessage, Status>>;
 
 /// One node's live link.
 #[derive(Debug)]
@@ -55,6 +55,8 @@ pub struct CoordinatorState {
     links: Mutex<HashMap<String, Link>>,
     pending: Mutex<HashMap<String, Pending>>,
     next_link: AtomicU64,
+    /// Federated training: update uploads, rounds waiting for reports, running jobs.
+    pub training: crate::training::Training,
 }
 
 impl CoordinatorState {
@@ -67,7 +69,13 @@ impl CoordinatorState {
             links: Mutex::default(),
             pending: Mutex::default(),
             next_link: AtomicU64::new(1),
+            training: Default::default(),
         }
+    }
+
+    /// The sites connected now, with their links.
+    pub(crate) fn connected_links(&self) -> Vec<(String, Outbound)> {
+        self.connected().into_iter().collect()
     }
 
     fn connected(&self) -> HashMap<String, Outbound> {
@@ -225,6 +233,13 @@ async fn read_link(
                         "result of a finished query"
                     ),
                 }
+            }
+            Some(pb::node_message::Kind::Update(chunk)) => {
+                let spool = state.config.data_dir.join("spool");
+                state.training.on_chunk(&spool, &site, chunk);
+            }
+            Some(pb::node_message::Kind::TrainReport(report)) => {
+                state.training.on_report(&site, report);
             }
             None => {}
         }
@@ -684,5 +699,92 @@ impl CoordinatorService for CoordinatorApi {
     ) -> Result<Response<pb::VerifyAuditResponse>, Status> {
         let report = self.state.store.verify_audit().map_err(internal)?;
         Ok(Response::new(pb::VerifyAuditResponse::from(report)))
+    }
+
+    async fn start_job(
+        &self,
+        request: Request<pb::StartJobRequest>,
+    ) -> Result<Response<pb::JobInfo>, Status> {
+        let caller = identity_of(&request)?;
+        let spec = crate::training::JobSpec::parse(&request.into_inner().spec_toml)
+            .map_err(Status::invalid_argument)?;
+        let job = crate::training::start(&self.state, spec, caller.uri())
+            .await
+            .map_err(Status::failed_precondition)?;
+        let _ = self
+            .state
+            .store
+            .audit(AuditEvent {
+                identity: caller.uri(),
+                role: caller.role.as_str().to_string(),
+                method: "StartJob".into(),
+                query: serde_json::to_string(&job.spec).unwrap_or_default(),
+                epsilon: 0.0,
+                delta: 0.0,
+                digest: job.job_id.clone(),
+                via: String::new(),
+            })
+            .await;
+        tracing::info!(job_id = job.job_id.as_str(), by = %caller, "training job started");
+        Ok(Response::new(pb::JobInfo::from(&job)))
+    }
+
+    async fn list_jobs(
+        &self,
+        _request: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let jobs = crate::training::jobs(&self.state).map_err(internal)?;
+        Ok(Response::new(pb::ListJobsResponse {
+            jobs: jobs.iter().map(pb::JobInfo::from).collect(),
+        }))
+    }
+
+    async fn get_job(
+        &self,
+        request: Request<pb::GetJobRequest>,
+    ) -> Result<Response<pb::JobInfo>, Status> {
+        let id = request.into_inner().job_id;
+        let job = crate::training::job(&self.state, &id)
+            .map_err(internal)?
+            .ok_or_else(|| Status::not_found(format!("no job {id:?}")))?;
+        Ok(Response::new(pb::JobInfo::from(&job)))
+    }
+
+    async fn cancel_job(
+        &self,
+        request: Request<pb::GetJobRequest>,
+    ) -> Result<Response<pb::JobInfo>, Status> {
+        let id = request.into_inner().job_id;
+        if crate::training::job(&self.state, &id)
+            .map_err(internal)?
+            .is_none()
+        {
+            return Err(Status::not_found(format!("no job {id:?}")));
+        }
+        let job = crate::training::cancel(&self.state, &id)
+            .await
+            .map_err(Status::failed_precondition)?;
+        Ok(Response::new(pb::JobInfo::from(&job)))
+    }
+
+    async fn list_models(
+        &self,
+        _request: Request<pb::ListModelsRequest>,
+    ) -> Result<Response<pb::ListModelsResponse>, Status> {
+        let models = crate::training::models(&self.state).map_err(internal)?;
+        Ok(Response::new(pb::ListModelsResponse {
+            models: models.iter().map(pb::ModelVersion::from).collect(),
+        }))
+    }
+
+    async fn get_model(
+        &self,
+        request: Request<pb::GetModelRequest>,
+    ) -> Result<Response<pb::ModelVersion>, Status> {
+        let version = request.into_inner().version;
+        let model = crate::training::model(&self.state, &version)
+            .map_err(internal)?
+            .ok_or_else(|| Status::not_found(format!("no model version {version:?}")))?;
+        Ok(Response::new(pb::ModelVersion::from(&model)))
     }
 }

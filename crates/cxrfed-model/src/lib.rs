@@ -7,10 +7,13 @@
 //! * [`worker`]: the inference worker thread with a bounded queue and dynamic batching.
 //! * [`predict`]: activations, schema-v1 findings and the derived fields.
 //! * [`train`]: datasets, training (Adam + augmentation), metrics.
+//! * [`federated`]: one site's round: weights from bytes, local training of the chosen
+//!   layers, the (clipped) weights delta.
 //!
 //! This crate must not depend on gRPC (tonic) or storage (sled).
 
 pub mod bundled;
+pub mod federated;
 pub mod labelmap;
 pub mod model;
 pub mod predict;

@@ -366,6 +366,27 @@ fn loss(label_map: &LabelMap, logits: &Tensor, samples: &[&Sample]) -> Tensor {
     total
 }
 
+/// What federated rounds add to the training step.
+#[derive(Default)]
+pub struct FitOptions<'a> {
+    /// Added to every batch loss (FedProx's proximal term).
+    pub penalty: Option<&'a dyn Fn() -> Tensor>,
+    /// Stop after this many optimiser steps (0: no cap).
+    pub max_steps: usize,
+    /// Keep the learning rate constant (no drop for the last 30% of epochs).
+    pub constant_lr: bool,
+}
+
+impl std::fmt::Debug for FitOptions<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FitOptions")
+            .field("penalty", &self.penalty.is_some())
+            .field("max_steps", &self.max_steps)
+            .field("constant_lr", &self.constant_lr)
+            .finish()
+    }
+}
+
 /// Trains `model` on `train` for `config.epochs` epochs with Adam (the learning rate drops
 /// 5x for the last 30% of epochs), reporting validation metrics after every epoch.
 pub fn fit(
@@ -373,6 +394,26 @@ pub fn fit(
     train: &Dataset,
     validation: Option<&Dataset>,
     config: &TrainConfig,
+    on_epoch: &mut dyn FnMut(&EpochReport),
+) -> Result<Vec<EpochReport>, ModelError> {
+    fit_with(
+        model,
+        train,
+        validation,
+        config,
+        &FitOptions::default(),
+        on_epoch,
+    )
+}
+
+/// [`fit`] with the options of a federated round. Variables that do not require grad (frozen
+/// layers) are left alone by the optimiser.
+pub fn fit_with(
+    model: &mut Model,
+    train: &Dataset,
+    validation: Option<&Dataset>,
+    config: &TrainConfig,
+    options: &FitOptions<'_>,
     on_epoch: &mut dyn FnMut(&EpochReport),
 ) -> Result<Vec<EpochReport>, ModelError> {
     if train.is_empty() {
@@ -403,9 +444,10 @@ pub fn fit(
     .map_err(|e| ModelError::Train(e.to_string()))?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(config.seed);
     let mut reports = Vec::new();
+    let mut steps = 0usize;
     for epoch in 1..=config.epochs {
         let started = std::time::Instant::now();
-        if epoch as f64 > config.epochs as f64 * 0.7 {
+        if !options.constant_lr && epoch as f64 > config.epochs as f64 * 0.7 {
             optimizer.set_lr(config.learning_rate * 0.2);
         }
         let mut order: Vec<usize> = (0..train.len()).collect();
@@ -422,10 +464,17 @@ pub fn fit(
             }
             let logits = net.forward(&xs, true);
             let samples: Vec<&Sample> = ids.iter().map(|&i| &train.samples[i]).collect();
-            let batch_loss = loss(&label_map, &logits, &samples);
-            optimizer.backward_step(&batch_loss);
+            let mut batch_loss = loss(&label_map, &logits, &samples);
             total += batch_loss.double_value(&[]);
+            if let Some(penalty) = options.penalty {
+                batch_loss += penalty();
+            }
+            optimizer.backward_step(&batch_loss);
             batches += 1;
+            steps += 1;
+            if options.max_steps > 0 && steps >= options.max_steps {
+                break;
+            }
         }
         let validation = match validation {
             Some(val) if !val.is_empty() => Some(evaluate_model(model, val)?),
@@ -439,6 +488,9 @@ pub fn fit(
         };
         on_epoch(&report);
         reports.push(report);
+        if options.max_steps > 0 && steps >= options.max_steps {
+            break;
+        }
     }
     Ok(reports)
 }
@@ -513,6 +565,28 @@ impl Metrics {
             n: data.len(),
             heads,
         }
+    }
+
+    /// Flat `head.metric` values (accuracy, macro_f1, auroc, mae, n) for reports.
+    pub fn flat(&self) -> std::collections::BTreeMap<String, f64> {
+        let mut out = std::collections::BTreeMap::new();
+        for h in &self.heads {
+            if h.n == 0 {
+                continue;
+            }
+            out.insert(format!("{}.n", h.head), h.n as f64);
+            for (name, value) in [
+                ("accuracy", h.accuracy),
+                ("macro_f1", h.macro_f1),
+                ("auroc", h.auroc),
+                ("mae", h.mae),
+            ] {
+                if let Some(v) = value.filter(|v| v.is_finite()) {
+                    out.insert(format!("{}.{name}", h.head), v);
+                }
+            }
+        }
+        out
     }
 
     /// A fixed-width text table, one row per head.

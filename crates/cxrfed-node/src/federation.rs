@@ -126,6 +126,8 @@ async fn session(
     tracing::info!(coordinator = url, "connected to the coordinator");
     let mut heartbeat = tokio::time::interval(Duration::from_secs(10));
     heartbeat.tick().await;
+    // Training tasks whose weights are arriving, by task id.
+    let mut incoming: HashMap<String, crate::training::Incoming> = HashMap::new();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
@@ -166,6 +168,22 @@ async fn session(
                                 }
                             }
                         });
+                    }
+                    Some(pb::coordinator_message::Kind::Train(task)) => {
+                        tracing::info!(job_id = task.job_id.as_str(), round = task.round, bytes = task.weights_bytes, "training task received");
+                        incoming.insert(task.task_id.clone(), crate::training::Incoming::new(task));
+                    }
+                    Some(pb::coordinator_message::Kind::Weights(chunk)) => {
+                        let complete = match incoming.get_mut(&chunk.task_id) {
+                            Some(transfer) => transfer.push(&chunk),
+                            None => {
+                                tracing::debug!(task_id = chunk.task_id.as_str(), "weights of an unknown task; ignored");
+                                false
+                            }
+                        };
+                        if complete && let Some(transfer) = incoming.remove(&chunk.task_id) {
+                            tokio::spawn(crate::training::answer(state.clone(), transfer, tx.clone()));
+                        }
                     }
                     None => {}
                 }

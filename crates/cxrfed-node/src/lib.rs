@@ -17,6 +17,7 @@ pub mod privacy;
 pub mod secret;
 mod server;
 pub mod service;
+pub mod training;
 
 pub use config::NodeConfig;
 pub use error::NodeError;

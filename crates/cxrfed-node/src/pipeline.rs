@@ -22,6 +22,18 @@ use crate::error::NodeError;
 #[derive(Debug)]
 pub struct Extraction {
     pub record: Record,
+    /// The model input, de-normalised to 8 bits (`size`, `size²` bytes), kept by the node
+    /// for federated training and back-fill.
+    pub input: (u32, Vec<u8>),
+}
+
+/// The 8-bit form of a normalised model input.
+pub fn quantise(input: &ndarray::Array2<f32>, options: &PreprocessOptions) -> (u32, Vec<u8>) {
+    let pixels = input
+        .iter()
+        .map(|v| ((v * options.std + options.mean).clamp(0.0, 1.0) * 255.0).round() as u8)
+        .collect();
+    (input.nrows() as u32, pixels)
 }
 
 #[derive(Debug)]
@@ -74,7 +86,7 @@ impl Pipeline {
         request_id: String,
     ) -> Result<Extraction, NodeError> {
         let started = Instant::now();
-        let (decoded, image_sha256, input) = {
+        let (decoded, image_sha256, input, kept) = {
             let _permit = self
                 .permits
                 .acquire()
@@ -89,7 +101,10 @@ impl Pipeline {
                 let hash = decoded.pixel_sha256();
                 let input =
                     cxrfed_imaging::contain(|| Ok(cxrfed_imaging::preprocess(&decoded, &options)))?;
-                Ok::<(Decoded, String, ndarray::Array2<f32>), ImagingError>((decoded, hash, input))
+                let kept = quantise(&input, &options);
+                Ok::<(Decoded, String, ndarray::Array2<f32>, (u32, Vec<u8>)), ImagingError>((
+                    decoded, hash, input, kept,
+                ))
             });
             task.await.map_err(|_| ImagingError::DecoderPanic)??
         };
@@ -124,6 +139,9 @@ impl Pipeline {
             annotations: Vec::new(),
             custom_fields: Default::default(),
         };
-        Ok(Extraction { record })
+        Ok(Extraction {
+            record,
+            input: kept,
+        })
     }
 }

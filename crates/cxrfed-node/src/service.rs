@@ -69,6 +69,9 @@ impl NodeState {
         }
         let span = Span::current();
         span.record("image_sha256", extraction.record.image_sha256.as_str());
+        let (size, pixels) = &extraction.input;
+        self.store
+            .put_input(&extraction.record.image_sha256, *size, pixels)?;
         let (record, created) = match self.store.insert(extraction.record, force).await? {
             Inserted::Created(record) => {
                 // The store is the source of truth; the columns follow it (and are rebuilt from

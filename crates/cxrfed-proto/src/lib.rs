@@ -20,3 +20,7 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("cxrf
 mod convert;
 
 pub use convert::{ConversionError, custom_kind, timestamp};
+
+/// The largest piece of a weights transfer on a link (1 MiB): no message comes near gRPC's
+/// 4 MiB default limit, whatever the model size.
+pub const CHUNK_BYTES: usize = 1 << 20;

@@ -1054,3 +1054,26 @@ impl Plan {
 pub fn release(columns: &Columns, query: Query, params: &DpParams) -> Result<DpRelease, DpError> {
     plan(columns, query, params)?.release(columns)
 }
+
+/// DP-FedAvg's accountant: `rounds` Gaussian releases of a sum of site updates, each update
+/// clipped to L2 norm C and the noise's standard deviation `noise_multiplier · C`. Returns the
+/// site-level ε at `delta`, from opendp's privacy map: zCDP composes additively (ρ per round
+/// is 1/(2σ²)), so `rounds` releases at σ are one release at σ/√rounds, converted to (ε, δ).
+pub fn gaussian_rounds_epsilon(
+    noise_multiplier: f64,
+    rounds: u32,
+    delta: f64,
+) -> Result<f64, DpError> {
+    let scale = noise_multiplier / f64::from(rounds.max(1)).sqrt();
+    let noise = make_gaussian::<_, _, ZeroConcentratedDivergence>(
+        VectorDomain::new(AtomDomain::<f64>::new_non_nan()),
+        L2Distance::<f64>::default(),
+        scale,
+        None,
+    )
+    .map_err(opendp_error)?;
+    let measurement = make_fix_delta(&make_zCDP_to_approxDP(noise).map_err(opendp_error)?, delta)
+        .map_err(opendp_error)?;
+    let (epsilon, _) = measurement.map(&1.0).map_err(opendp_error)?;
+    Ok(epsilon)
+}

@@ -8,11 +8,16 @@
 //! | `sites` | site name | JSON [`SiteRecord`] |
 //! | `audit` | sequence number (u64 big-endian) | JSON [`AuditEntry`], hash-chained |
 //! | `meta` | `audit_head` | JSON `{seq, hash}` |
+//! | `jobs` | job id | JSON training job with its round log |
+//! | `models` | model version | JSON registry entry (lineage); the weights are files named by
+//! sha256 under the data directory's `models/` |
 
 use std::path::Path;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+
+use sled::Transactional;
 
 use crate::audit::{self, AuditEntry, AuditEvent, AuditReport};
 use crate::{GroupCommit, Result, StoreError};
@@ -37,7 +42,18 @@ pub struct CoordinatorStore {
     sites: sled::Tree,
     audit: sled::Tree,
     meta: sled::Tree,
+    jobs: sled::Tree,
+    models: sled::Tree,
     commits: std::sync::Arc<GroupCommit>,
+}
+
+/// The coordinator's JSON documents about training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Doc {
+    /// Training jobs and their round logs.
+    Job,
+    /// Model registry entries.
+    Model,
 }
 
 impl CoordinatorStore {
@@ -47,6 +63,8 @@ impl CoordinatorStore {
             sites: db.open_tree("sites")?,
             audit: db.open_tree(audit::AUDIT)?,
             meta: db.open_tree("meta")?,
+            jobs: db.open_tree("jobs")?,
+            models: db.open_tree("models")?,
             commits: Default::default(),
             db,
         })
@@ -71,6 +89,75 @@ impl CoordinatorStore {
                 let (key, value) = item?;
                 serde_json::from_slice(&value).map_err(|e| StoreError::Corrupt {
                     record_id: format!("site {}", String::from_utf8_lossy(&key)),
+                    message: e.to_string(),
+                })
+            })
+            .collect()
+    }
+
+    fn tree(&self, doc: Doc) -> &sled::Tree {
+        match doc {
+            Doc::Job => &self.jobs,
+            Doc::Model => &self.models,
+        }
+    }
+
+    /// Writes one document (durable when this returns).
+    pub async fn put_doc(&self, doc: Doc, key: &str, value: &serde_json::Value) -> Result<()> {
+        let bytes = serde_json::to_vec(value).map_err(|e| StoreError::Encode(e.to_string()))?;
+        self.tree(doc).insert(key.as_bytes(), bytes)?;
+        self.flush().await
+    }
+
+    /// Writes several documents in one transaction: all or none survive a crash (a round's new
+    /// model version and the job that now points at it).
+    pub async fn put_docs(&self, docs: &[(Doc, String, serde_json::Value)]) -> Result<()> {
+        let encoded: Vec<(Doc, &String, Vec<u8>)> = docs
+            .iter()
+            .map(|(d, k, v)| {
+                serde_json::to_vec(v)
+                    .map(|b| (*d, k, b))
+                    .map_err(|e| StoreError::Encode(e.to_string()))
+            })
+            .collect::<Result<_>>()?;
+        (&self.jobs, &self.models)
+            .transaction(|(jobs, models)| {
+                for (doc, key, bytes) in &encoded {
+                    let tree = match doc {
+                        Doc::Job => jobs,
+                        Doc::Model => models,
+                    };
+                    tree.insert(key.as_bytes(), bytes.as_slice())?;
+                }
+                Ok::<(), sled::transaction::ConflictableTransactionError<StoreError>>(())
+            })
+            .map_err(|e| match e {
+                sled::transaction::TransactionError::Abort(e) => e,
+                sled::transaction::TransactionError::Storage(e) => StoreError::Sled(e),
+            })?;
+        self.flush().await
+    }
+
+    pub fn doc(&self, doc: Doc, key: &str) -> Result<Option<serde_json::Value>> {
+        self.tree(doc)
+            .get(key.as_bytes())?
+            .map(|bytes| {
+                serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+                    record_id: format!("{doc:?} {key}"),
+                    message: e.to_string(),
+                })
+            })
+            .transpose()
+    }
+
+    /// Every document of a kind, by key.
+    pub fn docs(&self, doc: Doc) -> Result<Vec<serde_json::Value>> {
+        self.tree(doc)
+            .iter()
+            .map(|item| {
+                let (key, value) = item?;
+                serde_json::from_slice(&value).map_err(|e| StoreError::Corrupt {
+                    record_id: format!("{doc:?} {}", String::from_utf8_lossy(&key)),
                     message: e.to_string(),
                 })
             })

@@ -27,7 +27,7 @@ pub mod coordinator;
 pub mod ledger;
 
 pub use audit::{AuditEntry, AuditEvent, AuditReport, BrokenLink};
-pub use coordinator::{CoordinatorStore, SiteRecord};
+pub use coordinator::{CoordinatorStore, Doc, SiteRecord};
 pub use ledger::{Account, Budget, Limit};
 
 use std::path::Path;
@@ -160,6 +160,10 @@ pub struct RecordStore {
     meta: sled::Tree,
     /// Nonces of signed (federated) requests already charged: nonce → time.
     nonces: sled::Tree,
+    /// The model input of every image (de-identified, downsampled, 8-bit): `image_sha256` →
+    /// `size (u32 BE) ‖ size² bytes`. Federated training and back-fill read it; it never
+    /// leaves the node.
+    inputs: sled::Tree,
     commits: std::sync::Arc<GroupCommit>,
 }
 
@@ -235,6 +239,7 @@ impl RecordStore {
             ledger: db.open_tree(ledger::LEDGER)?,
             audit: db.open_tree(audit::AUDIT)?,
             nonces: db.open_tree("signed_nonces")?,
+            inputs: db.open_tree("model_inputs")?,
             meta,
             commits: Default::default(),
             db,
@@ -300,6 +305,46 @@ impl RecordStore {
             self.flush().await?;
         }
         Ok(outcome)
+    }
+
+    /// Keeps the model input of an image (8-bit, `size x size`), replacing an earlier one.
+    /// Made durable by the record insert that follows it.
+    pub fn put_input(&self, image_sha256: &str, size: u32, pixels: &[u8]) -> Result<()> {
+        if pixels.len() != (size as usize) * (size as usize) {
+            return Err(StoreError::Encode(format!(
+                "a {size}x{size} input needs {} bytes, got {}",
+                size as usize * size as usize,
+                pixels.len()
+            )));
+        }
+        let mut value = Vec::with_capacity(4 + pixels.len());
+        value.extend_from_slice(&size.to_be_bytes());
+        value.extend_from_slice(pixels);
+        self.inputs.insert(image_sha256.as_bytes(), value)?;
+        Ok(())
+    }
+
+    /// The kept model input of an image: `(size, size² bytes)`.
+    pub fn input(&self, image_sha256: &str) -> Result<Option<(u32, Vec<u8>)>> {
+        let Some(value) = self.inputs.get(image_sha256.as_bytes())? else {
+            return Ok(None);
+        };
+        let corrupt = || StoreError::Corrupt {
+            record_id: format!("input {image_sha256}"),
+            message: "truncated model input".into(),
+        };
+        let size = u32::from_be_bytes(
+            value
+                .get(..4)
+                .ok_or_else(corrupt)?
+                .try_into()
+                .map_err(|_| corrupt())?,
+        );
+        let pixels = value[4..].to_vec();
+        if pixels.len() != (size as usize) * (size as usize) {
+            return Err(corrupt());
+        }
+        Ok(Some((size, pixels)))
     }
 
     /// Stores a custom field definition as the next version of its name; returns it as stored.

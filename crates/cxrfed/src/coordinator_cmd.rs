@@ -179,7 +179,7 @@ fn status(args: DataDirArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn client(
+pub(crate) async fn client(
     url: Option<&str>,
     credentials: &Credentials,
 ) -> anyhow::Result<CoordinatorServiceClient<tonic::transport::Channel>> {

@@ -15,6 +15,7 @@ mod node_cmd;
 mod plot;
 mod privacy_cmd;
 mod stats_cmd;
+mod train_cmd;
 
 use std::process::ExitCode;
 
@@ -46,6 +47,21 @@ enum Command {
     /// A federated, differentially private query through the coordinator: every site charges
     /// your budget there, the coordinator pools the noisy answers.
     Query(coordinator_cmd::QueryArgs),
+    /// Launch a federated fine-tuning job on the coordinator (study admin) and follow its
+    /// rounds.
+    Train(train_cmd::TrainArgs),
+    /// The coordinator's training jobs.
+    Jobs(train_cmd::JobsArgs),
+    /// One training job: status (round log, live with --follow) or cancel.
+    Job {
+        #[command(subcommand)]
+        command: train_cmd::JobCommand,
+    },
+    /// The coordinator's model registry: every global model version with its lineage.
+    Models {
+        #[command(subcommand)]
+        command: train_cmd::ModelsCommand,
+    },
     /// Run and manage a node (the service a hospital runs).
     Node {
         #[command(subcommand)]
@@ -143,6 +159,10 @@ fn main() -> ExitCode {
         Command::Budget(args) => client::run(privacy_cmd::budget(args)),
         Command::Coordinator { command } => coordinator_cmd::run(command),
         Command::Query(args) => client::run(coordinator_cmd::query(args)),
+        Command::Train(args) => client::run(train_cmd::train(args)),
+        Command::Jobs(args) => client::run(train_cmd::jobs(args)),
+        Command::Job { command } => client::run(train_cmd::job(command)),
+        Command::Models { command } => client::run(train_cmd::models(command)),
         Command::Extract(args) => client::run(client::extract(args)),
         Command::Records(args) => client::run(client::records(args)),
         Command::Ask(args) => client::run(client::ask(args)),
