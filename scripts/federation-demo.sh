@@ -74,3 +74,49 @@ echo
 echo
 echo "== what site-icu recorded (its own audit chain) =="
 CXRFED_PROFILE="$FED/pki/admin-icu/profile.toml" "$BIN" node audit show --data-dir "$FED/site-icu" | tail -n 4
+
+echo
+echo "== federated fine-tuning: a new head for a field the study defines (cardiomegaly) =="
+# Each site defines the field and labels its own images (here from the phantoms' ground truth:
+# cardiothoracic ratio above 0.5); labels and images stay at the site.
+"$BIN" certs issue --ca "$FED/pki/ca" --role admin --name study-admin --site coordination --out "$FED/pki/study-admin" >/dev/null
+STUDY_ADMIN="$FED/pki/study-admin/profile.toml"
+PY=python3
+[ -x .venv/bin/python ] && PY=.venv/bin/python
+port=50071
+for site in "${SITES[@]}"; do
+    ADMIN="$FED/pki/admin-$site/profile.toml"
+    "$PY" - "$FED/phantoms-$site/labels.csv" "$FED/cardiomegaly-$site.csv" <<'PYEOF'
+import csv, sys
+rows = list(csv.DictReader(open(sys.argv[1], newline="")))
+with open(sys.argv[2], "w", newline="") as out:
+    w = csv.writer(out)
+    w.writerow(["image_sha256", "cardiomegaly"])
+    for r in rows:
+        w.writerow([r["image_sha256"], str(float(r["cardiothoracic_ratio"]) > 0.5).lower()])
+PYEOF
+    "$BIN" field define cardiomegaly --type bool --description "cardiothoracic ratio above 0.5" \
+        --node "https://127.0.0.1:$port" --profile "$ADMIN" >/dev/null
+    echo "site-$site: $("$BIN" annotate import "$FED/cardiomegaly-$site.csv" --node "https://127.0.0.1:$port" --profile "$ADMIN")"
+    port=$((port + 1))
+done
+cat > "$FED/job.toml" <<'TOMLEOF'
+name = "cardiomegaly head"
+base = "tiny-phantom-v1"
+new_heads = [{ name = "cardiomegaly", kind = "binary" }]
+trainable = "heads"        # backbone frozen
+algorithm = "fedavg"
+rounds = 3
+local_epochs = 4
+batch_size = 8
+learning_rate = 0.02
+min_sites = 3
+round_deadline_secs = 300
+TOMLEOF
+echo
+cat "$FED/job.toml"
+echo
+"$BIN" train --job "$FED/job.toml" --coordinator "$COORDINATOR" --profile "$STUDY_ADMIN"
+echo
+echo "== the model registry (every global version with its lineage) =="
+"$BIN" models list --coordinator "$COORDINATOR" --profile "$STUDY_ADMIN"
