@@ -15,7 +15,7 @@ ifeq ($(CI),true)
 export CARGO_INCREMENTAL := 0
 endif
 
-.PHONY: demo test venv sdk build bench bench-imaging bench-model bench-tls bench-research bench-privacy bench-federation model lint clean-venv
+.PHONY: demo test venv sdk build bench bench-imaging bench-model bench-tls bench-research bench-privacy bench-federation bench-training model lint clean-venv
 
 $(STAMP): requirements-dev.txt
 	@test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -45,7 +45,7 @@ demo: build
 test: build
 	$(CARGO) test --locked --workspace --no-fail-fast
 
-bench: bench-imaging bench-model bench-tls bench-research bench-privacy bench-federation
+bench: bench-imaging bench-model bench-tls bench-research bench-privacy bench-federation bench-training
 
 bench-imaging: venv
 	$(CARGO) build --locked --release -p cxrfed --bins
@@ -68,6 +68,14 @@ bench-privacy: venv
 bench-federation: venv
 	$(CARGO) build --locked --release -p cxrfed --bins
 	$(PYTHON) bench/federation.py --bin target/release/cxrfed-bench --out docs/bench/federation.md
+
+# The peer, Flower, goes into its own folder (its protobuf pin differs from grpcio-tools'); only
+# the Flower processes of this benchmark put it on their path.
+FLOWER := .cxrfed/flower
+bench-training: venv
+	test -d $(FLOWER)/flwr || $(PYTHON) -m pip install --quiet --disable-pip-version-check --target $(FLOWER) flwr==1.41.0
+	$(CARGO) build --locked --release -p cxrfed --bins
+	$(PYTHON) bench/training.py --cxrfed target/release/cxrfed --bin target/release/cxrfed-bench --flower-path $(FLOWER) --out docs/bench/training.md
 
 bench-research: venv
 	$(CARGO) build --locked --release -p cxrfed --bins

@@ -517,6 +517,13 @@ mod rogue {
         ) -> Result<tonic::Response<pb::ModelVersion>, tonic::Status> {
             Err(tonic::Status::unimplemented("rogue"))
         }
+
+        async fn promote_model(
+            &self,
+            _: tonic::Request<pb::PromoteModelRequest>,
+        ) -> Result<tonic::Response<pb::PromoteModelResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("rogue"))
+        }
     }
 }
 

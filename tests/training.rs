@@ -113,6 +113,27 @@ async fn study() -> Study {
     s
 }
 
+/// Some DICOM file of a phantom folder.
+fn first_dicom(dir: &Path) -> PathBuf {
+    walk(dir)
+        .into_iter()
+        .find(|p| p.extension().is_some_and(|e| e == "dcm"))
+        .expect("a DICOM phantom")
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("dir").flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
 async fn client(s: &Study) -> CoordinatorServiceClient<Channel> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -365,11 +386,190 @@ async fn federated_rounds_train_a_new_head_and_survive_failures() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains(&format!("{id}.r3")));
 
+    // Promotion: every node receives r3 over its link, switches inference to it while
+    // extraction requests keep coming (none fails), and back-fills its records, so the custom
+    // field is filled by the model everywhere.
+    let version = format!("{id}.r3");
+    let busy = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let probe_file = first_dicom(&s.root.join("phantoms-site-a"));
+    let extractor = {
+        let (busy, url, profile) = (busy.clone(), s.nodes[0].url(), s.nodes[0].profile());
+        let file = probe_file.to_str().expect("path").to_string();
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0, Vec::new());
+            while busy.load(std::sync::atomic::Ordering::SeqCst) || ok == 0 {
+                let out = cxrfed(&[
+                    "extract",
+                    &file,
+                    "--force",
+                    "--node",
+                    &url,
+                    "--profile",
+                    &profile,
+                ]);
+                if out.status.success() {
+                    ok += 1;
+                } else {
+                    failed.push(text(&out.stderr));
+                }
+            }
+            (ok, failed)
+        })
+    };
+    let mut args = vec!["models", "promote", version.as_str(), "--json"];
+    args.extend(common.iter().copied());
+    let out = cxrfed(&args);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let promoted: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(
+        promoted["sent_to"],
+        serde_json::json!(["site-a", "site-b", "site-c"])
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let m = client(&s)
+            .await
+            .get_model(pb::GetModelRequest {
+                version: version.clone(),
+            })
+            .await
+            .expect("model")
+            .into_inner();
+        if m.running_at.len() == 3 {
+            assert!(!m.promoted_at.is_empty());
+            break;
+        }
+        assert!(Instant::now() < deadline, "running at {:?}", m.running_at);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    busy.store(false, std::sync::atomic::Ordering::SeqCst);
+    let (extracted, failed) = extractor.join().expect("extractor");
+    assert!(
+        failed.is_empty(),
+        "{} of {} extractions failed during the switch: {:?}",
+        failed.len(),
+        extracted + failed.len(),
+        failed.first()
+    );
+    // The back-fill gives every stored record the new model's values, cardiomegaly included.
+    for node in &s.nodes {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let out = node.cli(&["records", "--limit", "1000"]);
+            assert!(out.status.success(), "{}", text(&out.stderr));
+            let records: Vec<serde_json::Value> = text(&out.stdout)
+                .lines()
+                .map(|l| serde_json::from_str(l).expect("record"))
+                .collect();
+            let filled = records
+                .iter()
+                .filter(|r| {
+                    r["model_id"] == version.as_str()
+                        && r["model_fields"]["cardiomegaly"].is_string()
+                })
+                .count();
+            if filled == records.len() && !records.is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{filled} of {} records back-filled",
+                records.len()
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+    // New images at site-b are extracted by the promoted model: unlabelled, their cardiomegaly
+    // comes from it; the site's exact statistics count labels first, then the model's values.
+    let extra = s.root.join("phantoms-extra");
+    phantoms(&extra, "community", 12, 99);
+    let out = s.nodes[1].cli(&["ingest", extra.to_str().expect("path")]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = s.nodes[1].cli(&["records", "--limit", "1000"]);
+    let records: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("record"))
+        .collect();
+    let value_of = |r: &serde_json::Value| {
+        r["custom_fields"]["cardiomegaly"]
+            .as_str()
+            .or(r["model_fields"]["cardiomegaly"].as_str())
+            .map(str::to_string)
+    };
+    let unlabelled = records
+        .iter()
+        .filter(|r| r["custom_fields"]["cardiomegaly"].is_null())
+        .count();
+    assert_eq!(unlabelled, 12, "the new images carry no label");
+    let expected_true = records
+        .iter()
+        .filter(|r| value_of(r).as_deref() == Some("true"))
+        .count();
+    let out = s.nodes[1].cli(&[
+        "stats",
+        "count where cardiomegaly = true",
+        "--format",
+        "json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let table: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(table["rows"][0][0].as_f64(), Some(expected_true as f64));
+    // And a study researcher asks the federation about the model-filled field, with DP.
+    let rita = s.pki.identity(Role::Researcher, "rita", None);
+    for node in &s.nodes {
+        let out = cxrfed(&[
+            "node",
+            "budget",
+            "set",
+            "--data-dir",
+            node.data_dir_str(),
+            "--identity",
+            "rita",
+            "--epsilon",
+            "2",
+            "--profile",
+            &node.profile(),
+        ]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let out = cxrfed(&[
+        "query",
+        "histogram cardiomegaly",
+        "--epsilon",
+        "1",
+        "--min-sites",
+        "3",
+        "--coordinator",
+        &url,
+        "--ca",
+        ca.to_str().expect("path"),
+        "--cert",
+        rita.join(cxrfed_auth::pki::CERT).to_str().expect("path"),
+        "--key",
+        rita.join(cxrfed_auth::pki::KEY).to_str().expect("path"),
+        "--format",
+        "json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(answer["answered"], 3, "{answer}");
+    let labels: Vec<String> = answer["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|r| r["labels"][0].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert!(
+        labels.contains(&"true".to_string()) && labels.contains(&"false".to_string()),
+        "{answer}"
+    );
+
     // A node killed mid-round: with min_sites 2 the round completes without it.
     let job = start_job(
         &s,
         &format!(
-            "base = \"{id}.r3\"\nheads = [\"cardiomegaly\"]\nrounds = 1\nlocal_epochs = 2\nmin_sites = 2\nround_deadline_secs = 20\nattempts = 1\n"
+            "base = \"{id}.r3\"\nheads = [\"cardiomegaly\"]\nrounds = 1\nlocal_steps = 300\nbatch_size = 4\nmin_sites = 2\nround_deadline_secs = 40\nattempts = 1\n"
         ),
     )
     .await;
@@ -377,6 +577,8 @@ async fn federated_rounds_train_a_new_head_and_survive_failures() {
         j.round_log.first().is_some_and(|r| !r.sites.is_empty())
     })
     .await;
+    // 300 local steps take each site seconds: site-c dies while training.
+    tokio::time::sleep(Duration::from_millis(700)).await;
     s.nodes[2].kill();
     let done = wait_job(&s, &job.job_id, |j| j.state != "running").await;
     assert_eq!(done.state, "completed", "{}", done.reason);

@@ -58,6 +58,7 @@ pub const COORDINATOR_RULES: &[(&str, Rule)] = &[
         "GetModel",
         Rule::Roles(&[Role::Admin, Role::Researcher, Role::Node]),
     ),
+    ("PromoteModel", Rule::Roles(&[Role::Admin])),
 ];
 
 pub fn coordinator_policy() -> Policy {

@@ -184,6 +184,20 @@ async fn read_link(
                     .lock()
                     .ok()
                     .and_then(|l| l.get(&site).map(|l| l.tx.clone()));
+                // A site that does not run the promoted model gets it.
+                if let (Some(tx), Ok(Some(promoted))) =
+                    (tx.clone(), crate::training::promoted(&state))
+                    && promoted.version != hello.model_id
+                {
+                    tracing::info!(
+                        site,
+                        version = promoted.version.as_str(),
+                        "sending the promoted model"
+                    );
+                    if let Err(e) = crate::training::rollout_to(&state, tx, &promoted) {
+                        tracing::error!(site, error = %e, "cannot send the promoted model");
+                    }
+                }
                 if let Some(tx) = tx {
                     for task in resend {
                         tracing::info!(
@@ -204,6 +218,9 @@ async fn read_link(
                 update_site(&state, &site, |r| {
                     r.last_seen = seen;
                     r.record_count = beat.record_count;
+                    if !beat.model_id.is_empty() {
+                        r.model_id = beat.model_id.clone();
+                    }
                 })
                 .await;
             }
@@ -240,6 +257,24 @@ async fn read_link(
             }
             Some(pb::node_message::Kind::TrainReport(report)) => {
                 state.training.on_report(&site, report);
+            }
+            Some(pb::node_message::Kind::RolloutReport(report)) => {
+                if report.ok {
+                    tracing::info!(
+                        site,
+                        version = report.version.as_str(),
+                        backfill_records = report.backfill_records,
+                        "site switched to the promoted model"
+                    );
+                    update_site(&state, &site, |r| r.model_id = report.version.clone()).await;
+                } else {
+                    tracing::warn!(
+                        site,
+                        version = report.version.as_str(),
+                        reason = report.reason.as_str(),
+                        "site refused the promoted model"
+                    );
+                }
             }
             None => {}
         }
@@ -773,7 +808,7 @@ impl CoordinatorService for CoordinatorApi {
     ) -> Result<Response<pb::ListModelsResponse>, Status> {
         let models = crate::training::models(&self.state).map_err(internal)?;
         Ok(Response::new(pb::ListModelsResponse {
-            models: models.iter().map(pb::ModelVersion::from).collect(),
+            models: models.iter().map(|m| self.model_info(m)).collect(),
         }))
     }
 
@@ -785,6 +820,58 @@ impl CoordinatorService for CoordinatorApi {
         let model = crate::training::model(&self.state, &version)
             .map_err(internal)?
             .ok_or_else(|| Status::not_found(format!("no model version {version:?}")))?;
-        Ok(Response::new(pb::ModelVersion::from(&model)))
+        Ok(Response::new(self.model_info(&model)))
+    }
+
+    async fn promote_model(
+        &self,
+        request: Request<pb::PromoteModelRequest>,
+    ) -> Result<Response<pb::PromoteModelResponse>, Status> {
+        let caller = identity_of(&request)?;
+        let version = request.into_inner().version;
+        if crate::training::model(&self.state, &version)
+            .map_err(internal)?
+            .is_none()
+        {
+            return Err(Status::not_found(format!("no model version {version:?}")));
+        }
+        let (doc, sent_to) = crate::training::promote(&self.state, &version)
+            .await
+            .map_err(Status::failed_precondition)?;
+        let _ = self
+            .state
+            .store
+            .audit(AuditEvent {
+                identity: caller.uri(),
+                role: caller.role.as_str().to_string(),
+                method: "PromoteModel".into(),
+                query: version.clone(),
+                epsilon: 0.0,
+                delta: 0.0,
+                digest: doc.sha256.clone(),
+                via: String::new(),
+            })
+            .await;
+        Ok(Response::new(pb::PromoteModelResponse {
+            model: Some(self.model_info(&doc)),
+            sent_to,
+        }))
+    }
+}
+
+impl CoordinatorApi {
+    /// A registry entry with the sites that run it now.
+    fn model_info(&self, doc: &crate::training::ModelDoc) -> pb::ModelVersion {
+        let mut info = pb::ModelVersion::from(doc);
+        info.running_at = self
+            .state
+            .store
+            .sites()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|s| s.model_id == doc.version)
+            .map(|s| s.site)
+            .collect();
+        info
     }
 }

@@ -264,7 +264,8 @@ impl JobSpec {
         serde_json::json!({
             "heads": self.trained_heads(),
             "trainable": self.trainable,
-            "epochs": self.local_epochs.max(1),
+            // With a step budget, epochs only bound it (each has at least one step).
+            "epochs": if self.local_steps > 0 { self.local_steps } else { self.local_epochs },
             "max_steps": self.local_steps,
             "batch_size": self.batch_size,
             "learning_rate": self.learning_rate,
@@ -327,6 +328,7 @@ pub struct JobDoc {
 
 /// A registry entry: a global model version and its lineage.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ModelDoc {
     pub version: String,
     pub parent: String,
@@ -345,6 +347,8 @@ pub struct ModelDoc {
     pub size_bytes: u64,
     /// The model card (architecture, input, label map); its model_id is the version.
     pub card: serde_json::Value,
+    /// When the study admin promoted it (RFC 3339), empty if never.
+    pub promoted_at: String,
 }
 
 impl ModelDoc {
@@ -435,6 +439,8 @@ impl From<&ModelDoc> for pb::ModelVersion {
             size_bytes: m.size_bytes,
             model_id: m.card["model_id"].as_str().unwrap_or_default().into(),
             heads: m.heads(),
+            promoted_at: m.promoted_at.clone(),
+            running_at: Vec::new(),
         }
     }
 }
@@ -895,6 +901,100 @@ pub fn pool_metrics(sites: &[SiteDoc]) -> BTreeMap<String, f64> {
         .collect()
 }
 
+/// Sends a task (training or rollout) and then its weights in [`CHUNK_BYTES`] chunks, slices of
+/// one shared buffer. A closed link ends the transfer; the deadline deals with the rest.
+async fn stream_weights(
+    link: crate::service::Outbound,
+    head: pb::coordinator_message::Kind,
+    weights: prost::bytes::Bytes,
+) {
+    let task_id = match &head {
+        pb::coordinator_message::Kind::Train(t) => t.task_id.clone(),
+        pb::coordinator_message::Kind::Rollout(r) => r.rollout_id.clone(),
+        _ => return,
+    };
+    let send = |kind| pb::CoordinatorMessage { kind: Some(kind) };
+    if link.send(Ok(send(head))).await.is_err() {
+        return;
+    }
+    let mut offset = 0;
+    while offset < weights.len() {
+        let end = (offset + CHUNK_BYTES).min(weights.len());
+        let chunk = pb::Chunk {
+            task_id: task_id.clone(),
+            offset: offset as u64,
+            data: weights.slice(offset..end),
+            last: end == weights.len(),
+        };
+        if link
+            .send(Ok(send(pb::coordinator_message::Kind::Weights(chunk))))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        offset = end;
+    }
+}
+
+/// The version the study admin promoted last, if any.
+pub fn promoted(state: &CoordinatorState) -> Result<Option<ModelDoc>, String> {
+    Ok(models(state)?
+        .into_iter()
+        .filter(|m| !m.promoted_at.is_empty())
+        .max_by(|a, b| a.promoted_at.cmp(&b.promoted_at)))
+}
+
+/// Sends a model to one site's link.
+pub fn rollout_to(
+    state: &CoordinatorState,
+    link: crate::service::Outbound,
+    doc: &ModelDoc,
+) -> Result<(), String> {
+    let weights = prost::bytes::Bytes::from(get_blob(state, &doc.sha256)?);
+    let rollout = pb::ModelRollout {
+        rollout_id: format!("rollout/{}/{}", doc.version, uuid::Uuid::new_v4().simple()),
+        version: doc.version.clone(),
+        card_json: serde_json::to_string(&doc.card).map_err(|e| e.to_string())?,
+        weights_sha256: doc.sha256.clone(),
+        weights_bytes: weights.len() as u64,
+    };
+    tokio::spawn(stream_weights(
+        link,
+        pb::coordinator_message::Kind::Rollout(rollout),
+        weights,
+    ));
+    Ok(())
+}
+
+/// Promotes a version: recorded in the registry, then sent to every connected site (sites
+/// that connect later get it on their hello).
+pub async fn promote(
+    state: &CoordinatorState,
+    version: &str,
+) -> Result<(ModelDoc, Vec<String>), String> {
+    let mut doc = model(state, version)?.ok_or_else(|| format!("no model version {version:?}"))?;
+    get_blob(state, &doc.sha256)?;
+    doc.promoted_at = now();
+    state
+        .store
+        .put_doc(
+            Doc::Model,
+            &doc.version,
+            &serde_json::to_value(&doc).map_err(|e| e.to_string())?,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut sent = Vec::new();
+    for (site, link) in state.connected_links() {
+        rollout_to(state, link, &doc)?;
+        sent.push(site);
+    }
+    sent.sort();
+    tracing::info!(version, sites = sent.len(), "model promoted");
+    Ok((doc, sent))
+}
+
 /// Runs a job from its last completed round to the end, then the closing evaluation.
 async fn run(
     state: &Arc<CoordinatorState>,
@@ -1058,36 +1158,12 @@ async fn run_round(
             weights_bytes: global_bytes.len() as u64,
             evaluate_only: evaluation,
         };
-        let (link, weights, task_id) = (link.clone(), global_bytes.clone(), task.task_id.clone());
         bytes_down += global_bytes.len() as u64;
-        tokio::spawn(async move {
-            let send = |kind| pb::CoordinatorMessage { kind: Some(kind) };
-            if link
-                .send(Ok(send(pb::coordinator_message::Kind::Train(task))))
-                .await
-                .is_err()
-            {
-                return;
-            }
-            let mut offset = 0;
-            while offset < weights.len() {
-                let end = (offset + CHUNK_BYTES).min(weights.len());
-                let chunk = pb::Chunk {
-                    task_id: task_id.clone(),
-                    offset: offset as u64,
-                    data: weights.slice(offset..end),
-                    last: end == weights.len(),
-                };
-                if link
-                    .send(Ok(send(pb::coordinator_message::Kind::Weights(chunk))))
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-                offset = end;
-            }
-        });
+        tokio::spawn(stream_weights(
+            link.clone(),
+            pb::coordinator_message::Kind::Train(task),
+            global_bytes.clone(),
+        ));
     }
 
     let mut global = if evaluation {
@@ -1337,6 +1413,7 @@ async fn run_round(
         created_at: now(),
         size_bytes: new_bytes.len() as u64,
         card,
+        promoted_at: String::new(),
     };
     log.state = "completed".into();
     log.model_version = version.clone();

@@ -440,6 +440,27 @@ mod tests {
     }
 
     #[test]
+    fn the_proximal_term_keeps_the_update_near_the_global_model() {
+        let spec = |prox_mu| LocalSpec {
+            trainable: Trainable::All,
+            epochs: 3,
+            learning_rate: 1e-2,
+            prox_mu,
+            ..LocalSpec::default()
+        };
+        let norm = |mu| {
+            let mut model = tiny();
+            let data = data(&model.card.label_map, 8);
+            crate::manual_seed(4);
+            train_round(&mut model, &data, &spec(mu))
+                .expect("round")
+                .norm
+        };
+        let (free, proximal) = (norm(0.0), norm(50.0));
+        assert!(proximal < free, "FedProx delta {proximal} vs plain {free}");
+    }
+
+    #[test]
     fn last_block_and_clipping() {
         let spec = LocalSpec {
             trainable: Trainable::LastBlock,

@@ -158,6 +158,42 @@ impl Prediction {
     }
 
     /// Schema-v1 findings, with the derived fields. Heads the label map lacks stay `None`.
+    /// The values of the heads that are not schema-v1 findings (heads trained for custom
+    /// fields), as text: the category, "true"/"false", the number, or the labels above 0.5.
+    pub fn custom_values(
+        &self,
+        label_map: &LabelMap,
+    ) -> std::collections::BTreeMap<String, String> {
+        let schema = LabelMap::schema_v1();
+        label_map
+            .heads
+            .iter()
+            .zip(&self.outputs)
+            .filter(|(head, _)| schema.head(&head.name).is_none())
+            .map(|(head, output)| {
+                let value = match (&head.kind, output) {
+                    (HeadKind::Categorical { categories }, HeadOutput::Categorical(p)) => p
+                        .iter()
+                        .enumerate()
+                        .max_by(|a, b| a.1.total_cmp(b.1))
+                        .and_then(|(i, _)| categories.get(i).cloned())
+                        .unwrap_or_default(),
+                    (_, HeadOutput::Binary(p)) => (*p > 0.5).to_string(),
+                    (_, HeadOutput::Regression(v)) => format!("{v:.4}"),
+                    (HeadKind::MultiLabel { labels }, HeadOutput::MultiLabel(p)) => labels
+                        .iter()
+                        .zip(p)
+                        .filter(|(_, p)| **p > 0.5)
+                        .map(|(l, _)| l.as_str())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    _ => String::new(),
+                };
+                (head.name.clone(), value)
+            })
+            .collect()
+    }
+
     pub fn findings(&self, label_map: &LabelMap) -> Findings {
         let image_quality: Option<Scored<ImageQuality>> = self.scored(label_map, "image_quality");
         let certainty = self.certainty();

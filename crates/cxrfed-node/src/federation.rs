@@ -134,6 +134,10 @@ async fn session(
             _ = heartbeat.tick() => {
                 tx.send(send(pb::node_message::Kind::Heartbeat(pb::Heartbeat {
                     record_count: state.store.count() as u64,
+                    model_id: state.pipeline.model().map_or_else(
+                        || cxrfed_schema::NO_MODEL.to_string(),
+                        |m| m.card().model_id.clone(),
+                    ),
                 })))
                 .await
                 .map_err(|e| e.to_string())?;
@@ -171,7 +175,17 @@ async fn session(
                     }
                     Some(pb::coordinator_message::Kind::Train(task)) => {
                         tracing::info!(job_id = task.job_id.as_str(), round = task.round, bytes = task.weights_bytes, "training task received");
-                        incoming.insert(task.task_id.clone(), crate::training::Incoming::new(task));
+                        incoming.insert(
+                            task.task_id.clone(),
+                            crate::training::Incoming::new(crate::training::Purpose::Train(task)),
+                        );
+                    }
+                    Some(pb::coordinator_message::Kind::Rollout(rollout)) => {
+                        tracing::info!(version = rollout.version.as_str(), bytes = rollout.weights_bytes, "promoted model arriving");
+                        incoming.insert(
+                            rollout.rollout_id.clone(),
+                            crate::training::Incoming::new(crate::training::Purpose::Rollout(rollout)),
+                        );
                     }
                     Some(pb::coordinator_message::Kind::Weights(chunk)) => {
                         let complete = match incoming.get_mut(&chunk.task_id) {
@@ -182,7 +196,7 @@ async fn session(
                             }
                         };
                         if complete && let Some(transfer) = incoming.remove(&chunk.task_id) {
-                            tokio::spawn(crate::training::answer(state.clone(), transfer, tx.clone()));
+                            tokio::spawn(crate::training::complete(state.clone(), transfer, tx.clone()));
                         }
                     }
                     None => {}

@@ -36,26 +36,36 @@ pub fn quantise(input: &ndarray::Array2<f32>, options: &PreprocessOptions) -> (u
     (input.nrows() as u32, pixels)
 }
 
+/// The model a request uses and the preprocessing its card asks for; replaced as one when a
+/// new model is rolled out.
+#[derive(Debug)]
+struct Active {
+    model: Option<InferenceHandle>,
+    preprocess: PreprocessOptions,
+}
+
 #[derive(Debug)]
 pub struct Pipeline {
     limits: Limits,
-    preprocess: PreprocessOptions,
     secret: SiteSecret,
     permits: Arc<Semaphore>,
-    model: Option<InferenceHandle>,
+    /// Swapped atomically by [`Pipeline::switch_model`]: a request takes the current model at
+    /// its start and finishes on it, so a switch fails no in-flight request.
+    active: arc_swap::ArcSwap<Active>,
 }
 
 impl Pipeline {
     /// With a model, the model card's input contract (size, aspect, normalisation) replaces
     /// the configured size and aspect.
     pub fn new(config: &NodeConfig, secret: SiteSecret, model: Option<InferenceHandle>) -> Self {
+        let fallback = PreprocessOptions {
+            size: config.input_size,
+            aspect: config.aspect.parse().unwrap_or_default(),
+            ..PreprocessOptions::default()
+        };
         let preprocess = match &model {
             Some(handle) => handle.card().input.preprocess_options(),
-            None => PreprocessOptions {
-                size: config.input_size,
-                aspect: config.aspect.parse().unwrap_or_default(),
-                ..PreprocessOptions::default()
-            },
+            None => fallback,
         };
         Pipeline {
             limits: Limits {
@@ -63,19 +73,34 @@ impl Pipeline {
                 max_columns: config.max_columns,
                 max_file_bytes: config.max_file_bytes,
             },
-            preprocess,
             secret,
             permits: Arc::new(Semaphore::new(config.decode_workers)),
-            model,
+            active: arc_swap::ArcSwap::from_pointee(Active { model, preprocess }),
         }
+    }
+
+    /// Switches to another model: requests already running finish on the model they started
+    /// with (its worker thread ends when the last of them is done), new ones use this one.
+    pub fn switch_model(&self, model: InferenceHandle) {
+        let preprocess = model.card().input.preprocess_options();
+        self.active.store(Arc::new(Active {
+            model: Some(model),
+            preprocess,
+        }));
+    }
+
+    /// The preprocessing the current model needs.
+    pub fn preprocess_options(&self) -> PreprocessOptions {
+        self.active.load().preprocess
     }
 
     pub fn limits(&self) -> &Limits {
         &self.limits
     }
 
-    pub fn model(&self) -> Option<&InferenceHandle> {
-        self.model.as_ref()
+    /// The current model (a cheap handle to its worker).
+    pub fn model(&self) -> Option<InferenceHandle> {
+        self.active.load().model.clone()
     }
 
     /// Decodes, de-identifies, hashes and preprocesses `bytes` on the blocking pool, infers the
@@ -86,6 +111,7 @@ impl Pipeline {
         request_id: String,
     ) -> Result<Extraction, NodeError> {
         let started = Instant::now();
+        let active = self.active.load_full();
         let (decoded, image_sha256, input, kept) = {
             let _permit = self
                 .permits
@@ -93,7 +119,7 @@ impl Pipeline {
                 .await
                 .expect("the semaphore is never closed");
             let limits = self.limits;
-            let options = self.preprocess;
+            let options = active.preprocess;
             let secret = self.secret.clone();
             let task = tokio::task::spawn_blocking(move || {
                 let decoded = cxrfed_imaging::decode_contained(&bytes, &limits, &secret)?;
@@ -108,17 +134,23 @@ impl Pipeline {
             });
             task.await.map_err(|_| ImagingError::DecoderPanic)??
         };
-        let (findings, model_id, model_sha256) = match &self.model {
+        let (findings, model_fields, model_id, model_sha256) = match &active.model {
             Some(handle) => {
                 let prediction = handle.infer(input).await?;
                 let card = handle.card();
                 (
                     Some(prediction.findings(&card.label_map)),
+                    prediction.custom_values(&card.label_map),
                     card.model_id.clone(),
                     card.weights_sha256.clone(),
                 )
             }
-            None => (None, NO_MODEL.to_string(), String::new()),
+            None => (
+                None,
+                Default::default(),
+                NO_MODEL.to_string(),
+                String::new(),
+            ),
         };
         let processing_ms = started.elapsed().as_secs_f64() * 1000.0;
         let record = Record {
@@ -138,6 +170,7 @@ impl Pipeline {
             questions: Vec::new(),
             annotations: Vec::new(),
             custom_fields: Default::default(),
+            model_fields,
         };
         Ok(Extraction {
             record,

@@ -32,25 +32,43 @@ static TRAINING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// The largest global model a node accepts (bytes).
 const MAX_WEIGHTS: u64 = 2 << 30;
 
-/// A task whose weights are arriving.
+/// The file under `models/` naming the promoted model the node runs.
+pub const ACTIVE_FILE: &str = "ACTIVE";
+
+/// What a weights transfer on the link is for.
+#[derive(Debug)]
+pub enum Purpose {
+    /// A training round (or the closing evaluation).
+    Train(pb::TrainTask),
+    /// A promoted model to install.
+    Rollout(pb::ModelRollout),
+}
+
+/// A transfer whose weights are arriving.
 #[derive(Debug)]
 pub struct Incoming {
-    task: pb::TrainTask,
+    purpose: Purpose,
+    expected: u64,
     weights: Vec<u8>,
     broken: Option<String>,
 }
 
 impl Incoming {
-    pub fn new(task: pb::TrainTask) -> Incoming {
-        let broken = (task.weights_bytes > MAX_WEIGHTS)
+    pub fn new(purpose: Purpose) -> Incoming {
+        let expected = match &purpose {
+            Purpose::Train(t) => t.weights_bytes,
+            Purpose::Rollout(r) => r.weights_bytes,
+        };
+        let broken = (expected > MAX_WEIGHTS)
             .then(|| format!("the model is larger than {MAX_WEIGHTS} bytes"));
         let capacity = if broken.is_some() {
             0
         } else {
-            task.weights_bytes as usize
+            expected as usize
         };
         Incoming {
-            task,
+            purpose,
+            expected,
             weights: Vec::with_capacity(capacity),
             broken,
         }
@@ -65,14 +83,39 @@ impl Incoming {
                     chunk.offset,
                     self.weights.len()
                 ));
-            } else if self.weights.len() as u64 + chunk.data.len() as u64 > self.task.weights_bytes
-            {
+            } else if self.weights.len() as u64 + chunk.data.len() as u64 > self.expected {
                 self.broken = Some("more weights than announced".into());
             } else {
                 self.weights.extend_from_slice(&chunk.data);
             }
         }
         chunk.last
+    }
+
+    /// Why the transfer cannot be used, if it cannot.
+    fn problem(&self) -> Option<String> {
+        self.broken.clone().or_else(|| {
+            (self.weights.len() as u64 != self.expected).then(|| {
+                format!(
+                    "{} weights bytes arrived of {}",
+                    self.weights.len(),
+                    self.expected
+                )
+            })
+        })
+    }
+}
+
+/// Acts on a complete transfer: trains (or evaluates) and reports, or installs a model.
+pub async fn complete(
+    state: Arc<NodeState>,
+    incoming: Incoming,
+    tx: mpsc::Sender<pb::NodeMessage>,
+) {
+    let problem = incoming.problem();
+    match incoming.purpose {
+        Purpose::Train(task) => answer(state, task, incoming.weights, problem, tx).await,
+        Purpose::Rollout(rollout) => install(state, rollout, incoming.weights, problem, tx).await,
     }
 }
 
@@ -182,6 +225,7 @@ fn execute(
     task: &pb::TrainTask,
     weights: &[u8],
 ) -> Result<(pb::TrainReport, Vec<u8>), String> {
+    let started = std::time::Instant::now();
     let sha = hex::encode(Sha256::digest(weights));
     if sha != task.weights_sha256 {
         return Err(format!(
@@ -214,6 +258,7 @@ fn execute(
         ..Default::default()
     };
     if task.evaluate_only {
+        report.train_seconds = started.elapsed().as_secs_f64();
         return Ok((report, Vec::new()));
     }
     if train.len() < 2 {
@@ -226,23 +271,23 @@ fn execute(
     let update = train_round(&mut model, &train, &spec).map_err(|e| e.to_string())?;
     report.samples = update.samples as u64;
     report.train_loss = update.train_loss;
-    report.train_seconds = update.seconds;
+    report.train_seconds = started.elapsed().as_secs_f64();
     report.update_sha256 = hex::encode(Sha256::digest(&update.delta));
     report.update_bytes = update.delta.len() as u64;
     Ok((report, update.delta))
 }
 
 /// Runs a complete task and sends the update chunks, then the report, on `tx`.
-pub async fn answer(state: Arc<NodeState>, incoming: Incoming, tx: mpsc::Sender<pb::NodeMessage>) {
-    let task = incoming.task.clone();
+async fn answer(
+    state: Arc<NodeState>,
+    task: pb::TrainTask,
+    weights: Vec<u8>,
+    problem: Option<String>,
+    tx: mpsc::Sender<pb::NodeMessage>,
+) {
     let send = |kind| pb::NodeMessage { kind: Some(kind) };
-    let outcome = match incoming.broken {
+    let outcome = match problem {
         Some(reason) => Err(reason),
-        None if incoming.weights.len() as u64 != task.weights_bytes => Err(format!(
-            "{} weights bytes arrived of {}",
-            incoming.weights.len(),
-            task.weights_bytes
-        )),
         None => {
             let _turn = TRAINING.lock().await;
             tracing::info!(
@@ -251,7 +296,7 @@ pub async fn answer(state: Arc<NodeState>, incoming: Incoming, tx: mpsc::Sender<
                 evaluate_only = task.evaluate_only,
                 "federated round: training"
             );
-            let (state, task, weights) = (state.clone(), task.clone(), incoming.weights);
+            let (state, task) = (state.clone(), task.clone());
             tokio::task::spawn_blocking(move || {
                 execute(&state.store, &state.config.device, &task, &weights)
             })
@@ -306,4 +351,226 @@ pub async fn answer(state: Arc<NodeState>, incoming: Incoming, tx: mpsc::Sender<
     let _ = tx
         .send(send(pb::node_message::Kind::TrainReport(report)))
         .await;
+}
+
+/// A safe directory name for a model version.
+fn version_dir(version: &str) -> Result<String, String> {
+    let ok = !version.is_empty()
+        && version.len() <= 128
+        && !version.starts_with('.')
+        && version
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(version.to_string())
+    } else {
+        Err(format!("model version {version:?} is not a safe name"))
+    }
+}
+
+/// Writes a promoted model under `models/VERSION` (through a temporary directory and a
+/// rename) and loads it, checking its sha256 and outputs.
+fn prepare(state: &NodeState, rollout: &pb::ModelRollout, weights: &[u8]) -> Result<Model, String> {
+    if state.config.model.trim() == "none" {
+        return Err("this node runs without a model (--model none)".into());
+    }
+    let sha = hex::encode(Sha256::digest(weights));
+    if sha != rollout.weights_sha256 {
+        return Err(format!(
+            "the weights' sha256 is {sha}, the rollout says {}",
+            rollout.weights_sha256
+        ));
+    }
+    let mut card: ModelCard =
+        serde_json::from_str(&rollout.card_json).map_err(|e| format!("model card: {e}"))?;
+    card.model_id = rollout.version.clone();
+    card.weights = "model.safetensors".into();
+    card.weights_sha256 = sha;
+    let models = state.config.data_dir.join("models");
+    let dir = models.join(version_dir(&rollout.version)?);
+    let tmp = models.join(format!(".{}.incoming", version_dir(&rollout.version)?));
+    let io = |e: std::io::Error| format!("{}: {e}", dir.display());
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(io)?;
+    std::fs::write(tmp.join("model.safetensors"), weights).map_err(io)?;
+    card.save(&tmp).map_err(|e| e.to_string())?;
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(io)?;
+    }
+    std::fs::rename(&tmp, &dir).map_err(io)?;
+    let device = cxrfed_model::parse_device(&state.config.device).map_err(|e| e.to_string())?;
+    Model::load(&dir, device).map_err(|e| e.to_string())
+}
+
+/// Installs a promoted model: verify, write, load, switch the inference worker (requests in
+/// flight finish on the old model), remember it across restarts, report, then re-extract the
+/// stored records with it in the background.
+async fn install(
+    state: Arc<NodeState>,
+    rollout: pb::ModelRollout,
+    weights: Vec<u8>,
+    problem: Option<String>,
+    tx: mpsc::Sender<pb::NodeMessage>,
+) {
+    let outcome = match problem {
+        Some(reason) => Err(reason),
+        None => {
+            let (st, r) = (state.clone(), rollout.clone());
+            tokio::task::spawn_blocking(move || prepare(&st, &r, &weights))
+                .await
+                .unwrap_or_else(|_| Err("the model loader panicked".into()))
+        }
+    };
+    let outcome = outcome.and_then(|model| {
+        cxrfed_model::InferenceHandle::spawn(model, crate::server::worker_config(&state.config))
+            .map_err(|e| e.to_string())
+    });
+    let report = match outcome {
+        Ok(handle) => {
+            state.pipeline.switch_model(handle.clone());
+            let models = state.config.data_dir.join("models");
+            let tmp = models.join(format!("{ACTIVE_FILE}.tmp"));
+            let written = std::fs::write(&tmp, &rollout.version)
+                .and_then(|()| std::fs::rename(&tmp, models.join(ACTIVE_FILE)));
+            if let Err(e) = written {
+                tracing::error!(error = %e, "cannot record the promoted model; a restart would load the configured one");
+            }
+            let records = state.store.count() as u64;
+            tracing::info!(
+                version = rollout.version.as_str(),
+                sha256 = handle.card().weights_sha256.as_str(),
+                records,
+                "promoted model installed; inference switched, back-fill starting"
+            );
+            tokio::spawn(backfill(state.clone(), handle));
+            pb::RolloutReport {
+                rollout_id: rollout.rollout_id.clone(),
+                version: rollout.version.clone(),
+                ok: true,
+                reason: String::new(),
+                backfill_records: records,
+            }
+        }
+        Err(reason) => {
+            tracing::warn!(
+                version = rollout.version.as_str(),
+                reason = reason.as_str(),
+                "promoted model refused"
+            );
+            pb::RolloutReport {
+                rollout_id: rollout.rollout_id.clone(),
+                version: rollout.version.clone(),
+                ok: false,
+                reason,
+                backfill_records: 0,
+            }
+        }
+    };
+    let _ = tx
+        .send(pb::NodeMessage {
+            kind: Some(pb::node_message::Kind::RolloutReport(report)),
+        })
+        .await;
+}
+
+/// Re-extracts every stored record from its kept model input with `model`: findings, model
+/// fields (custom heads) and the model id are replaced, the columns follow. Stops when another
+/// model has replaced this one meanwhile.
+pub async fn backfill(state: Arc<NodeState>, model: cxrfed_model::InferenceHandle) {
+    let card = model.card().clone();
+    let (mean, std) = (card.input.mean, card.input.std);
+    let size = card.input.size as usize;
+    let st = state.clone();
+    let ids: Vec<(String, String)> = tokio::task::spawn_blocking(move || {
+        st.store
+            .iter()
+            .filter_map(Result::ok)
+            .map(|r| (r.record_id, r.image_sha256))
+            .collect()
+    })
+    .await
+    .unwrap_or_default();
+    let (total, started) = (ids.len(), std::time::Instant::now());
+    let (mut done, mut skipped, mut failed) = (0usize, 0usize, 0usize);
+    for (record_id, sha) in ids {
+        if state
+            .pipeline
+            .model()
+            .is_none_or(|m| m.card().weights_sha256 != card.weights_sha256)
+        {
+            tracing::info!(
+                version = card.model_id.as_str(),
+                done,
+                total,
+                "back-fill stopped: another model replaced this one"
+            );
+            return;
+        }
+        let input = match state.store.input(&sha) {
+            Ok(Some((s, pixels))) if s as usize == size => pixels,
+            _ => {
+                skipped += 1;
+                continue;
+            }
+        };
+        let array = ndarray::Array2::from_shape_vec(
+            (size, size),
+            input
+                .iter()
+                .map(|p| (f32::from(*p) / 255.0 - mean) / std)
+                .collect(),
+        );
+        let Ok(array) = array else {
+            skipped += 1;
+            continue;
+        };
+        let prediction = match model.infer(array).await {
+            Ok(p) => p,
+            Err(e) => {
+                failed += 1;
+                tracing::warn!(record_id = record_id.as_str(), error = %e, "back-fill: inference failed");
+                continue;
+            }
+        };
+        match state
+            .store
+            .set_model_output(
+                &record_id,
+                Some(prediction.findings(&card.label_map)),
+                prediction.custom_values(&card.label_map),
+                &card.model_id,
+                &card.weights_sha256,
+            )
+            .await
+        {
+            Ok(Some(record)) => {
+                if let Ok(mut columns) = state.columns.write() {
+                    columns.upsert(&record);
+                }
+                done += 1;
+            }
+            Ok(None) => skipped += 1,
+            Err(e) => {
+                failed += 1;
+                tracing::warn!(record_id = record_id.as_str(), error = %e, "back-fill: cannot store");
+            }
+        }
+        if done > 0 && done % 500 == 0 {
+            tracing::info!(
+                version = card.model_id.as_str(),
+                done,
+                total,
+                "back-fill progress"
+            );
+        }
+    }
+    tracing::info!(
+        version = card.model_id.as_str(),
+        done,
+        skipped,
+        failed,
+        total,
+        seconds = started.elapsed().as_secs_f64(),
+        "back-fill finished"
+    );
 }

@@ -39,6 +39,7 @@ fn record(i: usize, patient: &str) -> Record {
         questions: Vec::new(),
         annotations: Vec::new(),
         custom_fields: Default::default(),
+        model_fields: Default::default(),
     }
 }
 

@@ -322,6 +322,11 @@ impl From<&schema::Record> for pb::Record {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone().unwrap_or_default()))
                 .collect(),
+            model_fields: r
+                .model_fields
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
         }
     }
 }
@@ -409,6 +414,7 @@ impl TryFrom<pb::Record> for schema::Record {
                 .into_iter()
                 .map(|(k, v)| (k, Some(v).filter(|v| !v.is_empty())))
                 .collect(),
+            model_fields: r.model_fields.into_iter().collect(),
         })
     }
 }
@@ -572,6 +578,9 @@ mod tests {
             ]
             .into_iter()
             .collect(),
+            model_fields: [("cardiomegaly".to_string(), "false".to_string())]
+                .into_iter()
+                .collect(),
         }
     }
 

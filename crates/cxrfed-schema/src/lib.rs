@@ -63,6 +63,11 @@ pub struct Record {
     /// while unknown. Filled in when the record is read, never stored.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub custom_fields: std::collections::BTreeMap<String, Option<String>>,
+    /// Custom fields the model fills (heads a federated job trained for researcher-defined
+    /// fields): field → value as text. Stored with the findings; a human label of the same
+    /// field takes precedence in statistics.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub model_fields: std::collections::BTreeMap<String, String>,
 }
 
 /// One answered question, appended to a record.

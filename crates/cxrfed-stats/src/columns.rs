@@ -91,8 +91,11 @@ pub struct Column {
 enum Origin {
     /// A schema field, read from the record.
     Schema(&'static FlatField),
-    /// Human labels: `<field>_annotated` for schema findings, or a custom field.
+    /// Human labels of schema findings: `<field>_annotated`.
     Annotation,
+    /// A custom field: its human label where there is one, else the model's value (a head a
+    /// federated job trained for it).
+    Custom,
 }
 
 /// The columnar table.
@@ -105,6 +108,11 @@ pub struct Columns {
     pseudonym_dict: HashMap<String, u32>,
     images: Vec<String>,
     rows_by_image: HashMap<String, usize>,
+    /// The model's values of custom fields by field and row (kept for fields whose column is
+    /// defined later).
+    model_values: HashMap<String, HashMap<usize, String>>,
+    /// Rows with a human label, per custom field: the model's value does not replace them.
+    labelled: HashMap<String, std::collections::HashSet<usize>>,
 }
 
 impl Default for Columns {
@@ -157,6 +165,21 @@ impl Columns {
             pseudonym_dict: HashMap::new(),
             images: Vec::new(),
             rows_by_image: HashMap::new(),
+            model_values: HashMap::new(),
+            labelled: HashMap::new(),
+        }
+    }
+
+    fn set_cell(data: &mut ColumnData, row: usize, value: Option<&str>) {
+        match data {
+            ColumnData::Coded { codes, dict } => {
+                codes[row] = value.and_then(|v| dict.code(v)).unwrap_or(0);
+            }
+            ColumnData::Numeric(values) => {
+                values[row] = value
+                    .and_then(|v| v.parse::<f32>().ok())
+                    .unwrap_or(f32::NAN);
+            }
         }
     }
 
@@ -216,11 +239,22 @@ impl Columns {
             kind,
             data,
         };
-        match self.column(&definition.name).map(|(i, _)| i) {
-            Some(i) => self.columns[i] = column,
+        let index = match self.column(&definition.name).map(|(i, _)| i) {
+            Some(i) => {
+                self.columns[i] = column;
+                i
+            }
             None => {
                 self.columns.push(column);
-                self.origins.push(Origin::Annotation);
+                self.origins.push(Origin::Custom);
+                self.columns.len() - 1
+            }
+        };
+        // A new definition starts from the model's values; labels are applied after it.
+        self.labelled.remove(&definition.name);
+        if let Some(values) = self.model_values.get(&definition.name) {
+            for (row, value) in values {
+                Self::set_cell(&mut self.columns[index].data, *row, Some(value));
             }
         }
     }
@@ -239,12 +273,10 @@ impl Columns {
         let Some(index) = self.column(&name).map(|(i, _)| i) else {
             return;
         };
-        match &mut self.columns[index].data {
-            ColumnData::Coded { codes, dict } => codes[row] = dict.code(value).unwrap_or(0),
-            ColumnData::Numeric(values) => {
-                values[row] = value.parse::<f32>().unwrap_or(f32::NAN);
-            }
+        if matches!(self.origins[index], Origin::Custom) {
+            self.labelled.entry(name).or_default().insert(row);
         }
+        Self::set_cell(&mut self.columns[index].data, row, Some(value));
     }
 
     pub fn columns(&self) -> &[Column] {
@@ -289,7 +321,29 @@ impl Columns {
                 .entry(record.patient.pseudonym.clone())
                 .or_insert(next)
         };
+        for (field, values) in self.model_values.iter_mut() {
+            if !record.model_fields.contains_key(field) {
+                values.remove(&row);
+            }
+        }
+        for (field, value) in &record.model_fields {
+            self.model_values
+                .entry(field.clone())
+                .or_default()
+                .insert(row, value.clone());
+        }
         for (column, origin) in self.columns.iter_mut().zip(&self.origins) {
+            if matches!(origin, Origin::Custom) {
+                let labelled = self
+                    .labelled
+                    .get(&column.name)
+                    .is_some_and(|rows| rows.contains(&row));
+                if !labelled {
+                    let value = record.model_fields.get(&column.name).map(String::as_str);
+                    Self::set_cell(&mut column.data, row, value);
+                }
+                continue;
+            }
             let Origin::Schema(field) = origin else {
                 continue;
             };

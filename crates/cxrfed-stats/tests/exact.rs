@@ -176,3 +176,58 @@ fn bad_fields_and_values_are_refused_with_their_position() {
     let e = cxrfed_stats::exact(&columns, "count where view > PA").expect_err("range on category");
     assert!(e.message.contains("categorical"), "{e}");
 }
+
+/// A custom field is filled by the model (a head a federated job trained) where no human
+/// labelled it; labels win; a column defined after the records still gets the model's values;
+/// a back-fill that changes the model's value moves the count.
+#[test]
+fn custom_fields_take_labels_first_then_the_model() {
+    let spec = Spec {
+        quality: Some(0),
+        confidence: 0,
+        age: Some(5),
+        view: 0,
+        month: 3,
+        ctr: Some(0.5),
+        patient: 1,
+    };
+    let mut records: Vec<Record> = (0..6).map(|i| record(i, &spec)).collect();
+    for (i, r) in records.iter_mut().enumerate() {
+        r.model_fields
+            .insert("cardiomegaly".into(), (i % 2 == 0).to_string());
+    }
+    let mut columns = Columns::from_records(&records);
+    let definition = cxrfed_schema::custom::FieldDefinition {
+        name: "cardiomegaly".into(),
+        kind: cxrfed_schema::custom::CustomKind::Bool,
+        description: String::new(),
+        synonyms: Vec::new(),
+        version: 1,
+        defined_at: chrono::Utc::now(),
+        defined_by: "test".into(),
+    };
+    columns.define_custom(&definition);
+    let count = |columns: &Columns| {
+        let table = cxrfed_stats::exact(columns, "count where cardiomegaly = true").expect("count");
+        match &table.rows[0][0] {
+            TableCell::Count(n) => *n,
+            other => panic!("{other:?}"),
+        }
+    };
+    // Rows 0, 2, 4 are true by the model.
+    assert_eq!(count(&columns), 3);
+    // A human says row 1 is true and row 0 is false: labels win.
+    columns.annotate(&records[1].image_sha256, "cardiomegaly", "true");
+    columns.annotate(&records[0].image_sha256, "cardiomegaly", "false");
+    assert_eq!(count(&columns), 3);
+    // A back-fill flips every model value; labelled rows keep their labels.
+    for (i, r) in records.iter_mut().enumerate() {
+        r.model_fields
+            .insert("cardiomegaly".into(), (i % 2 == 1).to_string());
+        columns.upsert(r);
+    }
+    // Model: rows 3, 5 true (1 is labelled true, 0 labelled false) -> 1, 3, 5.
+    assert_eq!(count(&columns), 3);
+    let table = cxrfed_stats::exact(&columns, "count where cardiomegaly = false").expect("count");
+    assert_eq!(table.rows[0][0], TableCell::Count(3));
+}

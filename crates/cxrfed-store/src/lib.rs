@@ -444,13 +444,40 @@ impl RecordStore {
         record_id: &str,
         answer: cxrfed_schema::QuestionAnswer,
     ) -> Result<Option<Record>> {
+        self.update(record_id, |record| record.questions.push(answer.clone()))
+            .await
+    }
+
+    /// Replaces what a model filled in (findings, model fields, model id and weights hash),
+    /// as a back-fill with a new model does; questions and everything read from the image stay.
+    /// `None` when the record does not exist. Durable when this returns.
+    pub async fn set_model_output(
+        &self,
+        record_id: &str,
+        findings: Option<cxrfed_schema::Findings>,
+        model_fields: std::collections::BTreeMap<String, String>,
+        model_id: &str,
+        model_sha256: &str,
+    ) -> Result<Option<Record>> {
+        self.update(record_id, |record| {
+            record.findings = findings.clone();
+            record.model_fields = model_fields.clone();
+            record.model_id = model_id.to_string();
+            record.model_sha256 = model_sha256.to_string();
+        })
+        .await
+    }
+
+    /// Read-modify-write of one record in a transaction (retried on conflict, so `edit` may
+    /// run more than once).
+    async fn update(&self, record_id: &str, edit: impl Fn(&mut Record)) -> Result<Option<Record>> {
         let outcome = self.records.transaction(|records| {
             let Some(bytes) = records.get(record_id.as_bytes())? else {
                 return Ok(None);
             };
             let mut record = Self::decode(record_id.as_bytes(), &bytes)
                 .map_err(ConflictableTransactionError::Abort)?;
-            record.questions.push(answer.clone());
+            edit(&mut record);
             let value = Self::encode(&record).map_err(ConflictableTransactionError::Abort)?;
             records.insert(record_id.as_bytes(), value.as_slice())?;
             Ok(Some(record))
@@ -580,6 +607,7 @@ mod tests {
             questions: Vec::new(),
             annotations: Vec::new(),
             custom_fields: Default::default(),
+            model_fields: Default::default(),
         }
     }
 

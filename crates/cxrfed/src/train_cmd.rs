@@ -80,6 +80,9 @@ pub enum ModelsCommand {
     List(JobsArgs),
     /// One version: lineage, sites and samples, DP parameters, metrics, sha256.
     Show(ModelShowArgs),
+    /// Promote a version: every node receives it over its link, switches its inference to it
+    /// and re-extracts its records (study admin).
+    Promote(ModelShowArgs),
 }
 
 #[derive(Debug, Args)]
@@ -400,7 +403,7 @@ fn model_json(m: &pb::ModelVersion) -> serde_json::Value {
         "sha256": m.sha256, "algorithm": m.algorithm, "sites": m.sites, "samples": m.samples,
         "metrics": m.metrics, "dp_epsilon": m.dp_epsilon, "dp_delta": m.dp_delta,
         "created_at": m.created_at, "size_bytes": m.size_bytes, "model_id": m.model_id,
-        "heads": m.heads,
+        "heads": m.heads, "promoted_at": m.promoted_at, "running_at": m.running_at,
     })
 }
 
@@ -446,6 +449,8 @@ pub async fn models(command: ModelsCommand) -> anyhow::Result<ExitCode> {
                         m.sites.join(","),
                         m.samples.iter().sum::<u64>().to_string(),
                         m.sha256.get(..16).unwrap_or_default().to_string(),
+                        m.promoted_at.clone(),
+                        m.running_at.join(","),
                     ]
                 })
                 .collect();
@@ -463,6 +468,32 @@ pub async fn models(command: ModelsCommand) -> anyhow::Result<ExitCode> {
                 .map_err(status_error)?
                 .into_inner();
             println!("{}", serde_json::to_string_pretty(&model_json(&m))?);
+            Ok(ExitCode::SUCCESS)
+        }
+        ModelsCommand::Promote(args) => {
+            let mut c =
+                client(args.target.coordinator.as_deref(), &args.target.credentials).await?;
+            let promoted = c
+                .promote_model(pb::PromoteModelRequest {
+                    version: args.version,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let m = promoted.model.unwrap_or_default();
+            if args.json {
+                let mut doc = model_json(&m);
+                doc["sent_to"] = serde_json::json!(promoted.sent_to);
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+            } else {
+                println!(
+                    "{} promoted (sha256 {}); sent to {} connected site(s): {}. Sites switch when it is installed and re-extract their records in the background; sites connecting later receive it then.",
+                    m.version,
+                    m.sha256,
+                    promoted.sent_to.len(),
+                    promoted.sent_to.join(", ")
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
     }

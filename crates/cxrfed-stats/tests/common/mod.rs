@@ -67,5 +67,6 @@ pub fn record(i: usize, s: &Spec) -> Record {
         questions: Vec::new(),
         annotations: Vec::new(),
         custom_fields: Default::default(),
+        model_fields: Default::default(),
     }
 }

@@ -27,6 +27,15 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Mode {
+    /// The model inputs of a phantom folder exactly as a node keeps them (decode, de-identify,
+    /// preprocess to 224 x 224, 8-bit): `inputs.u8` (N x 224 x 224) and `index.json` (file
+    /// names in order), for peers that must train on the same data.
+    Inputs {
+        #[arg(long)]
+        folder: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Single-image latency on one thread.
     Latency {
         #[arg(long)]
@@ -196,6 +205,7 @@ fn synthetic_record(i: usize) -> cxrfed_schema::Record {
         questions: Vec::new(),
         annotations: Vec::new(),
         custom_fields: Default::default(),
+        model_fields: Default::default(),
     }
 }
 
@@ -526,6 +536,34 @@ fn main() -> anyhow::Result<()> {
     let secret = SiteSecret::from_bytes([42; 32]);
     let baseline = peak_rss_mib();
     match Cli::parse().mode {
+        Mode::Inputs { folder, out } => {
+            let spec = cxrfed_model::InputSpec::default();
+            let options = spec.preprocess_options();
+            let data = cxrfed_model::Dataset::from_labels_folder(
+                &folder,
+                &cxrfed_model::LabelMap::schema_v1(),
+                &options,
+                &["dicom"],
+                std::thread::available_parallelism().map_or(2, |n| n.get()),
+            )?;
+            std::fs::create_dir_all(&out)?;
+            let mut bytes = Vec::with_capacity(data.len() * (options.size as usize).pow(2));
+            for sample in &data.samples {
+                bytes.extend(sample.input.iter().map(|v| {
+                    ((v * options.std + options.mean).clamp(0.0, 1.0) * 255.0).round() as u8
+                }));
+            }
+            std::fs::write(out.join("inputs.u8"), bytes)?;
+            let names: Vec<&str> = data.samples.iter().map(|s| s.name.as_str()).collect();
+            std::fs::write(
+                out.join("index.json"),
+                serde_json::to_vec(&serde_json::json!({"size": options.size, "files": names}))?,
+            )?;
+            println!(
+                "{}",
+                serde_json::json!({"images": data.len(), "size": options.size})
+            );
+        }
         Mode::ModelInit {
             arch,
             out,
