@@ -524,6 +524,13 @@ mod rogue {
         ) -> Result<tonic::Response<pb::PromoteModelResponse>, tonic::Status> {
             Err(tonic::Status::unimplemented("rogue"))
         }
+
+        async fn import_model(
+            &self,
+            _: tonic::Request<tonic::Streaming<pb::ImportModelChunk>>,
+        ) -> Result<tonic::Response<pb::ModelVersion>, tonic::Status> {
+            Err(tonic::Status::unimplemented("rogue"))
+        }
     }
 }
 

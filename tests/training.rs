@@ -618,4 +618,92 @@ async fn federated_rounds_train_a_new_head_and_survive_failures() {
         "{}",
         failed.reason
     );
+
+    // A model larger than gRPC's 4 MiB message limit: DenseNet-121 (about 28 MB of weights)
+    // is imported into the registry in chunks, streamed to the sites in 1 MiB chunks, trained
+    // one step and aggregated, with the coordinator's memory a small multiple of the model.
+    // The coordinator binary maps libtorch (one binary for every role): its baseline is
+    // hundreds of MB. What is measured is the growth over the resident size before.
+    let before = rss_bytes(s.coordinator.child.id(), "VmRSS:");
+    let dense = s.root.join("densenet");
+    let out = std::process::Command::new(cxrfed_e2e::cxrfed_bin().with_file_name("cxrfed-bench"))
+        .args([
+            "model-init",
+            "--arch",
+            "densenet121",
+            "--out",
+            dense.to_str().expect("path"),
+        ])
+        .output()
+        .expect("cxrfed-bench");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let size = std::fs::metadata(dense.join("model.safetensors"))
+        .expect("weights")
+        .len();
+    assert!(size > 4 << 20, "{size} bytes");
+    let mut args = vec![
+        "models",
+        "import",
+        dense.to_str().expect("path"),
+        "--version",
+        "densenet-test",
+    ];
+    args.extend(common.iter().copied());
+    let out = cxrfed(&args);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // The same version twice, or a card whose heads the weights lack, is refused.
+    let out = cxrfed(&args);
+    assert!(
+        text(&out.stderr).contains("already"),
+        "{}",
+        text(&out.stderr)
+    );
+    let job = start_job(
+        &s,
+        "base = \"densenet-test\"\nnew_heads = [{ name = \"cardiomegaly\", kind = \"binary\" }]\nrounds = 1\nlocal_steps = 1\nbatch_size = 2\nmin_sites = 2\nround_deadline_secs = 600\n",
+    )
+    .await;
+    let done = wait_job(&s, &job.job_id, |j| j.state != "running").await;
+    assert_eq!(done.state, "completed", "{}", done.reason);
+    let round = done
+        .round_log
+        .iter()
+        .find(|r| r.state == "completed")
+        .expect("round");
+    let reported: Vec<&pb::SiteRound> = round
+        .sites
+        .iter()
+        .filter(|s| s.status == "reported")
+        .collect();
+    assert_eq!(reported.len(), 2, "{round:?}");
+    assert!(
+        round.bytes_down >= 2 * size,
+        "{} bytes down",
+        round.bytes_down
+    );
+    // Heads only: the update is the new head's 512 weights and bias, not the model.
+    assert!(
+        reported.iter().all(|s| s.update_bytes < 8 << 10),
+        "{reported:?}"
+    );
+    let peak = rss_bytes(s.coordinator.child.id(), "VmHWM:");
+    let growth = peak.saturating_sub(before);
+    eprintln!(
+        "coordinator: {before} bytes resident before, peak {peak}: growth {growth} for a {size}-byte model"
+    );
+    assert!(
+        growth < 8 * size,
+        "the coordinator grew by {growth} bytes for a {size}-byte model"
+    );
+}
+
+/// A memory figure of a process from /proc (VmRSS: now, VmHWM: peak), in bytes.
+fn rss_bytes(pid: u32, key: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("memory figure")
+        * 1024
 }

@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
-use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use safetensors::tensor::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
@@ -66,25 +66,62 @@ pub fn decode(bytes: &[u8]) -> Result<Weights, AggregateError> {
     Ok(out)
 }
 
+/// A tensor as safetensors sees it: its bytes are made when the writer reaches it, so
+/// encoding holds the output and one tensor's bytes, not a second copy of the model.
+struct F32View<'a>(&'a Tensor);
+
+impl safetensors::tensor::View for F32View<'_> {
+    fn dtype(&self) -> Dtype {
+        Dtype::F32
+    }
+
+    fn shape(&self) -> &[usize] {
+        &self.0.shape
+    }
+
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Owned(self.0.data.iter().flat_map(|v| v.to_le_bytes()).collect())
+    }
+
+    fn data_len(&self) -> usize {
+        self.0.data.len() * 4
+    }
+}
+
 /// Writes named f32 tensors as a safetensors buffer.
 pub fn encode(weights: &Weights) -> Result<Vec<u8>, AggregateError> {
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = weights
-        .iter()
-        .map(|(name, t)| {
-            (
-                name.clone(),
-                t.shape.clone(),
-                t.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            )
-        })
-        .collect();
-    let mut views = Vec::with_capacity(bytes.len());
-    for (name, shape, data) in &bytes {
-        let view = TensorView::new(Dtype::F32, shape.clone(), data)
-            .map_err(|e| AggregateError::Format(format!("{name}: {e:?}")))?;
-        views.push((name.as_str(), view));
+    for (name, t) in weights {
+        if t.shape.iter().product::<usize>() != t.data.len() {
+            return Err(AggregateError::Format(format!(
+                "{name}: shape {:?} does not hold {} values",
+                t.shape,
+                t.data.len()
+            )));
+        }
     }
-    safetensors::serialize(views, &None).map_err(|e| AggregateError::Format(format!("{e:?}")))
+    safetensors::serialize(
+        weights.iter().map(|(name, t)| (name.as_str(), F32View(t))),
+        &None,
+    )
+    .map_err(|e| AggregateError::Format(format!("{e:?}")))
+}
+
+/// The names of a safetensors buffer's tensors, after checking that all are f32 (reads the
+/// header, copies nothing).
+pub fn f32_names(bytes: &[u8]) -> Result<Vec<String>, AggregateError> {
+    let file =
+        SafeTensors::deserialize(bytes).map_err(|e| AggregateError::Format(format!("{e:?}")))?;
+    let mut names = Vec::new();
+    for (name, view) in file.tensors() {
+        if view.dtype() != Dtype::F32 {
+            return Err(AggregateError::Format(format!(
+                "{name}: dtype {:?}; only f32 weights are aggregated",
+                view.dtype()
+            )));
+        }
+        names.push(name);
+    }
+    Ok(names)
 }
 
 /// The server-side algorithm of a job.

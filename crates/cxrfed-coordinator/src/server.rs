@@ -59,6 +59,7 @@ pub const COORDINATOR_RULES: &[(&str, Rule)] = &[
         Rule::Roles(&[Role::Admin, Role::Researcher, Role::Node]),
     ),
     ("PromoteModel", Rule::Roles(&[Role::Admin])),
+    ("ImportModel", Rule::Roles(&[Role::Admin])),
 ];
 
 pub fn coordinator_policy() -> Policy {

@@ -857,9 +857,62 @@ impl CoordinatorService for CoordinatorApi {
             sent_to,
         }))
     }
+
+    async fn import_model(
+        &self,
+        request: Request<Streaming<pb::ImportModelChunk>>,
+    ) -> Result<Response<pb::ModelVersion>, Status> {
+        let caller = identity_of(&request)?;
+        let (version, card, weights) = Self::read_import(&mut request.into_inner()).await?;
+        if crate::training::model(&self.state, &version)
+            .map_err(internal)?
+            .is_some()
+        {
+            return Err(Status::already_exists(format!(
+                "version {version} is already in the registry"
+            )));
+        }
+        let doc = crate::training::import(&self.state, &version, &card, &weights)
+            .await
+            .map_err(Status::invalid_argument)?;
+        let _ = self
+            .state
+            .store
+            .audit(AuditEvent {
+                identity: caller.uri(),
+                role: caller.role.as_str().to_string(),
+                method: "ImportModel".into(),
+                query: version.clone(),
+                epsilon: 0.0,
+                delta: 0.0,
+                digest: doc.sha256.clone(),
+                via: String::new(),
+            })
+            .await;
+        tracing::info!(version = version.as_str(), by = %caller, bytes = weights.len(), "model imported");
+        Ok(Response::new(self.model_info(&doc)))
+    }
 }
 
 impl CoordinatorApi {
+    /// Reads an `ImportModel` stream: the version and card, then the weights.
+    async fn read_import(
+        stream: &mut Streaming<pb::ImportModelChunk>,
+    ) -> Result<(String, String, Vec<u8>), Status> {
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("an empty import"))?;
+        let mut weights = first.data;
+        while let Some(chunk) = stream.message().await? {
+            if weights.len() + chunk.data.len() > crate::training::MAX_MODEL_BYTES {
+                return Err(Status::invalid_argument("the model is larger than 2 GiB"));
+            }
+            weights.extend_from_slice(&chunk.data);
+        }
+        Ok((first.version, first.card_json, weights))
+    }
+
     /// A registry entry with the sites that run it now.
     fn model_info(&self, doc: &crate::training::ModelDoc) -> pb::ModelVersion {
         let mut info = pb::ModelVersion::from(doc);

@@ -649,6 +649,94 @@ async fn save_job(state: &CoordinatorState, job: &JobDoc) -> Result<(), String> 
         .map_err(|e| e.to_string())
 }
 
+/// The largest model the registry takes (bytes).
+pub const MAX_MODEL_BYTES: usize = 2 << 30;
+
+/// A registry version name: letters, digits, `-`, `_`, `.`; not starting with a dot.
+fn valid_version(version: &str) -> bool {
+    !version.is_empty()
+        && version.len() <= 128
+        && !version.starts_with('.')
+        && version
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// Adds a model brought from elsewhere (a `cxrfed model train` output, another study's
+/// model) to the registry after checking that its card and weights belong together: every
+/// head of the label map has its linear layer, every tensor is f32.
+pub async fn import(
+    state: &CoordinatorState,
+    version: &str,
+    card_json: &str,
+    weights: &[u8],
+) -> Result<ModelDoc, String> {
+    if !valid_version(version) {
+        return Err(format!(
+            "version {version:?}: letters, digits, '-', '_' and '.' (not first), up to 128"
+        ));
+    }
+    if model(state, version)?.is_some() {
+        return Err(format!("version {version} is already in the registry"));
+    }
+    let mut card: serde_json::Value =
+        serde_json::from_str(card_json).map_err(|e| format!("model card: {e}"))?;
+    if card["format"].as_str() != Some("safetensors") {
+        return Err(
+            "only safetensors models (a cxrfed architecture) can be trained federatedly".into(),
+        );
+    }
+    if card["architecture"].as_str().is_none_or(str::is_empty)
+        || card["input"]["size"].as_u64().is_none()
+    {
+        return Err("the model card names no architecture or input size".into());
+    }
+    let names: HashSet<String> = aggregate::f32_names(weights)
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .collect();
+    let doc = ModelDoc {
+        version: version.to_string(),
+        card: card.clone(),
+        ..Default::default()
+    };
+    let heads = doc.heads();
+    if heads.is_empty() {
+        return Err("the model card's label map has no heads".into());
+    }
+    if let Some(missing) = heads
+        .iter()
+        .find(|h| !names.contains(&format!("heads.{h}.weight")))
+    {
+        return Err(format!(
+            "the weights have no layer for head {missing:?} (do they match the card?)"
+        ));
+    }
+    let sha = put_blob(state, weights)?;
+    card["model_id"] = version.into();
+    card["weights"] = "model.safetensors".into();
+    card["weights_sha256"] = sha.clone().into();
+    let doc = ModelDoc {
+        version: version.to_string(),
+        sha256: sha,
+        algorithm: "imported".into(),
+        created_at: now(),
+        size_bytes: weights.len() as u64,
+        card,
+        ..Default::default()
+    };
+    state
+        .store
+        .put_doc(
+            Doc::Model,
+            version,
+            &serde_json::to_value(&doc).map_err(|e| e.to_string())?,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(doc)
+}
+
 /// Registers the bundled model as the first registry version (once).
 pub async fn ensure_bundled(state: &CoordinatorState) -> Result<(), String> {
     if model(state, BUNDLED_VERSION)?.is_some() {

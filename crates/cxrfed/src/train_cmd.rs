@@ -83,6 +83,20 @@ pub enum ModelsCommand {
     /// Promote a version: every node receives it over its link, switches its inference to it
     /// and re-extracts its records (study admin).
     Promote(ModelShowArgs),
+    /// Add a model directory (card.json + safetensors weights, e.g. from `cxrfed model train`)
+    /// to the registry, so jobs can start from it (study admin).
+    Import(ModelImportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ModelImportArgs {
+    /// The model directory.
+    dir: PathBuf,
+    /// The registry version [default: the card's model_id].
+    #[arg(long)]
+    version: Option<String>,
+    #[command(flatten)]
+    target: Target,
 }
 
 #[derive(Debug, Args)]
@@ -468,6 +482,47 @@ pub async fn models(command: ModelsCommand) -> anyhow::Result<ExitCode> {
                 .map_err(status_error)?
                 .into_inner();
             println!("{}", serde_json::to_string_pretty(&model_json(&m))?);
+            Ok(ExitCode::SUCCESS)
+        }
+        ModelsCommand::Import(args) => {
+            let card_path = args.dir.join("card.json");
+            let card_json = std::fs::read_to_string(&card_path)
+                .with_context(|| format!("reading {}", card_path.display()))?;
+            let card: serde_json::Value = serde_json::from_str(&card_json)
+                .with_context(|| format!("{} is not JSON", card_path.display()))?;
+            let weights_path = args
+                .dir
+                .join(card["weights"].as_str().unwrap_or("model.safetensors"));
+            let weights = std::fs::read(&weights_path)
+                .with_context(|| format!("reading {}", weights_path.display()))?;
+            let version = args
+                .version
+                .unwrap_or_else(|| card["model_id"].as_str().unwrap_or_default().to_string());
+            let mut messages = vec![pb::ImportModelChunk {
+                version,
+                card_json,
+                data: Vec::new(),
+            }];
+            for piece in weights.chunks(cxrfed_proto::CHUNK_BYTES) {
+                messages.push(pb::ImportModelChunk {
+                    data: piece.to_vec(),
+                    ..Default::default()
+                });
+            }
+            let mut c =
+                client(args.target.coordinator.as_deref(), &args.target.credentials).await?;
+            let m = c
+                .import_model(tokio_stream::iter(messages))
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!(
+                "{} imported ({} bytes, sha256 {}, heads {})",
+                m.version,
+                m.size_bytes,
+                m.sha256,
+                m.heads.join(", ")
+            );
             Ok(ExitCode::SUCCESS)
         }
         ModelsCommand::Promote(args) => {
