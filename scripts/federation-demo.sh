@@ -120,3 +120,31 @@ echo
 echo
 echo "== the model registry (every global version with its lineage) =="
 "$BIN" models list --coordinator "$COORDINATOR" --profile "$STUDY_ADMIN"
+
+echo
+echo "== promote the last version: every node switches to it and back-fills its records =="
+VERSION=$("$BIN" jobs --json --coordinator "$COORDINATOR" --profile "$STUDY_ADMIN" | "$PY" -c 'import json, sys; print(json.load(sys.stdin)[-1]["latest_model"])')
+"$BIN" models promote "$VERSION" --coordinator "$COORDINATOR" --profile "$STUDY_ADMIN"
+for _ in $(seq 1 100); do
+    running=$("$BIN" models show "$VERSION" --json --coordinator "$COORDINATOR" --profile "$STUDY_ADMIN" | "$PY" -c 'import json, sys; print(len(json.load(sys.stdin)["running_at"]))')
+    [ "$running" -ge 3 ] && break
+    sleep 0.3
+done
+"$BIN" models list --coordinator "$COORDINATOR" --profile "$STUDY_ADMIN" | cut -c1-220
+echo
+echo "new images at site-icu are extracted by the promoted model, which fills cardiomegaly:"
+"$BIN" phantom --out "$FED/phantoms-icu-new" --site icu --count 6 --seed 999 --max-size 256 >/dev/null
+cat > "$FED/show.py" <<'PYEOF'
+import json, sys
+for line in sys.stdin:
+    r = json.loads(line)
+    ratio = r["findings"]["mediastinum"]["cardiothoracic_ratio"]["value"]
+    value = r.get("model_fields", {}).get("cardiomegaly")
+    print(f"  {r['record_id']}  model {r['model_id']}  cardiomegaly = {value}  (model's ratio {ratio:.2f})")
+PYEOF
+"$BIN" extract --node https://127.0.0.1:50073 --profile "$FED/pki/admin-icu/profile.toml" "$FED"/phantoms-icu-new/*.dcm \
+    | "$PY" "$FED/show.py"
+echo
+echo "rita asks the federation about the field (labels first, the model's values elsewhere), with DP:"
+"$BIN" query 'histogram cardiomegaly' --epsilon 0.5 --min-sites 3 \
+    --coordinator "$COORDINATOR" --profile "$RITA"
