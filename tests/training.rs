@@ -480,6 +480,27 @@ async fn federated_rounds_train_a_new_head_and_survive_failures() {
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
     }
+    // The node reports the back-fill's progress.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = cxrfed_proto::v1::node_service_client::NodeServiceClient::new(
+            s.nodes[0].channel().await,
+        )
+        .status(pb::StatusRequest {})
+        .await
+        .expect("status")
+        .into_inner();
+        let backfill = status.backfill.expect("a back-fill ran");
+        assert_eq!(backfill.model_id, version);
+        assert_eq!(status.model_id, version);
+        if backfill.state == "finished" {
+            assert_eq!(backfill.done, backfill.total, "{backfill:?}");
+            assert_eq!(backfill.failed, 0);
+            break;
+        }
+        assert!(Instant::now() < deadline, "{backfill:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     // New images at site-b are extracted by the promoted model: unlabelled, their cardiomegaly
     // comes from it; the site's exact statistics count labels first, then the model's values.
     let extra = s.root.join("phantoms-extra");

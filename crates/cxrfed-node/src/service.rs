@@ -1370,6 +1370,7 @@ impl NodeService for NodeApi {
                 // This request itself is not counted.
                 in_flight: state.in_flight.load(Ordering::SeqCst).saturating_sub(1),
                 ingest_jobs: state.jobs.all().iter().map(|j| j.to_pb()).collect(),
+                backfill: crate::training::backfill_status(),
             })
         })
         .await

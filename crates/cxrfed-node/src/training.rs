@@ -26,6 +26,20 @@ use tokio::sync::mpsc;
 
 use crate::service::NodeState;
 
+/// The progress of the last back-fill, for `Status`.
+static BACKFILL: std::sync::Mutex<Option<pb::BackfillStatus>> = std::sync::Mutex::new(None);
+
+/// The last back-fill's progress.
+pub fn backfill_status() -> Option<pb::BackfillStatus> {
+    BACKFILL.lock().ok().and_then(|b| b.clone())
+}
+
+fn set_backfill(status: pb::BackfillStatus) {
+    if let Ok(mut b) = BACKFILL.lock() {
+        *b = Some(status);
+    }
+}
+
 /// One round at a time: training takes the node's cores.
 static TRAINING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -492,7 +506,19 @@ pub async fn backfill(state: Arc<NodeState>, model: cxrfed_model::InferenceHandl
     .unwrap_or_default();
     let (total, started) = (ids.len(), std::time::Instant::now());
     let (mut done, mut skipped, mut failed) = (0usize, 0usize, 0usize);
-    for (record_id, sha) in ids {
+    let progress = |done: usize, skipped: usize, failed: usize, state: &str| pb::BackfillStatus {
+        model_id: card.model_id.clone(),
+        total: total as u64,
+        done: done as u64,
+        skipped: skipped as u64,
+        failed: failed as u64,
+        state: state.to_string(),
+    };
+    set_backfill(progress(0, 0, 0, "running"));
+    for (i, (record_id, sha)) in ids.into_iter().enumerate() {
+        if i % 16 == 0 {
+            set_backfill(progress(done, skipped, failed, "running"));
+        }
         if state
             .pipeline
             .model()
@@ -504,6 +530,7 @@ pub async fn backfill(state: Arc<NodeState>, model: cxrfed_model::InferenceHandl
                 total,
                 "back-fill stopped: another model replaced this one"
             );
+            set_backfill(progress(done, skipped, failed, "stopped"));
             return;
         }
         let input = match state.store.input(&sha) {
@@ -564,6 +591,7 @@ pub async fn backfill(state: Arc<NodeState>, model: cxrfed_model::InferenceHandl
             );
         }
     }
+    set_backfill(progress(done, skipped, failed, "finished"));
     tracing::info!(
         version = card.model_id.as_str(),
         done,

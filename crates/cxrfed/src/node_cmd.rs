@@ -514,6 +514,12 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
                 );
             }
             println!("  in flight:      {}", s.in_flight);
+            if let Some(b) = &s.backfill {
+                println!(
+                    "  back-fill:      {} with {}: {} of {} records re-extracted ({} skipped: no kept input, {} failed)",
+                    b.state, b.model_id, b.done, b.total, b.skipped, b.failed
+                );
+            }
             for job in &s.ingest_jobs {
                 println!("  ingest {}", describe_job(job));
             }
