@@ -311,3 +311,27 @@ fn records_without_a_patient_are_left_out_unless_configured() {
     assert_eq!(rows(Unlinked::Exclude), 0);
     assert_eq!(rows(Unlinked::PerImage), 40);
 }
+
+/// DP-FedAvg's accountant: opendp's map of `rounds` Gaussian releases at noise multiplier σ
+/// (sensitivity 1). zCDP composes additively (ρ = rounds / 2σ²); the (ε, δ) conversion is at
+/// most the classic ρ + 2√(ρ ln 1/δ) and more than ρ; more noise costs less, more rounds more.
+#[test]
+fn dp_fedavg_epsilon_follows_zcdp_composition() {
+    let delta = 1e-5;
+    for (sigma, rounds) in [(1.0, 1), (1.0, 10), (2.0, 10), (0.8, 50)] {
+        let eps = cxrfed_stats::dp::gaussian_rounds_epsilon(sigma, rounds, delta).expect("eps");
+        let rho = f64::from(rounds) / (2.0 * sigma * sigma);
+        let classic = rho + 2.0 * (rho * (1.0 / delta).ln()).sqrt();
+        assert!(
+            eps > rho && eps <= classic * (1.0 + 1e-9),
+            "σ {sigma}, T {rounds}: ε {eps}, ρ {rho}, classic {classic}"
+        );
+    }
+    let e = |sigma, rounds| {
+        cxrfed_stats::dp::gaussian_rounds_epsilon(sigma, rounds, delta).expect("eps")
+    };
+    assert!(e(2.0, 10) < e(1.0, 10));
+    assert!(e(1.0, 20) > e(1.0, 10));
+    // One round at σ is ten rounds at σ√10.
+    assert!((e(1.0, 1) - e(10f64.sqrt(), 10)).abs() < 1e-9);
+}
