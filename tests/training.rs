@@ -640,6 +640,34 @@ async fn federated_rounds_train_a_new_head_and_survive_failures() {
         failed.reason
     );
 
+    // DP-FedAvg: sites clip their deltas, the coordinator weights them equally and adds
+    // Gaussian noise; the job and every version report the accountant's epsilon.
+    let job = start_job(
+        &s,
+        &format!(
+            "base = \"{id}.r3\"\nheads = [\"cardiomegaly\"]\nrounds = 2\nlocal_epochs = 1\nclip = 0.5\nnoise_multiplier = 1.0\ndp_delta = 1e-5\nmin_sites = 2\nround_deadline_secs = 120\n"
+        ),
+    )
+    .await;
+    let done = wait_job(&s, &job.job_id, |j| j.state != "running").await;
+    assert_eq!(done.state, "completed", "{}", done.reason);
+    let expected = cxrfed_stats::dp::gaussian_rounds_epsilon(1.0, 2, 1e-5).expect("epsilon");
+    assert!(
+        (done.dp_epsilon - expected).abs() < 1e-9,
+        "{} vs {expected}",
+        done.dp_epsilon
+    );
+    assert_eq!(done.dp_delta, 1e-5);
+    let last = client(&s)
+        .await
+        .get_model(pb::GetModelRequest {
+            version: done.latest_model.clone(),
+        })
+        .await
+        .expect("model")
+        .into_inner();
+    assert!((last.dp_epsilon - expected).abs() < 1e-9);
+
     // A model larger than gRPC's 4 MiB message limit: DenseNet-121 (about 28 MB of weights)
     // is imported into the registry in chunks, streamed to the sites in 1 MiB chunks, trained
     // one step and aggregated, with the coordinator's memory a small multiple of the model.
