@@ -1564,6 +1564,72 @@ mod tests {
     }
 
     #[test]
+    fn late_foreign_and_out_of_order_chunks_are_not_taken() {
+        let dir = std::env::temp_dir().join(format!("cxrfed-spool-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let training = Training::default();
+        let chunk = |task: &str, offset: u64, data: &'static [u8]| pb::Chunk {
+            task_id: task.into(),
+            offset,
+            data: prost::bytes::Bytes::from_static(data),
+            last: false,
+        };
+        // No round waits for this task: a late update, dropped.
+        training.on_chunk(&dir, "site-a", chunk("job/r1/a1/site-a", 0, b"abc"));
+        assert!(training.take_upload("job/r1/a1/site-a").is_none());
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        if let Ok(mut w) = training.waiting.lock() {
+            w.insert("job/r2/a1/site-a".into(), tx.clone());
+            w.insert("job/r2/a1/site-b".into(), tx);
+        }
+        training.on_chunk(&dir, "site-a", chunk("job/r2/a1/site-a", 0, b"abc"));
+        training.on_chunk(&dir, "site-a", chunk("job/r2/a1/site-a", 3, b"def"));
+        let upload = training.take_upload("job/r2/a1/site-a").expect("upload");
+        assert_eq!((upload.len, upload.broken.clone()), (6, None));
+        assert_eq!(std::fs::read(&upload.path).expect("spool"), b"abcdef");
+        // A gap, or another site writing into site-b's update, breaks that upload.
+        training.on_chunk(&dir, "site-b", chunk("job/r2/a1/site-b", 5, b"x"));
+        assert!(
+            training
+                .take_upload("job/r2/a1/site-b")
+                .expect("upload")
+                .broken
+                .is_some()
+        );
+        training.on_chunk(&dir, "site-b", chunk("job/r2/a1/site-b", 0, b"x"));
+        training.on_chunk(&dir, "site-c", chunk("job/r2/a1/site-b", 1, b"y"));
+        assert!(
+            training
+                .take_upload("job/r2/a1/site-b")
+                .expect("upload")
+                .broken
+                .is_some()
+        );
+        // Reports reach the waiting round; unknown ones do not.
+        training.on_report(
+            "site-a",
+            pb::TrainReport {
+                task_id: "job/r2/a1/site-a".into(),
+                ..Default::default()
+            },
+        );
+        training.on_report(
+            "site-a",
+            pb::TrainReport {
+                task_id: "job/r9/a1/site-a".into(),
+                ..Default::default()
+            },
+        );
+        let (site, report) = rx.try_recv().expect("routed");
+        assert_eq!(
+            (site.as_str(), report.task_id.as_str()),
+            ("site-a", "job/r2/a1/site-a")
+        );
+        assert!(rx.try_recv().is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn metrics_pool_by_evaluated_samples() {
         let site = |n: f64, acc: f64| SiteDoc {
             metrics: [("q.n".to_string(), n), ("q.accuracy".to_string(), acc)]
