@@ -746,20 +746,13 @@ impl CoordinatorService for CoordinatorApi {
         let job = crate::training::start(&self.state, spec, caller.uri())
             .await
             .map_err(Status::failed_precondition)?;
-        let _ = self
-            .state
-            .store
-            .audit(AuditEvent {
-                identity: caller.uri(),
-                role: caller.role.as_str().to_string(),
-                method: "StartJob".into(),
-                query: serde_json::to_string(&job.spec).unwrap_or_default(),
-                epsilon: 0.0,
-                delta: 0.0,
-                digest: job.job_id.clone(),
-                via: String::new(),
-            })
-            .await;
+        self.audit_action(
+            &caller,
+            "StartJob",
+            serde_json::to_string(&job.spec).unwrap_or_default(),
+            job.job_id.clone(),
+        )
+        .await;
         tracing::info!(job_id = job.job_id.as_str(), by = %caller, "training job started");
         Ok(Response::new(pb::JobInfo::from(&job)))
     }
@@ -838,19 +831,7 @@ impl CoordinatorService for CoordinatorApi {
         let (doc, sent_to) = crate::training::promote(&self.state, &version)
             .await
             .map_err(Status::failed_precondition)?;
-        let _ = self
-            .state
-            .store
-            .audit(AuditEvent {
-                identity: caller.uri(),
-                role: caller.role.as_str().to_string(),
-                method: "PromoteModel".into(),
-                query: version.clone(),
-                epsilon: 0.0,
-                delta: 0.0,
-                digest: doc.sha256.clone(),
-                via: String::new(),
-            })
+        self.audit_action(&caller, "PromoteModel", version.clone(), doc.sha256.clone())
             .await;
         Ok(Response::new(pb::PromoteModelResponse {
             model: Some(self.model_info(&doc)),
@@ -875,19 +856,7 @@ impl CoordinatorService for CoordinatorApi {
         let doc = crate::training::import(&self.state, &version, &card, &weights)
             .await
             .map_err(Status::invalid_argument)?;
-        let _ = self
-            .state
-            .store
-            .audit(AuditEvent {
-                identity: caller.uri(),
-                role: caller.role.as_str().to_string(),
-                method: "ImportModel".into(),
-                query: version.clone(),
-                epsilon: 0.0,
-                delta: 0.0,
-                digest: doc.sha256.clone(),
-                via: String::new(),
-            })
+        self.audit_action(&caller, "ImportModel", version.clone(), doc.sha256.clone())
             .await;
         tracing::info!(version = version.as_str(), by = %caller, bytes = weights.len(), "model imported");
         Ok(Response::new(self.model_info(&doc)))
@@ -895,6 +864,28 @@ impl CoordinatorService for CoordinatorApi {
 }
 
 impl CoordinatorApi {
+    /// Records a study admin's action (a job, a promotion, an import) on the coordinator's
+    /// audit chain; a failure to record is logged, the action stands.
+    async fn audit_action(&self, caller: &Identity, method: &str, query: String, digest: String) {
+        let entry = self
+            .state
+            .store
+            .audit(AuditEvent {
+                identity: caller.uri(),
+                role: caller.role.as_str().to_string(),
+                method: method.to_string(),
+                query,
+                epsilon: 0.0,
+                delta: 0.0,
+                digest,
+                via: String::new(),
+            })
+            .await;
+        if let Err(e) = entry {
+            tracing::error!(method, error = %e, "cannot append to the audit chain");
+        }
+    }
+
     /// Reads an `ImportModel` stream: the version and card, then the weights.
     async fn read_import(
         stream: &mut Streaming<pb::ImportModelChunk>,

@@ -598,46 +598,50 @@ pub fn get_blob(state: &CoordinatorState, sha: &str) -> Result<Vec<u8>, String> 
     Ok(bytes)
 }
 
-pub fn model(state: &CoordinatorState, version: &str) -> Result<Option<ModelDoc>, String> {
+fn read_doc<T: serde::de::DeserializeOwned>(
+    state: &CoordinatorState,
+    kind: Doc,
+    key: &str,
+) -> Result<Option<T>, String> {
     state
         .store
-        .doc(Doc::Model, version)
+        .doc(kind, key)
         .map_err(|e| e.to_string())?
         .map(|v| serde_json::from_value(v).map_err(|e| e.to_string()))
         .transpose()
+}
+
+/// Every document of a kind, oldest first.
+fn read_docs<T: serde::de::DeserializeOwned>(
+    state: &CoordinatorState,
+    kind: Doc,
+    created_at: impl Fn(&T) -> &str,
+) -> Result<Vec<T>, String> {
+    let mut all: Vec<T> = state
+        .store
+        .docs(kind)
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .filter_map(|v| serde_json::from_value(v).ok())
+        .collect();
+    all.sort_by(|a, b| created_at(a).cmp(created_at(b)));
+    Ok(all)
+}
+
+pub fn model(state: &CoordinatorState, version: &str) -> Result<Option<ModelDoc>, String> {
+    read_doc(state, Doc::Model, version)
 }
 
 pub fn models(state: &CoordinatorState) -> Result<Vec<ModelDoc>, String> {
-    let mut all: Vec<ModelDoc> = state
-        .store
-        .docs(Doc::Model)
-        .map_err(|e| e.to_string())?
-        .into_iter()
-        .filter_map(|v| serde_json::from_value(v).ok())
-        .collect();
-    all.sort_by(|a, b| a.created_at.cmp(&b.created_at));
-    Ok(all)
+    read_docs(state, Doc::Model, |m: &ModelDoc| m.created_at.as_str())
 }
 
 pub fn job(state: &CoordinatorState, job_id: &str) -> Result<Option<JobDoc>, String> {
-    state
-        .store
-        .doc(Doc::Job, job_id)
-        .map_err(|e| e.to_string())?
-        .map(|v| serde_json::from_value(v).map_err(|e| e.to_string()))
-        .transpose()
+    read_doc(state, Doc::Job, job_id)
 }
 
 pub fn jobs(state: &CoordinatorState) -> Result<Vec<JobDoc>, String> {
-    let mut all: Vec<JobDoc> = state
-        .store
-        .docs(Doc::Job)
-        .map_err(|e| e.to_string())?
-        .into_iter()
-        .filter_map(|v| serde_json::from_value(v).ok())
-        .collect();
-    all.sort_by(|a, b| a.created_at.cmp(&b.created_at));
-    Ok(all)
+    read_docs(state, Doc::Job, |j: &JobDoc| j.created_at.as_str())
 }
 
 async fn save_job(state: &CoordinatorState, job: &JobDoc) -> Result<(), String> {
