@@ -640,12 +640,35 @@ async fn federated_rounds_train_a_new_head_and_survive_failures() {
         failed.reason
     );
 
+    // The killed node restarts: it comes back with the promoted model it had installed (kept
+    // across the restart) and joins the next job's rounds.
+    let port = free_port();
+    let url_c = s.coordinator.url();
+    s.nodes[2] = start_node(&s.root, &s.pki, "site-c", port, &url_c);
+    wait_connected(&s, 3).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let sites = client(&s)
+            .await
+            .sites(pb::SitesRequest {})
+            .await
+            .expect("sites")
+            .into_inner()
+            .sites;
+        let c = sites.iter().find(|x| x.site == "site-c").expect("site-c");
+        if c.connected && c.model_id == version {
+            break;
+        }
+        assert!(Instant::now() < deadline, "site-c runs {:?}", c.model_id);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
     // DP-FedAvg: sites clip their deltas, the coordinator weights them equally and adds
     // Gaussian noise; the job and every version report the accountant's epsilon.
     let job = start_job(
         &s,
         &format!(
-            "base = \"{id}.r3\"\nheads = [\"cardiomegaly\"]\nrounds = 2\nlocal_epochs = 1\nclip = 0.5\nnoise_multiplier = 1.0\ndp_delta = 1e-5\nmin_sites = 2\nround_deadline_secs = 120\n"
+            "base = \"{id}.r3\"\nheads = [\"cardiomegaly\"]\nrounds = 2\nlocal_epochs = 1\nclip = 0.5\nnoise_multiplier = 1.0\ndp_delta = 1e-5\nmin_sites = 3\nround_deadline_secs = 120\n"
         ),
     )
     .await;
@@ -658,6 +681,16 @@ async fn federated_rounds_train_a_new_head_and_survive_failures() {
         done.dp_epsilon
     );
     assert_eq!(done.dp_delta, 1e-5);
+    for round in done.round_log.iter().filter(|r| r.state == "completed") {
+        assert_eq!(
+            round
+                .sites
+                .iter()
+                .filter(|x| x.status == "reported")
+                .count(),
+            3
+        );
+    }
     let last = client(&s)
         .await
         .get_model(pb::GetModelRequest {
@@ -724,9 +757,9 @@ async fn federated_rounds_train_a_new_head_and_survive_failures() {
         .iter()
         .filter(|s| s.status == "reported")
         .collect();
-    assert_eq!(reported.len(), 2, "{round:?}");
+    assert_eq!(reported.len(), 3, "{round:?}");
     assert!(
-        round.bytes_down >= 2 * size,
+        round.bytes_down >= 3 * size,
         "{} bytes down",
         round.bytes_down
     );
