@@ -322,6 +322,62 @@ class Coordinator:
                                            always_print_fields_with_no_presence=True)
                              for s in response.sites])
 
+    def models(self) -> pd.DataFrame:
+        """The model registry: one row per global model version with its lineage (parent, job,
+        round, algorithm, sites and samples, DP epsilon, sha256, promotion, sites running it)
+        and its pooled held-out metrics as `metric.FIELD.NAME` columns."""
+        try:
+            response = self._stub.ListModels(coordinator_pb2.ListModelsRequest())
+        except grpc.RpcError as e:
+            raise _error(e) from None
+        rows = []
+        for m in response.models:
+            row = MessageToDict(m, preserving_proto_field_name=True,
+                                always_print_fields_with_no_presence=True)
+            for key, value in row.pop("metrics", {}).items():
+                row[f"metric.{key}"] = value
+            rows.append(row)
+        frame = pd.DataFrame(rows)
+        return frame.set_index("version") if not frame.empty else frame
+
+    def jobs(self) -> pd.DataFrame:
+        """The federated training jobs (state, rounds done, algorithm, base and latest model)."""
+        try:
+            response = self._stub.ListJobs(coordinator_pb2.ListJobsRequest())
+        except grpc.RpcError as e:
+            raise _error(e) from None
+        frame = pd.DataFrame([{
+            "job_id": j.job_id, "state": j.state, "reason": j.reason, "rounds": j.rounds,
+            "completed_rounds": j.completed_rounds, "algorithm": j.algorithm,
+            "base_model": j.base_model, "latest_model": j.latest_model,
+            "created_at": j.created_at, "dp_epsilon": j.dp_epsilon} for j in response.jobs])
+        return frame.set_index("job_id") if not frame.empty else frame
+
+    def job(self, job_id: str) -> pd.DataFrame:
+        """A job's round log, one row per round attempt and site: status, samples, held-out
+        samples, loss, local seconds and the held-out metrics of the model entering the round
+        (`metric.FIELD.NAME`); the closing evaluation is state "evaluation". `df.attrs` holds
+        the job's state, reason and DP epsilon."""
+        try:
+            j = self._stub.GetJob(coordinator_pb2.GetJobRequest(job_id=job_id))
+        except grpc.RpcError as e:
+            raise _error(e) from None
+        rows = []
+        for r in j.round_log:
+            for site in r.sites:
+                row = {"round": r.round, "attempt": r.attempt, "state": r.state,
+                       "model_version": r.model_version, "site": site.site, "status": site.status,
+                       "reason": site.reason, "samples": site.samples,
+                       "eval_samples": site.eval_samples, "train_loss": site.train_loss,
+                       "local_seconds": site.train_seconds}
+                for key, value in site.metrics.items():
+                    row[f"metric.{key}"] = value
+                rows.append(row)
+        frame = pd.DataFrame(rows)
+        frame.attrs.update(job_id=j.job_id, state=j.state, reason=j.reason,
+                           latest_model=j.latest_model, dp_epsilon=j.dp_epsilon)
+        return frame
+
     def query(self, query: str, epsilon: float, delta: float = 0.0, mechanism: str = "laplace",
               sites: list[str] | None = None, min_sites: int = 1, timeout: float = 30.0) -> pd.DataFrame:
         """A federated DP query: every site charges `epsilon` (and `delta`) to your budget there
