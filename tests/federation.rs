@@ -8,9 +8,7 @@ use std::time::{Duration, Instant};
 
 use cxrfed_auth::Role;
 use cxrfed_auth::pki;
-use cxrfed_e2e::{
-    CoordinatorProcess, NodeProcess, TestPki, cxrfed, free_port, text, venv_python, workspace_root,
-};
+use cxrfed_e2e::{CoordinatorProcess, NodeProcess, TestPki, cxrfed, free_port, run_python, text};
 use cxrfed_proto::v1 as pb;
 use cxrfed_proto::v1::coordinator_service_client::CoordinatorServiceClient;
 use cxrfed_proto::v1::node_service_client::NodeServiceClient;
@@ -228,24 +226,16 @@ async fn a_federated_count_is_the_sum_of_the_sites_within_its_bound() {
     );
 
     // The Python SDK signs and asks the same way.
-    let out = std::process::Command::new(venv_python())
-        .arg(workspace_root().join("tests/helpers/federated_sdk.py"))
-        .args([
+    let out = run_python(
+        "tests/helpers/federated_sdk.py",
+        &[
             "--coordinator",
             &f.coordinator.url(),
             "--profile",
             f.researcher.join(pki::PROFILE).to_str().expect("path"),
-        ])
-        .env_remove("CXRFED_PROFILE")
-        .output()
-        .expect("python");
-    assert!(
-        out.status.success(),
-        "{}{}",
-        text(&out.stdout),
-        text(&out.stderr)
+        ],
     );
-    let seen: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let seen: serde_json::Value = serde_json::from_str(&out).expect("json");
     assert_eq!(seen["study"], "e2e");
     assert_eq!(seen["connected"], 3);
     assert_eq!(seen["answered"], 3);

@@ -4,7 +4,9 @@
 
 use cxrfed_auth::Role;
 use cxrfed_auth::pki;
-use cxrfed_e2e::{NodeProcess, cxrfed, text, venv_python, workspace_root, write_phantoms};
+use cxrfed_e2e::{
+    NodeProcess, cxrfed, run_python, text, venv_python, workspace_root, write_phantoms,
+};
 use cxrfed_proto::v1 as pb;
 use cxrfed_proto::v1::node_service_client::NodeServiceClient;
 use tonic::Code;
@@ -415,21 +417,11 @@ async fn the_python_sdk_extracts_queries_and_exports_into_pandas() {
     let phantoms = dir.path().join("phantoms");
     write_phantoms(&phantoms, 6, 12, 384);
     let node = NodeProcess::start(&dir.path().join("node"), &[]);
+    let (url, profile) = (node.url(), node.profile());
     let run = |script: &str, extra: &[&str]| {
-        let out = std::process::Command::new(venv_python())
-            .arg(workspace_root().join(script))
-            .args(["--node", &node.url(), "--profile", &node.profile()])
-            .args(extra)
-            .env_remove("CXRFED_PROFILE")
-            .output()
-            .expect("python");
-        assert!(
-            out.status.success(),
-            "{script}: {}{}",
-            text(&out.stdout),
-            text(&out.stderr)
-        );
-        text(&out.stdout)
+        let mut args = vec!["--node", url.as_str(), "--profile", profile.as_str()];
+        args.extend_from_slice(extra);
+        run_python(script, &args)
     };
     // A researcher with a budget, for the DP part.
     let researcher = node.pki.identity(Role::Researcher, "pia", None);

@@ -387,29 +387,19 @@ async fn federated_rounds_train_a_new_head_and_survive_failures() {
     assert!(text(&out.stdout).contains(&format!("{id}.r3")));
 
     // The Python SDK reads the registry, the jobs and a round log into pandas.
-    let out = std::process::Command::new(cxrfed_e2e::venv_python())
-        .arg(cxrfed_e2e::workspace_root().join("tests/helpers/training_sdk.py"))
-        .args([
+    let admin_profile = s.admin.join(cxrfed_auth::pki::PROFILE);
+    let out = cxrfed_e2e::run_python(
+        "tests/helpers/training_sdk.py",
+        &[
             "--coordinator",
             &url,
             "--profile",
-            s.admin
-                .join(cxrfed_auth::pki::PROFILE)
-                .to_str()
-                .expect("path"),
+            admin_profile.to_str().expect("path"),
             "--job",
             &id,
-        ])
-        .env_remove("CXRFED_PROFILE")
-        .output()
-        .expect("python");
-    assert!(
-        out.status.success(),
-        "{}{}",
-        text(&out.stdout),
-        text(&out.stderr)
+        ],
     );
-    let seen: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let seen: serde_json::Value = serde_json::from_str(&out).expect("json");
     assert_eq!(seen["job_state"], "completed");
     assert_eq!(seen["completed_rounds"], serde_json::json!([1, 2, 3]));
     assert_eq!(seen["sites_per_round"], 3);

@@ -31,6 +31,25 @@ pub fn venv_python() -> PathBuf {
     python
 }
 
+/// Runs a repository Python script (an SDK driver under tests/helpers, an example) with the
+/// virtualenv's Python, without the caller's CXRFED_PROFILE; asserts it succeeded and returns
+/// its standard output.
+pub fn run_python(script: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(venv_python())
+        .arg(workspace_root().join(script))
+        .args(args)
+        .env_remove("CXRFED_PROFILE")
+        .output()
+        .expect("python");
+    assert!(
+        out.status.success(),
+        "{script}: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
 /// Directory of the pydicom-data package's files (RG1_*.dcm and friends).
 pub fn pydicom_data_dir() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();

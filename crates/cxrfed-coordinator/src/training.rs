@@ -1,7 +1,7 @@
 //! Federated fine-tuning: jobs, rounds, the round log and the model registry.
 //!
 //! A job runs rounds. In each round the coordinator sends every participating site a
-//! [`pb::TrainTask`] and the global weights in [`CHUNK_BYTES`] chunks (slices of one shared
+//! [`pb::TrainTask`] and the global weights in [`cxrfed_proto::CHUNK_BYTES`] chunks (slices of one shared
 //! buffer) over its link; the site evaluates the incoming model on its held-out records, trains
 //! on its own annotated records and streams back its update (a weights delta) in chunks, then
 //! its report. Update chunks are spooled to disk as they arrive; an update is folded into the
@@ -26,7 +26,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{SecondsFormat, Utc};
-use cxrfed_proto::CHUNK_BYTES;
 use cxrfed_proto::v1 as pb;
 use cxrfed_store::Doc;
 use serde::{Deserialize, Serialize};
@@ -134,14 +133,7 @@ pub struct NewHead {
 impl NewHead {
     /// The label-map entry (as the model card writes heads) and its output width.
     fn label_map_entry(&self) -> Result<(serde_json::Value, usize), String> {
-        let valid_name = !self.name.is_empty()
-            && self.name.len() <= 64
-            && self.name.starts_with(|c: char| c.is_ascii_lowercase())
-            && self
-                .name
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-        if !valid_name {
+        if !cxrfed_schema::custom::valid_name(&self.name) {
             return Err(format!("new head {:?}: a snake_case field name", self.name));
         }
         match self.kind.as_str() {
@@ -644,27 +636,42 @@ pub fn jobs(state: &CoordinatorState) -> Result<Vec<JobDoc>, String> {
     read_docs(state, Doc::Job, |j: &JobDoc| j.created_at.as_str())
 }
 
-async fn save_job(state: &CoordinatorState, job: &JobDoc) -> Result<(), String> {
-    let value = serde_json::to_value(job).map_err(|e| e.to_string())?;
+/// A document as the store writes it.
+type Entry = (Doc, String, serde_json::Value);
+
+impl JobDoc {
+    fn entry(&self) -> Result<Entry, String> {
+        let value = serde_json::to_value(self).map_err(|e| e.to_string())?;
+        Ok((Doc::Job, self.job_id.clone(), value))
+    }
+}
+
+impl ModelDoc {
+    fn entry(&self) -> Result<Entry, String> {
+        let value = serde_json::to_value(self).map_err(|e| e.to_string())?;
+        Ok((Doc::Model, self.version.clone(), value))
+    }
+}
+
+/// Writes documents in one transaction (durable when this returns).
+async fn commit(state: &CoordinatorState, entries: &[Entry]) -> Result<(), String> {
     state
         .store
-        .put_doc(Doc::Job, &job.job_id, &value)
+        .put_docs(entries)
         .await
         .map_err(|e| e.to_string())
 }
 
+async fn save_job(state: &CoordinatorState, job: &JobDoc) -> Result<(), String> {
+    commit(state, &[job.entry()?]).await
+}
+
+async fn save_model(state: &CoordinatorState, doc: &ModelDoc) -> Result<(), String> {
+    commit(state, &[doc.entry()?]).await
+}
+
 /// The largest model the registry takes (bytes).
 pub const MAX_MODEL_BYTES: usize = 2 << 30;
-
-/// A registry version name: letters, digits, `-`, `_`, `.`; not starting with a dot.
-fn valid_version(version: &str) -> bool {
-    !version.is_empty()
-        && version.len() <= 128
-        && !version.starts_with('.')
-        && version
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-}
 
 /// Adds a model brought from elsewhere (a `cxrfed model train` output, another study's
 /// model) to the registry after checking that its card and weights belong together: every
@@ -675,7 +682,7 @@ pub async fn import(
     card_json: &str,
     weights: &[u8],
 ) -> Result<ModelDoc, String> {
-    if !valid_version(version) {
+    if !cxrfed_schema::valid_model_version(version) {
         return Err(format!(
             "version {version:?}: letters, digits, '-', '_' and '.' (not first), up to 128"
         ));
@@ -729,15 +736,7 @@ pub async fn import(
         card,
         ..Default::default()
     };
-    state
-        .store
-        .put_doc(
-            Doc::Model,
-            version,
-            &serde_json::to_value(&doc).map_err(|e| e.to_string())?,
-        )
-        .await
-        .map_err(|e| e.to_string())?;
+    save_model(state, &doc).await?;
     Ok(doc)
 }
 
@@ -759,15 +758,7 @@ pub async fn ensure_bundled(state: &CoordinatorState) -> Result<(), String> {
         card,
         ..Default::default()
     };
-    state
-        .store
-        .put_doc(
-            Doc::Model,
-            BUNDLED_VERSION,
-            &serde_json::to_value(&doc).map_err(|e| e.to_string())?,
-        )
-        .await
-        .map_err(|e| e.to_string())
+    save_model(state, &doc).await
 }
 
 /// Checks and records a new job, then runs it in the background.
@@ -819,22 +810,10 @@ pub async fn start(
     if !job.spec.new_heads.is_empty() {
         let start = with_new_heads(state, &base, &job)?;
         job.latest_model = start.version.clone();
-        docs.push((
-            Doc::Model,
-            start.version.clone(),
-            serde_json::to_value(&start).map_err(|e| e.to_string())?,
-        ));
+        docs.push(start.entry()?);
     }
-    docs.push((
-        Doc::Job,
-        job.job_id.clone(),
-        serde_json::to_value(&job).map_err(|e| e.to_string())?,
-    ));
-    state
-        .store
-        .put_docs(&docs)
-        .await
-        .map_err(|e| e.to_string())?;
+    docs.push(job.entry()?);
+    commit(state, &docs).await?;
     spawn(state.clone(), job_id);
     Ok(job)
 }
@@ -967,7 +946,7 @@ pub async fn cancel(state: &CoordinatorState, job_id: &str) -> Result<JobDoc, St
 
 /// Held-out-sample weighted mean of the sites' metrics (`head.metric`, weighted by the
 /// `head.n` each site evaluated).
-pub fn pool_metrics(sites: &[SiteDoc]) -> BTreeMap<String, f64> {
+pub fn pool_metrics<'a>(sites: impl IntoIterator<Item = &'a SiteDoc>) -> BTreeMap<String, f64> {
     let mut sums: BTreeMap<String, (f64, f64)> = BTreeMap::new();
     for site in sites {
         for (key, value) in &site.metrics {
@@ -993,7 +972,7 @@ pub fn pool_metrics(sites: &[SiteDoc]) -> BTreeMap<String, f64> {
         .collect()
 }
 
-/// Sends a task (training or rollout) and then its weights in [`CHUNK_BYTES`] chunks, slices of
+/// Sends a task (training or rollout) and then its weights in [`cxrfed_proto::CHUNK_BYTES`] chunks, slices of
 /// one shared buffer. A closed link ends the transfer; the deadline deals with the rest.
 async fn stream_weights(
     link: crate::service::Outbound,
@@ -1009,15 +988,7 @@ async fn stream_weights(
     if link.send(Ok(send(head))).await.is_err() {
         return;
     }
-    let mut offset = 0;
-    while offset < weights.len() {
-        let end = (offset + CHUNK_BYTES).min(weights.len());
-        let chunk = pb::Chunk {
-            task_id: task_id.clone(),
-            offset: offset as u64,
-            data: weights.slice(offset..end),
-            last: end == weights.len(),
-        };
+    for chunk in cxrfed_proto::chunks(&task_id, weights) {
         if link
             .send(Ok(send(pb::coordinator_message::Kind::Weights(chunk))))
             .await
@@ -1025,7 +996,6 @@ async fn stream_weights(
         {
             return;
         }
-        offset = end;
     }
 }
 
@@ -1068,15 +1038,7 @@ pub async fn promote(
     let mut doc = model(state, version)?.ok_or_else(|| format!("no model version {version:?}"))?;
     get_blob(state, &doc.sha256)?;
     doc.promoted_at = now();
-    state
-        .store
-        .put_doc(
-            Doc::Model,
-            &doc.version,
-            &serde_json::to_value(&doc).map_err(|e| e.to_string())?,
-        )
-        .await
-        .map_err(|e| e.to_string())?;
+    save_model(state, &doc).await?;
     let mut sent = Vec::new();
     for (site, link) in state.connected_links() {
         rollout_to(state, link, &doc)?;
@@ -1123,7 +1085,8 @@ async fn run(
             if cancel.is_cancelled() {
                 return Ok(());
             }
-            match run_round(state, &mut job, round, attempt, evaluation, cancel).await {
+            let last = attempt == prior + attempts;
+            match run_round(state, &mut job, round, attempt, last, evaluation, cancel).await {
                 Ok(()) => {
                     done = true;
                     break;
@@ -1173,6 +1136,7 @@ async fn run_round(
     job: &mut JobDoc,
     round: u32,
     attempt: u32,
+    last_attempt: bool,
     evaluation: bool,
     cancel: &CancellationToken,
 ) -> Result<(), String> {
@@ -1378,29 +1342,14 @@ async fn run_round(
     log.seconds = started.elapsed().as_secs_f64();
     log.bytes_down = bytes_down;
     log.bytes_up = bytes_up;
-    let reported: Vec<&SiteDoc> = log
-        .sites
-        .iter()
-        .filter(|s| s.status == "reported")
-        .collect();
-    log.pooled_metrics = pool_metrics(&reported.iter().map(|s| (*s).clone()).collect::<Vec<_>>());
+    log.pooled_metrics = pool_metrics(log.sites.iter().filter(|s| s.status == "reported"));
     let fresh = self::job(state, &job.job_id)?.ok_or("the job vanished")?;
     if fresh.state != "running" || cancel.is_cancelled() {
         return Err("cancelled".into());
     }
     let enough = accepted.len() >= min_sites;
     if !enough {
-        let prior = job
-            .round_log
-            .iter()
-            .filter(|r| r.round == round && r.state == "interrupted")
-            .count() as u32;
-        log.state = if attempt < prior + spec.attempts {
-            "retried"
-        } else {
-            "failed"
-        }
-        .into();
+        log.state = if last_attempt { "failed" } else { "retried" }.into();
         let missing: Vec<String> = log
             .sites
             .iter()
@@ -1424,23 +1373,13 @@ async fn run_round(
     // The metrics measured this round describe the incoming model.
     let mut parent = global_doc.clone();
     parent.metrics = log.pooled_metrics.clone();
-    let mut docs = vec![(
-        Doc::Model,
-        parent.version.clone(),
-        serde_json::to_value(&parent).map_err(|e| e.to_string())?,
-    )];
     if evaluation {
         log.state = "evaluation".into();
         log.model_version = parent.version.clone();
         if let Some(last) = job.round_log.last_mut() {
             *last = log;
         }
-        docs.push((
-            Doc::Job,
-            job.job_id.clone(),
-            serde_json::to_value(&*job).map_err(|e| e.to_string())?,
-        ));
-        return state.store.put_docs(&docs).await.map_err(|e| e.to_string());
+        return commit(state, &[parent.entry()?, job.entry()?]).await;
     }
 
     let mut sites_used: Vec<String> = accepted.iter().cloned().collect();
@@ -1515,21 +1454,7 @@ async fn run_round(
     job.completed_rounds = round;
     job.latest_model = version.clone();
     job.dp_epsilon = dp_epsilon;
-    docs.push((
-        Doc::Model,
-        version.clone(),
-        serde_json::to_value(&doc).map_err(|e| e.to_string())?,
-    ));
-    docs.push((
-        Doc::Job,
-        job.job_id.clone(),
-        serde_json::to_value(&*job).map_err(|e| e.to_string())?,
-    ));
-    state
-        .store
-        .put_docs(&docs)
-        .await
-        .map_err(|e| e.to_string())?;
+    commit(state, &[parent.entry()?, doc.entry()?, job.entry()?]).await?;
     tracing::info!(
         job_id = job.job_id.as_str(),
         round,

@@ -36,6 +36,15 @@ pub fn quantise(input: &ndarray::Array2<f32>, options: &PreprocessOptions) -> (u
     (input.nrows() as u32, pixels)
 }
 
+/// A kept 8-bit input normalised for a model with input `mean` and `std` (the inverse of
+/// [`quantise`] up to rounding).
+pub fn dequantise(pixels: &[u8], mean: f32, std: f32) -> Vec<f32> {
+    pixels
+        .iter()
+        .map(|p| (f32::from(*p) / 255.0 - mean) / std)
+        .collect()
+}
+
 /// The model a request uses and the preprocessing its card asks for; replaced as one when a
 /// new model is rolled out.
 #[derive(Debug)]

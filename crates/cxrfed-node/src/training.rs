@@ -17,7 +17,6 @@ use std::sync::Arc;
 use cxrfed_model::federated::{LocalSpec, train_round};
 use cxrfed_model::train::{Dataset, Sample, parse_target};
 use cxrfed_model::{HeadKind, Model, ModelCard};
-use cxrfed_proto::CHUNK_BYTES;
 use cxrfed_proto::v1 as pb;
 use cxrfed_store::RecordStore;
 use serde_json::Value;
@@ -200,10 +199,7 @@ pub fn local_datasets(
             continue;
         }
         let sample = Sample {
-            input: pixels
-                .iter()
-                .map(|p| (f32::from(*p) / 255.0 - mean) / std)
-                .collect(),
+            input: crate::pipeline::dequantise(&pixels, mean, std),
             targets,
             name: sha.clone(),
         };
@@ -321,15 +317,7 @@ async fn answer(
     let report = match outcome {
         Ok((report, delta)) => {
             let delta = prost::bytes::Bytes::from(delta);
-            let mut offset = 0;
-            while offset < delta.len() {
-                let end = (offset + CHUNK_BYTES).min(delta.len());
-                let chunk = pb::Chunk {
-                    task_id: task.task_id.clone(),
-                    offset: offset as u64,
-                    data: delta.slice(offset..end),
-                    last: end == delta.len(),
-                };
+            for chunk in cxrfed_proto::chunks(&task.task_id, delta) {
                 if tx
                     .send(send(pb::node_message::Kind::Update(chunk)))
                     .await
@@ -341,7 +329,6 @@ async fn answer(
                     );
                     return;
                 }
-                offset = end;
             }
             tracing::info!(
                 job_id = task.job_id.as_str(),
@@ -369,13 +356,7 @@ async fn answer(
 
 /// A safe directory name for a model version.
 fn version_dir(version: &str) -> Result<String, String> {
-    let ok = !version.is_empty()
-        && version.len() <= 128
-        && !version.starts_with('.')
-        && version
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if ok {
+    if cxrfed_schema::valid_model_version(version) {
         Ok(version.to_string())
     } else {
         Err(format!("model version {version:?} is not a safe name"))
@@ -542,10 +523,7 @@ pub async fn backfill(state: Arc<NodeState>, model: cxrfed_model::InferenceHandl
         };
         let array = ndarray::Array2::from_shape_vec(
             (size, size),
-            input
-                .iter()
-                .map(|p| (f32::from(*p) / 255.0 - mean) / std)
-                .collect(),
+            crate::pipeline::dequantise(&input, mean, std),
         );
         let Ok(array) = array else {
             skipped += 1;

@@ -24,3 +24,36 @@ pub use convert::{ConversionError, custom_kind, timestamp};
 /// The largest piece of a weights transfer on a link (1 MiB): no message comes near gRPC's
 /// 4 MiB default limit, whatever the model size.
 pub const CHUNK_BYTES: usize = 1 << 20;
+
+/// `data` as the chunks of one transfer on a link: slices of the same buffer (nothing is
+/// copied) of at most [`CHUNK_BYTES`], in order, the last one marked.
+pub fn chunks(task_id: &str, data: prost::bytes::Bytes) -> impl Iterator<Item = v1::Chunk> + '_ {
+    (0..data.len()).step_by(CHUNK_BYTES).map(move |offset| {
+        let end = (offset + CHUNK_BYTES).min(data.len());
+        v1::Chunk {
+            task_id: task_id.to_string(),
+            offset: offset as u64,
+            data: data.slice(offset..end),
+            last: end == data.len(),
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn chunks_cover_the_buffer_in_order() {
+        let data = prost::bytes::Bytes::from(vec![7u8; 2 * super::CHUNK_BYTES + 5]);
+        let parts: Vec<_> = super::chunks("t", data.clone()).collect();
+        assert_eq!(parts.len(), 3);
+        assert_eq!(
+            parts.iter().map(|c| c.offset).collect::<Vec<_>>(),
+            vec![0, super::CHUNK_BYTES as u64, 2 * super::CHUNK_BYTES as u64]
+        );
+        assert!(parts[2].last && !parts[0].last && !parts[1].last);
+        assert_eq!(
+            parts.iter().map(|c| c.data.len()).sum::<usize>(),
+            data.len()
+        );
+    }
+}

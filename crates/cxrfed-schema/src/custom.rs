@@ -45,7 +45,8 @@ pub struct Annotation {
     pub source: String,
 }
 
-fn valid_name(name: &str) -> bool {
+/// A field name: snake_case, a-z, 0-9 and `_`, 1-64 characters, starting with a letter.
+pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && name.as_bytes()[0].is_ascii_lowercase()

@@ -25,6 +25,17 @@ pub const SCHEMA_VERSION: u32 = 1;
 /// The model id recorded while no extraction model is installed.
 pub const NO_MODEL: &str = "none";
 
+/// A model version name (the registry's, and a node's directory for it): letters, digits,
+/// `-`, `_` and `.`, up to 128 characters, not starting with a dot.
+pub fn valid_model_version(version: &str) -> bool {
+    !version.is_empty()
+        && version.len() <= 128
+        && !version.starts_with('.')
+        && version
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
 /// One structured, de-identified record of one chest X-ray.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Record {

@@ -102,13 +102,6 @@ impl CoordinatorStore {
         }
     }
 
-    /// Writes one document (durable when this returns).
-    pub async fn put_doc(&self, doc: Doc, key: &str, value: &serde_json::Value) -> Result<()> {
-        let bytes = serde_json::to_vec(value).map_err(|e| StoreError::Encode(e.to_string()))?;
-        self.tree(doc).insert(key.as_bytes(), bytes)?;
-        self.flush().await
-    }
-
     /// Writes several documents in one transaction: all or none survive a crash (a round's new
     /// model version and the job that now points at it).
     pub async fn put_docs(&self, docs: &[(Doc, String, serde_json::Value)]) -> Result<()> {

@@ -548,10 +548,10 @@ fn main() -> anyhow::Result<()> {
             )?;
             std::fs::create_dir_all(&out)?;
             let mut bytes = Vec::with_capacity(data.len() * (options.size as usize).pow(2));
+            let side = options.size as usize;
             for sample in &data.samples {
-                bytes.extend(sample.input.iter().map(|v| {
-                    ((v * options.std + options.mean).clamp(0.0, 1.0) * 255.0).round() as u8
-                }));
+                let input = ndarray::Array2::from_shape_vec((side, side), sample.input.clone())?;
+                bytes.extend(cxrfed_node::pipeline::quantise(&input, &options).1);
             }
             std::fs::write(out.join("inputs.u8"), bytes)?;
             let names: Vec<&str> = data.samples.iter().map(|s| s.name.as_str()).collect();
