@@ -34,7 +34,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::aggregate::{self, AdamMoments, Aggregator, Algorithm, ServerAdam};
-use crate::service::CoordinatorState;
+use crate::service::{CoordinatorState, hex};
 
 /// The model every registry starts with: the bundled tiny model trained on phantoms.
 pub const BUNDLED_VERSION: &str = "tiny-phantom-v1";
@@ -544,10 +544,6 @@ impl Training {
     fn take_upload(&self, task_id: &str) -> Option<Upload> {
         self.uploads.lock().ok()?.remove(task_id)
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn models_dir(state: &CoordinatorState) -> PathBuf {
