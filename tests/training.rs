@@ -503,11 +503,12 @@ async fn federated_rounds_train_a_new_head_and_survive_failures() {
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
     }
-    // The node reports the back-fill's progress.
+    // The node reports the back-fill's progress. Site-b: at site-a the forced extractions
+    // above replace records while its back-fill runs (a replaced record counts as skipped).
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let status = cxrfed_proto::v1::node_service_client::NodeServiceClient::new(
-            s.nodes[0].channel().await,
+            s.nodes[1].channel().await,
         )
         .status(pb::StatusRequest {})
         .await
