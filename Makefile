@@ -15,7 +15,7 @@ ifeq ($(CI),true)
 export CARGO_INCREMENTAL := 0
 endif
 
-.PHONY: demo test venv sdk build bench bench-imaging bench-model bench-tls bench-research bench-privacy bench-federation bench-training model lint clean-venv
+.PHONY: demo test check-layers venv sdk build bench bench-imaging bench-model bench-tls bench-research bench-privacy bench-federation bench-training bench-footprint model lint clean-venv
 
 $(STAMP): requirements-dev.txt
 	@test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -36,37 +36,53 @@ $(SDK_STAMP): $(STAMP) $(wildcard proto/cxrfed/v1/*.proto)
 
 sdk: $(SDK_STAMP)
 
+# The three binaries by role (cxrfed, cxrfed-node, cxrfed-coordinator) and the benchmark driver.
+BINS := -p cxrfed -p cxrfed-node -p cxrfed-coordinator -p cxrfed-bench
+
 build: venv sdk
-	$(CARGO) build --locked -p cxrfed --bins
+	$(CARGO) build --locked $(BINS) --bins
 
 demo: build
 	bash scripts/demo.sh
 
-test: build
+test: build check-layers
 	$(CARGO) test --locked --workspace --no-fail-fast
 
-bench: bench-imaging bench-model bench-tls bench-research bench-privacy bench-federation bench-training
+# Architecture invariants: the coordinator and the CLI never depend on tch/torch-sys, and their
+# binaries load no libtorch (cxrfed-fl links neither torch nor tonic).
+check-layers: build
+	@for p in cxrfed-coordinator cxrfed cxrfed-fl; do \
+	  if $(CARGO) tree --locked -p $$p -e normal --prefix none | grep -Eq '^(tch|torch-sys) '; then \
+	    echo "error: $$p depends on tch/torch-sys"; exit 1; fi; done
+	@if $(CARGO) tree --locked -p cxrfed-fl -e normal --prefix none | grep -Eq '^(tonic|prost) '; then \
+	  echo "error: cxrfed-fl depends on tonic/prost"; exit 1; fi
+	@for b in cxrfed cxrfed-coordinator; do \
+	  if readelf -d target/debug/$$b | grep -q torch; then \
+	    echo "error: target/debug/$$b links libtorch"; exit 1; fi; done
+	@echo "layers: cxrfed, cxrfed-coordinator and cxrfed-fl are torch-free; cxrfed-fl is tonic-free"
+
+bench: bench-imaging bench-model bench-tls bench-research bench-privacy bench-federation bench-training bench-footprint
 
 bench-imaging: venv
-	$(CARGO) build --locked --release -p cxrfed --bins
+	$(CARGO) build --locked --release $(BINS) --bins
 	$(PYTHON) bench/imaging.py --bin target/release/cxrfed-bench --out docs/bench/imaging.md
 
 bench-model: venv
-	$(CARGO) build --locked --release -p cxrfed --bins
+	$(CARGO) build --locked --release $(BINS) --bins
 	$(PYTHON) bench/model.py --bin target/release/cxrfed-bench --cxrfed target/release/cxrfed --out docs/bench/model.md
 
 bench-tls: venv
-	$(CARGO) build --locked --release -p cxrfed --bins
+	$(CARGO) build --locked --release $(BINS) --bins
 	$(PYTHON) bench/tls.py --cxrfed target/release/cxrfed --bin target/release/cxrfed-bench --out docs/bench/tls.md
 
 # The peer, OpenDP's Python bindings, is installed for this benchmark only.
 bench-privacy: venv
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check opendp==0.16.0
-	$(CARGO) build --locked --release -p cxrfed --bins
+	$(CARGO) build --locked --release $(BINS) --bins
 	$(PYTHON) bench/privacy.py --bin target/release/cxrfed-bench --out docs/bench/privacy.md
 
 bench-federation: venv
-	$(CARGO) build --locked --release -p cxrfed --bins
+	$(CARGO) build --locked --release $(BINS) --bins
 	$(PYTHON) bench/federation.py --bin target/release/cxrfed-bench --out docs/bench/federation.md
 
 # The peer, Flower, goes into its own folder (its protobuf pin differs from grpcio-tools'); only
@@ -74,11 +90,17 @@ bench-federation: venv
 FLOWER := .cxrfed/flower
 bench-training: venv
 	test -d $(FLOWER)/flwr || $(PYTHON) -m pip install --quiet --disable-pip-version-check --target $(FLOWER) flwr==1.41.0
-	$(CARGO) build --locked --release -p cxrfed --bins
+	$(CARGO) build --locked --release $(BINS) --bins
 	$(PYTHON) bench/training.py --cxrfed target/release/cxrfed --bin target/release/cxrfed-bench --flower-path $(FLOWER) --out docs/bench/training.md
 
+# Footprint by role: CLI start-up, coordinator idle and DenseNet-121 round memory. With
+# BEFORE=DIR (a folder holding the previous single `cxrfed` binary) both builds side by side.
+bench-footprint: venv
+	$(CARGO) build --locked --release $(BINS) --bins
+	$(PYTHON) bench/footprint.py --after target/release $(if $(BEFORE),--before $(BEFORE)) --out docs/bench/footprint.md
+
 bench-research: venv
-	$(CARGO) build --locked --release -p cxrfed --bins
+	$(CARGO) build --locked --release $(BINS) --bins
 	$(PYTHON) bench/research.py --cxrfed target/release/cxrfed --bin target/release/cxrfed-bench --out docs/bench/research.md
 
 # Reproduces the bundled model (models/tiny-phantom-v1): 3000 phantoms of seed 1 from the

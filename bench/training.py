@@ -108,7 +108,7 @@ def run_cxrfed(cxrfed, root, args):
                     f'batch_size = {args.batch}\nlearning_rate = {args.lr}\nmin_sites = 3\n'
                     'round_deadline_secs = 900\n')
         start = time.perf_counter()
-        job_id = cli(cxrfed, "train", "--job", job, "--detach", *admin).strip()
+        job_id = cli(cxrfed, "job", "start", "--job", job, "--detach", *admin).strip()
         while True:
             status = json.loads(cli(cxrfed, "job", "status", job_id, "--json", *admin))
             if status["state"] != "running":

@@ -9,8 +9,8 @@ PYTHON=.venv/bin/python
 
 echo "== cxrfed demo (research use only, not a diagnostic device) =="
 # The embedded default data directory of `cxrfed node serve`.
-DATA_DIR="${CXRFED_DATA_DIR:-${XDG_DATA_HOME:-$HOME/.local/share}/cxrfed/node}"
-export CXRFED_DATA_DIR="$DATA_DIR"
+DATA_DIR="${CXRFED_NODE_DATA_DIR:-${XDG_DATA_HOME:-$HOME/.local/share}/cxrfed/node}"
+export CXRFED_NODE_DATA_DIR="$DATA_DIR"
 # A node left over from an earlier demo would hold the default port.
 "$BIN" node stop >/dev/null 2>&1 || true
 

@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=target/debug/cxrfed
-DATA_DIR="${CXRFED_DATA_DIR:-${XDG_DATA_HOME:-$HOME/.local/share}/cxrfed/node}"
+DATA_DIR="${CXRFED_NODE_DATA_DIR:-${XDG_DATA_HOME:-$HOME/.local/share}/cxrfed/node}"
 FED="${CXRFED_FEDERATION_DIR:-$(dirname "$DATA_DIR")/federation}"
 COORDINATOR=https://127.0.0.1:50061
 SITES=(university community icu)
@@ -116,21 +116,21 @@ TOMLEOF
 echo
 cat "$FED/job.toml"
 echo
-"$BIN" train --job "$FED/job.toml" --coordinator "$COORDINATOR" --profile "$STUDY_ADMIN"
+"$BIN" job start --job "$FED/job.toml" --coordinator "$COORDINATOR" --profile "$STUDY_ADMIN"
 echo
 echo "== the model registry (every global version with its lineage) =="
-"$BIN" models list --coordinator "$COORDINATOR" --profile "$STUDY_ADMIN"
+"$BIN" registry list --coordinator "$COORDINATOR" --profile "$STUDY_ADMIN"
 
 echo
 echo "== promote the last version: every node switches to it and back-fills its records =="
-VERSION=$("$BIN" jobs --json --coordinator "$COORDINATOR" --profile "$STUDY_ADMIN" | "$PY" -c 'import json, sys; print(json.load(sys.stdin)[-1]["latest_model"])')
-"$BIN" models promote "$VERSION" --coordinator "$COORDINATOR" --profile "$STUDY_ADMIN"
+VERSION=$("$BIN" job list --json --coordinator "$COORDINATOR" --profile "$STUDY_ADMIN" | "$PY" -c 'import json, sys; print(json.load(sys.stdin)[-1]["latest_model"])')
+"$BIN" registry promote "$VERSION" --coordinator "$COORDINATOR" --profile "$STUDY_ADMIN"
 for _ in $(seq 1 100); do
-    running=$("$BIN" models show "$VERSION" --json --coordinator "$COORDINATOR" --profile "$STUDY_ADMIN" | "$PY" -c 'import json, sys; print(len(json.load(sys.stdin)["running_at"]))')
+    running=$("$BIN" registry show "$VERSION" --json --coordinator "$COORDINATOR" --profile "$STUDY_ADMIN" | "$PY" -c 'import json, sys; print(len(json.load(sys.stdin)["running_at"]))')
     [ "$running" -ge 3 ] && break
     sleep 0.3
 done
-"$BIN" models list --coordinator "$COORDINATOR" --profile "$STUDY_ADMIN" | cut -c1-220
+"$BIN" registry list --coordinator "$COORDINATOR" --profile "$STUDY_ADMIN" | cut -c1-220
 echo
 echo "new images at site-icu are extracted by the promoted model, which fills cardiomegaly:"
 "$BIN" phantom --out "$FED/phantoms-icu-new" --site icu --count 6 --seed 999 --max-size 256 >/dev/null

@@ -688,14 +688,14 @@ async fn a_node_refuses_forged_and_replayed_requests_from_a_coordinator() {
         got.insert(r.task_id.clone(), r);
     }
     let error = |id: &str| match &got[id].outcome {
-        Some(pb::task_result::Outcome::Error(e)) => (e.code.clone(), e.message.clone()),
+        Some(pb::task_result::Outcome::Error(e)) => (e.code(), e.message.clone()),
         other => panic!("{id}: expected a refusal, got {other:?}"),
     };
     let (code, message) = error("forged");
-    assert_eq!(code, "refused", "{message}");
+    assert_eq!(code, pb::TaskErrorCode::Refused, "{message}");
     assert!(message.contains("signature"), "{message}");
     let (code, message) = error("tampered");
-    assert_eq!(code, "refused", "{message}");
+    assert_eq!(code, pb::TaskErrorCode::Refused, "{message}");
     // The genuine request and its replay race for the nonce: exactly one is released.
     let released: Vec<&str> = ["genuine", "replayed"]
         .into_iter()
@@ -708,7 +708,7 @@ async fn a_node_refuses_forged_and_replayed_requests_from_a_coordinator() {
         "genuine"
     };
     let (code, message) = error(other);
-    assert_eq!(code, "refused", "{message}");
+    assert_eq!(code, pb::TaskErrorCode::Refused, "{message}");
     assert!(message.contains("already charged"), "{message}");
     // Only the genuine request was charged.
     let mut client = NodeServiceClient::new(node.channel_as(&rita).await);

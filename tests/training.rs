@@ -198,8 +198,8 @@ async fn wait_job(s: &Study, id: &str, done: impl Fn(&pb::JobInfo) -> bool) -> p
         }
         assert!(
             Instant::now() < deadline,
-            "job {id} stuck: {} round {} of {}",
-            job.state,
+            "job {id} stuck: {:?} round {} of {}",
+            job.state(),
             job.completed_rounds,
             job.rounds
         );
@@ -253,19 +253,27 @@ async fn federated_rounds_train_a_new_head_and_survive_failures() {
         "#,
     )
     .await;
-    assert_eq!(job.state, "running");
+    assert_eq!(job.state(), pb::JobState::Running);
     let id = job.job_id.clone();
 
     // The coordinator is SIGKILLed once the first round is committed, and restarted on the
     // same port and data directory; the job resumes at round 2.
-    let after_one = wait_job(&s, &id, |j| j.completed_rounds >= 1 || j.state != "running").await;
-    assert_eq!(after_one.state, "running", "{}", after_one.reason);
+    let after_one = wait_job(&s, &id, |j| {
+        j.completed_rounds >= 1 || j.state() != pb::JobState::Running
+    })
+    .await;
+    assert_eq!(
+        after_one.state(),
+        pb::JobState::Running,
+        "{}",
+        after_one.reason
+    );
     let port = s.coordinator.port;
     s.coordinator.kill();
     s.coordinator = CoordinatorProcess::start_on(&s.root.join("coordinator"), &s.pki, port);
     wait_connected(&s, 3).await;
-    let done = wait_job(&s, &id, |j| j.state != "running").await;
-    assert_eq!(done.state, "completed", "{}", done.reason);
+    let done = wait_job(&s, &id, |j| j.state() != pb::JobState::Running).await;
+    assert_eq!(done.state(), pb::JobState::Completed, "{}", done.reason);
     assert_eq!(done.completed_rounds, 3);
 
     // Every round completed exactly once, each with all three sites; a round cut by the
@@ -274,7 +282,7 @@ async fn federated_rounds_train_a_new_head_and_survive_failures() {
     let completed: Vec<&pb::RoundInfo> = done
         .round_log
         .iter()
-        .filter(|r| r.state == "completed")
+        .filter(|r| r.state() == pb::RoundState::Completed)
         .collect();
     assert_eq!(
         completed.iter().map(|r| r.round).collect::<Vec<_>>(),
@@ -282,22 +290,33 @@ async fn federated_rounds_train_a_new_head_and_survive_failures() {
     );
     for r in &done.round_log {
         assert!(
-            ["completed", "interrupted", "evaluation"].contains(&r.state.as_str()),
-            "round {} attempt {}: {}",
+            [
+                pb::RoundState::Completed,
+                pb::RoundState::Interrupted,
+                pb::RoundState::Evaluation
+            ]
+            .contains(&r.state()),
+            "round {} attempt {}: {:?}",
             r.round,
             r.attempt,
-            r.state
+            r.state()
         );
     }
     for r in &completed {
-        assert_eq!(r.sites.iter().filter(|s| s.status == "reported").count(), 3);
+        assert_eq!(
+            r.sites
+                .iter()
+                .filter(|s| s.status() == pb::SiteRoundStatus::Reported)
+                .count(),
+            3
+        );
         assert!(r.sites.iter().all(|s| s.samples > 0 && s.update_bytes > 0));
         assert!(r.bytes_down > 0 && r.bytes_up > 0);
     }
     let evaluation = done
         .round_log
         .iter()
-        .find(|r| r.state == "evaluation")
+        .find(|r| r.state() == pb::RoundState::Evaluation)
         .expect("closing evaluation");
 
     // The starting head is zero (p = 0.5 everywhere: AUROC 0.5); the trained one separates
@@ -307,10 +326,10 @@ async fn federated_rounds_train_a_new_head_and_survive_failures() {
     let held_out: u64 = evaluation.sites.iter().map(|s| s.eval_samples).sum();
     for r in &done.round_log {
         eprintln!(
-            "round {}.{} {}: pooled {:?}; losses {:?}",
+            "round {}.{} {:?}: pooled {:?}; losses {:?}",
             r.round,
             r.attempt,
-            r.state,
+            r.state(),
             r.pooled_metrics,
             r.sites
                 .iter()
@@ -380,11 +399,24 @@ async fn federated_rounds_train_a_new_head_and_survive_failures() {
         shown.contains("completed") && shown.contains("cardiomegaly.accuracy"),
         "{shown}"
     );
-    let mut args = vec!["models", "list"];
+    let mut args = vec!["registry", "list"];
     args.extend(common.iter().copied());
     let out = cxrfed(&args);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains(&format!("{id}.r3")));
+    // The first generation's spellings still work for one version (`models` for `registry`,
+    // `jobs` for `job list`), the latter with a note.
+    for old in [vec!["models", "list"], vec!["jobs"]] {
+        let mut args = old.clone();
+        args.extend(common.iter().copied());
+        let out = cxrfed(&args);
+        assert!(out.status.success(), "{old:?}: {}", text(&out.stderr));
+        assert!(
+            text(&out.stdout).contains(&id),
+            "{old:?}: {}",
+            text(&out.stdout)
+        );
+    }
 
     // The Python SDK reads the registry, the jobs and a round log into pandas.
     let admin_profile = s.admin.join(cxrfed_auth::pki::PROFILE);
@@ -439,7 +471,7 @@ async fn federated_rounds_train_a_new_head_and_survive_failures() {
             (ok, failed)
         })
     };
-    let mut args = vec!["models", "promote", version.as_str(), "--json"];
+    let mut args = vec!["registry", "promote", version.as_str(), "--json"];
     args.extend(common.iter().copied());
     let out = cxrfed(&args);
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -625,25 +657,25 @@ async fn federated_rounds_train_a_new_head_and_survive_failures() {
     // 300 local steps take each site seconds: site-c dies while training.
     tokio::time::sleep(Duration::from_millis(700)).await;
     s.nodes[2].kill();
-    let done = wait_job(&s, &job.job_id, |j| j.state != "running").await;
-    assert_eq!(done.state, "completed", "{}", done.reason);
+    let done = wait_job(&s, &job.job_id, |j| j.state() != pb::JobState::Running).await;
+    assert_eq!(done.state(), pb::JobState::Completed, "{}", done.reason);
     let round = done
         .round_log
         .iter()
-        .find(|r| r.state == "completed")
+        .find(|r| r.state() == pb::RoundState::Completed)
         .expect("round");
     let c = round
         .sites
         .iter()
         .find(|s| s.site == "site-c")
         .expect("site-c");
-    assert_eq!(c.status, "dropped", "{c:?}");
+    assert_eq!(c.status(), pb::SiteRoundStatus::Dropped, "{c:?}");
     assert!(c.reason.contains("deadline"), "{}", c.reason);
     assert_eq!(
         round
             .sites
             .iter()
-            .filter(|s| s.status == "reported")
+            .filter(|s| s.status() == pb::SiteRoundStatus::Reported)
             .count(),
         2
     );
@@ -656,8 +688,8 @@ async fn federated_rounds_train_a_new_head_and_survive_failures() {
         ),
     )
     .await;
-    let failed = wait_job(&s, &job.job_id, |j| j.state != "running").await;
-    assert_eq!(failed.state, "failed");
+    let failed = wait_job(&s, &job.job_id, |j| j.state() != pb::JobState::Running).await;
+    assert_eq!(failed.state(), pb::JobState::Failed);
     assert!(
         failed.reason.contains("min_sites is 3"),
         "{}",
@@ -696,8 +728,8 @@ async fn federated_rounds_train_a_new_head_and_survive_failures() {
         ),
     )
     .await;
-    let done = wait_job(&s, &job.job_id, |j| j.state != "running").await;
-    assert_eq!(done.state, "completed", "{}", done.reason);
+    let done = wait_job(&s, &job.job_id, |j| j.state() != pb::JobState::Running).await;
+    assert_eq!(done.state(), pb::JobState::Completed, "{}", done.reason);
     let expected = cxrfed_stats::dp::gaussian_rounds_epsilon(1.0, 2, 1e-5).expect("epsilon");
     assert!(
         (done.dp_epsilon - expected).abs() < 1e-9,
@@ -705,12 +737,16 @@ async fn federated_rounds_train_a_new_head_and_survive_failures() {
         done.dp_epsilon
     );
     assert_eq!(done.dp_delta, 1e-5);
-    for round in done.round_log.iter().filter(|r| r.state == "completed") {
+    for round in done
+        .round_log
+        .iter()
+        .filter(|r| r.state() == pb::RoundState::Completed)
+    {
         assert_eq!(
             round
                 .sites
                 .iter()
-                .filter(|x| x.status == "reported")
+                .filter(|x| x.status() == pb::SiteRoundStatus::Reported)
                 .count(),
             3
         );
@@ -748,7 +784,7 @@ async fn federated_rounds_train_a_new_head_and_survive_failures() {
         .len();
     assert!(size > 4 << 20, "{size} bytes");
     let mut args = vec![
-        "models",
+        "registry",
         "import",
         dense.to_str().expect("path"),
         "--version",
@@ -769,17 +805,17 @@ async fn federated_rounds_train_a_new_head_and_survive_failures() {
         "base = \"densenet-test\"\nnew_heads = [{ name = \"cardiomegaly\", kind = \"binary\" }]\nrounds = 1\nlocal_steps = 1\nbatch_size = 2\nmin_sites = 2\nround_deadline_secs = 600\n",
     )
     .await;
-    let done = wait_job(&s, &job.job_id, |j| j.state != "running").await;
-    assert_eq!(done.state, "completed", "{}", done.reason);
+    let done = wait_job(&s, &job.job_id, |j| j.state() != pb::JobState::Running).await;
+    assert_eq!(done.state(), pb::JobState::Completed, "{}", done.reason);
     let round = done
         .round_log
         .iter()
-        .find(|r| r.state == "completed")
+        .find(|r| r.state() == pb::RoundState::Completed)
         .expect("round");
     let reported: Vec<&pb::SiteRound> = round
         .sites
         .iter()
-        .filter(|s| s.status == "reported")
+        .filter(|s| s.status() == pb::SiteRoundStatus::Reported)
         .collect();
     assert_eq!(reported.len(), 3, "{round:?}");
     assert!(

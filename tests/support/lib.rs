@@ -212,7 +212,8 @@ impl NodeProcess {
     pub fn start_failure(args: &[&str]) -> String {
         let mut child = Command::new(cxrfed_bin())
             .args(args)
-            .env_remove("CXRFED_CONFIG")
+            .env_remove("CXRFED_NODE_CONFIG")
+            .env_remove("CXRFED_COORDINATOR_CONFIG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -277,7 +278,8 @@ impl NodeProcess {
         args.extend_from_slice(extra);
         let child = Command::new(cxrfed_bin())
             .args(&args)
-            .env_remove("CXRFED_CONFIG")
+            .env_remove("CXRFED_NODE_CONFIG")
+            .env_remove("CXRFED_COORDINATOR_CONFIG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -548,7 +550,8 @@ impl CoordinatorProcess {
                 "--heartbeat-secs",
                 "1",
             ])
-            .env_remove("CXRFED_CONFIG")
+            .env_remove("CXRFED_NODE_CONFIG")
+            .env_remove("CXRFED_COORDINATOR_CONFIG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

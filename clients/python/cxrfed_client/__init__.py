@@ -340,6 +340,13 @@ class Coordinator:
         frame = pd.DataFrame(rows)
         return frame.set_index("version") if not frame.empty else frame
 
+    @staticmethod
+    def _word(enum, value) -> str:
+        """An enum value as the word the CLI prints (`JOB_STATE_COMPLETED` -> `completed`)."""
+        name = enum.Name(value)
+        prefix = enum.Name(0).removesuffix("UNSPECIFIED")
+        return name.removeprefix(prefix).lower()
+
     def jobs(self) -> pd.DataFrame:
         """The federated training jobs (state, rounds done, algorithm, base and latest model)."""
         try:
@@ -347,8 +354,9 @@ class Coordinator:
         except grpc.RpcError as e:
             raise _error(e) from None
         frame = pd.DataFrame([{
-            "job_id": j.job_id, "state": j.state, "reason": j.reason, "rounds": j.rounds,
-            "completed_rounds": j.completed_rounds, "algorithm": j.algorithm,
+            "job_id": j.job_id, "state": self._word(coordinator_pb2.JobState, j.state),
+            "reason": j.reason, "rounds": j.rounds, "completed_rounds": j.completed_rounds,
+            "algorithm": self._word(coordinator_pb2.Algorithm, j.algorithm),
             "base_model": j.base_model, "latest_model": j.latest_model,
             "created_at": j.created_at, "dp_epsilon": j.dp_epsilon} for j in response.jobs])
         return frame.set_index("job_id") if not frame.empty else frame
@@ -365,8 +373,10 @@ class Coordinator:
         rows = []
         for r in j.round_log:
             for site in r.sites:
-                row = {"round": r.round, "attempt": r.attempt, "state": r.state,
-                       "model_version": r.model_version, "site": site.site, "status": site.status,
+                row = {"round": r.round, "attempt": r.attempt,
+                       "state": self._word(coordinator_pb2.RoundState, r.state),
+                       "model_version": r.model_version, "site": site.site,
+                       "status": self._word(coordinator_pb2.SiteRoundStatus, site.status),
                        "reason": site.reason, "samples": site.samples,
                        "eval_samples": site.eval_samples, "train_loss": site.train_loss,
                        "local_seconds": site.train_seconds}
@@ -374,7 +384,8 @@ class Coordinator:
                     row[f"metric.{key}"] = value
                 rows.append(row)
         frame = pd.DataFrame(rows)
-        frame.attrs.update(job_id=j.job_id, state=j.state, reason=j.reason,
+        frame.attrs.update(job_id=j.job_id, state=self._word(coordinator_pb2.JobState, j.state),
+                           reason=j.reason,
                            latest_model=j.latest_model, dp_epsilon=j.dp_epsilon)
         return frame
 
@@ -418,6 +429,8 @@ class Coordinator:
             query_id=response.query_id, statistic=response.statistic, query=response.query,
             confidence=response.confidence, suppress_below=response.suppress_below,
             answered=response.answered, notes=list(response.notes), audit_seq=response.audit_seq,
-            sites=[MessageToDict(s, preserving_proto_field_name=True,
-                                 always_print_fields_with_no_presence=True) for s in response.sites])
+            sites=[dict(MessageToDict(s, preserving_proto_field_name=True,
+                                      always_print_fields_with_no_presence=True),
+                        status=self._word(coordinator_pb2.SiteQueryStatus, s.status))
+                   for s in response.sites])
         return frame

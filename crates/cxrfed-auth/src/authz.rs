@@ -124,6 +124,22 @@ impl Policy {
     }
 }
 
+/// The method an admitted request calls (`Extract` of `/cxrfed.v1.NodeService/Extract`), set
+/// in the request's extensions with the caller's [`Identity`], so handlers log and trace it
+/// without repeating their own name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RpcMethod(pub String);
+
+impl RpcMethod {
+    pub fn from_path(path: &str) -> RpcMethod {
+        RpcMethod(path.rsplit('/').next().unwrap_or(path).to_string())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 /// The tower layer; add it with `tonic::transport::Server::builder().layer(...)`.
 #[derive(Debug, Clone)]
 pub struct AuthLayer {
@@ -243,6 +259,7 @@ where
         {
             Ok(identity) => {
                 request.extensions_mut().insert(identity);
+                request.extensions_mut().insert(RpcMethod::from_path(&path));
                 // The service that was polled ready serves this call; a fresh clone takes its
                 // place for the next one (tower's usual pattern).
                 let clone = self.inner.clone();

@@ -14,7 +14,7 @@ pub mod pki;
 pub mod signing;
 pub mod tls;
 
-pub use authz::{AuthLayer, Policy, Rule};
+pub use authz::{AuthLayer, Policy, RpcMethod, Rule};
 pub use identity::{Identity, Role};
 pub use listener::{PeerAuth, PeerInfo, ServerTransport, incoming};
 pub use tls::{ClientCredentials, ReloadingTls, TlsPaths};

@@ -14,7 +14,7 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -231,7 +231,7 @@ pub struct ReloadingTls {
     roles: Vec<Role>,
     current: ArcSwap<ServerMaterial>,
     /// Digest of the last set of files that failed to load (logged once, not every poll).
-    last_failure: Mutex<Option<[u8; 32]>>,
+    last_failure: parking_lot::Mutex<Option<[u8; 32]>>,
 }
 
 impl ReloadingTls {
@@ -241,7 +241,7 @@ impl ReloadingTls {
             paths,
             roles: roles.to_vec(),
             current: ArcSwap::from_pointee(material),
-            last_failure: Mutex::new(None),
+            last_failure: parking_lot::Mutex::new(None),
         }))
     }
 
@@ -271,15 +271,12 @@ impl ReloadingTls {
                     "TLS certificate, key, CA or CRL changed: reloaded"
                 );
                 self.current.store(Arc::new(material));
-                if let Ok(mut last) = self.last_failure.lock() {
-                    *last = None;
-                }
+                *self.last_failure.lock() = None;
                 Ok(true)
             }
             Err(e) => {
-                if let Ok(mut last) = self.last_failure.lock()
-                    && *last != Some(digest)
-                {
+                let mut last = self.last_failure.lock();
+                if *last != Some(digest) {
                     tracing::warn!(error = %e, "TLS files changed but do not load; still serving the previous certificate");
                     *last = Some(digest);
                 }

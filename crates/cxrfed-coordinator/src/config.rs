@@ -1,9 +1,11 @@
-//! The coordinator's configuration: defaults, then a TOML file, then `CXRFED_*` environment
-//! variables (the keys below), then flags.
+//! The coordinator's configuration: defaults, then a TOML file, then `CXRFED_COORDINATOR_*`
+//! environment variables (the keys below; the study's TLS files also under their shared names
+//! `CXRFED_CA`, `CXRFED_CERT`, `CXRFED_KEY`, `CXRFED_CRL`), then flags.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use cxrfed_server::layout::{Layout, SHARED_TLS_ENV_PREFIX, SHARED_TLS_KEYS, ServerKind};
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
@@ -53,9 +55,7 @@ impl Default for CoordinatorConfig {
 
 /// `$XDG_DATA_HOME/cxrfed/coordinator`, or `./.cxrfed/coordinator`.
 pub fn default_data_dir() -> PathBuf {
-    dirs::data_local_dir()
-        .map(|d| d.join("cxrfed").join("coordinator"))
-        .unwrap_or_else(|| PathBuf::from(".cxrfed/coordinator"))
+    ServerKind::Coordinator.default_data_dir()
 }
 
 pub const KEYS: &[&str] = &[
@@ -90,7 +90,9 @@ impl CoordinatorConfig {
             figment = figment.merge(Toml::file(file));
         }
         let config: CoordinatorConfig = figment
-            .merge(Env::prefixed("CXRFED_").only(KEYS))
+            // A node's variables (CXRFED_NODE_*) never retarget a coordinator.
+            .merge(Env::prefixed(SHARED_TLS_ENV_PREFIX).only(SHARED_TLS_KEYS))
+            .merge(Env::prefixed(ServerKind::Coordinator.env_prefix()).only(KEYS))
             .merge(Serialized::defaults(flags))
             .extract()
             .map_err(|e| ConfigError(e.to_string()))?;
@@ -127,15 +129,12 @@ impl CoordinatorConfig {
         })
     }
 
+    /// The files of the coordinator's data directory.
+    pub fn layout(&self) -> Layout {
+        ServerKind::Coordinator.layout(&self.data_dir)
+    }
+
     pub fn store_dir(&self) -> PathBuf {
-        self.data_dir.join("store")
-    }
-
-    pub fn pid_path(&self) -> PathBuf {
-        self.data_dir.join("coordinator.pid")
-    }
-
-    pub fn log_dir(&self) -> PathBuf {
-        self.data_dir.join("logs")
+        self.layout().store_dir()
     }
 }

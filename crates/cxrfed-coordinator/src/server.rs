@@ -4,14 +4,18 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use cxrfed_auth::{AuthLayer, Policy, ReloadingTls, Role, Rule, ServerTransport};
+use cxrfed_auth::{Policy, ReloadingTls, Role, Rule, ServerTransport};
 use cxrfed_proto::v1::coordinator_service_server::CoordinatorServiceServer;
+use cxrfed_server::{GrpcServer, ServerKind};
 use cxrfed_store::CoordinatorStore;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tonic::server::NamedService;
+use tonic::service::Routes;
 
 use crate::config::CoordinatorConfig;
-use crate::service::{CoordinatorApi, CoordinatorState};
+use crate::grpc::CoordinatorApi;
+use crate::state::Coordinator;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -24,12 +28,12 @@ pub enum ServeError {
     Store(#[from] cxrfed_store::StoreError),
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Coordinator(#[from] crate::error::CoordinatorError),
     #[error("TLS: {0}")]
     Tls(#[from] cxrfed_auth::AuthError),
-    #[error("server reflection: {0}")]
-    Reflection(String),
-    #[error("gRPC server: {0}")]
-    Transport(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Server(#[from] cxrfed_server::BootstrapError),
     #[error("server task failed: {0}")]
     Join(String),
 }
@@ -83,64 +87,41 @@ pub async fn serve(
     let store = tokio::task::spawn_blocking(move || CoordinatorStore::open(&store_dir))
         .await
         .map_err(|e| ServeError::Join(e.to_string()))??;
-    let state = Arc::new(CoordinatorState::new(
+    let state = Arc::new(Coordinator::new(
         config.clone(),
         store.clone(),
         study.clone(),
     ));
-    crate::training::ensure_bundled(&state)
-        .await
-        .map_err(ServeError::Join)?;
-    crate::training::resume_all(&state);
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<CoordinatorServiceServer<CoordinatorApi>>()
-        .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(cxrfed_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| ServeError::Reflection(e.to_string()))?;
-    tls.spawn_watcher(
-        Duration::from_millis(config.tls_reload_ms),
-        shutdown.clone(),
-    );
+    state.trainer().registry().ensure_bundled().await?;
+    state.trainer().resume_all();
     tracing::info!(
         listen = ?listener.local_addr().ok(),
         study = study.as_str(),
         identity = %tls.current().own,
         "coordinator serving (mutual TLS 1.3)"
     );
-    let auth = AuthLayer::new(coordinator_policy(), Some(tls.clone()));
-    let server = tonic::transport::Server::builder()
-        // A link is quiet between heartbeats: keep it alive at the HTTP/2 level too.
-        .http2_keepalive_interval(Some(Duration::from_secs(20)))
-        .layer(auth)
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(CoordinatorServiceServer::new(CoordinatorApi::new(state)))
-        .serve_with_incoming_shutdown(
-            cxrfed_auth::incoming(listener, ServerTransport::Tls(tls), shutdown.clone()),
-            shutdown.clone().cancelled_owned(),
-        );
-    let mut server = tokio::spawn(server);
-    let grace = Duration::from_secs(config.grace_period_secs);
-    let result = tokio::select! {
-        finished = &mut server => finished,
-        () = shutdown.cancelled() => {
-            health_reporter.set_not_serving::<CoordinatorServiceServer<CoordinatorApi>>().await;
-            match tokio::time::timeout(grace, &mut server).await {
-                Ok(finished) => finished,
-                Err(_) => {
-                    server.abort();
-                    Ok(Ok(()))
-                }
-            }
-        }
-    };
+    let service = CoordinatorServiceServer::new(CoordinatorApi::new(state));
+    let result = GrpcServer::new(
+        ServerKind::Coordinator,
+        coordinator_policy(),
+        ServerTransport::Tls(tls),
+    )
+    .tls_reload(Duration::from_millis(config.tls_reload_ms))
+    .grace(Duration::from_secs(config.grace_period_secs))
+    // A link is quiet between heartbeats: keep it alive at the HTTP/2 level too.
+    .http2_keepalive(Duration::from_secs(20))
+    // The coordinator's handlers log no line of their own: one per RPC from the bootstrap.
+    .rpc_log_level(tracing::Level::INFO)
+    .serve(
+        listener,
+        Routes::new(service),
+        &[<CoordinatorServiceServer<CoordinatorApi> as NamedService>::NAME],
+        shutdown,
+    )
+    .await;
     store.flush().await?;
     tracing::info!("coordinator stopped");
-    result.map_err(|e| ServeError::Join(e.to_string()))??;
+    result?;
     Ok(())
 }
 

@@ -32,8 +32,22 @@ pub fn sniff(bytes: &[u8]) -> Result<Format, ImagingError> {
     if bytes.len() >= 3 && bytes[..3] == [0xFF, 0xD8, 0xFF] {
         return Ok(Format::Jpeg);
     }
-    let magic: String = bytes.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    let magic = hex::encode(&bytes[..bytes.len().min(8)]);
     Err(ImagingError::UnrecognizedFormat { magic })
+}
+
+/// Every regular file below `folder` (recursively, symlinks not followed), sorted: the order
+/// both ingest paths (this job and `cxrfed ingest`) take a folder in.
+pub fn files_under(folder: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files: Vec<std::path::PathBuf> = walkdir::WalkDir::new(folder)
+        .follow_links(false)
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_file())
+        .map(|e| e.into_path())
+        .collect();
+    files.sort();
+    files
 }
 
 #[cfg(test)]

@@ -9,74 +9,14 @@
 
 use std::collections::BTreeMap;
 
-use safetensors::tensor::{Dtype, SafeTensors, TensorView};
-use serde::{Deserialize, Serialize};
+use cxrfed_fl::Weights;
 use tch::{Device, Kind, Tensor};
 
 use crate::model::Backend;
 use crate::train::{Dataset, FitOptions, TrainConfig, fit_with};
 use crate::{Arch, Model, ModelCard, ModelError};
 
-/// Which variables a round trains.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum Trainable {
-    /// The heads only (all of them, or those named in the job).
-    #[default]
-    Heads,
-    /// The last backbone block and the heads.
-    LastBlock,
-    /// Every variable.
-    All,
-}
-
-impl Trainable {
-    pub fn parse(text: &str) -> Option<Trainable> {
-        match text.to_ascii_lowercase().replace('-', "_").as_str() {
-            "heads" | "heads_only" => Some(Trainable::Heads),
-            "last_block" => Some(Trainable::LastBlock),
-            "all" => Some(Trainable::All),
-            _ => None,
-        }
-    }
-}
-
-/// The local training settings of a round, as the coordinator sends them.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct LocalSpec {
-    /// Heads trained; empty: every head.
-    pub heads: Vec<String>,
-    pub trainable: Trainable,
-    pub epochs: usize,
-    /// Optimiser steps per round (0: whole epochs).
-    pub max_steps: usize,
-    pub batch_size: usize,
-    pub learning_rate: f64,
-    /// FedProx's proximal weight (0: plain local training).
-    pub prox_mu: f64,
-    /// L2 norm the delta is clipped to (0: no clipping).
-    pub clip: f64,
-    pub augment: bool,
-    pub seed: u64,
-}
-
-impl Default for LocalSpec {
-    fn default() -> Self {
-        LocalSpec {
-            heads: Vec::new(),
-            trainable: Trainable::Heads,
-            epochs: 1,
-            max_steps: 0,
-            batch_size: 16,
-            learning_rate: 1e-3,
-            prox_mu: 0.0,
-            clip: 0.0,
-            augment: false,
-            seed: 1,
-        }
-    }
-}
+pub use cxrfed_fl::spec::{LocalSpec, Trainable};
 
 /// What one site's round produced.
 #[derive(Debug, Clone)]
@@ -128,25 +68,9 @@ fn to_vec(t: &Tensor) -> Result<Vec<f32>, ModelError> {
         .map_err(|e| ModelError::Train(e.to_string()))
 }
 
-/// Named f32 tensors as safetensors bytes.
-pub fn encode(tensors: &BTreeMap<String, (Vec<usize>, Vec<f32>)>) -> Result<Vec<u8>, ModelError> {
-    let bytes: Vec<(&String, &Vec<usize>, Vec<u8>)> = tensors
-        .iter()
-        .map(|(n, (shape, data))| {
-            (
-                n,
-                shape,
-                data.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            )
-        })
-        .collect();
-    let mut views = Vec::with_capacity(bytes.len());
-    for (name, shape, data) in &bytes {
-        let view = TensorView::new(Dtype::F32, (*shape).clone(), data)
-            .map_err(|e| ModelError::Save(format!("{name}: {e:?}")))?;
-        views.push((name.as_str(), view));
-    }
-    safetensors::serialize(views, &None).map_err(|e| ModelError::Save(format!("{e:?}")))
+/// Named f32 tensors as safetensors bytes (the one codec, `cxrfed_fl::tensor`).
+pub fn encode(tensors: Weights) -> Result<Vec<u8>, ModelError> {
+    cxrfed_fl::tensor::encode(&tensors).map_err(|e| ModelError::Save(e.to_string()))
 }
 
 impl Model {
@@ -178,14 +102,14 @@ impl Model {
                 "TorchScript models have no named weights".into(),
             ));
         };
-        let file = SafeTensors::deserialize(weights)
-            .map_err(|e| ModelError::Load(format!("weights: {e:?}")))?;
+        let file = cxrfed_fl::tensor::decode(weights)
+            .map_err(|e| ModelError::Load(format!("weights: {e}")))?;
         let mut variables = vs.variables();
         let mut names: Vec<&String> = variables.keys().collect();
         names.sort();
         let missing: Vec<&&String> = names
             .iter()
-            .filter(|n| file.tensor(n.as_str()).is_err())
+            .filter(|n| !file.contains_key(n.as_str()))
             .take(3)
             .collect();
         if !missing.is_empty() {
@@ -195,24 +119,18 @@ impl Model {
         }
         tch::no_grad(|| {
             for (name, var) in variables.iter_mut() {
-                let view = file
-                    .tensor(name)
-                    .map_err(|e| ModelError::Load(format!("{name}: {e:?}")))?;
-                let shape: Vec<i64> = view.shape().iter().map(|d| *d as i64).collect();
-                if shape != var.size() || view.dtype() != Dtype::F32 {
+                let Some(tensor) = file.get(name) else {
+                    return Err(ModelError::Load(format!("{name}: missing")));
+                };
+                let shape: Vec<i64> = tensor.shape.iter().map(|d| *d as i64).collect();
+                if shape != var.size() {
                     return Err(ModelError::Load(format!(
-                        "{name}: {:?} {shape:?} where the model has f32 {:?}",
-                        view.dtype(),
+                        "{name}: f32 {shape:?} where the model has f32 {:?}",
                         var.size()
                     )));
                 }
-                let data: Vec<f32> = view
-                    .data()
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect();
                 var.copy_(
-                    &Tensor::from_slice(&data)
+                    &Tensor::from_slice(&tensor.data)
                         .view(shape.as_slice())
                         .to_device(var.device()),
                 );
@@ -228,12 +146,18 @@ impl Model {
                 "TorchScript models have no named weights".into(),
             ));
         };
-        let mut out = BTreeMap::new();
+        let mut out = Weights::new();
         for (name, var) in vs.variables() {
             let shape = var.size().iter().map(|d| *d as usize).collect();
-            out.insert(name, (shape, to_vec(&var)?));
+            out.insert(
+                name,
+                cxrfed_fl::Tensor {
+                    shape,
+                    data: to_vec(&var)?,
+                },
+            );
         }
-        encode(&out)
+        encode(out)
     }
 }
 
@@ -312,31 +236,31 @@ pub fn train_round(
             }
         }
     });
-    let mut delta = BTreeMap::new();
+    let mut delta = Weights::new();
     let mut norm2 = 0.0f64;
     for name in &trained {
-        let d = to_vec(&(&variables[name] - &global[name]))?;
-        norm2 += d.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>();
+        let data = to_vec(&(&variables[name] - &global[name]))?;
+        norm2 += data.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>();
         let shape = variables[name].size().iter().map(|s| *s as usize).collect();
-        delta.insert(name.clone(), (shape, d));
+        delta.insert(name.clone(), cxrfed_fl::Tensor { shape, data });
     }
     let norm = norm2.sqrt();
     let clipped = spec.clip > 0.0 && norm > spec.clip;
     if clipped {
         let scale = (spec.clip / norm) as f32;
-        for (_, data) in delta.values_mut() {
-            for v in data.iter_mut() {
+        for t in delta.values_mut() {
+            for v in t.data.iter_mut() {
                 *v *= scale;
             }
         }
     }
-    if delta.values().flat_map(|(_, d)| d).any(|v| !v.is_finite()) {
+    if delta.values().flat_map(|t| &t.data).any(|v| !v.is_finite()) {
         return Err(ModelError::Train(
             "training diverged (NaN in the update)".into(),
         ));
     }
     Ok(LocalUpdate {
-        delta: encode(&delta)?,
+        delta: encode(delta)?,
         samples: train.len(),
         train_loss,
         seconds: started.elapsed().as_secs_f64(),
@@ -350,6 +274,7 @@ mod tests {
     use super::*;
     use crate::train::{Sample, Target};
     use crate::{InputSpec, LabelMap};
+    use safetensors::tensor::SafeTensors;
 
     fn tiny() -> Model {
         crate::manual_seed(3);

@@ -14,14 +14,19 @@
 
 pub mod bundled;
 pub mod federated;
-pub mod labelmap;
 pub mod model;
 pub mod predict;
 pub mod train;
 pub mod worker;
 
-pub use labelmap::{Head, HeadKind, LabelMap};
-pub use model::{Arch, InputSpec, Model, ModelCard, device_name, parse_device};
+/// The label map lives in the federated-learning contract (`cxrfed-fl`), shared with the
+/// coordinator; re-exported here for the model code that reads it.
+pub use cxrfed_fl::labelmap;
+pub use cxrfed_fl::labelmap::{Head, HeadKind, LabelMap};
+pub use model::{
+    Arch, InputSpec, Model, ModelCard, ModelFormat, device_name, load_card, parse_device,
+    preprocess_options,
+};
 pub use predict::{HeadOutput, Prediction};
 pub use train::{Dataset, Metrics, TrainConfig};
 pub use worker::{InferenceHandle, StatsSnapshot, WorkerConfig};

@@ -1,6 +1,6 @@
 //! Architectures, the model card, and loading/saving models (safetensors or TorchScript).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -48,90 +48,27 @@ impl Arch {
     }
 }
 
-/// Input contract of a model: what the node's preprocessing must produce.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct InputSpec {
-    pub size: u32,
-    pub channels: u32,
-    /// "pad" or "crop", as in `cxrfed_imaging::Aspect`.
-    pub aspect: String,
-    pub mean: f32,
-    pub std: f32,
-}
+pub use cxrfed_fl::card::{InputSpec, ModelCard, ModelFormat};
 
-impl InputSpec {
-    /// The preprocessing that produces this input (size, aspect handling, normalisation).
-    /// The aspect is checked when a card is loaded, so an unknown one cannot reach here.
-    pub fn preprocess_options(&self) -> cxrfed_imaging::PreprocessOptions {
-        cxrfed_imaging::PreprocessOptions {
-            size: self.size,
-            aspect: self.aspect.parse().unwrap_or_default(),
-            mean: self.mean,
-            std: self.std,
-        }
+/// The preprocessing that produces a model's input (size, aspect handling, normalisation).
+/// The aspect is checked when a card is loaded, so an unknown one cannot reach here.
+pub fn preprocess_options(input: &InputSpec) -> cxrfed_imaging::PreprocessOptions {
+    cxrfed_imaging::PreprocessOptions {
+        size: input.size,
+        aspect: input.aspect.parse().unwrap_or_default(),
+        mean: input.mean,
+        std: input.std,
     }
 }
 
-impl Default for InputSpec {
-    fn default() -> Self {
-        InputSpec {
-            size: 224,
-            channels: 1,
-            aspect: "pad".into(),
-            mean: 0.5,
-            std: 0.25,
-        }
-    }
-}
-
-/// The model card, `card.json` beside the weights.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ModelCard {
-    pub model_id: String,
-    /// "safetensors" (a cxrfed architecture) or "torchscript" (bring your own).
-    pub format: String,
-    /// The architecture for safetensors models; free text for TorchScript.
-    pub architecture: String,
-    pub input: InputSpec,
-    pub label_map: LabelMap,
-    /// Weights file name inside the model directory.
-    pub weights: String,
-    pub weights_sha256: String,
-    #[serde(default)]
-    pub intended_use: String,
-    #[serde(default)]
-    pub training: serde_json::Value,
-    #[serde(default)]
-    pub metrics: serde_json::Value,
-    #[serde(default)]
-    pub created_at: String,
-}
-
-impl ModelCard {
-    pub fn load(dir: &Path) -> Result<ModelCard, ModelError> {
-        let path = dir.join("card.json");
-        let bytes = std::fs::read(&path)
-            .map_err(|e| ModelError::Load(format!("{}: {e}", path.display())))?;
-        let card: ModelCard = serde_json::from_slice(&bytes)
-            .map_err(|e| ModelError::Load(format!("{}: {e}", path.display())))?;
-        card.label_map
-            .validate()
-            .map_err(|e| ModelError::Load(format!("{}: {e}", path.display())))?;
-        card.input
-            .aspect
-            .parse::<cxrfed_imaging::Aspect>()
-            .map_err(|e| ModelError::Load(format!("{}: input: {e}", path.display())))?;
-        Ok(card)
-    }
-
-    pub fn save(&self, dir: &Path) -> Result<(), ModelError> {
-        let json = serde_json::to_vec_pretty(self).map_err(|e| ModelError::Save(e.to_string()))?;
-        std::fs::write(dir.join("card.json"), json).map_err(|e| ModelError::Save(e.to_string()))
-    }
-
-    pub fn weights_path(&self, dir: &Path) -> PathBuf {
-        dir.join(&self.weights)
-    }
+/// `dir/card.json`, with its label map and input aspect checked.
+pub fn load_card(dir: &Path) -> Result<ModelCard, ModelError> {
+    let card = ModelCard::load(dir).map_err(|e| ModelError::Load(e.to_string()))?;
+    card.input
+        .aspect
+        .parse::<cxrfed_imaging::Aspect>()
+        .map_err(|e| ModelError::Load(format!("{}: input: {e}", dir.display())))?;
+    Ok(card)
 }
 
 pub fn sha256_file(path: &Path) -> Result<String, ModelError> {
@@ -321,7 +258,7 @@ impl Model {
         Ok(Model {
             card: ModelCard {
                 model_id: model_id.to_string(),
-                format: "safetensors".into(),
+                format: ModelFormat::Safetensors,
                 architecture: arch.as_str().into(),
                 input,
                 label_map,
@@ -340,7 +277,7 @@ impl Model {
     /// Loads a model directory (`card.json` plus weights), checks the weights' sha256, and
     /// runs one forward pass to check the outputs match the label map.
     pub fn load(dir: &Path, device: Device) -> Result<Model, ModelError> {
-        let card = ModelCard::load(dir)?;
+        let card = load_card(dir)?;
         let weights = card.weights_path(dir);
         let sha = sha256_file(&weights)?;
         if !card.weights_sha256.is_empty() && card.weights_sha256 != sha {
@@ -350,8 +287,8 @@ impl Model {
                 card.weights_sha256
             )));
         }
-        let backend = match card.format.as_str() {
-            "safetensors" => {
+        let backend = match card.format {
+            ModelFormat::Safetensors => {
                 let arch = Arch::parse(&card.architecture).ok_or_else(|| {
                     ModelError::Load(format!("unknown architecture {:?}", card.architecture))
                 })?;
@@ -366,16 +303,11 @@ impl Model {
                 })?;
                 Backend::Native { vs, net }
             }
-            "torchscript" => {
+            ModelFormat::Torchscript => {
                 let mut module = tch::CModule::load_on_device(&weights, device)
                     .map_err(|e| ModelError::Load(format!("{}: {e}", weights.display())))?;
                 module.set_eval();
                 Backend::Script { module }
-            }
-            other => {
-                return Err(ModelError::Load(format!(
-                    "unknown model format {other:?} (safetensors, torchscript)"
-                )));
             }
         };
         let mut card = card;
@@ -428,7 +360,9 @@ impl Model {
         vs.save(&weights)
             .map_err(|e| ModelError::Save(e.to_string()))?;
         self.card.weights_sha256 = sha256_file(&weights)?;
-        self.card.save(dir)
+        self.card
+            .save(dir)
+            .map_err(|e| ModelError::Save(e.to_string()))
     }
 
     pub fn native(&self) -> Option<(&nn::VarStore, &Net)> {

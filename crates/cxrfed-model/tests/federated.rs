@@ -2,7 +2,8 @@
 //! (up to floating point): a site's round is deterministic for its seed, and the coordinator's
 //! sample-weighted mean of identical updates is that update.
 
-use cxrfed_coordinator::aggregate::{self, AdamMoments, Aggregator, Algorithm, ServerAdam};
+use cxrfed_fl::aggregate::{self, AdamMoments, Aggregator, Algorithm, ServerAdam};
+use cxrfed_fl::tensor;
 use cxrfed_model::federated::{LocalSpec, Trainable, train_round};
 use cxrfed_model::train::{Dataset, Sample, Target};
 use cxrfed_model::{Arch, InputSpec, LabelMap, Model};
@@ -63,7 +64,7 @@ fn fedavg_over_identical_sites_equals_one_site_alone() {
     };
 
     let (alone, _) = round();
-    let mut aggregator = Aggregator::new(&aggregate::decode(&global).expect("decode"), false);
+    let mut aggregator = Aggregator::new(&tensor::decode(&global).expect("decode"), false);
     for _ in 0..3 {
         let (_, update) = round();
         assert_eq!(update.samples, 12);
@@ -72,7 +73,7 @@ fn fedavg_over_identical_sites_equals_one_site_alone() {
             .expect("add");
     }
     let mean = aggregator.mean(0.0);
-    let mut federated = aggregate::decode(&global).expect("decode");
+    let mut federated = tensor::decode(&global).expect("decode");
     aggregate::apply(
         &mut federated,
         &mean,
@@ -82,12 +83,12 @@ fn fedavg_over_identical_sites_equals_one_site_alone() {
     )
     .expect("apply");
 
-    let alone = aggregate::decode(&alone).expect("decode");
+    let alone = tensor::decode(&alone).expect("decode");
     assert_eq!(alone.len(), federated.len());
     let mut changed = 0;
     for (name, t) in &alone {
         let g = &federated[name];
-        let start_values = &aggregate::decode(&global).expect("decode")[name].data;
+        let start_values = &tensor::decode(&global).expect("decode")[name].data;
         for ((a, b), s) in t.data.iter().zip(&g.data).zip(start_values) {
             assert!(
                 (a - b).abs() <= 1e-5 * a.abs().max(1.0),

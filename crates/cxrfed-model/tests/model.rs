@@ -29,7 +29,7 @@ fn phantoms(dir: &Path, count: u64, seed: u64, site: Option<&str>, max: Option<u
 }
 
 fn load(dir: &Path, input: &InputSpec) -> Dataset {
-    let options = input.preprocess_options();
+    let options = cxrfed_model::preprocess_options(&input);
     Dataset::from_labels_folder(dir, &LabelMap::schema_v1(), &options, &["dicom"], 2)
         .expect("dataset")
 }
@@ -116,7 +116,7 @@ fn torchscript_dir(width: usize, size: u32) -> (tempfile::TempDir, Vec<f32>) {
 fn torchscript_card(dir: &Path, label_map: LabelMap, size: u32) {
     let card = cxrfed_model::ModelCard {
         model_id: "byo-torchscript".into(),
-        format: "torchscript".into(),
+        format: cxrfed_model::ModelFormat::Torchscript,
         architecture: "python Tiny".into(),
         input: InputSpec {
             size,

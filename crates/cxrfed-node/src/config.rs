@@ -1,9 +1,11 @@
-//! The node's one typed, validated configuration: defaults, then a TOML file, then `CXRFED_*`
-//! environment variables, then command-line flags (flags win).
+//! The node's one typed, validated configuration: defaults, then a TOML file, then
+//! `CXRFED_NODE_*` environment variables (and the study's shared `CXRFED_CA`, `CXRFED_CERT`,
+//! `CXRFED_KEY`, `CXRFED_CRL`), then command-line flags (flags win).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use cxrfed_server::layout::{Layout, SHARED_TLS_ENV_PREFIX, SHARED_TLS_KEYS, ServerKind};
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
@@ -117,12 +119,10 @@ impl Default for NodeConfig {
 /// The embedded default data directory: `$XDG_DATA_HOME/cxrfed/node` (or the platform's
 /// equivalent), falling back to `./.cxrfed/node`.
 pub fn default_data_dir() -> PathBuf {
-    dirs::data_local_dir()
-        .map(|d| d.join("cxrfed").join("node"))
-        .unwrap_or_else(|| PathBuf::from(".cxrfed/node"))
+    ServerKind::Node.default_data_dir()
 }
 
-/// Every key of [`NodeConfig`], as accepted in TOML and as `CXRFED_<KEY>` variables.
+/// Every key of [`NodeConfig`], as accepted in TOML and as `CXRFED_NODE_<KEY>` variables.
 pub const KEYS: &[&str] = &[
     "data_dir",
     "listen",
@@ -176,9 +176,11 @@ impl NodeConfig {
             figment = figment.merge(Toml::file(file));
         }
         let config: NodeConfig = figment
-            // Only the configuration keys: other CXRFED_* variables (CXRFED_NODE, CXRFED_LOG,
-            // ...) belong to the client commands and must not break `node serve`.
-            .merge(Env::prefixed("CXRFED_").only(KEYS))
+            // The study's TLS files under their shared names, then the node's own prefix: a
+            // variable exported for a coordinator (CXRFED_COORDINATOR_*) or a client command
+            // (CXRFED_NODE, CXRFED_LOG, ...) never changes a node.
+            .merge(Env::prefixed(SHARED_TLS_ENV_PREFIX).only(SHARED_TLS_KEYS))
+            .merge(Env::prefixed(ServerKind::Node.env_prefix()).only(KEYS))
             .merge(Serialized::defaults(flags))
             .extract()
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
@@ -304,31 +306,18 @@ impl NodeConfig {
         })
     }
 
+    /// The files of the node's data directory.
+    pub fn layout(&self) -> Layout {
+        ServerKind::Node.layout(&self.data_dir)
+    }
+
     pub fn store_dir(&self) -> PathBuf {
-        self.data_dir.join("store")
+        self.layout().store_dir()
     }
 
     pub fn secret_path(&self) -> PathBuf {
-        self.data_dir.join("site.secret")
+        self.layout().secret_path()
     }
-
-    pub fn pid_path(&self) -> PathBuf {
-        pid_path(&self.data_dir)
-    }
-
-    pub fn log_dir(&self) -> PathBuf {
-        log_dir(&self.data_dir)
-    }
-}
-
-/// Where a running node writes its PID file.
-pub fn pid_path(data_dir: &Path) -> PathBuf {
-    data_dir.join("node.pid")
-}
-
-/// Where a node writes its JSON log (`node.log`).
-pub fn log_dir(data_dir: &Path) -> PathBuf {
-    data_dir.join("logs")
 }
 
 #[cfg(test)]
@@ -348,16 +337,22 @@ mod tests {
         )
         .expect("write");
         figment::Jail::expect_with(|jail| {
-            jail.set_env("CXRFED_INPUT_SIZE", "320");
+            jail.set_env("CXRFED_NODE_INPUT_SIZE", "320");
             // Client-side variables share the prefix and are not node settings.
             jail.set_env("CXRFED_NODE", "http://127.0.0.1:1");
             jail.set_env("CXRFED_LOG", "debug");
+            // A coordinator's variables and the old unprefixed names change no node.
+            jail.set_env("CXRFED_COORDINATOR_DATA_DIR", "/elsewhere");
+            jail.set_env("CXRFED_DATA_DIR", "/elsewhere");
+            jail.set_env("CXRFED_MAX_COLUMNS", "7");
             let mut flags = BTreeMap::new();
             flags.insert("max_rows", 200);
             let config = NodeConfig::load(Some(&file), &flags).expect("load");
             assert_eq!(config.site, "from-file");
             assert_eq!(config.input_size, 320);
             assert_eq!(config.max_rows, 200);
+            assert_eq!(config.data_dir, default_data_dir());
+            assert_eq!(config.max_columns, NodeConfig::default().max_columns);
             Ok(())
         });
     }

@@ -2,6 +2,7 @@
 
 use cxrfed_imaging::ImagingError;
 use cxrfed_model::ModelError;
+use cxrfed_proto::v1::TaskErrorCode;
 use cxrfed_store::StoreError;
 use tonic::{Code, Status};
 
@@ -13,6 +14,9 @@ pub enum NodeError {
     Store(#[from] StoreError),
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    /// Refused by this site's policy (who signed, for which study, site or time).
+    #[error("refused: {0}")]
+    Refused(String),
     #[error("upload of {size} bytes exceeds the limit of {limit} bytes")]
     UploadTooLarge { size: u64, limit: u64 },
     #[error("record {0} not found")]
@@ -52,6 +56,7 @@ impl NodeError {
                 | StoreError::Encode(_) => Code::Internal,
             },
             NodeError::InvalidRequest(_) => Code::InvalidArgument,
+            NodeError::Refused(_) => Code::PermissionDenied,
             NodeError::UploadTooLarge { .. } => Code::ResourceExhausted,
             NodeError::NotFound(_) => Code::NotFound,
             NodeError::ShuttingDown => Code::Unavailable,
@@ -72,6 +77,7 @@ impl NodeError {
             NodeError::Store(StoreError::Replay { .. }) => "replay",
             NodeError::Store(_) => "store",
             NodeError::InvalidRequest(_) => "invalid_request",
+            NodeError::Refused(_) => "refused",
             NodeError::UploadTooLarge { .. } => "file_too_large",
             NodeError::NotFound(_) => "not_found",
             NodeError::ShuttingDown => "shutting_down",
@@ -79,6 +85,21 @@ impl NodeError {
             NodeError::Internal(_) => "internal",
             NodeError::Model(ModelError::QueueFull { .. }) => "queue_full",
             NodeError::Model(_) => "model",
+        }
+    }
+}
+
+impl NodeError {
+    /// What the coordinator is told when a federated task fails: derived from the error's kind,
+    /// never from its message.
+    pub fn task_error_code(&self) -> TaskErrorCode {
+        match self {
+            NodeError::Store(StoreError::BudgetExhausted { .. }) => TaskErrorCode::BudgetExhausted,
+            NodeError::Store(StoreError::Replay { .. }) | NodeError::Refused(_) => {
+                TaskErrorCode::Refused
+            }
+            NodeError::InvalidRequest(_) => TaskErrorCode::Invalid,
+            _ => TaskErrorCode::Internal,
         }
     }
 }
@@ -96,5 +117,31 @@ impl From<NodeError> for Status {
             status.metadata_mut().insert("retry-after-ms", value);
         }
         status
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_error_codes_follow_the_error_kind() {
+        assert_eq!(
+            NodeError::Refused("not a researcher".into()).task_error_code(),
+            TaskErrorCode::Refused
+        );
+        assert_eq!(
+            NodeError::Store(StoreError::Replay { nonce: "n".into() }).task_error_code(),
+            TaskErrorCode::Refused
+        );
+        // A message that merely mentions a refusal is still what it is.
+        assert_eq!(
+            NodeError::InvalidRequest("refused: the query".into()).task_error_code(),
+            TaskErrorCode::Invalid
+        );
+        assert_eq!(
+            NodeError::Internal("disk".into()).task_error_code(),
+            TaskErrorCode::Internal
+        );
     }
 }

@@ -4,7 +4,8 @@
 //! local users whether or not the link is up.
 //!
 //! - Heartbeats every `heartbeat_secs` (from the coordinator's Welcome) carry the record count.
-//! - A dropped link is redialled with exponential backoff (1 s doubling to 60 s) and jitter.
+//! - A dropped link is redialled with exponential backoff (1 s doubling to 60 s) and jitter
+//!   (`backon`).
 //! - A task's result that could not be sent is kept and sent after the next NodeHello; a task
 //!   the coordinator sends again after a reconnect is answered from the kept result, never
 //!   charged twice (the ledger also charges a signed request's nonce once).
@@ -16,24 +17,23 @@
 //! that release (raw noisy values) or an error goes back.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cxrfed_auth::{ClientCredentials, Role};
+use cxrfed_proto::Label;
 use cxrfed_proto::v1 as pb;
 use cxrfed_proto::v1::coordinator_service_client::CoordinatorServiceClient;
-use prost::Message;
+use parking_lot::Mutex;
 use rustls::pki_types::CertificateDer;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::NodeError;
-use crate::service::NodeState;
+use crate::state::Node;
 
 /// How long a task's result is kept for a coordinator that asks again.
 const KEEP_RESULTS: Duration = Duration::from_secs(3600);
-/// Clock skew tolerated on a signed intent's issue time.
-const SKEW_SECS: i64 = 300;
 
 #[derive(Debug, Default)]
 struct Results {
@@ -45,14 +45,14 @@ struct Results {
 
 /// Starts the link in the background; it ends when `shutdown` fires.
 pub fn spawn(
-    state: Arc<NodeState>,
+    state: Arc<Node>,
     url: String,
     credentials: ClientCredentials,
     shutdown: CancellationToken,
 ) {
     tokio::spawn(async move {
         let results = Arc::new(Mutex::new(Results::default()));
-        let mut backoff = Duration::from_secs(1);
+        let mut delays = reconnect_backoff();
         loop {
             if shutdown.is_cancelled() {
                 return;
@@ -66,28 +66,32 @@ pub fn spawn(
             }
             // A session that lasted resets the backoff.
             if started.elapsed() > Duration::from_secs(30) {
-                backoff = Duration::from_secs(1);
+                delays = reconnect_backoff();
             }
-            let jitter =
-                Duration::from_millis(u64::from(rand_u16()) % (backoff.as_millis() as u64 / 2 + 1));
+            let delay = delays.next().unwrap_or(Duration::from_secs(60));
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(backoff + jitter) => {}
+                _ = tokio::time::sleep(delay) => {}
             }
-            backoff = (backoff * 2).min(Duration::from_secs(60));
         }
     });
 }
 
-fn rand_u16() -> u16 {
-    let mut b = [0u8; 2];
-    let _ = getrandom::fill(&mut b);
-    u16::from_le_bytes(b)
+/// Redial delays: 1 s doubling to 60 s, with jitter, without end.
+fn reconnect_backoff() -> impl Iterator<Item = Duration> {
+    use backon::BackoffBuilder;
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_secs(1))
+        .with_max_delay(Duration::from_secs(60))
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .build()
 }
 
 /// One connection: hello, then heartbeats out and tasks in until either side ends it.
 async fn session(
-    state: &Arc<NodeState>,
+    state: &Arc<Node>,
     url: &str,
     credentials: &ClientCredentials,
     shutdown: &CancellationToken,
@@ -101,18 +105,15 @@ async fn session(
     let send = |kind| pb::NodeMessage { kind: Some(kind) };
     tx.send(send(pb::node_message::Kind::Hello(pb::NodeHello {
         version: env!("CARGO_PKG_VERSION").to_string(),
-        model_id: state.pipeline.model().map_or_else(
+        model_id: state.pipeline().model().map_or_else(
             || cxrfed_schema::NO_MODEL.to_string(),
             |m| m.card().model_id.clone(),
         ),
-        record_count: state.store.count() as u64,
+        record_count: state.store().count() as u64,
     })))
     .await
     .map_err(|e| e.to_string())?;
-    let unsent = results
-        .lock()
-        .map(|mut r| std::mem::take(&mut r.unsent))
-        .unwrap_or_default();
+    let unsent = std::mem::take(&mut results.lock().unsent);
     for result in unsent {
         tx.send(send(pb::node_message::Kind::Result(result)))
             .await
@@ -133,8 +134,8 @@ async fn session(
             _ = shutdown.cancelled() => return Ok(()),
             _ = heartbeat.tick() => {
                 tx.send(send(pb::node_message::Kind::Heartbeat(pb::Heartbeat {
-                    record_count: state.store.count() as u64,
-                    model_id: state.pipeline.model().map_or_else(
+                    record_count: state.store().count() as u64,
+                    model_id: state.pipeline().model().map_or_else(
                         || cxrfed_schema::NO_MODEL.to_string(),
                         |m| m.card().model_id.clone(),
                     ),
@@ -167,9 +168,7 @@ async fn session(
                                 ) else {
                                     return;
                                 };
-                                if let Ok(mut r) = results.lock() {
-                                    r.unsent.push(result);
-                                }
+                                results.lock().unsent.push(result);
                             }
                         });
                     }
@@ -209,12 +208,13 @@ async fn session(
 /// The result of a task: from the kept results when the coordinator asks again, else freshly
 /// verified, released and kept.
 async fn answer(
-    state: &Arc<NodeState>,
+    state: &Arc<Node>,
     task: pb::Task,
     via: &str,
     results: &Arc<Mutex<Results>>,
 ) -> pb::TaskResult {
-    if let Ok(mut r) = results.lock() {
+    {
+        let mut r = results.lock();
         r.done.retain(|_, (at, _)| at.elapsed() < KEEP_RESULTS);
         if let Some((_, result)) = r.done.get(&task.task_id) {
             return result.clone();
@@ -224,18 +224,10 @@ async fn answer(
     let outcome = match execute(state, task, via).await {
         Ok(release) => pb::task_result::Outcome::Release(release),
         Err(e) => {
-            let code = match &e {
-                NodeError::Store(cxrfed_store::StoreError::BudgetExhausted { .. }) => {
-                    "budget_exhausted"
-                }
-                NodeError::Store(cxrfed_store::StoreError::Replay { .. }) => "refused",
-                NodeError::InvalidRequest(m) if m.starts_with("refused:") => "refused",
-                NodeError::InvalidRequest(_) => "invalid",
-                _ => "internal",
-            };
-            tracing::warn!(task_id = task_id.as_str(), code, error = %e, "federated task not answered");
+            let code = e.task_error_code();
+            tracing::warn!(task_id = task_id.as_str(), code = code.label(), error = %e, "federated task not answered");
             pb::task_result::Outcome::Error(pb::TaskError {
-                code: code.to_string(),
+                code: code.into(),
                 message: e.to_string(),
             })
         }
@@ -244,26 +236,27 @@ async fn answer(
         task_id: task_id.clone(),
         outcome: Some(outcome),
     };
-    if let Ok(mut r) = results.lock() {
-        r.done.insert(task_id, (Instant::now(), result.clone()));
-    }
+    results
+        .lock()
+        .done
+        .insert(task_id, (Instant::now(), result.clone()));
     result
 }
 
 fn refused(reason: impl std::fmt::Display) -> NodeError {
-    NodeError::InvalidRequest(format!("refused: {reason}"))
+    NodeError::Refused(reason.to_string())
 }
 
 /// Verifies a signed query and releases it for the researcher who signed it.
 async fn execute(
-    state: &Arc<NodeState>,
+    state: &Arc<Node>,
     task: pb::Task,
     via: &str,
 ) -> Result<pb::DpStatsResponse, NodeError> {
     let signed = task
         .query
         .ok_or_else(|| NodeError::InvalidRequest("the task carries no query".into()))?;
-    let Some(tls) = &state.tls else {
+    let Some(tls) = &state.tls() else {
         return Err(refused(
             "this node runs --insecure-dev and cannot verify researchers' certificates",
         ));
@@ -279,44 +272,28 @@ async fn execute(
             researcher.uri()
         )));
     }
-    cxrfed_auth::signing::verify(&signed.certificate, &signed.intent, &signed.signature)
-        .map_err(|e| refused(format!("{e} (signer {})", researcher.uri())))?;
-    let intent = pb::QueryIntent::decode(signed.intent.as_slice())
-        .map_err(|e| NodeError::InvalidRequest(format!("the signed intent is unreadable: {e}")))?;
-    if intent.study != state.study {
-        return Err(refused(format!(
-            "the query is for study {:?}; this node serves {:?}",
-            intent.study, state.study
-        )));
-    }
-    let now = chrono::Utc::now().timestamp();
-    if now > intent.expires_at_unix || intent.issued_at_unix > now + SKEW_SECS {
-        return Err(refused("the signed query has expired or is not yet valid"));
-    }
-    if !intent.sites.is_empty() && !intent.sites.iter().any(|s| *s == state.config.site) {
-        return Err(refused(format!(
-            "the researcher did not ask site {}",
-            state.config.site
-        )));
-    }
-    if intent.nonce.len() < 16 {
-        return Err(NodeError::InvalidRequest(
-            "the signed query has no nonce".into(),
-        ));
-    }
-    let query = cxrfed_stats::query::parse(&intent.query)
-        .map_err(|e| NodeError::InvalidRequest(format!("query: {e}")))?;
-    let mechanism = cxrfed_stats::dp::Mechanism::parse(&intent.mechanism).ok_or_else(|| {
-        NodeError::InvalidRequest(format!(
-            "mechanism {:?} must be laplace or gaussian",
-            intent.mechanism
-        ))
+    // The one rule set of the coordinator and every node (cxrfed-server::intent).
+    let expect = cxrfed_server::intent::Expect {
+        study: &state.study(),
+        site: Some(&state.config().site),
+        now_unix: chrono::Utc::now().timestamp(),
+    };
+    let cxrfed_server::intent::Verified {
+        intent,
+        query,
+        mechanism,
+    } = cxrfed_server::intent::verify(&signed, &expect).map_err(|e| {
+        if e.refused() {
+            refused(format!("{e} (signer {})", researcher.uri()))
+        } else {
+            NodeError::InvalidRequest(e.to_string())
+        }
     })?;
-    let limit = cxrfed_store::Limit::Budget(state.dp.default_budget);
+    let limit = cxrfed_store::Limit::Budget(state.dp().default_budget);
     let released = crate::privacy::release(
-        &state.store,
-        state.columns.clone(),
-        &state.dp,
+        &state.store(),
+        state.columns().clone(),
+        &state.dp(),
         &researcher,
         limit,
         crate::privacy::DpRequest {
@@ -331,5 +308,5 @@ async fn execute(
         "FederatedQuery",
     )
     .await?;
-    Ok(crate::service::dp_response(released))
+    Ok(crate::privacy::dp_response(released))
 }

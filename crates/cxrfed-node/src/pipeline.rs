@@ -73,7 +73,7 @@ impl Pipeline {
             ..PreprocessOptions::default()
         };
         let preprocess = match &model {
-            Some(handle) => handle.card().input.preprocess_options(),
+            Some(handle) => cxrfed_model::preprocess_options(&handle.card().input),
             None => fallback,
         };
         Pipeline {
@@ -91,7 +91,7 @@ impl Pipeline {
     /// Switches to another model: requests already running finish on the model they started
     /// with (its worker thread ends when the last of them is done), new ones use this one.
     pub fn switch_model(&self, model: InferenceHandle) {
-        let preprocess = model.card().input.preprocess_options();
+        let preprocess = cxrfed_model::preprocess_options(&model.card().input);
         self.active.store(Arc::new(Active {
             model: Some(model),
             preprocess,

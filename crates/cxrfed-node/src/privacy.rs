@@ -6,9 +6,12 @@
 //! entry in one store transaction. Only when that commits is the release returned: an exhausted
 //! budget releases nothing, and concurrent releases can never spend more than the budget.
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
 
 use cxrfed_auth::{Identity, Role};
+use cxrfed_proto::v1 as pb;
 use cxrfed_stats::Columns;
 use cxrfed_stats::dp::{self, DpError, DpParams, DpRelease, Mechanism, Unlinked};
 use cxrfed_store::{Account, AuditEntry, AuditEvent, Budget, Limit, RecordStore, StoreError};
@@ -174,9 +177,7 @@ pub async fn release(
     let precheck_store = store.clone();
     let precheck_uri = uri.clone();
     let release = tokio::task::spawn_blocking(move || {
-        let columns = columns
-            .read()
-            .map_err(|_| NodeError::Internal("statistics index poisoned".into()))?;
+        let columns = columns.read();
         let plan = dp::plan(&columns, request.query, &params).map_err(dp_error)?;
         let cost = plan.cost();
         // Fail fast without computing anything; the charge below is the authoritative check.
@@ -236,10 +237,7 @@ pub async fn release(
 /// SHA-256 (hex) of any serializable value: the digest of what was released.
 pub fn digest_of<T: serde::Serialize>(value: &T) -> String {
     let bytes = serde_json::to_vec(value).unwrap_or_default();
-    Sha256::digest(&bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(Sha256::digest(&bytes))
 }
 
 /// An audit event for a non-DP action by `identity`.
@@ -260,5 +258,60 @@ pub fn event(
         delta: 0.0,
         digest,
         via: String::new(),
+    }
+}
+
+/// A charged DP release as the proto message (the `DpStats` reply and a federated task's result).
+pub fn dp_response(released: Released) -> pb::DpStatsResponse {
+    let r = released.release;
+    pb::DpStatsResponse {
+        statistic: r.statistic,
+        query: r.query,
+        label_columns: r.label_columns,
+        value_columns: r.value_columns,
+        rows: r
+            .rows
+            .into_iter()
+            .map(|row| pb::DpRow {
+                labels: row.labels,
+                values: row
+                    .values
+                    .into_iter()
+                    .map(|v| pb::DpValue {
+                        value: v.value,
+                        error_bound: v.error_bound,
+                    })
+                    .collect(),
+            })
+            .collect(),
+        epsilon: r.cost.epsilon,
+        delta: r.cost.delta,
+        mechanism: r.mechanism,
+        noise_scale: r.noise_scale,
+        confidence: r.confidence,
+        contributions: r.contributions,
+        suppress_below: r.suppress_below,
+        threshold: r.threshold.unwrap_or(0),
+        notes: r.notes,
+        budget: Some(budget_account(released.account)),
+        audit_seq: released.audit.seq,
+        audit_hash: released.audit.hash,
+        raw: r.raw,
+        value_scales: r.value_scales,
+    }
+}
+
+pub fn budget_account(account: cxrfed_store::Account) -> pb::BudgetAccount {
+    pb::BudgetAccount {
+        identity: account.identity,
+        epsilon_budget: account.epsilon_budget,
+        delta_budget: account.delta_budget,
+        epsilon_spent: account.epsilon_spent,
+        delta_spent: account.delta_spent,
+        epsilon_remaining: account.epsilon_remaining,
+        delta_remaining: account.delta_remaining,
+        releases: account.releases,
+        unlimited: account.unlimited,
+        updated_at: account.updated_at,
     }
 }

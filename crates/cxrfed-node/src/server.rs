@@ -1,19 +1,22 @@
 //! Starts the node's gRPC server on a listener and runs it until the shutdown token fires.
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicU32;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use cxrfed_auth::{AuthLayer, Identity, Policy, ReloadingTls, Role, Rule, ServerTransport};
+use cxrfed_auth::{Identity, Policy, ReloadingTls, Role, Rule, ServerTransport};
 use cxrfed_proto::v1::node_service_server::NodeServiceServer;
+use cxrfed_server::{GrpcServer, ServerKind};
 use cxrfed_store::RecordStore;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tonic::server::NamedService;
+use tonic::service::Routes;
 
 use crate::config::NodeConfig;
+use crate::grpc::{MAX_MESSAGE_BYTES, NodeApi};
 use crate::pipeline::Pipeline;
 use crate::secret;
-use crate::service::{MAX_MESSAGE_BYTES, NodeApi, NodeState};
+use crate::state::Node;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -26,10 +29,8 @@ pub enum ServeError {
     Secret(#[from] secret::SecretError),
     #[error(transparent)]
     Store(#[from] cxrfed_store::StoreError),
-    #[error("server reflection: {0}")]
-    Reflection(String),
-    #[error("gRPC server: {0}")]
-    Transport(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Server(#[from] cxrfed_server::BootstrapError),
     #[error("server task failed: {0}")]
     Join(String),
     #[error(transparent)]
@@ -40,6 +41,8 @@ pub enum ServeError {
     Config(#[from] crate::config::ConfigError),
     #[error("{0}")]
     Lexicon(String),
+    #[error(transparent)]
+    Node(#[from] crate::error::NodeError),
 }
 
 /// The node's transport: mutual TLS with its node certificate, or `--insecure-dev`. With TLS the
@@ -126,62 +129,6 @@ pub fn node_policy(site: &str) -> Policy {
         .with_health_and_reflection()
 }
 
-/// The inference worker settings of the node's configuration.
-pub fn worker_config(config: &NodeConfig) -> cxrfed_model::WorkerConfig {
-    cxrfed_model::WorkerConfig {
-        max_batch: config.max_batch,
-        max_wait: Duration::from_millis(config.max_wait_ms),
-        queue_capacity: config.inference_queue,
-    }
-}
-
-/// The directory of the model the study promoted to this node, if one was installed
-/// (`models/ACTIVE` names it).
-pub fn promoted_dir(config: &NodeConfig) -> Option<std::path::PathBuf> {
-    let models = config.data_dir.join("models");
-    let version = std::fs::read_to_string(models.join(crate::training::ACTIVE_FILE)).ok()?;
-    let dir = models.join(version.trim());
-    dir.join("card.json").exists().then_some(dir)
-}
-
-/// Loads the model onto its device and starts the inference worker: the model the study
-/// promoted, once one was installed, else the configured one. `--model none` opts out of both.
-pub fn load_model(
-    config: &NodeConfig,
-) -> Result<Option<cxrfed_model::InferenceHandle>, ServeError> {
-    if config.model.trim() == "none" {
-        return Ok(None);
-    }
-    let device = cxrfed_model::parse_device(&config.device)?;
-    let promoted = promoted_dir(config).and_then(|dir| {
-        cxrfed_model::Model::load(&dir, device)
-            .map_err(|e| {
-                tracing::error!(dir = %dir.display(), error = %e, "the promoted model does not load; using the configured one")
-            })
-            .ok()
-    });
-    let model = match promoted {
-        Some(model) => model,
-        None => {
-            let dir = match config.model.trim() {
-                "bundled" => cxrfed_model::bundled::install(&config.data_dir.join("models"))?,
-                path => std::path::PathBuf::from(path),
-            };
-            cxrfed_model::Model::load(&dir, device)?
-        }
-    };
-    tracing::info!(
-        model_id = model.card.model_id.as_str(),
-        model_sha256 = model.card.weights_sha256.as_str(),
-        architecture = model.card.architecture.as_str(),
-        device = cxrfed_model::device_name(device).as_str(),
-        input_size = model.card.input.size,
-        "model loaded"
-    );
-    let handle = cxrfed_model::InferenceHandle::spawn(model, worker_config(config))?;
-    Ok(Some(handle))
-}
-
 /// Opens the node's data directory and store, then serves `cxrfed.v1.NodeService`, gRPC
 /// health and server reflection on `listener` until `shutdown` is cancelled.
 ///
@@ -208,45 +155,11 @@ pub async fn serve(
         .await
         .map_err(|e| ServeError::Join(e.to_string()))??;
     let model_config = config.clone();
-    let model = tokio::task::spawn_blocking(move || load_model(&model_config))
+    let model = tokio::task::spawn_blocking(move || crate::models::load(&model_config))
         .await
         .map_err(|e| ServeError::Join(e.to_string()))??;
     let pipeline = Pipeline::new(&config, secret, model);
     let grace = Duration::from_secs(config.grace_period_secs);
-    let index_store = store.clone();
-    let (columns, custom_fields) = tokio::task::spawn_blocking(move || {
-        let started = Instant::now();
-        let mut columns = cxrfed_stats::Columns::new();
-        for record in index_store.iter() {
-            columns.upsert(&record?);
-        }
-        let fields = index_store.custom_fields()?;
-        for definition in &fields {
-            columns.define_custom(definition);
-        }
-        for annotation in index_store.annotations() {
-            let annotation = annotation?;
-            let fits = match fields.iter().find(|f| f.name == annotation.field) {
-                Some(definition) => definition.check_value(&annotation.value).is_ok(),
-                None => cxrfed_schema::flat::field(&annotation.field).is_some(),
-            };
-            if fits {
-                columns.annotate(
-                    &annotation.image_sha256,
-                    &annotation.field,
-                    &annotation.value,
-                );
-            }
-        }
-        tracing::info!(
-            records = columns.len(),
-            elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
-            "columnar statistics index built"
-        );
-        Ok::<_, cxrfed_store::StoreError>((columns, fields))
-    })
-    .await
-    .map_err(|e| ServeError::Join(e.to_string()))??;
     let lexicon = match config.lexicon.trim() {
         "bundled" => cxrfed_schema::lexicon::Lexicon::bundled()
             .map_err(|e| ServeError::Lexicon(e.to_string()))?,
@@ -261,64 +174,27 @@ pub async fn serve(
         ServerTransport::Tls(tls) => Some(tls.clone()),
         ServerTransport::InsecureDev(_) => None,
     };
-    let state = Arc::new(NodeState {
-        tls: node_tls,
-        jobs: Default::default(),
-        custom_fields: std::sync::RwLock::new(
-            custom_fields
-                .into_iter()
-                .map(|f| (f.name.clone(), f))
-                .collect(),
-        ),
-        lexicon,
-        columns: Arc::new(std::sync::RwLock::new(columns)),
-        study,
-        dp,
-        config,
-        store: store.clone(),
-        pipeline,
-        started_at: chrono::Utc::now(),
-        started: Instant::now(),
-        in_flight: AtomicU32::new(0),
-        shutdown: shutdown.clone(),
-    });
-
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<NodeServiceServer<NodeApi>>()
-        .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(cxrfed_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| ServeError::Reflection(e.to_string()))?;
-    let reflection_alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(cxrfed_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()
-        .map_err(|e| ServeError::Reflection(e.to_string()))?;
+    let builder = Node::builder(config, store.clone(), pipeline, dp)
+        .study(study)
+        .tls(node_tls)
+        .lexicon(lexicon)
+        .shutdown(shutdown.clone());
+    let state = Arc::new(
+        tokio::task::spawn_blocking(move || builder.build())
+            .await
+            .map_err(|e| ServeError::Join(e.to_string()))??,
+    );
 
     let local = listener.local_addr().ok();
     tracing::info!(
         listen = ?local,
-        site = %state.config.site,
-        tls = !state.config.insecure_dev,
-        records = state.store.count(),
+        site = %state.config().site,
+        tls = !state.config().insecure_dev,
+        records = state.store().count(),
         "node serving (research use only, not a diagnostic device)"
     );
-
-    let tls = match &transport {
-        ServerTransport::Tls(tls) => {
-            tls.spawn_watcher(
-                Duration::from_millis(state.config.tls_reload_ms),
-                shutdown.clone(),
-            );
-            Some(tls.clone())
-        }
-        ServerTransport::InsecureDev(_) => None,
-    };
-    if let Some(url) = state.config.coordinator.clone() {
-        let paths = state.config.tls_paths()?;
+    if let Some(url) = state.config().coordinator.clone() {
+        let paths = state.config().tls_paths()?;
         let credentials = cxrfed_auth::ClientCredentials {
             ca: paths.ca,
             cert: Some(paths.cert),
@@ -326,42 +202,28 @@ pub async fn serve(
         };
         crate::federation::spawn(state.clone(), url, credentials, shutdown.clone());
     }
-    let auth = AuthLayer::new(node_policy(&state.config.site), tls);
     let node = NodeServiceServer::new(NodeApi::new(state.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let server = tonic::transport::Server::builder()
-        .layer(auth)
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(reflection_alpha)
-        .add_service(node)
-        .serve_with_incoming_shutdown(
-            cxrfed_auth::incoming(listener, transport, shutdown.clone()),
-            shutdown.clone().cancelled_owned(),
-        );
-    let mut server = tokio::spawn(server);
-
-    let result = tokio::select! {
-        finished = &mut server => finished,
-        () = shutdown.cancelled() => {
-            health_reporter.set_not_serving::<NodeServiceServer<NodeApi>>().await;
-            tracing::info!(grace_secs = grace.as_secs(), "shutting down: draining in-flight requests");
-            match tokio::time::timeout(grace, &mut server).await {
-                Ok(finished) => finished,
-                Err(_) => {
-                    tracing::warn!("grace period elapsed; aborting the remaining requests");
-                    server.abort();
-                    Ok(Ok(()))
-                }
-            }
-        }
-    };
+    let result = GrpcServer::new(
+        ServerKind::Node,
+        node_policy(&state.config().site),
+        transport,
+    )
+    .tls_reload(Duration::from_millis(state.config().tls_reload_ms))
+    .grace(grace)
+    .serve(
+        listener,
+        Routes::new(node),
+        &[<NodeServiceServer<NodeApi> as NamedService>::NAME],
+        shutdown,
+    )
+    .await;
     // Whatever happened to the server, acknowledged records are already durable; flush the
     // rest before returning.
     store.flush().await?;
     tracing::info!(records = store.count(), "store flushed; node stopped");
-    result.map_err(|e| ServeError::Join(e.to_string()))??;
+    result?;
     Ok(())
 }
 

@@ -14,39 +14,22 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use cxrfed_fl::Assembly;
 use cxrfed_model::federated::{LocalSpec, train_round};
 use cxrfed_model::train::{Dataset, Sample, parse_target};
-use cxrfed_model::{HeadKind, Model, ModelCard};
+use cxrfed_model::{HeadKind, Model, ModelCard, ModelFormat};
 use cxrfed_proto::v1 as pb;
 use cxrfed_store::RecordStore;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
-use crate::service::NodeState;
-
-/// The progress of the last back-fill, for `Status`.
-static BACKFILL: std::sync::Mutex<Option<pb::BackfillStatus>> = std::sync::Mutex::new(None);
-
-/// The last back-fill's progress.
-pub fn backfill_status() -> Option<pb::BackfillStatus> {
-    BACKFILL.lock().ok().and_then(|b| b.clone())
-}
-
-fn set_backfill(status: pb::BackfillStatus) {
-    if let Ok(mut b) = BACKFILL.lock() {
-        *b = Some(status);
-    }
-}
-
-/// One round at a time: training takes the node's cores.
-static TRAINING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+use crate::state::Node;
 
 /// The largest global model a node accepts (bytes).
 const MAX_WEIGHTS: u64 = 2 << 30;
 
-/// The file under `models/` naming the promoted model the node runs.
-pub const ACTIVE_FILE: &str = "ACTIVE";
+pub use crate::models::ACTIVE_FILE;
 
 /// What a weights transfer on the link is for.
 #[derive(Debug)]
@@ -57,78 +40,55 @@ pub enum Purpose {
     Rollout(pb::ModelRollout),
 }
 
-/// A transfer whose weights are arriving.
+/// A transfer whose weights are arriving from the coordinator.
 #[derive(Debug)]
 pub struct Incoming {
     purpose: Purpose,
-    expected: u64,
-    weights: Vec<u8>,
-    broken: Option<String>,
+    weights: Assembly<Vec<u8>>,
 }
 
 impl Incoming {
     pub fn new(purpose: Purpose) -> Incoming {
-        let expected = match &purpose {
+        let announced = match &purpose {
             Purpose::Train(t) => t.weights_bytes,
             Purpose::Rollout(r) => r.weights_bytes,
         };
-        let broken = (expected > MAX_WEIGHTS)
-            .then(|| format!("the model is larger than {MAX_WEIGHTS} bytes"));
-        let capacity = if broken.is_some() {
-            0
+        // Reserve the announced size only when it is allowed (a hostile size reserves nothing).
+        let capacity = if announced <= MAX_WEIGHTS {
+            announced as usize
         } else {
-            expected as usize
+            0
         };
         Incoming {
             purpose,
-            expected,
-            weights: Vec::with_capacity(capacity),
-            broken,
+            weights: Assembly::new(
+                COORDINATOR,
+                Vec::with_capacity(capacity),
+                Some(announced),
+                MAX_WEIGHTS,
+            ),
         }
     }
 
     /// Appends a chunk; true when the transfer is complete.
     pub fn push(&mut self, chunk: &pb::Chunk) -> bool {
-        if self.broken.is_none() {
-            if chunk.offset != self.weights.len() as u64 {
-                self.broken = Some(format!(
-                    "weights chunk at offset {} where {} was expected",
-                    chunk.offset,
-                    self.weights.len()
-                ));
-            } else if self.weights.len() as u64 + chunk.data.len() as u64 > self.expected {
-                self.broken = Some("more weights than announced".into());
-            } else {
-                self.weights.extend_from_slice(&chunk.data);
-            }
-        }
+        self.weights.push(COORDINATOR, chunk.offset, &chunk.data);
         chunk.last
-    }
-
-    /// Why the transfer cannot be used, if it cannot.
-    fn problem(&self) -> Option<String> {
-        self.broken.clone().or_else(|| {
-            (self.weights.len() as u64 != self.expected).then(|| {
-                format!(
-                    "{} weights bytes arrived of {}",
-                    self.weights.len(),
-                    self.expected
-                )
-            })
-        })
     }
 }
 
+/// Chunks on the link come from the coordinator, the link's other end.
+const COORDINATOR: &str = "coordinator";
+
 /// Acts on a complete transfer: trains (or evaluates) and reports, or installs a model.
-pub async fn complete(
-    state: Arc<NodeState>,
-    incoming: Incoming,
-    tx: mpsc::Sender<pb::NodeMessage>,
-) {
-    let problem = incoming.problem();
+pub async fn complete(state: Arc<Node>, incoming: Incoming, tx: mpsc::Sender<pb::NodeMessage>) {
+    let (weights, problem) = match incoming.weights.finish() {
+        Ok((weights, _, _)) => (weights, None),
+        Err(problem) => (Vec::new(), Some(problem)),
+    };
     match incoming.purpose {
-        Purpose::Train(task) => answer(state, task, incoming.weights, problem, tx).await,
-        Purpose::Rollout(rollout) => install(state, rollout, incoming.weights, problem, tx).await,
+        Purpose::Train(task) => answer(state, task, weights, problem, tx).await,
+        Purpose::Rollout(rollout) => install(state, rollout, weights, problem, tx).await,
     }
 }
 
@@ -217,6 +177,19 @@ pub fn local_datasets(
     Ok((dataset(train), dataset(held), skipped))
 }
 
+/// A model card from the coordinator: checked, and only a cxrfed architecture in safetensors.
+/// A TorchScript card is refused: it would run code from the federation inside libtorch.
+fn peer_card(json: &str) -> Result<ModelCard, String> {
+    let card = ModelCard::parse(json.as_bytes()).map_err(|e| e.to_string())?;
+    if card.format != ModelFormat::Safetensors {
+        return Err(format!(
+            "a {} model from the coordinator is refused: only safetensors weights of a cxrfed architecture are accepted",
+            card.format
+        ));
+    }
+    Ok(card)
+}
+
 fn failed(task: &pb::TrainTask, reason: String) -> pb::TrainReport {
     pb::TrainReport {
         task_id: task.task_id.clone(),
@@ -243,11 +216,8 @@ fn execute(
             task.weights_sha256
         ));
     }
-    let card: ModelCard =
-        serde_json::from_str(&task.card_json).map_err(|e| format!("model card: {e}"))?;
-    card.label_map.validate()?;
-    let spec: LocalSpec =
-        serde_json::from_str(&task.spec_json).map_err(|e| format!("training settings: {e}"))?;
+    let card = peer_card(&task.card_json)?;
+    let spec = LocalSpec::from_json(&task.spec_json)?;
     let device = cxrfed_model::parse_device(device).map_err(|e| e.to_string())?;
     let mut model = Model::from_bytes(card.clone(), weights, device).map_err(|e| e.to_string())?;
     let (train, held, skipped) = local_datasets(store, &card)?;
@@ -289,7 +259,7 @@ fn execute(
 
 /// Runs a complete task and sends the update chunks, then the report, on `tx`.
 async fn answer(
-    state: Arc<NodeState>,
+    state: Arc<Node>,
     task: pb::TrainTask,
     weights: Vec<u8>,
     problem: Option<String>,
@@ -299,7 +269,7 @@ async fn answer(
     let outcome = match problem {
         Some(reason) => Err(reason),
         None => {
-            let _turn = TRAINING.lock().await;
+            let _turn = state.training_turn().await;
             tracing::info!(
                 job_id = task.job_id.as_str(),
                 round = task.round,
@@ -308,7 +278,7 @@ async fn answer(
             );
             let (state, task) = (state.clone(), task.clone());
             tokio::task::spawn_blocking(move || {
-                execute(&state.store, &state.config.device, &task, &weights)
+                execute(&state.store(), &state.config().device, &task, &weights)
             })
             .await
             .unwrap_or_else(|_| Err("the training thread panicked".into()))
@@ -365,8 +335,8 @@ fn version_dir(version: &str) -> Result<String, String> {
 
 /// Writes a promoted model under `models/VERSION` (through a temporary directory and a
 /// rename) and loads it, checking its sha256 and outputs.
-fn prepare(state: &NodeState, rollout: &pb::ModelRollout, weights: &[u8]) -> Result<Model, String> {
-    if state.config.model.trim() == "none" {
+fn prepare(state: &Node, rollout: &pb::ModelRollout, weights: &[u8]) -> Result<Model, String> {
+    if state.config().model.trim() == "none" {
         return Err("this node runs without a model (--model none)".into());
     }
     let sha = hex::encode(Sha256::digest(weights));
@@ -376,12 +346,11 @@ fn prepare(state: &NodeState, rollout: &pb::ModelRollout, weights: &[u8]) -> Res
             rollout.weights_sha256
         ));
     }
-    let mut card: ModelCard =
-        serde_json::from_str(&rollout.card_json).map_err(|e| format!("model card: {e}"))?;
+    let mut card = peer_card(&rollout.card_json)?;
     card.model_id = rollout.version.clone();
     card.weights = "model.safetensors".into();
     card.weights_sha256 = sha;
-    let models = state.config.data_dir.join("models");
+    let models = state.config().data_dir.join("models");
     let dir = models.join(version_dir(&rollout.version)?);
     let tmp = models.join(format!(".{}.incoming", version_dir(&rollout.version)?));
     let io = |e: std::io::Error| format!("{}: {e}", dir.display());
@@ -393,7 +362,7 @@ fn prepare(state: &NodeState, rollout: &pb::ModelRollout, weights: &[u8]) -> Res
         std::fs::remove_dir_all(&dir).map_err(io)?;
     }
     std::fs::rename(&tmp, &dir).map_err(io)?;
-    let device = cxrfed_model::parse_device(&state.config.device).map_err(|e| e.to_string())?;
+    let device = cxrfed_model::parse_device(&state.config().device).map_err(|e| e.to_string())?;
     Model::load(&dir, device).map_err(|e| e.to_string())
 }
 
@@ -401,7 +370,7 @@ fn prepare(state: &NodeState, rollout: &pb::ModelRollout, weights: &[u8]) -> Res
 /// flight finish on the old model), remember it across restarts, report, then re-extract the
 /// stored records with it in the background.
 async fn install(
-    state: Arc<NodeState>,
+    state: Arc<Node>,
     rollout: pb::ModelRollout,
     weights: Vec<u8>,
     problem: Option<String>,
@@ -417,20 +386,20 @@ async fn install(
         }
     };
     let outcome = outcome.and_then(|model| {
-        cxrfed_model::InferenceHandle::spawn(model, crate::server::worker_config(&state.config))
+        cxrfed_model::InferenceHandle::spawn(model, crate::models::worker_config(&state.config()))
             .map_err(|e| e.to_string())
     });
     let report = match outcome {
         Ok(handle) => {
-            state.pipeline.switch_model(handle.clone());
-            let models = state.config.data_dir.join("models");
+            state.pipeline().switch_model(handle.clone());
+            let models = state.config().data_dir.join("models");
             let tmp = models.join(format!("{ACTIVE_FILE}.tmp"));
             let written = std::fs::write(&tmp, &rollout.version)
                 .and_then(|()| std::fs::rename(&tmp, models.join(ACTIVE_FILE)));
             if let Err(e) = written {
                 tracing::error!(error = %e, "cannot record the promoted model; a restart would load the configured one");
             }
-            let records = state.store.count() as u64;
+            let records = state.store().count() as u64;
             tracing::info!(
                 version = rollout.version.as_str(),
                 sha256 = handle.card().weights_sha256.as_str(),
@@ -471,13 +440,13 @@ async fn install(
 /// Re-extracts every stored record from its kept model input with `model`: findings, model
 /// fields (custom heads) and the model id are replaced, the columns follow. Stops when another
 /// model has replaced this one meanwhile.
-pub async fn backfill(state: Arc<NodeState>, model: cxrfed_model::InferenceHandle) {
+pub async fn backfill(state: Arc<Node>, model: cxrfed_model::InferenceHandle) {
     let card = model.card().clone();
     let (mean, std) = (card.input.mean, card.input.std);
     let size = card.input.size as usize;
     let st = state.clone();
     let ids: Vec<(String, String)> = tokio::task::spawn_blocking(move || {
-        st.store
+        st.store()
             .iter()
             .filter_map(Result::ok)
             .map(|r| (r.record_id, r.image_sha256))
@@ -495,13 +464,13 @@ pub async fn backfill(state: Arc<NodeState>, model: cxrfed_model::InferenceHandl
         failed: failed as u64,
         state: state.to_string(),
     };
-    set_backfill(progress(0, 0, 0, "running"));
+    state.set_backfill(progress(0, 0, 0, "running"));
     for (i, (record_id, sha)) in ids.into_iter().enumerate() {
         if i % 16 == 0 {
-            set_backfill(progress(done, skipped, failed, "running"));
+            state.set_backfill(progress(done, skipped, failed, "running"));
         }
         if state
-            .pipeline
+            .pipeline()
             .model()
             .is_none_or(|m| m.card().weights_sha256 != card.weights_sha256)
         {
@@ -511,10 +480,10 @@ pub async fn backfill(state: Arc<NodeState>, model: cxrfed_model::InferenceHandl
                 total,
                 "back-fill stopped: another model replaced this one"
             );
-            set_backfill(progress(done, skipped, failed, "stopped"));
+            state.set_backfill(progress(done, skipped, failed, "stopped"));
             return;
         }
-        let input = match state.store.input(&sha) {
+        let input = match state.store().input(&sha) {
             Ok(Some((s, pixels))) if s as usize == size => pixels,
             _ => {
                 skipped += 1;
@@ -538,7 +507,7 @@ pub async fn backfill(state: Arc<NodeState>, model: cxrfed_model::InferenceHandl
             }
         };
         match state
-            .store
+            .store()
             .set_model_output(
                 &record_id,
                 Some(prediction.findings(&card.label_map)),
@@ -549,9 +518,7 @@ pub async fn backfill(state: Arc<NodeState>, model: cxrfed_model::InferenceHandl
             .await
         {
             Ok(Some(record)) => {
-                if let Ok(mut columns) = state.columns.write() {
-                    columns.upsert(&record);
-                }
+                state.columns().write().upsert(&record);
                 done += 1;
             }
             Ok(None) => skipped += 1,
@@ -569,7 +536,7 @@ pub async fn backfill(state: Arc<NodeState>, model: cxrfed_model::InferenceHandl
             );
         }
     }
-    set_backfill(progress(done, skipped, failed, "finished"));
+    state.set_backfill(progress(done, skipped, failed, "finished"));
     tracing::info!(
         version = card.model_id.as_str(),
         done,

@@ -5,7 +5,9 @@
 //! noise must match the discrete Laplace distribution at the configured scale (k / epsilon):
 //! its variance within a confidence band, and a chi-square goodness-of-fit test.
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
 
 use chrono::Utc;
 use cxrfed_auth::{Identity, Role};

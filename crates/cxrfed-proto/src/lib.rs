@@ -18,8 +18,10 @@ pub mod v1 {
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("cxrfed_descriptor");
 
 mod convert;
+pub mod labels;
 
 pub use convert::{ConversionError, custom_kind, timestamp};
+pub use labels::Label;
 
 /// The largest piece of a weights transfer on a link (1 MiB): no message comes near gRPC's
 /// 4 MiB default limit, whatever the model size.

@@ -189,7 +189,7 @@ impl DpRelease {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    ::hex::encode(bytes)
 }
 
 type CellsMeasurement = Measurement<

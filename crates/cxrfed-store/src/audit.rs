@@ -81,7 +81,7 @@ struct Head {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    ::hex::encode(bytes)
 }
 
 /// The outcome of [`RecordStore::verify_audit`].

@@ -167,7 +167,7 @@ pub struct RecordsArgs {
 }
 
 pub fn run<T>(future: impl Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
-    crate::logging::init_client();
+    cxrfed_server::logging::init_client();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?

@@ -1,80 +1,35 @@
-//! `cxrfed coordinator serve | status | stop | sites` and `cxrfed query` (a federated DP
-//! query, signed with the researcher's key).
+//! `cxrfed coordinator status | stop | sites` and `cxrfed query` (a federated DP query, signed
+//! with the researcher's key); `cxrfed coordinator serve` runs the `cxrfed-coordinator` binary.
 
 use std::io::Write;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use clap::{Args, Subcommand};
-use cxrfed_coordinator::CoordinatorConfig;
+use cxrfed_proto::Label;
 use cxrfed_proto::v1 as pb;
 use cxrfed_proto::v1::coordinator_service_client::CoordinatorServiceClient;
-use serde::Serialize;
+use cxrfed_server::process;
+use cxrfed_server::{Layout, ServerKind};
 
 use crate::client::{Credentials, status_error};
-use crate::node_cmd::{PidFile, alive, detach_process, last_lines, read_pid_at, stop_process};
 use crate::stats_cmd::print_table;
 
 const DEFAULT_COORDINATOR: &str = "https://127.0.0.1:50061";
 
 #[derive(Debug, Subcommand)]
 pub enum CoordinatorCommand {
-    /// Start the coordinator's gRPC server (mutual TLS, coordinator certificate).
-    Serve(Box<ServeArgs>),
+    /// Start the coordinator's gRPC server (mutual TLS, coordinator certificate); runs the
+    /// `cxrfed-coordinator` binary (`cxrfed coordinator serve --help` for its flags).
+    Serve(crate::exec::PassThrough),
     /// Whether the coordinator of a data directory runs, and its last log lines.
     Status(DataDirArgs),
     /// Stop the coordinator of a data directory gracefully.
     Stop(DataDirArgs),
     /// The registry of sites: identity, connected, last seen, version, model, records.
     Sites(SitesArgs),
-}
-
-#[derive(Debug, Args, Serialize)]
-pub struct ServeArgs {
-    /// TOML configuration file (keys as in CoordinatorConfig).
-    #[arg(long, env = "CXRFED_CONFIG")]
-    #[serde(skip)]
-    config: Option<PathBuf>,
-    /// Data directory (registry, audit chain, logs, PID file)
-    /// [default: ~/.local/share/cxrfed/coordinator].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    data_dir: Option<PathBuf>,
-    /// Listen address [default: 127.0.0.1:50061].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    listen: Option<SocketAddr>,
-    #[arg(long, env = "CXRFED_CA")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    ca: Option<PathBuf>,
-    /// The coordinator's certificate (`cxrfed certs issue --role coordinator`).
-    #[arg(long, env = "CXRFED_CERT")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    cert: Option<PathBuf>,
-    #[arg(long, env = "CXRFED_KEY")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    key: Option<PathBuf>,
-    #[arg(long, env = "CXRFED_CRL")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    crl: Option<PathBuf>,
-    /// Pooled noisy counts below this are withheld [default: 10].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    suppress_below: Option<u64>,
-    /// Seconds between node heartbeats [default: 10].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    heartbeat_secs: Option<u32>,
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    log_level: Option<String>,
-    /// Start in the background and return once the coordinator accepts connections.
-    #[arg(long)]
-    #[serde(skip)]
-    detach: bool,
 }
 
 #[derive(Debug, Args)]
@@ -94,73 +49,32 @@ pub struct SitesArgs {
     json: bool,
 }
 
-fn pid_path(data_dir: &Path) -> PathBuf {
-    data_dir.join("coordinator.pid")
+fn layout(data_dir: Option<PathBuf>) -> Layout {
+    ServerKind::Coordinator
+        .layout(data_dir.unwrap_or_else(|| ServerKind::Coordinator.default_data_dir()))
 }
 
 pub fn run(command: CoordinatorCommand) -> anyhow::Result<ExitCode> {
     match command {
-        CoordinatorCommand::Serve(args) => serve(*args),
+        CoordinatorCommand::Serve(args) => crate::exec::sibling(
+            ServerKind::Coordinator.binary(),
+            "cxrfed coordinator",
+            &["serve"],
+            args,
+        ),
         CoordinatorCommand::Status(args) => status(args),
         CoordinatorCommand::Stop(args) => {
-            let dir = args
-                .data_dir
-                .unwrap_or_else(cxrfed_coordinator::config::default_data_dir);
-            stop_process(&dir, &pid_path(&dir), "coordinator", 30)
+            process::stop(&layout(args.data_dir), Duration::from_secs(30))
         }
         CoordinatorCommand::Sites(args) => crate::client::run(sites(args)),
     }
 }
 
-fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let config = CoordinatorConfig::load(args.config.as_deref(), &args)?;
-    if let Some(running) = read_pid_at(&config.pid_path()).filter(|p| alive(p.pid)) {
-        bail!(
-            "a coordinator is already running on {} (pid {}, listening on {})",
-            config.data_dir.display(),
-            running.pid,
-            running.listen
-        );
-    }
-    if args.detach {
-        return detach_process(&config.data_dir, &config.pid_path(), "coordinator");
-    }
-    let _guard =
-        crate::logging::init_server(&config.log_dir(), "coordinator.log", &config.log_level)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", config.listen))?;
-        let mut config = config;
-        config.listen = listener.local_addr()?;
-        std::fs::create_dir_all(&config.data_dir)?;
-        let pid = PidFile {
-            pid: std::process::id(),
-            listen: config.listen,
-            started_at: chrono::Utc::now().to_rfc3339(),
-            tls: true,
-        };
-        let path = config.pid_path();
-        std::fs::write(&path, serde_json::to_vec(&pid)?)?;
-        let shutdown = crate::node_cmd::shutdown_on_signals();
-        let result = cxrfed_coordinator::serve(config, listener, shutdown).await;
-        if read_pid_at(&path).is_some_and(|p| p.pid == std::process::id()) {
-            let _ = std::fs::remove_file(&path);
-        }
-        result.map_err(anyhow::Error::from)
-    })?;
-    Ok(ExitCode::SUCCESS)
-}
-
 fn status(args: DataDirArgs) -> anyhow::Result<ExitCode> {
-    let dir = args
-        .data_dir
-        .unwrap_or_else(cxrfed_coordinator::config::default_data_dir);
-    let logs = last_lines(&dir.join("logs").join("coordinator.log"), 5);
-    match read_pid_at(&pid_path(&dir)).filter(|p| alive(p.pid)) {
+    let layout = layout(args.data_dir);
+    let dir = layout.data_dir();
+    let logs = process::last_lines(&layout.log_file(), 5);
+    match process::running(&layout) {
         Some(pid) => {
             println!("coordinator: running");
             println!("  pid:            {}", pid.pid);
@@ -290,9 +204,9 @@ fn signed_query(
         delta: args.delta,
         mechanism: args.mechanism.clone(),
         sites: args.sites.clone(),
-        ..cxrfed_coordinator::intent::new(study, &args.query, args.epsilon, valid_for)?
+        ..cxrfed_server::intent::new(study, &args.query, args.epsilon, valid_for)?
     };
-    Ok(cxrfed_coordinator::intent::sign(signer, &intent)?)
+    Ok(cxrfed_server::intent::sign(signer, &intent)?)
 }
 
 pub async fn query(args: QueryArgs) -> anyhow::Result<ExitCode> {
@@ -372,7 +286,7 @@ pub async fn query(args: QueryArgs) -> anyhow::Result<ExitCode> {
                 "suppress_below": r.suppress_below,
                 "answered": r.answered,
                 "sites": r.sites.iter().map(|s| serde_json::json!({
-                    "site": s.site, "answered": s.answered, "status": s.status,
+                    "site": s.site, "answered": s.answered, "status": s.status().label(),
                     "reason": s.reason, "epsilon": s.epsilon, "delta": s.delta,
                     "epsilon_remaining": s.epsilon_remaining, "audit_seq": s.audit_seq,
                 })).collect::<Vec<_>>(),
@@ -412,7 +326,7 @@ pub async fn query(args: QueryArgs) -> anyhow::Result<ExitCode> {
                 .map(|s| {
                     vec![
                         s.site.clone(),
-                        s.status.clone(),
+                        s.status().label(),
                         s.epsilon.to_string(),
                         if s.answered {
                             s.epsilon_remaining.to_string()

@@ -114,7 +114,7 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.dir.is_dir(), "{} is not a folder", args.dir.display());
     let client = args.credentials.connect_node(args.node.as_deref()).await?;
 
-    let files = cxrfed_node::jobs::files_under(&args.dir);
+    let files = cxrfed_imaging::sniff::files_under(&args.dir);
     let done = load_state(&args.state);
     let mut state = std::fs::OpenOptions::new()
         .create(true)

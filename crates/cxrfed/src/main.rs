@@ -1,4 +1,9 @@
-//! `cxrfed`: the one binary. Runs a node, and talks to nodes as a client.
+//! `cxrfed`: the command line. A client of nodes and the coordinator; `cxrfed node serve`,
+//! `cxrfed coordinator serve` and `cxrfed model ...` run the sibling `cxrfed-node` and
+//! `cxrfed-coordinator` binaries (git-style), so this one starts fast and small.
+//!
+//! Architecture invariant: this binary never depends on tch or torch-sys (CI checks it with
+//! `cargo tree`), nor on the node's or the coordinator's crates.
 //!
 //! cxrfed is a research tool, not a diagnostic device.
 
@@ -7,11 +12,11 @@
 mod certs_cmd;
 mod client;
 mod coordinator_cmd;
+mod exec;
 mod fields_cmd;
 mod ingest_cmd;
-mod logging;
-mod model_cmd;
 mod node_cmd;
+mod phantom_cmd;
 mod plot;
 mod privacy_cmd;
 mod stats_cmd;
@@ -20,11 +25,6 @@ mod train_cmd;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-
-/// mimalloc keeps freed pages for reuse: every image allocates several full-resolution
-/// buffers, which glibc would map and page-fault afresh each time.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -47,21 +47,25 @@ enum Command {
     /// A federated, differentially private query through the coordinator: every site charges
     /// your budget there, the coordinator pools the noisy answers.
     Query(coordinator_cmd::QueryArgs),
-    /// Launch a federated fine-tuning job on the coordinator (study admin) and follow its
-    /// rounds.
-    Train(train_cmd::TrainArgs),
-    /// The coordinator's training jobs.
-    Jobs(train_cmd::JobsArgs),
-    /// One training job: status (round log, live with --follow) or cancel.
+    /// Federated fine-tuning jobs on the coordinator: start (study admin), list, status
+    /// (round log, live with --follow), cancel.
     Job {
         #[command(subcommand)]
         command: train_cmd::JobCommand,
     },
-    /// The coordinator's model registry: every global model version with its lineage.
-    Models {
+    /// The coordinator's model registry: every global model version with its lineage; import
+    /// and promote (study admin). `cxrfed model` is local model work.
+    #[command(alias = "models")]
+    Registry {
         #[command(subcommand)]
         command: train_cmd::ModelsCommand,
     },
+    /// Old spelling of `cxrfed job start` (kept for one version).
+    #[command(hide = true)]
+    Train(train_cmd::TrainArgs),
+    /// Old spelling of `cxrfed job list` (kept for one version).
+    #[command(hide = true)]
+    Jobs(train_cmd::JobsArgs),
     /// Run and manage a node (the service a hospital runs).
     Node {
         #[command(subcommand)]
@@ -79,7 +83,7 @@ enum Command {
     /// List a node's stored records as JSON lines.
     Records(client::RecordsArgs),
     /// Generate synthetic chest X-ray phantoms with exact ground truth (DICOM + labels).
-    Phantom(model_cmd::PhantomArgs),
+    Phantom(phantom_cmd::PhantomArgs),
     /// Cohort statistics from a node: count, histogram, crosstab, summary, sum, mean. Exact for
     /// the site admin; with --dp, differentially private (researchers), charged to your budget.
     Stats(stats_cmd::StatsArgs),
@@ -104,17 +108,16 @@ enum Command {
         #[command(subcommand)]
         command: certs_cmd::CertsCommand,
     },
-    /// Train, evaluate and inspect extraction models.
-    Model {
-        #[command(subcommand)]
-        command: model_cmd::ModelCommand,
-    },
+    /// Train, evaluate and inspect extraction models (train, eval, info); runs the
+    /// `cxrfed-node` binary, which links libtorch (`cxrfed model --help` for its commands).
+    Model(exec::PassThrough),
 }
 
 #[derive(Debug, Subcommand)]
 enum NodeCommand {
-    /// Start the node's gRPC server.
-    Serve(Box<node_cmd::ServeArgs>),
+    /// Start the node's gRPC server; runs the `cxrfed-node` binary (`cxrfed node serve
+    /// --help` for its flags).
+    Serve(exec::PassThrough),
     /// Show whether the node of a data directory runs: PID, address, uptime, records, last log lines.
     Status(node_cmd::StatusArgs),
     /// Ingest a folder on this machine's disk inside the running node (a background job);
@@ -135,12 +138,28 @@ enum NodeCommand {
     },
 }
 
+/// A note on stderr when an old spelling is used.
+fn renamed(old: &str, new: &str) {
+    eprintln!("note: `{old}` is now `{new}`; the old spelling goes in the next version");
+}
+
+/// The command scheme is noun then verb. A bare noun is a client command against the node
+/// (`--node URL`) or coordinator (`--coordinator URL`) you name: `records`, `stats`, `ingest`
+/// (upload a folder from here), `budget` (your own), `job`, `registry`, `query`. `cxrfed node
+/// ...` are the site admin's commands on the node of a local data directory (`--data-dir`):
+/// `serve`, `status`, `stop`, `ingest` (a folder on the node's disk), `budget` (everyone's),
+/// `audit`. `cxrfed model ...` is local model work (the cxrfed-node binary).
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Node {
             command: NodeCommand::Serve(args),
-        } => node_cmd::serve(*args),
+        } => exec::sibling(
+            cxrfed_server::ServerKind::Node.binary(),
+            "cxrfed node",
+            &["serve"],
+            args,
+        ),
         Command::Node {
             command: NodeCommand::Status(args),
         } => node_cmd::status(args),
@@ -159,16 +178,27 @@ fn main() -> ExitCode {
         Command::Budget(args) => client::run(privacy_cmd::budget(args)),
         Command::Coordinator { command } => coordinator_cmd::run(command),
         Command::Query(args) => client::run(coordinator_cmd::query(args)),
-        Command::Train(args) => client::run(train_cmd::train(args)),
-        Command::Jobs(args) => client::run(train_cmd::jobs(args)),
+        Command::Train(args) => {
+            renamed("cxrfed train", "cxrfed job start");
+            client::run(train_cmd::train(args))
+        }
+        Command::Jobs(args) => {
+            renamed("cxrfed jobs", "cxrfed job list");
+            client::run(train_cmd::jobs(args))
+        }
         Command::Job { command } => client::run(train_cmd::job(command)),
-        Command::Models { command } => client::run(train_cmd::models(command)),
+        Command::Registry { command } => client::run(train_cmd::models(command)),
         Command::Extract(args) => client::run(client::extract(args)),
         Command::Records(args) => client::run(client::records(args)),
         Command::Ask(args) => client::run(client::ask(args)),
         Command::Ingest(args) => client::run(ingest_cmd::ingest(args)),
-        Command::Phantom(args) => model_cmd::phantom(args),
-        Command::Model { command } => model_cmd::run(command),
+        Command::Phantom(args) => phantom_cmd::phantom(args),
+        Command::Model(args) => exec::sibling(
+            cxrfed_server::ServerKind::Node.binary(),
+            "cxrfed",
+            &["model"],
+            args,
+        ),
         Command::Certs { command } => certs_cmd::run(command),
         Command::Field { command } => client::run(fields_cmd::field(command)),
         Command::Annotate { command } => client::run(fields_cmd::annotate(command)),

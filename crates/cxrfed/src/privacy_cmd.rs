@@ -255,7 +255,7 @@ pub async fn budget(args: BudgetArgs) -> anyhow::Result<ExitCode> {
 #[derive(Debug, Args)]
 pub struct LocalNode {
     /// Node data directory [default: the embedded default].
-    #[arg(long, env = "CXRFED_DATA_DIR")]
+    #[arg(long, env = "CXRFED_NODE_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// Credentials (the site admin).
     #[command(flatten)]
@@ -266,7 +266,7 @@ impl LocalNode {
     fn data_dir(&self) -> PathBuf {
         self.data_dir
             .clone()
-            .unwrap_or_else(cxrfed_node::config::default_data_dir)
+            .unwrap_or_else(|| cxrfed_server::ServerKind::Node.default_data_dir())
     }
 
     async fn connect(
@@ -365,11 +365,7 @@ pub enum AuditCommand {
 
 /// Opens a stopped node's store directly (a running node holds its lock: ask it instead).
 fn open_store(data_dir: &std::path::Path) -> anyhow::Result<cxrfed_store::RecordStore> {
-    let config = cxrfed_node::NodeConfig {
-        data_dir: data_dir.to_path_buf(),
-        ..Default::default()
-    };
-    let store_dir = config.store_dir();
+    let store_dir = cxrfed_server::ServerKind::Node.layout(data_dir).store_dir();
     if !store_dir.exists() {
         bail!("{} holds no node store", data_dir.display());
     }

@@ -176,53 +176,66 @@ pub async fn stats(args: StatsArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// A plain-text table: numbers right-aligned (but the first column), a rule under the header.
+/// A plain-text table (comfy-table, no borders): numbers right-aligned (but the first
+/// column), a rule under the header, two spaces between columns.
 pub fn print_table(
     out: &mut impl Write,
     header: &[String],
     body: &[Vec<String>],
 ) -> std::io::Result<()> {
-    let mut widths: Vec<usize> = header.iter().map(|c| c.chars().count()).collect();
+    use comfy_table::{Cell, CellAlignment, ContentArrangement, Table};
+    // Only the header rule: every other component of the preset is blank.
+    const HEADER_RULE_ONLY: &str = "     -             ";
+    let mut table = Table::new();
+    table
+        .load_preset(HEADER_RULE_ONLY)
+        .set_content_arrangement(ContentArrangement::Disabled)
+        .set_header(header.iter().map(Cell::new));
     for row in body {
-        for (i, cell) in row.iter().enumerate() {
-            if let Some(w) = widths.get_mut(i) {
-                *w = (*w).max(cell.chars().count());
+        table.add_row(row.iter().enumerate().map(|(i, c)| {
+            let numeric = c
+                .split_whitespace()
+                .next()
+                .is_some_and(|n| n.parse::<f64>().is_ok());
+            let cell = Cell::new(c);
+            if numeric && i > 0 {
+                cell.set_alignment(CellAlignment::Right)
+            } else {
+                cell
             }
-        }
+        }));
     }
-    let line = |cells: &[String]| {
-        cells
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                let w = widths.get(i).copied().unwrap_or(0);
-                let numeric = c
-                    .split_whitespace()
-                    .next()
-                    .is_some_and(|n| n.parse::<f64>().is_ok());
-                if numeric && i > 0 {
-                    format!("{c:>w$}")
-                } else {
-                    format!("{c:<w$}")
-                }
-            })
-            .collect::<Vec<_>>()
-            .join("  ")
-    };
-    writeln!(out, "{}", line(header))?;
-    writeln!(
-        out,
-        "{}",
-        widths
-            .iter()
-            .map(|w| "-".repeat(*w))
-            .collect::<Vec<_>>()
-            .join("  ")
-    )?;
-    for row in body {
-        writeln!(out, "{}", line(row))?;
+    let last = header.len().saturating_sub(1);
+    for (i, column) in table.column_iter_mut().enumerate() {
+        column.set_padding((0, if i == last { 0 } else { 2 }));
+    }
+    for line in table.lines() {
+        writeln!(out, "{}", line.trim_end())?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod table_tests {
+    #[test]
+    fn tables_align_numbers_under_a_header_rule() {
+        let mut out = Vec::new();
+        super::print_table(
+            &mut out,
+            &["site".into(), "count".into(), "status".into()],
+            &[
+                vec!["a".into(), "12".into(), "ok".into()],
+                vec!["longer-site".into(), "3".into(), "budget_exhausted".into()],
+            ],
+        )
+        .expect("print");
+        let text = String::from_utf8(out).expect("utf-8");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "site         count  status");
+        assert!(lines[1].starts_with("-----") && !lines[1].contains(' '));
+        assert_eq!(lines[2], "a               12  ok");
+        assert_eq!(lines[3], "longer-site      3  budget_exhausted");
+    }
 }
 
 pub async fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {

@@ -1,5 +1,6 @@
-//! Federated fine-tuning from the study admin's seat: `cxrfed train --job job.toml`,
-//! `cxrfed jobs`, `cxrfed job status|cancel ID`, `cxrfed models list|show`.
+//! Federated fine-tuning from the study admin's seat: `cxrfed job start|list|status|cancel`
+//! and the model registry, `cxrfed registry list|show|import|promote`. The first generation's
+//! spellings (`train`, `jobs`, `models`) still work, hidden, for one version.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -9,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
+use cxrfed_proto::Label;
 use cxrfed_proto::v1 as pb;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
@@ -49,6 +51,10 @@ pub struct JobsArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum JobCommand {
+    /// Launch a federated fine-tuning job from a job file (study admin) and follow its rounds.
+    Start(TrainArgs),
+    /// The coordinator's training jobs.
+    List(JobsArgs),
     /// A job's round log: per round, per site, per field; --follow shows live progress.
     Status(JobStatusArgs),
     /// Cancel a running job (nothing more is committed).
@@ -119,7 +125,10 @@ pub async fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
         .into_inner();
     eprintln!(
         "job {} started: {} rounds of {} from {}",
-        job.job_id, job.rounds, job.algorithm, job.base_model
+        job.job_id,
+        job.rounds,
+        job.algorithm().label(),
+        job.base_model
     );
     if args.detach {
         println!("{}", job.job_id);
@@ -155,7 +164,7 @@ async fn follow(c: &mut Client, job_id: &str) -> anyhow::Result<ExitCode> {
         let job = get(c, job_id).await?;
         rounds.set_length(u64::from(job.rounds));
         rounds.set_position(u64::from(job.completed_rounds));
-        rounds.set_message(format!("{} ({})", job.state, job.latest_model));
+        rounds.set_message(format!("{} ({})", job.state().label(), job.latest_model));
         if let Some(last) = job.round_log.last() {
             for s in &last.sites {
                 let bar = sites.entry(s.site.clone()).or_insert_with(|| {
@@ -171,7 +180,7 @@ async fn follow(c: &mut Client, job_id: &str) -> anyhow::Result<ExitCode> {
                     "round {} attempt {}: {}{}",
                     last.round,
                     last.attempt,
-                    s.status,
+                    s.status().label(),
                     if s.samples > 0 {
                         format!(" ({} samples, loss {:.4})", s.samples, s.train_loss)
                     } else {
@@ -181,7 +190,7 @@ async fn follow(c: &mut Client, job_id: &str) -> anyhow::Result<ExitCode> {
                 bar.tick();
             }
         }
-        if job.state != "running" {
+        if job.state() != pb::JobState::Running {
             break job;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -191,7 +200,7 @@ async fn follow(c: &mut Client, job_id: &str) -> anyhow::Result<ExitCode> {
         bar.finish();
     }
     print_summary(&job)?;
-    Ok(if job.state == "completed" {
+    Ok(if job.state() == pb::JobState::Completed {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
@@ -247,14 +256,14 @@ fn print_summary(job: &pb::JobInfo) -> anyhow::Result<()> {
     let fmt = |v: Option<&f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.3}"));
     let mut body = Vec::new();
     for r in &job.round_log {
-        let round = if r.state == "evaluation" {
+        let round = if r.state() == pb::RoundState::Evaluation {
             "final".to_string()
         } else {
             format!("{}.{}", r.round, r.attempt)
         };
         let mut pooled = vec![
             round.clone(),
-            r.state.clone(),
+            r.state().label(),
             "(pooled)".into(),
             format!("{:.1}s", r.seconds),
             r.sites.iter().map(|s| s.samples).sum::<u64>().to_string(),
@@ -273,9 +282,9 @@ fn print_summary(job: &pb::JobInfo) -> anyhow::Result<()> {
                 String::new(),
                 s.site.clone(),
                 if s.reason.is_empty() {
-                    s.status.clone()
+                    s.status().label()
                 } else {
-                    format!("{}: {}", s.status, s.reason)
+                    format!("{}: {}", s.status().label(), s.reason)
                 },
                 s.samples.to_string(),
                 s.eval_samples.to_string(),
@@ -311,9 +320,9 @@ pub async fn jobs(args: JobsArgs) -> anyhow::Result<ExitCode> {
             .iter()
             .map(|j| {
                 serde_json::json!({
-                    "job_id": j.job_id, "state": j.state, "reason": j.reason,
+                    "job_id": j.job_id, "state": j.state().label(), "reason": j.reason,
                     "rounds": j.rounds, "completed_rounds": j.completed_rounds,
-                    "algorithm": j.algorithm, "base_model": j.base_model,
+                    "algorithm": j.algorithm().label(), "base_model": j.base_model,
                     "latest_model": j.latest_model, "created_at": j.created_at,
                     "created_by": j.created_by, "dp_epsilon": j.dp_epsilon,
                 })
@@ -339,9 +348,9 @@ pub async fn jobs(args: JobsArgs) -> anyhow::Result<ExitCode> {
         .map(|j| {
             vec![
                 j.job_id.clone(),
-                j.state.clone(),
+                j.state().label(),
                 format!("{}/{}", j.completed_rounds, j.rounds),
-                j.algorithm.clone(),
+                j.algorithm().label(),
                 j.base_model.clone(),
                 j.latest_model.clone(),
                 j.created_at.clone(),
@@ -354,6 +363,8 @@ pub async fn jobs(args: JobsArgs) -> anyhow::Result<ExitCode> {
 
 pub async fn job(command: JobCommand) -> anyhow::Result<ExitCode> {
     match command {
+        JobCommand::Start(args) => train(args).await,
+        JobCommand::List(args) => jobs(args).await,
         JobCommand::Status(args) => {
             let mut c =
                 client(args.target.coordinator.as_deref(), &args.target.credentials).await?;
@@ -369,12 +380,12 @@ pub async fn job(command: JobCommand) -> anyhow::Result<ExitCode> {
                     .iter()
                     .map(|r| {
                         serde_json::json!({
-                            "round": r.round, "attempt": r.attempt, "state": r.state,
+                            "round": r.round, "attempt": r.attempt, "state": r.state().label(),
                             "reason": r.reason, "model_version": r.model_version,
                             "pooled_metrics": r.pooled_metrics, "seconds": r.seconds,
                             "bytes_down": r.bytes_down, "bytes_up": r.bytes_up,
                             "sites": r.sites.iter().map(|s| serde_json::json!({
-                                "site": s.site, "status": s.status, "reason": s.reason,
+                                "site": s.site, "status": s.status().label(), "reason": s.reason,
                                 "samples": s.samples, "eval_samples": s.eval_samples,
                                 "train_loss": s.train_loss, "train_seconds": s.train_seconds,
                                 "metrics": s.metrics, "update_bytes": s.update_bytes,
@@ -383,9 +394,9 @@ pub async fn job(command: JobCommand) -> anyhow::Result<ExitCode> {
                     })
                     .collect();
                 let doc = serde_json::json!({
-                    "job_id": job.job_id, "state": job.state, "reason": job.reason,
+                    "job_id": job.job_id, "state": job.state().label(), "reason": job.reason,
                     "rounds": job.rounds, "completed_rounds": job.completed_rounds,
-                    "algorithm": job.algorithm, "base_model": job.base_model,
+                    "algorithm": job.algorithm().label(), "base_model": job.base_model,
                     "latest_model": job.latest_model, "dp_epsilon": job.dp_epsilon,
                     "dp_delta": job.dp_delta, "spec": spec, "round_log": rounds,
                 });

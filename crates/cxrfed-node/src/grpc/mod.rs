@@ -1,4 +1,7 @@
-//! `cxrfed.v1.NodeService`: extraction, record retrieval and status.
+//! `cxrfed.v1.NodeService`, the node's gRPC layer: each handler takes the request apart
+//! (`Rpc::of`), runs the domain call inside `Rpc::observe` (span, request id, in-flight count,
+//! one log line) and converts the answer. The domain (extraction, statistics and DP releases,
+//! ingest jobs, exports) lives below it; nothing below imports this module.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -8,116 +11,29 @@ use std::time::Instant;
 use chrono::{DateTime, Utc};
 use cxrfed_proto::v1 as pb;
 use cxrfed_proto::v1::node_service_server::NodeService;
-use cxrfed_store::{Inserted, RecordFilter, RecordStore};
+use cxrfed_store::RecordFilter;
 use tokio_stream::Stream;
-use tokio_util::sync::CancellationToken;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, Span, field};
 
-use crate::config::NodeConfig;
 use crate::error::NodeError;
-use crate::pipeline::Pipeline;
+use crate::privacy::{budget_account, dp_response};
+use crate::state::Node;
 
 /// Upload chunks above this size are refused by the transport (the client sends 1 MiB).
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024 + 64 * 1024;
 const DEFAULT_PAGE_SIZE: u32 = 100;
 const MAX_PAGE_SIZE: u32 = 1000;
 
-/// Shared state of one running node.
-#[derive(Debug)]
-pub struct NodeState {
-    pub config: NodeConfig,
-    pub store: RecordStore,
-    pub pipeline: Pipeline,
-    pub started_at: DateTime<Utc>,
-    pub started: Instant,
-    pub in_flight: AtomicU32,
-    pub shutdown: CancellationToken,
-    /// The columnar form of the stored records, updated after every stored record.
-    pub columns: Arc<std::sync::RwLock<cxrfed_stats::Columns>>,
-    /// The study this node serves (from its certificate).
-    pub study: String,
-    /// Differential privacy settings.
-    pub dp: crate::privacy::DpSettings,
-    /// The node's TLS material (None under --insecure-dev): verifies the certificates of
-    /// researchers who sign federated queries.
-    pub tls: Option<Arc<cxrfed_auth::ReloadingTls>>,
-    /// Maps questions to fields for `Ask`.
-    pub lexicon: cxrfed_schema::lexicon::Lexicon,
-    /// Ingest jobs started on this node (newest last).
-    pub jobs: crate::jobs::Jobs,
-    /// Custom field definitions (latest versions), by name.
-    pub custom_fields: std::sync::RwLock<
-        std::collections::BTreeMap<String, cxrfed_schema::custom::FieldDefinition>,
-    >,
-}
-
-impl NodeState {
-    /// Decodes, runs the model and stores one image (the path of `Extract` and of ingest
-    /// jobs). Returns the record and whether it was created.
-    pub async fn extract_and_store(
-        &self,
-        bytes: Vec<u8>,
-        filename: &str,
-        force: bool,
-        request_id: String,
-    ) -> Result<(cxrfed_schema::Record, bool), NodeError> {
-        let mut extraction = self.pipeline.extract(bytes, request_id).await?;
-        if let Some(note) = extension_note(filename, extraction.record.source.format) {
-            extraction.record.processing_notes.push(note);
-        }
-        let span = Span::current();
-        span.record("image_sha256", extraction.record.image_sha256.as_str());
-        let (size, pixels) = &extraction.input;
-        self.store
-            .put_input(&extraction.record.image_sha256, *size, pixels)?;
-        let (record, created) = match self.store.insert(extraction.record, force).await? {
-            Inserted::Created(record) => {
-                // The store is the source of truth; the columns follow it (and are rebuilt from
-                // it at start-up, so a crash between the two loses nothing).
-                if let Ok(mut columns) = self.columns.write() {
-                    columns.upsert(&record);
-                }
-                (record, true)
-            }
-            Inserted::Existing(record) => (record, false),
-        };
-        span.record("record_id", record.record_id.as_str());
-        Ok((record, created))
-    }
-
-    /// A stored record with its image's annotations attached.
-    pub fn with_annotations(
-        &self,
-        mut record: cxrfed_schema::Record,
-    ) -> Result<cxrfed_schema::Record, NodeError> {
-        record.annotations = self.store.annotations_of(&record.image_sha256)?;
-        if let Ok(fields) = self.custom_fields.read() {
-            record.custom_fields = fields
-                .keys()
-                .map(|name| {
-                    let value = record
-                        .annotations
-                        .iter()
-                        .find(|a| &a.field == name)
-                        .map(|a| a.value.clone());
-                    (name.clone(), value)
-                })
-                .collect();
-        }
-        Ok(record)
-    }
-}
-
 /// The gRPC face of the node.
 #[derive(Debug, Clone)]
 pub struct NodeApi {
-    state: Arc<NodeState>,
+    state: Arc<Node>,
 }
 
 impl NodeApi {
-    pub fn new(state: Arc<NodeState>) -> Self {
+    pub fn new(state: Arc<Node>) -> Self {
         NodeApi { state }
     }
 }
@@ -178,43 +94,70 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// Runs one RPC inside its span and writes the one log line per request: method, request id,
-/// image hash and record id when known, processing time and outcome.
-async fn observe<T, F>(
-    state: &NodeState,
-    method: &'static str,
-    peer: &Caller,
-    metadata: &MetadataMap,
-    handler: impl FnOnce(String) -> F,
-) -> Result<Response<T>, Status>
-where
-    F: Future<Output = Result<T, NodeError>>,
-{
-    let request_id = request_id(metadata);
-    let span = tracing::info_span!(
-        "rpc",
-        method,
-        request_id = %request_id,
-        // The caller's address and the identity its certificate carries (set by the
-        // authorization layer, which has already admitted it).
-        peer = %peer.remote.map(|p| p.to_string()).unwrap_or_default(),
-        identity = peer.identity.as_deref().unwrap_or("-"),
-        image_sha256 = field::Empty,
-        record_id = field::Empty,
-    );
-    let _guard = InFlight::enter(&state.in_flight);
-    let started = Instant::now();
-    let result = handler(request_id.clone()).instrument(span.clone()).await;
-    let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
-    span.in_scope(|| match &result {
-        Ok(_) => tracing::info!(outcome = "ok", elapsed_ms, "request finished"),
-        Err(e) => tracing::warn!(outcome = e.kind(), elapsed_ms, error = %e, "request failed"),
-    });
-    let mut response = result.map(Response::new).map_err(Status::from)?;
-    if let Ok(value) = request_id.parse() {
-        response.metadata_mut().insert("x-request-id", value);
+/// One admitted request: the method the authorization layer resolved, the request id and
+/// the caller. Every handler starts with `Rpc::of` and runs inside `observe`.
+struct Rpc {
+    method: String,
+    request_id: String,
+    caller: Caller,
+}
+
+impl Rpc {
+    /// The request's method, id and caller (the caller also returned for the handler's use).
+    fn of<T>(request: &Request<T>) -> (Rpc, Caller) {
+        let caller = Caller::of(request);
+        let method = request
+            .extensions()
+            .get::<cxrfed_auth::RpcMethod>()
+            .map_or_else(|| "unknown".to_string(), |m| m.as_str().to_string());
+        let rpc = Rpc {
+            method,
+            request_id: request_id(request.metadata()),
+            caller: caller.clone(),
+        };
+        (rpc, caller)
     }
-    Ok(response)
+
+    /// Runs the handler inside the request's span and writes the one log line per request:
+    /// method, request id, image hash and record id when known, processing time and outcome.
+    async fn observe<T, F>(
+        self,
+        state: &Node,
+        handler: impl FnOnce(String) -> F,
+    ) -> Result<Response<T>, Status>
+    where
+        F: Future<Output = Result<T, NodeError>>,
+    {
+        let Rpc {
+            method,
+            request_id,
+            caller,
+        } = self;
+        let span = tracing::info_span!(
+            "request",
+            method = method.as_str(),
+            request_id = %request_id,
+            // The caller's address and the identity its certificate carries (set by the
+            // authorization layer, which has already admitted it).
+            peer = %caller.remote.map(|p| p.to_string()).unwrap_or_default(),
+            identity = caller.identity.as_deref().unwrap_or("-"),
+            image_sha256 = field::Empty,
+            record_id = field::Empty,
+        );
+        let _guard = InFlight::enter(state.in_flight());
+        let started = Instant::now();
+        let result = handler(request_id.clone()).instrument(span.clone()).await;
+        let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+        span.in_scope(|| match &result {
+            Ok(_) => tracing::info!(outcome = "ok", elapsed_ms, "request finished"),
+            Err(e) => tracing::warn!(outcome = e.kind(), elapsed_ms, error = %e, "request failed"),
+        });
+        let mut response = result.map(Response::new).map_err(Status::from)?;
+        if let Ok(value) = request_id.parse() {
+            response.metadata_mut().insert("x-request-id", value);
+        }
+        Ok(response)
+    }
 }
 
 impl NodeApi {
@@ -231,12 +174,12 @@ impl NodeApi {
         }
         let record = self
             .state
-            .store
+            .store()
             .get(&id)?
             .ok_or_else(|| NodeError::NotFound(id.clone()))?;
         // Custom fields first: their synonyms are the study's own words.
         let lowered = request.question.to_lowercase();
-        let custom = self.state.custom_fields.read().ok().and_then(|fields| {
+        let custom = Some(self.state.custom_fields().read()).and_then(|fields| {
             fields
                 .values()
                 .flat_map(|f| {
@@ -249,14 +192,14 @@ impl NodeApi {
         });
         if let Some((definition, phrase)) = custom {
             let mut count = 0u64;
-            for a in self.state.store.annotations() {
+            for a in self.state.store().annotations() {
                 if a?.field == definition.name {
                     count += 1;
                 }
             }
             let own = self
                 .state
-                .store
+                .store()
                 .annotations_of(&record.image_sha256)?
                 .into_iter()
                 .find(|a| a.field == definition.name);
@@ -276,7 +219,7 @@ impl NodeApi {
                 ..Default::default()
             });
         }
-        let (field, phrase, yes) = match self.state.lexicon.interpret(&request.question) {
+        let (field, phrase, yes) = match self.state.lexicon().interpret(&request.question) {
             Interpretation::Unknown { suggestions } => {
                 let listed = suggestions
                     .iter()
@@ -335,7 +278,7 @@ impl NodeApi {
         };
         let updated = self
             .state
-            .store
+            .store()
             .append_question(
                 &id,
                 cxrfed_schema::QuestionAnswer {
@@ -372,7 +315,7 @@ impl NodeApi {
         &self,
         mut stream: Streaming<pb::ExtractRequest>,
     ) -> Result<(pb::ExtractHeader, Vec<u8>), NodeError> {
-        let limit = self.state.pipeline.limits().max_file_bytes;
+        let limit = self.state.pipeline().limits().max_file_bytes;
         let first = stream
             .message()
             .await
@@ -409,7 +352,7 @@ impl NodeApi {
         stream: Streaming<pb::ExtractRequest>,
         request_id: String,
     ) -> Result<pb::ExtractResponse, NodeError> {
-        if self.state.shutdown.is_cancelled() {
+        if self.state.shutdown().is_cancelled() {
             return Err(NodeError::ShuttingDown);
         }
         let (header, bytes) = self.receive_upload(stream).await?;
@@ -472,7 +415,10 @@ impl NodeApi {
             month_from: month("month_from", &request.month_from)?,
             month_to: month("month_to", &request.month_to)?,
         };
-        let (records, more) = self.state.store.list(after, page_size as usize, &filter)?;
+        let (records, more) = self
+            .state
+            .store()
+            .list(after, page_size as usize, &filter)?;
         let next_page_token = if more {
             records
                 .last()
@@ -605,89 +551,30 @@ fn caller_identity(peer: &Caller) -> Result<&cxrfed_auth::Identity, NodeError> {
         .ok_or_else(|| NodeError::Internal("the request carries no verified identity".into()))
 }
 
-/// A charged DP release as the proto message (the `DpStats` reply and a federated task's result).
-pub(crate) fn dp_response(released: crate::privacy::Released) -> pb::DpStatsResponse {
-    let r = released.release;
-    pb::DpStatsResponse {
-        statistic: r.statistic,
-        query: r.query,
-        label_columns: r.label_columns,
-        value_columns: r.value_columns,
-        rows: r
-            .rows
-            .into_iter()
-            .map(|row| pb::DpRow {
-                labels: row.labels,
-                values: row
-                    .values
-                    .into_iter()
-                    .map(|v| pb::DpValue {
-                        value: v.value,
-                        error_bound: v.error_bound,
-                    })
-                    .collect(),
-            })
-            .collect(),
-        epsilon: r.cost.epsilon,
-        delta: r.cost.delta,
-        mechanism: r.mechanism,
-        noise_scale: r.noise_scale,
-        confidence: r.confidence,
-        contributions: r.contributions,
-        suppress_below: r.suppress_below,
-        threshold: r.threshold.unwrap_or(0),
-        notes: r.notes,
-        budget: Some(budget_account(released.account)),
-        audit_seq: released.audit.seq,
-        audit_hash: released.audit.hash,
-        raw: r.raw,
-        value_scales: r.value_scales,
-    }
-}
-
-fn budget_account(account: cxrfed_store::Account) -> pb::BudgetAccount {
-    pb::BudgetAccount {
-        identity: account.identity,
-        epsilon_budget: account.epsilon_budget,
-        delta_budget: account.delta_budget,
-        epsilon_spent: account.epsilon_spent,
-        delta_spent: account.delta_spent,
-        epsilon_remaining: account.epsilon_remaining,
-        delta_remaining: account.delta_remaining,
-        releases: account.releases,
-        unlimited: account.unlimited,
-        updated_at: account.updated_at,
-    }
-}
-
 #[tonic::async_trait]
 impl NodeService for NodeApi {
     async fn extract(
         &self,
         request: Request<Streaming<pb::ExtractRequest>>,
     ) -> Result<Response<pb::ExtractResponse>, Status> {
-        let metadata = request.metadata().clone();
-        let peer = Caller::of(&request);
+        let (rpc, _) = Rpc::of(&request);
         let stream = request.into_inner();
-        observe(&self.state, "Extract", &peer, &metadata, |rid| {
-            self.extract_inner(stream, rid)
-        })
-        .await
+        rpc.observe(&self.state, |rid| self.extract_inner(stream, rid))
+            .await
     }
 
     async fn get_record(
         &self,
         request: Request<pb::GetRecordRequest>,
     ) -> Result<Response<pb::Record>, Status> {
-        let metadata = request.metadata().clone();
-        let peer = Caller::of(&request);
+        let (rpc, _) = Rpc::of(&request);
         let id = request.into_inner().record_id;
-        observe(&self.state, "GetRecord", &peer, &metadata, |_| async {
+        rpc.observe(&self.state, |_| async {
             uuid::Uuid::parse_str(&id).map_err(|_| {
                 NodeError::InvalidRequest(format!("record_id {id:?} is not a UUID"))
             })?;
             Span::current().record("record_id", id.as_str());
-            let store = self.state.store.clone();
+            let store = self.state.store().clone();
             let lookup = id.clone();
             let record = tokio::task::spawn_blocking(move || store.get(&lookup))
                 .await
@@ -706,10 +593,9 @@ impl NodeService for NodeApi {
         &self,
         request: Request<pb::ListRecordsRequest>,
     ) -> Result<Response<Self::ListRecordsStream>, Status> {
-        let metadata = request.metadata().clone();
-        let peer = Caller::of(&request);
+        let (rpc, _) = Rpc::of(&request);
         let request = request.into_inner();
-        observe(&self.state, "ListRecords", &peer, &metadata, |_| async {
+        rpc.observe(&self.state, |_| async {
             let api = self.clone();
             let items = tokio::task::spawn_blocking(move || api.list_inner(request))
                 .await
@@ -724,18 +610,14 @@ impl NodeService for NodeApi {
         &self,
         request: Request<pb::StatsRequest>,
     ) -> Result<Response<pb::StatsResponse>, Status> {
-        let metadata = request.metadata().clone();
-        let peer = Caller::of(&request);
+        let (rpc, peer) = Rpc::of(&request);
         let request = request.into_inner();
-        observe(&self.state, "Stats", &peer, &metadata, |_| async {
+        rpc.observe(&self.state, |_| async {
             let query = request_query(&request.query, request.structured)?;
             let canonical = query.canonical();
             let state = self.state.clone();
             let response = tokio::task::spawn_blocking(move || {
-                let columns = state
-                    .columns
-                    .read()
-                    .map_err(|_| NodeError::Internal("statistics index poisoned".into()))?;
+                let columns = state.columns().read();
                 let table = cxrfed_stats::exact_query(&columns, query).map_err(query_error)?;
                 tracing::info!(
                     statistic = table.statistic.as_str(),
@@ -764,7 +646,7 @@ impl NodeService for NodeApi {
             .map_err(|e| NodeError::Internal(format!("statistics task: {e}")))?;
             let (digest, response) = response?;
             self.state
-                .store
+                .store()
                 .audit(crate::privacy::event(
                     peer.who.as_ref(),
                     "Stats",
@@ -783,10 +665,9 @@ impl NodeService for NodeApi {
         &self,
         request: Request<pb::ExportRequest>,
     ) -> Result<Response<Self::ExportStream>, Status> {
-        let metadata = request.metadata().clone();
-        let peer = Caller::of(&request);
+        let (rpc, peer) = Rpc::of(&request);
         let request = request.into_inner();
-        observe(&self.state, "Export", &peer, &metadata, |_| async {
+        rpc.observe(&self.state, |_| async {
             let format = crate::export::Format::parse(&request.format).ok_or_else(|| {
                 NodeError::InvalidRequest(format!(
                     "export format {:?} must be csv, jsonl or parquet",
@@ -796,11 +677,7 @@ impl NodeService for NodeApi {
             let conditions =
                 cxrfed_stats::query::parse_filter(&request.r#where).map_err(query_error)?;
             let images = {
-                let columns = self
-                    .state
-                    .columns
-                    .read()
-                    .map_err(|_| NodeError::Internal("statistics index poisoned".into()))?;
+                let columns = self.state.columns().read();
                 let bound = cxrfed_stats::exact::bind(
                     &columns,
                     cxrfed_stats::Query {
@@ -821,7 +698,7 @@ impl NodeService for NodeApi {
             let mut exported: Vec<&String> = images.iter().collect();
             exported.sort();
             self.state
-                .store
+                .store()
                 .audit(crate::privacy::event(
                     peer.who.as_ref(),
                     "Export",
@@ -835,13 +712,8 @@ impl NodeService for NodeApi {
                 ))
                 .await?;
             let (tx, rx) = tokio::sync::mpsc::channel(4);
-            let store = self.state.store.clone();
-            let custom: Vec<String> = self
-                .state
-                .custom_fields
-                .read()
-                .map(|f| f.keys().cloned().collect())
-                .unwrap_or_default();
+            let store = self.state.store().clone();
+            let custom: Vec<String> = self.state.custom_fields().read().keys().cloned().collect();
             tokio::task::spawn_blocking(move || {
                 crate::export::produce(&store, &images, format, &custom, &tx);
             });
@@ -855,13 +727,10 @@ impl NodeService for NodeApi {
         &self,
         request: Request<pb::AskRequest>,
     ) -> Result<Response<pb::AskResponse>, Status> {
-        let metadata = request.metadata().clone();
-        let peer = Caller::of(&request);
+        let (rpc, _) = Rpc::of(&request);
         let request = request.into_inner();
-        observe(&self.state, "Ask", &peer, &metadata, |_| async {
-            self.ask_inner(request).await
-        })
-        .await
+        rpc.observe(&self.state, |_| async { self.ask_inner(request).await })
+            .await
     }
 
     async fn get_schema(
@@ -869,15 +738,15 @@ impl NodeService for NodeApi {
         request: Request<pb::GetSchemaRequest>,
     ) -> Result<Response<pb::GetSchemaResponse>, Status> {
         use cxrfed_schema::flat::{FIELDS, FieldKind};
-        let metadata = request.metadata().clone();
-        let peer = Caller::of(&request);
-        observe(&self.state, "GetSchema", &peer, &metadata, |_| async {
+        let (rpc, _) = Rpc::of(&request);
+        rpc.observe(&self.state, |_| async {
             let custom: Vec<cxrfed_schema::custom::FieldDefinition> = self
                 .state
-                .custom_fields
+                .custom_fields()
                 .read()
-                .map(|f| f.values().cloned().collect())
-                .unwrap_or_default();
+                .values()
+                .cloned()
+                .collect();
             let mut response = pb::GetSchemaResponse {
                 schema_version: cxrfed_schema::SCHEMA_VERSION.to_string(),
                 record_json_schema: serde_json::to_string_pretty(&with_custom_fields(
@@ -939,10 +808,9 @@ impl NodeService for NodeApi {
         &self,
         request: Request<pb::DefineFieldRequest>,
     ) -> Result<Response<pb::FieldDefinition>, Status> {
-        let metadata = request.metadata().clone();
-        let peer = Caller::of(&request);
+        let (rpc, peer) = Rpc::of(&request);
         let field = request.into_inner().field.unwrap_or_default();
-        observe(&self.state, "DefineField", &peer, &metadata, |_| async {
+        rpc.observe(&self.state, |_| async {
             let kind = cxrfed_proto::custom_kind(&field)
                 .map_err(|e| NodeError::InvalidRequest(e.to_string()))?;
             let definition = cxrfed_schema::custom::FieldDefinition {
@@ -955,16 +823,12 @@ impl NodeService for NodeApi {
                 defined_by: peer.identity.clone().unwrap_or_default(),
             };
             definition.validate().map_err(NodeError::InvalidRequest)?;
-            let stored = self.state.store.define_field(definition).await?;
+            let stored = self.state.store().define_field(definition).await?;
             {
-                let mut columns = self
-                    .state
-                    .columns
-                    .write()
-                    .map_err(|_| NodeError::Internal("statistics index poisoned".into()))?;
+                let mut columns = self.state.columns().write();
                 columns.define_custom(&stored);
                 // A redefinition keeps the labels that still fit the new definition.
-                for annotation in self.state.store.annotations() {
+                for annotation in self.state.store().annotations() {
                     let annotation = annotation?;
                     if annotation.field == stored.name
                         && stored.check_value(&annotation.value).is_ok()
@@ -977,9 +841,10 @@ impl NodeService for NodeApi {
                     }
                 }
             }
-            if let Ok(mut fields) = self.state.custom_fields.write() {
-                fields.insert(stored.name.clone(), stored.clone());
-            }
+            self.state
+                .custom_fields()
+                .write()
+                .insert(stored.name.clone(), stored.clone());
             tracing::info!(
                 field = stored.name.as_str(),
                 version = stored.version,
@@ -994,13 +859,12 @@ impl NodeService for NodeApi {
         &self,
         request: Request<pb::ListFieldsRequest>,
     ) -> Result<Response<pb::ListFieldsResponse>, Status> {
-        let metadata = request.metadata().clone();
-        let peer = Caller::of(&request);
-        observe(&self.state, "ListFields", &peer, &metadata, |_| async {
+        let (rpc, _) = Rpc::of(&request);
+        rpc.observe(&self.state, |_| async {
             Ok(pb::ListFieldsResponse {
                 fields: self
                     .state
-                    .store
+                    .store()
                     .custom_fields()?
                     .iter()
                     .map(pb::FieldDefinition::from)
@@ -1014,10 +878,9 @@ impl NodeService for NodeApi {
         &self,
         request: Request<pb::AnnotateRequest>,
     ) -> Result<Response<pb::AnnotateResponse>, Status> {
-        let metadata = request.metadata().clone();
-        let peer = Caller::of(&request);
+        let (rpc, peer) = Rpc::of(&request);
         let request = request.into_inner();
-        observe(&self.state, "Annotate", &peer, &metadata, |_| async {
+        rpc.observe(&self.state, |_| async {
             let record = match (
                 request.record_id.is_empty(),
                 request.image_sha256.is_empty(),
@@ -1029,9 +892,9 @@ impl NodeService for NodeApi {
                             request.record_id
                         ))
                     })?;
-                    self.state.store.get(&request.record_id)?
+                    self.state.store().get(&request.record_id)?
                 }
-                (true, false) => self.state.store.get_by_image(&request.image_sha256)?,
+                (true, false) => self.state.store().get_by_image(&request.image_sha256)?,
                 _ => {
                     return Err(NodeError::InvalidRequest(
                         "give exactly one of record_id and image_sha256".into(),
@@ -1047,10 +910,10 @@ impl NodeService for NodeApi {
             })?;
             let custom = self
                 .state
-                .custom_fields
+                .custom_fields()
                 .read()
-                .ok()
-                .and_then(|f| f.get(&request.field).cloned());
+                .get(&request.field)
+                .cloned();
             let value = match custom {
                 Some(definition) => definition.check_value(&request.value),
                 None if cxrfed_schema::flat::field(&request.field).is_some() => {
@@ -1079,9 +942,9 @@ impl NodeService for NodeApi {
                 annotated_at: chrono::Utc::now(),
                 source: "annotation".into(),
             };
-            self.state.store.annotate(&annotation).await?;
+            self.state.store().annotate(&annotation).await?;
             self.state
-                .store
+                .store()
                 .audit(crate::privacy::event(
                     peer.who.as_ref(),
                     "Annotate",
@@ -1092,13 +955,11 @@ impl NodeService for NodeApi {
                     crate::privacy::digest_of(&annotation),
                 ))
                 .await?;
-            if let Ok(mut columns) = self.state.columns.write() {
-                columns.annotate(
-                    &annotation.image_sha256,
-                    &annotation.field,
-                    &annotation.value,
-                );
-            }
+            self.state.columns().write().annotate(
+                &annotation.image_sha256,
+                &annotation.field,
+                &annotation.value,
+            );
             Span::current().record("record_id", record.record_id.as_str());
             Ok(pb::AnnotateResponse {
                 annotation: Some(pb::Annotation::from(&annotation)),
@@ -1112,11 +973,10 @@ impl NodeService for NodeApi {
         &self,
         request: Request<pb::StartIngestRequest>,
     ) -> Result<Response<pb::IngestJob>, Status> {
-        let metadata = request.metadata().clone();
-        let peer = Caller::of(&request);
+        let (rpc, _) = Rpc::of(&request);
         let request = request.into_inner();
-        observe(&self.state, "StartIngest", &peer, &metadata, |_| async {
-            if self.state.shutdown.is_cancelled() {
+        rpc.observe(&self.state, |_| async {
+            if self.state.shutdown().is_cancelled() {
                 return Err(NodeError::ShuttingDown);
             }
             let job = crate::jobs::start(
@@ -1133,16 +993,15 @@ impl NodeService for NodeApi {
         &self,
         request: Request<pb::IngestJobsRequest>,
     ) -> Result<Response<pb::IngestJobsResponse>, Status> {
-        let metadata = request.metadata().clone();
-        let peer = Caller::of(&request);
+        let (rpc, _) = Rpc::of(&request);
         let id = request.into_inner().job_id;
-        observe(&self.state, "IngestJobs", &peer, &metadata, |_| async {
+        rpc.observe(&self.state, |_| async {
             let jobs = if id.is_empty() {
-                self.state.jobs.all()
+                self.state.jobs().all()
             } else {
                 vec![
                     self.state
-                        .jobs
+                        .jobs()
                         .get(&id)
                         .ok_or_else(|| NodeError::NotFound(format!("ingest job {id}")))?,
                 ]
@@ -1158,10 +1017,9 @@ impl NodeService for NodeApi {
         &self,
         request: Request<pb::DpStatsRequest>,
     ) -> Result<Response<pb::DpStatsResponse>, Status> {
-        let metadata = request.metadata().clone();
-        let peer = Caller::of(&request);
+        let (rpc, peer) = Rpc::of(&request);
         let request = request.into_inner();
-        observe(&self.state, "DpStats", &peer, &metadata, |_| async {
+        rpc.observe(&self.state, |_| async {
             let identity = caller_identity(&peer)?;
             let query = request_query(&request.query, request.structured)?;
             let mechanism =
@@ -1172,11 +1030,11 @@ impl NodeService for NodeApi {
                     ))
                 })?;
             let state = &self.state;
-            let limit = crate::privacy::limit_for(identity, &state.config.site, &state.dp);
+            let limit = crate::privacy::limit_for(identity, &state.config().site, &state.dp());
             let released = crate::privacy::release(
-                &state.store,
-                state.columns.clone(),
-                &state.dp,
+                &state.store(),
+                state.columns().clone(),
+                &state.dp(),
                 identity,
                 limit,
                 crate::privacy::DpRequest::direct(query, request.epsilon, request.delta, mechanism),
@@ -1192,14 +1050,13 @@ impl NodeService for NodeApi {
         &self,
         request: Request<pb::BudgetRequest>,
     ) -> Result<Response<pb::BudgetAccount>, Status> {
-        let metadata = request.metadata().clone();
-        let peer = Caller::of(&request);
-        observe(&self.state, "Budget", &peer, &metadata, |_| async {
+        let (rpc, peer) = Rpc::of(&request);
+        rpc.observe(&self.state, |_| async {
             let identity = caller_identity(&peer)?;
             let limit =
-                crate::privacy::limit_for(identity, &self.state.config.site, &self.state.dp);
+                crate::privacy::limit_for(identity, &self.state.config().site, &self.state.dp());
             Ok(budget_account(
-                self.state.store.account(&identity.uri(), limit)?,
+                self.state.store().account(&identity.uri(), limit)?,
             ))
         })
         .await
@@ -1209,11 +1066,10 @@ impl NodeService for NodeApi {
         &self,
         request: Request<pb::SetBudgetRequest>,
     ) -> Result<Response<pb::BudgetAccount>, Status> {
-        let metadata = request.metadata().clone();
-        let peer = Caller::of(&request);
+        let (rpc, peer) = Rpc::of(&request);
         let request = request.into_inner();
-        observe(&self.state, "SetBudget", &peer, &metadata, |_| async {
-            let target = crate::privacy::resolve_identity(&request.identity, &self.state.study)?;
+        rpc.observe(&self.state, |_| async {
+            let target = crate::privacy::resolve_identity(&request.identity, &self.state.study())?;
             if !(request.epsilon.is_finite() && request.epsilon >= 0.0) {
                 return Err(NodeError::InvalidRequest(format!(
                     "epsilon must be a non-negative number, got {}",
@@ -1228,7 +1084,7 @@ impl NodeService for NodeApi {
             }
             let (account, entry) = self
                 .state
-                .store
+                .store()
                 .set_budget(
                     &target,
                     cxrfed_store::Budget {
@@ -1262,17 +1118,17 @@ impl NodeService for NodeApi {
         &self,
         request: Request<pb::ListBudgetsRequest>,
     ) -> Result<Response<pb::ListBudgetsResponse>, Status> {
-        let metadata = request.metadata().clone();
-        let peer = Caller::of(&request);
-        observe(&self.state, "ListBudgets", &peer, &metadata, |_| async {
+        let (rpc, _) = Rpc::of(&request);
+        rpc.observe(&self.state, |_| async {
             let site_admin_prefix = format!(
                 "cxrfed://{}/admin/{}/",
-                self.state.study, self.state.config.site
+                self.state.study(),
+                self.state.config().site
             );
             Ok(pb::ListBudgetsResponse {
                 accounts: self
                     .state
-                    .store
+                    .store()
                     .accounts()?
                     .into_iter()
                     .map(|mut a| {
@@ -1289,13 +1145,12 @@ impl NodeService for NodeApi {
         &self,
         request: Request<pb::AuditLogRequest>,
     ) -> Result<Response<pb::AuditLogResponse>, Status> {
-        let metadata = request.metadata().clone();
-        let peer = Caller::of(&request);
+        let (rpc, _) = Rpc::of(&request);
         let request = request.into_inner();
-        observe(&self.state, "AuditLog", &peer, &metadata, |_| async {
+        rpc.observe(&self.state, |_| async {
             let since = cxrfed_store::audit::parse_since(&request.since)
                 .map_err(NodeError::InvalidRequest)?;
-            let store = self.state.store.clone();
+            let store = self.state.store().clone();
             let (entries, head) = tokio::task::spawn_blocking(move || {
                 Ok::<_, NodeError>((store.audit_entries(since)?, store.verify_audit()?.head))
             })
@@ -1313,10 +1168,9 @@ impl NodeService for NodeApi {
         &self,
         request: Request<pb::VerifyAuditRequest>,
     ) -> Result<Response<pb::VerifyAuditResponse>, Status> {
-        let metadata = request.metadata().clone();
-        let peer = Caller::of(&request);
-        observe(&self.state, "VerifyAudit", &peer, &metadata, |_| async {
-            let store = self.state.store.clone();
+        let (rpc, _) = Rpc::of(&request);
+        rpc.observe(&self.state, |_| async {
+            let store = self.state.store().clone();
             let report = tokio::task::spawn_blocking(move || store.verify_audit())
                 .await
                 .map_err(|e| NodeError::Internal(format!("audit task: {e}")))??;
@@ -1329,23 +1183,22 @@ impl NodeService for NodeApi {
         &self,
         request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
-        let metadata = request.metadata().clone();
-        let peer = Caller::of(&request);
-        observe(&self.state, "Status", &peer, &metadata, |_| async {
+        let (rpc, _) = Rpc::of(&request);
+        rpc.observe(&self.state, |_| async {
             let state = &self.state;
             Ok(pb::StatusResponse {
                 version: env!("CARGO_PKG_VERSION").to_string(),
-                site: state.config.site.clone(),
-                listen_address: state.config.listen.to_string(),
-                started_at: Some(prost_timestamp(state.started_at)),
-                uptime_seconds: state.started.elapsed().as_secs(),
-                record_count: state.store.count() as u64,
+                site: state.config().site.clone(),
+                listen_address: state.config().listen.to_string(),
+                started_at: Some(prost_timestamp(state.started_at())),
+                uptime_seconds: state.uptime().as_secs(),
+                record_count: state.store().count() as u64,
                 schema_version: cxrfed_schema::SCHEMA_VERSION.to_string(),
-                model_id: state.pipeline.model().map_or_else(
+                model_id: state.pipeline().model().map_or_else(
                     || cxrfed_schema::NO_MODEL.to_string(),
                     |m| m.card().model_id.clone(),
                 ),
-                model: state.pipeline.model().map(|m| {
+                model: state.pipeline().model().map(|m| {
                     let stats = m.stats();
                     let config = m.config();
                     pb::ModelStatus {
@@ -1365,39 +1218,16 @@ impl NodeService for NodeApi {
                         queued: stats.queued as u32,
                     }
                 }),
-                store_size_bytes: state.store.size_on_disk(),
+                store_size_bytes: state.store().size_on_disk(),
                 pid: std::process::id(),
                 // This request itself is not counted.
-                in_flight: state.in_flight.load(Ordering::SeqCst).saturating_sub(1),
-                ingest_jobs: state.jobs.all().iter().map(|j| j.to_pb()).collect(),
-                backfill: crate::training::backfill_status(),
+                in_flight: state.in_flight().load(Ordering::SeqCst).saturating_sub(1),
+                ingest_jobs: state.jobs().all().iter().map(|j| j.to_pb()).collect(),
+                backfill: state.backfill_status(),
             })
         })
         .await
     }
-}
-
-/// A note when the file name's extension disagrees with the sniffed content. Only the
-/// extension is kept: file names from PACS exports often contain patient names.
-fn extension_note(filename: &str, format: Option<cxrfed_schema::ImageFormat>) -> Option<String> {
-    use cxrfed_schema::ImageFormat;
-    let extension = std::path::Path::new(filename)
-        .extension()?
-        .to_str()?
-        .to_ascii_lowercase();
-    let claimed = match extension.as_str() {
-        "dcm" | "dicom" | "dic" => ImageFormat::Dicom,
-        "png" => ImageFormat::Png,
-        "jpg" | "jpeg" => ImageFormat::Jpeg,
-        _ => return None,
-    };
-    let actual = format?;
-    (claimed != actual).then(|| {
-        format!(
-            "content is {}; the file name's extension (.{extension}) was ignored",
-            actual.as_str().to_uppercase()
-        )
-    })
 }
 
 fn prost_timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {

@@ -538,7 +538,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().mode {
         Mode::Inputs { folder, out } => {
             let spec = cxrfed_model::InputSpec::default();
-            let options = spec.preprocess_options();
+            let options = cxrfed_model::preprocess_options(&spec);
             let data = cxrfed_model::Dataset::from_labels_folder(
                 &folder,
                 &cxrfed_model::LabelMap::schema_v1(),

@@ -10,7 +10,6 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU32;
 use std::time::{Duration, Instant};
 
 use cxrfed_auth::Role;
@@ -46,7 +45,7 @@ fn paths(root: &Path, dir: &Path) -> cxrfed_auth::TlsPaths {
 
 /// A site: its node state (no local gRPC server), linked to the coordinator by `link`.
 struct Site {
-    state: Arc<cxrfed_node::service::NodeState>,
+    state: Arc<cxrfed_node::Node>,
     credentials: cxrfed_auth::ClientCredentials,
     columns: cxrfed_stats::Columns,
     selection: [u8; 32],
@@ -103,22 +102,16 @@ fn make_site(
         epsilon: 1e9,
         delta: 0.0,
     };
-    let state = Arc::new(cxrfed_node::service::NodeState {
-        pipeline: cxrfed_node::pipeline::Pipeline::new(&config, secret, None),
-        store,
-        started_at: chrono::Utc::now(),
-        started: Instant::now(),
-        in_flight: AtomicU32::new(0),
-        shutdown: shutdown.clone(),
-        columns: Arc::new(std::sync::RwLock::new(columns.clone())),
-        study: "bench".into(),
-        dp,
-        tls: Some(tls),
-        lexicon: cxrfed_schema::lexicon::Lexicon::bundled()?,
-        jobs: Default::default(),
-        custom_fields: Default::default(),
-        config,
-    });
+    let pipeline = cxrfed_node::pipeline::Pipeline::new(&config, secret, None);
+    let state = Arc::new(
+        cxrfed_node::Node::builder(config, store, pipeline, dp)
+            .study("bench")
+            .tls(Some(tls))
+            .shutdown(shutdown.clone())
+            // The records are synthetic and never stored: the index is built from them.
+            .synthetic_columns(columns.clone())
+            .build()?,
+    );
     let credentials = cxrfed_auth::ClientCredentials {
         ca: root.join("ca").join(pki::CA_CERT),
         cert: Some(dir.join(pki::CERT)),
@@ -133,9 +126,8 @@ fn make_site(
 }
 
 fn signed(signer: &cxrfed_auth::signing::Signer, epsilon: f64) -> anyhow::Result<pb::SignedQuery> {
-    let intent =
-        cxrfed_coordinator::intent::new("bench", QUERY, epsilon, Duration::from_secs(600))?;
-    Ok(cxrfed_coordinator::intent::sign(signer, &intent)?)
+    let intent = cxrfed_server::intent::new("bench", QUERY, epsilon, Duration::from_secs(600))?;
+    Ok(cxrfed_server::intent::sign(signer, &intent)?)
 }
 
 /// Flattened pooled values of a response (suppressed as 0: the bench sets no threshold).

@@ -41,7 +41,7 @@ impl Head {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct LabelMap {
     pub heads: Vec<Head>,
 }

@@ -17,138 +17,48 @@ use std::collections::BTreeMap;
 
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
-use safetensors::tensor::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
+
+use crate::tensor::{CodecError, Tensor, Weights, decode, encode};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AggregateError {
-    #[error("unreadable weights: {0}")]
-    Format(String),
+    #[error(transparent)]
+    Format(#[from] CodecError),
     #[error("{0}")]
     Mismatch(String),
 }
 
-/// One tensor: shape and row-major f32 values.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Tensor {
-    pub shape: Vec<usize>,
-    pub data: Vec<f32>,
-}
-
-/// Named tensors, as in a safetensors file.
-pub type Weights = BTreeMap<String, Tensor>;
-
-/// Reads a safetensors buffer of f32 tensors.
-pub fn decode(bytes: &[u8]) -> Result<Weights, AggregateError> {
-    let file =
-        SafeTensors::deserialize(bytes).map_err(|e| AggregateError::Format(format!("{e:?}")))?;
-    let mut out = Weights::new();
-    for (name, view) in file.tensors() {
-        if view.dtype() != Dtype::F32 {
-            return Err(AggregateError::Format(format!(
-                "{name}: dtype {:?}; only f32 weights are aggregated",
-                view.dtype()
-            )));
-        }
-        let data = view
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
-        out.insert(
-            name,
-            Tensor {
-                shape: view.shape().to_vec(),
-                data,
-            },
-        );
-    }
-    Ok(out)
-}
-
-/// A tensor as safetensors sees it: its bytes are made when the writer reaches it, so
-/// encoding holds the output and one tensor's bytes, not a second copy of the model.
-struct F32View<'a>(&'a Tensor);
-
-impl safetensors::tensor::View for F32View<'_> {
-    fn dtype(&self) -> Dtype {
-        Dtype::F32
-    }
-
-    fn shape(&self) -> &[usize] {
-        &self.0.shape
-    }
-
-    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        std::borrow::Cow::Owned(self.0.data.iter().flat_map(|v| v.to_le_bytes()).collect())
-    }
-
-    fn data_len(&self) -> usize {
-        self.0.data.len() * 4
-    }
-}
-
-/// Writes named f32 tensors as a safetensors buffer.
-pub fn encode(weights: &Weights) -> Result<Vec<u8>, AggregateError> {
-    for (name, t) in weights {
-        if t.shape.iter().product::<usize>() != t.data.len() {
-            return Err(AggregateError::Format(format!(
-                "{name}: shape {:?} does not hold {} values",
-                t.shape,
-                t.data.len()
-            )));
-        }
-    }
-    safetensors::serialize(
-        weights.iter().map(|(name, t)| (name.as_str(), F32View(t))),
-        &None,
-    )
-    .map_err(|e| AggregateError::Format(format!("{e:?}")))
-}
-
-/// The names of a safetensors buffer's tensors, after checking that all are f32 (reads the
-/// header, copies nothing).
-pub fn f32_names(bytes: &[u8]) -> Result<Vec<String>, AggregateError> {
-    let file =
-        SafeTensors::deserialize(bytes).map_err(|e| AggregateError::Format(format!("{e:?}")))?;
-    let mut names = Vec::new();
-    for (name, view) in file.tensors() {
-        if view.dtype() != Dtype::F32 {
-            return Err(AggregateError::Format(format!(
-                "{name}: dtype {:?}; only f32 weights are aggregated",
-                view.dtype()
-            )));
-        }
-        names.push(name);
-    }
-    Ok(names)
-}
-
-/// The server-side algorithm of a job.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+/// The server-side algorithm of a job (`fedavg`, `fedprox`, `fedadam` in job files).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    Serialize,
+    Deserialize,
+    strum::Display,
+    strum::EnumString,
+    strum::IntoStaticStr,
+    strum::VariantNames,
+)]
 #[serde(rename_all = "lowercase")]
+#[strum(serialize_all = "lowercase", ascii_case_insensitive)]
 pub enum Algorithm {
+    #[default]
+    #[serde(alias = "fed_avg", alias = "fed-avg")]
     FedAvg,
+    #[serde(alias = "fed_prox", alias = "fed-prox")]
     FedProx,
+    #[serde(alias = "fed_adam", alias = "fed-adam")]
     FedAdam,
 }
 
 impl Algorithm {
-    pub fn parse(text: &str) -> Option<Algorithm> {
-        match text.to_ascii_lowercase().replace(['-', '_'], "").as_str() {
-            "fedavg" => Some(Algorithm::FedAvg),
-            "fedprox" => Some(Algorithm::FedProx),
-            "fedadam" => Some(Algorithm::FedAdam),
-            _ => None,
-        }
-    }
-
     pub fn as_str(self) -> &'static str {
-        match self {
-            Algorithm::FedAvg => "fedavg",
-            Algorithm::FedProx => "fedprox",
-            Algorithm::FedAdam => "fedadam",
-        }
+        self.into()
     }
 }
 
@@ -302,7 +212,7 @@ impl AdamMoments {
                 all.insert(format!("{prefix}{name}"), t.clone());
             }
         }
-        encode(&all)
+        Ok(encode(&all)?)
     }
 
     pub fn decode(bytes: &[u8]) -> Result<AdamMoments, AggregateError> {
@@ -361,16 +271,6 @@ pub fn apply(
     Ok(())
 }
 
-/// The L2 norm of a set of tensors.
-pub fn l2_norm(weights: &Weights) -> f64 {
-    weights
-        .values()
-        .flat_map(|t| &t.data)
-        .map(|v| f64::from(*v) * f64::from(*v))
-        .sum::<f64>()
-        .sqrt()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -396,6 +296,20 @@ mod tests {
         let bytes = encode(&w).expect("encode");
         assert_eq!(decode(&bytes).expect("decode"), w);
         assert!(decode(b"not safetensors").is_err());
+    }
+
+    #[test]
+    fn algorithms_parse_from_job_files_and_print_as_written() {
+        for (text, want) in [
+            ("fedavg", Algorithm::FedAvg),
+            ("FedProx", Algorithm::FedProx),
+            ("fedadam", Algorithm::FedAdam),
+        ] {
+            assert_eq!(text.parse::<Algorithm>().expect("parse"), want);
+        }
+        assert!("fedsgd".parse::<Algorithm>().is_err());
+        assert_eq!(Algorithm::FedProx.to_string(), "fedprox");
+        assert_eq!(Algorithm::FedAdam.as_str(), "fedadam");
     }
 
     #[test]

@@ -1,20 +1,22 @@
-//! The only place that initialises tracing. A node writes JSON lines to stdout and to
-//! `DATA_DIR/logs/node.log`; client commands log warnings to stderr.
+//! The only place that initialises tracing (every binary calls one of these). A server writes
+//! JSON lines to stdout and to `DATA_DIR/logs/KIND.log`; client commands log warnings to
+//! stderr.
 
 use std::path::Path;
+
+use crate::layout::Layout;
 
 use tracing_appender::non_blocking::WorkerGuard;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, fmt};
 
-/// JSON logs for a serving node. Keep the guard alive until exit so the file gets flushed.
-pub fn init_node(log_dir: &Path, level: &str) -> anyhow::Result<WorkerGuard> {
-    init_server(log_dir, "node.log", level)
-}
-
-/// JSON logs for a serving process into `log_dir/file_name` and stdout.
-pub fn init_server(log_dir: &Path, file_name: &str, level: &str) -> anyhow::Result<WorkerGuard> {
+/// JSON logs for a serving process into its log file and stdout. Keep the guard alive until
+/// exit so the file gets flushed.
+pub fn init_server(layout: &Layout, level: &str) -> anyhow::Result<WorkerGuard> {
+    let log_file = layout.log_file();
+    let log_dir = log_file.parent().unwrap_or(Path::new("."));
+    let file_name = log_file.file_name().unwrap_or_default();
     std::fs::create_dir_all(log_dir)?;
     let file = tracing_appender::rolling::never(log_dir, file_name);
     let (file, guard) = tracing_appender::non_blocking(file);
