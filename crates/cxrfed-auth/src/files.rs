@@ -2,7 +2,7 @@
 //! half a file) and owner-only private keys.
 
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::Path;
 
 use crate::AuthError;
@@ -28,30 +28,20 @@ pub fn write_public(path: &Path, contents: &[u8]) -> Result<(), AuthError> {
     write_atomic(path, contents, 0o644)
 }
 
+/// Through a temporary file in the same directory (created 0600 by tempfile, then given
+/// `mode`), synced, then renamed over `path`; a failure leaves no temporary file behind.
 fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), AuthError> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let result = (|| {
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)?;
-        // The mode of a pre-existing temporary file is not changed by `open`.
-        file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        let mut file = tempfile::NamedTempFile::new_in(dir)?;
+        file.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(mode))?;
         file.write_all(contents)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)
+        file.as_file().sync_all()?;
+        file.persist(path).map_err(|e| e.error)?;
+        Ok(())
     })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map_err(|e| AuthError::io(path, e))
+    result.map_err(|e: std::io::Error| AuthError::io(path, e))
 }
 
 pub fn read_to_string(path: &Path) -> Result<String, AuthError> {

@@ -4,6 +4,9 @@
 //! client profiles ([`client`]).
 //!
 //! Knows nothing of records, models or the store; the node and the coordinator both build on it.
+//!
+//! Architecture invariant: cxrfed-auth knows nothing of records, models or storage: it depends
+//! on neither cxrfed-store, sled, cxrfed-model nor tch.
 
 pub mod authz;
 pub mod client;

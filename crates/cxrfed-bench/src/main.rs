@@ -2,6 +2,9 @@
 //! read the file, decode, de-identify, hash the pixels, preprocess to the model input — and
 //! prints JSON for `bench/imaging.py`, which runs the Python peers side by side and writes the
 //! table. Timing lives here, never in tests.
+//!
+//! Architecture invariant: cxrfed-bench is never a dependency of anything; it links the node
+//! and the model crate.
 
 #![forbid(unsafe_code)]
 

@@ -138,3 +138,36 @@ impl CoordinatorConfig {
         self.layout().store_dir()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    #[test]
+    // figment's Jail API fixes the closure's error type.
+    #[allow(clippy::result_large_err)]
+    fn only_the_coordinators_variables_configure_it() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("CXRFED_COORDINATOR_HEARTBEAT_SECS", "7");
+            // A node's variables, and the old unprefixed names, change no coordinator.
+            jail.set_env("CXRFED_NODE_DATA_DIR", "/elsewhere");
+            jail.set_env("CXRFED_DATA_DIR", "/elsewhere");
+            jail.set_env("CXRFED_SUPPRESS_BELOW", "99");
+            // The study's TLS files keep their shared names.
+            jail.set_env("CXRFED_CA", "/tls/ca.pem");
+            jail.set_env("CXRFED_CERT", "/tls/cert.pem");
+            jail.set_env("CXRFED_KEY", "/tls/key.pem");
+            let flags: BTreeMap<&str, &str> = BTreeMap::new();
+            let config = CoordinatorConfig::load(None, &flags).expect("load");
+            assert_eq!(config.heartbeat_secs, 7);
+            assert_eq!(config.data_dir, default_data_dir());
+            assert_eq!(
+                config.suppress_below,
+                CoordinatorConfig::default().suppress_below
+            );
+            assert_eq!(config.ca, Some(PathBuf::from("/tls/ca.pem")));
+            Ok(())
+        });
+    }
+}

@@ -13,6 +13,8 @@
 //!
 //! This crate must not depend on gRPC (tonic), LibTorch (tch) or storage (sled). It never logs
 //! or returns a patient identifier; errors carry no header values.
+//!
+//! Architecture invariant: cxrfed-imaging depends on neither tonic, sled nor tch.
 
 // `unsafe_code` is denied workspace-wide; not `forbid` here because ndarray's `s!` macro
 // expands to an `allow(unsafe_code)`, which `forbid` would reject.

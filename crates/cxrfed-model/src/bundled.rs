@@ -2,6 +2,7 @@
 //! the binary so a node has a model with no download. Reproduce it with `make model` (see the
 //! README); the card says what it was trained on and that it is not for clinical use.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -36,10 +37,12 @@ pub fn install(parent: &Path) -> Result<PathBuf, ModelError> {
     std::fs::create_dir_all(&dir)
         .map_err(|e| ModelError::Save(format!("{}: {e}", dir.display())))?;
     for (path, bytes) in [(&weights, WEIGHTS), (&card, CARD)] {
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, bytes)
-            .and_then(|()| std::fs::rename(&tmp, path))
-            .map_err(|e| ModelError::Save(format!("{}: {e}", path.display())))?;
+        let written = tempfile::NamedTempFile::new_in(&dir).and_then(|mut file| {
+            file.write_all(bytes)?;
+            file.persist(path).map_err(|e| e.error)?;
+            Ok(())
+        });
+        written.map_err(|e| ModelError::Save(format!("{}: {e}", path.display())))?;
     }
     Ok(dir)
 }

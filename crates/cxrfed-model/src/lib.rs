@@ -11,6 +11,10 @@
 //!   layers, the (clipped) weights delta.
 //!
 //! This crate must not depend on gRPC (tonic) or storage (sled).
+//!
+//! Architecture invariant: cxrfed-model is the only library crate that links libtorch; it
+//! depends on neither tonic nor sled, and takes its federated contract (cards, label maps,
+//! specs, the f32 codec) from cxrfed-fl.
 
 pub mod bundled;
 pub mod federated;

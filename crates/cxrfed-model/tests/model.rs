@@ -29,7 +29,7 @@ fn phantoms(dir: &Path, count: u64, seed: u64, site: Option<&str>, max: Option<u
 }
 
 fn load(dir: &Path, input: &InputSpec) -> Dataset {
-    let options = cxrfed_model::preprocess_options(&input);
+    let options = cxrfed_model::preprocess_options(input);
     Dataset::from_labels_folder(dir, &LabelMap::schema_v1(), &options, &["dicom"], 2)
         .expect("dataset")
 }

@@ -274,7 +274,7 @@ async fn execute(
     }
     // The one rule set of the coordinator and every node (cxrfed-server::intent).
     let expect = cxrfed_server::intent::Expect {
-        study: &state.study(),
+        study: state.study(),
         site: Some(&state.config().site),
         now_unix: chrono::Utc::now().timestamp(),
     };
@@ -291,9 +291,9 @@ async fn execute(
     })?;
     let limit = cxrfed_store::Limit::Budget(state.dp().default_budget);
     let released = crate::privacy::release(
-        &state.store(),
+        state.store(),
         state.columns().clone(),
-        &state.dp(),
+        state.dp(),
         &researcher,
         limit,
         crate::privacy::DpRequest {

@@ -4,6 +4,9 @@
 //! directory (store, site secret), and serves `cxrfed.v1.NodeService` with gRPC health and
 //! server reflection. Every request gets one span and one JSON log line with its request id,
 //! image hash, processing time and outcome — never a patient identifier.
+//!
+//! Architecture invariant: cxrfed-node never depends on cxrfed-coordinator; inside it, no
+//! module imports `grpc` (the top layer).
 
 #![forbid(unsafe_code)]
 

@@ -278,7 +278,7 @@ async fn answer(
             );
             let (state, task) = (state.clone(), task.clone());
             tokio::task::spawn_blocking(move || {
-                execute(&state.store(), &state.config().device, &task, &weights)
+                execute(state.store(), &state.config().device, &task, &weights)
             })
             .await
             .unwrap_or_else(|_| Err("the training thread panicked".into()))
@@ -386,16 +386,20 @@ async fn install(
         }
     };
     let outcome = outcome.and_then(|model| {
-        cxrfed_model::InferenceHandle::spawn(model, crate::models::worker_config(&state.config()))
+        cxrfed_model::InferenceHandle::spawn(model, crate::models::worker_config(state.config()))
             .map_err(|e| e.to_string())
     });
     let report = match outcome {
         Ok(handle) => {
             state.pipeline().switch_model(handle.clone());
             let models = state.config().data_dir.join("models");
-            let tmp = models.join(format!("{ACTIVE_FILE}.tmp"));
-            let written = std::fs::write(&tmp, &rollout.version)
-                .and_then(|()| std::fs::rename(&tmp, models.join(ACTIVE_FILE)));
+            let written = tempfile::NamedTempFile::new_in(&models).and_then(|mut file| {
+                std::io::Write::write_all(&mut file, rollout.version.as_bytes())?;
+                file.as_file().sync_all()?;
+                file.persist(models.join(ACTIVE_FILE))
+                    .map_err(|e| e.error)?;
+                Ok(())
+            });
             if let Err(e) = written {
                 tracing::error!(error = %e, "cannot record the promoted model; a restart would load the configured one");
             }

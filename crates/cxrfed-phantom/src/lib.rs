@@ -12,6 +12,9 @@
 //! files on every machine.
 //!
 //! This crate must not depend on gRPC (tonic) or storage (sled).
+//!
+//! Architecture invariant: cxrfed-phantom depends on neither tonic, sled nor tch: it only
+//! writes files.
 
 pub mod codec;
 mod dicom;
@@ -634,12 +637,9 @@ fn write_one(
 
 /// Writes through a temporary file and a rename, so a crash never leaves a half file.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), PhantomError> {
-    let tmp = path.with_extension("tmp-write");
-    {
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(bytes)?;
-    }
-    std::fs::rename(&tmp, path)?;
+    let mut file = tempfile::NamedTempFile::new_in(path.parent().unwrap_or(Path::new(".")))?;
+    file.write_all(bytes)?;
+    file.persist(path).map_err(|e| e.error)?;
     Ok(())
 }
 

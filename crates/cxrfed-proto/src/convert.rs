@@ -493,37 +493,6 @@ pub fn custom_kind(d: &pb::FieldDefinition) -> Result<schema::custom::CustomKind
     }
 }
 
-impl From<cxrfed_store::AuditEntry> for pb::AuditEntry {
-    fn from(e: cxrfed_store::AuditEntry) -> Self {
-        pb::AuditEntry {
-            seq: e.seq,
-            time: e.time,
-            identity: e.identity,
-            role: e.role,
-            method: e.method,
-            query: e.query,
-            epsilon: e.epsilon,
-            delta: e.delta,
-            digest: e.digest,
-            prev: e.prev,
-            hash: e.hash,
-            via: e.via,
-        }
-    }
-}
-
-impl From<cxrfed_store::AuditReport> for pb::VerifyAuditResponse {
-    fn from(report: cxrfed_store::AuditReport) -> Self {
-        pb::VerifyAuditResponse {
-            ok: report.broken.is_none(),
-            entries: report.entries,
-            head: report.head,
-            broken_seq: report.broken.as_ref().map_or(0, |b| b.seq),
-            reason: report.broken.map(|b| b.reason).unwrap_or_default(),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

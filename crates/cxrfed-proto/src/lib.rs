@@ -5,6 +5,9 @@
 //! Incoming messages are validated once, here, with `TryFrom<pb::X>`; a failed conversion is a
 //! [`ConversionError`] that services turn into `InvalidArgument`. This crate holds no business
 //! logic and must not depend on storage, LibTorch or the node.
+//!
+//! Architecture invariant: cxrfed-proto holds no business logic and no store types: generated
+//! code, conversions and the wire enums' words; it depends on neither sled nor tch.
 
 #![forbid(unsafe_code)]
 

@@ -6,6 +6,9 @@
 //!
 //! A record never holds a patient name, patient ID, birth date or accession number. It is a
 //! research record, not a diagnosis.
+//!
+//! Architecture invariant: cxrfed-schema is pure data: it depends on no other cxrfed crate, nor
+//! on tonic, sled or tch.
 
 #![forbid(unsafe_code)]
 

@@ -155,3 +155,104 @@ pub fn verify(signed: &pb::SignedQuery, expect: &Expect<'_>) -> Result<Verified,
         mechanism,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cxrfed_auth::Role;
+    use cxrfed_auth::pki::{self, IssueRequest, StudyCa};
+
+    fn signer(dir: &std::path::Path) -> cxrfed_auth::signing::Signer {
+        pki::init_ca(&dir.join("ca"), "study-x", 2).expect("ca");
+        let ca = StudyCa::open(&dir.join("ca")).expect("open");
+        let out = dir.join("rita");
+        ca.issue(&IssueRequest::new(Role::Researcher, "rita", None, 2), &out)
+            .expect("issue");
+        cxrfed_auth::signing::Signer::load(&out.join(pki::CERT), &out.join(pki::KEY))
+            .expect("signer")
+    }
+
+    fn expect(now: i64) -> Expect<'static> {
+        Expect {
+            study: "study-x",
+            site: Some("site-a"),
+            now_unix: now,
+        }
+    }
+
+    #[test]
+    fn one_rule_set_for_every_verifier() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let signer = signer(dir.path());
+        let now = chrono::Utc::now().timestamp();
+        let good = new("study-x", "count by view", 1.0, Duration::from_secs(60)).expect("intent");
+        let signed = sign(&signer, &good).expect("sign");
+        let verified = verify(&signed, &expect(now)).expect("valid");
+        assert_eq!(verified.intent, good);
+        assert_eq!(verified.mechanism, Mechanism::Laplace);
+
+        let check = |intent: pb::QueryIntent| {
+            verify(&sign(&signer, &intent).expect("sign"), &expect(now)).expect_err("refused")
+        };
+        let other_study = pb::QueryIntent {
+            study: "study-y".into(),
+            ..good.clone()
+        };
+        assert!(matches!(check(other_study), IntentError::Study { .. }));
+        let expired = pb::QueryIntent {
+            expires_at_unix: now - 1,
+            ..good.clone()
+        };
+        assert_eq!(check(expired), IntentError::Expired);
+        let from_the_future = pb::QueryIntent {
+            issued_at_unix: now + SKEW_SECS + 60,
+            ..good.clone()
+        };
+        assert_eq!(check(from_the_future), IntentError::Expired);
+        let elsewhere = pb::QueryIntent {
+            sites: vec!["site-b".into()],
+            ..good.clone()
+        };
+        assert_eq!(check(elsewhere), IntentError::SiteNotAsked("site-a".into()));
+        let short_nonce = pb::QueryIntent {
+            nonce: "abc".into(),
+            ..good.clone()
+        };
+        assert_eq!(check(short_nonce), IntentError::NoNonce);
+        let free = pb::QueryIntent {
+            epsilon: 0.0,
+            ..good.clone()
+        };
+        assert_eq!(check(free), IntentError::Epsilon);
+        let mechanism = pb::QueryIntent {
+            mechanism: "exponential".into(),
+            ..good.clone()
+        };
+        assert!(matches!(check(mechanism), IntentError::Mechanism(_)));
+        let summary = pb::QueryIntent {
+            query: "summary of cardiothoracic_ratio".into(),
+            ..good.clone()
+        };
+        assert!(matches!(
+            check(summary),
+            IntentError::NoDpRelease | IntentError::Query(_)
+        ));
+
+        // Bytes changed after signing break the signature: a refusal, not a malformed request.
+        let mut tampered = signed.clone();
+        tampered.intent[3] ^= 1;
+        let err = verify(&tampered, &expect(now)).expect_err("tampered");
+        assert!(matches!(err, IntentError::Signature(_)) && err.refused());
+        assert!(!IntentError::NoNonce.refused());
+        // The coordinator names no site: any site list is fine there.
+        let coordinator = Expect {
+            site: None,
+            ..expect(now)
+        };
+        let listed = pb::QueryIntent {
+            sites: vec!["site-b".into()],
+            ..good
+        };
+        verify(&sign(&signer, &listed).expect("sign"), &coordinator).expect("valid");
+    }
+}

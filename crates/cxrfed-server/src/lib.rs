@@ -4,12 +4,13 @@
 //! intents (built by researchers' clients, verified by the coordinator and every node with one
 //! rule set).
 //!
-//! Architecture invariant: this crate links neither libtorch nor sled, and holds no business
-//! logic of the node or the coordinator; both servers and the CLI depend on it, never the
-//! reverse.
+//! Architecture invariant: cxrfed-server never depends on tch (nor on cxrfed-node,
+//! cxrfed-coordinator or cxrfed-model) and holds no business logic of either server; both
+//! servers and the CLI depend on it, never the reverse.
 
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod bootstrap;
 pub mod intent;
 pub mod layout;

@@ -5,6 +5,8 @@
 //!
 //! Exact results are for the site's own admin only; the node enforces that. Every result meant
 //! for a remote party goes through [`dp`].
+//!
+//! Architecture invariant: cxrfed-stats depends on neither tonic, sled nor tch.
 
 pub mod columns;
 pub mod dp;

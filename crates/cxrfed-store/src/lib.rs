@@ -19,6 +19,8 @@
 //! Writes are flushed before they are acknowledged.
 //!
 //! This crate must not depend on gRPC (tonic) or LibTorch (tch).
+//!
+//! Architecture invariant: cxrfed-store depends on neither tonic nor tch.
 
 #![forbid(unsafe_code)]
 

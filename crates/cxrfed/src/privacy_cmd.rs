@@ -419,7 +419,10 @@ pub fn node_audit(command: AuditCommand) -> anyhow::Result<ExitCode> {
                 let entries = store.audit_entries(since)?;
                 let head = store.verify_audit()?.head;
                 (
-                    entries.into_iter().map(pb::AuditEntry::from).collect(),
+                    entries
+                        .into_iter()
+                        .map(cxrfed_server::audit::entry)
+                        .collect(),
                     head,
                 )
             };

@@ -215,29 +215,6 @@ pub fn print_table(
     Ok(())
 }
 
-#[cfg(test)]
-mod table_tests {
-    #[test]
-    fn tables_align_numbers_under_a_header_rule() {
-        let mut out = Vec::new();
-        super::print_table(
-            &mut out,
-            &["site".into(), "count".into(), "status".into()],
-            &[
-                vec!["a".into(), "12".into(), "ok".into()],
-                vec!["longer-site".into(), "3".into(), "budget_exhausted".into()],
-            ],
-        )
-        .expect("print");
-        let text = String::from_utf8(out).expect("utf-8");
-        let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines[0], "site         count  status");
-        assert!(lines[1].starts_with("-----") && !lines[1].contains(' '));
-        assert_eq!(lines[2], "a               12  ok");
-        assert_eq!(lines[3], "longer-site      3  budget_exhausted");
-    }
-}
-
 pub async fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
     let mut client = args.credentials.connect_node(args.node.as_deref()).await?;
     let mut stream = client
@@ -263,4 +240,27 @@ pub async fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
     out.flush()?;
     eprintln!("exported {records} records");
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod table_tests {
+    #[test]
+    fn tables_align_numbers_under_a_header_rule() {
+        let mut out = Vec::new();
+        super::print_table(
+            &mut out,
+            &["site".into(), "count".into(), "status".into()],
+            &[
+                vec!["a".into(), "12".into(), "ok".into()],
+                vec!["longer-site".into(), "3".into(), "budget_exhausted".into()],
+            ],
+        )
+        .expect("print");
+        let text = String::from_utf8(out).expect("utf-8");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "site         count  status");
+        assert!(lines[1].starts_with("-----") && !lines[1].contains(' '));
+        assert_eq!(lines[2], "a               12  ok");
+        assert_eq!(lines[3], "longer-site      3  budget_exhausted");
+    }
 }

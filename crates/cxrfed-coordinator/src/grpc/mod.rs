@@ -190,7 +190,10 @@ impl CoordinatorService for CoordinatorApi {
         let entries = store.audit_entries(since).map_err(CoordinatorError::from)?;
         let head = store.verify_audit().map_err(CoordinatorError::from)?.head;
         Ok(Response::new(pb::AuditLogResponse {
-            entries: entries.into_iter().map(pb::AuditEntry::from).collect(),
+            entries: entries
+                .into_iter()
+                .map(cxrfed_server::audit::entry)
+                .collect(),
             head,
         }))
     }
@@ -204,7 +207,7 @@ impl CoordinatorService for CoordinatorApi {
             .store()
             .verify_audit()
             .map_err(CoordinatorError::from)?;
-        Ok(Response::new(pb::VerifyAuditResponse::from(report)))
+        Ok(Response::new(cxrfed_server::audit::verification(report)))
     }
 
     async fn start_job(

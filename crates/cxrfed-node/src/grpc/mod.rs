@@ -1030,11 +1030,11 @@ impl NodeService for NodeApi {
                     ))
                 })?;
             let state = &self.state;
-            let limit = crate::privacy::limit_for(identity, &state.config().site, &state.dp());
+            let limit = crate::privacy::limit_for(identity, &state.config().site, state.dp());
             let released = crate::privacy::release(
-                &state.store(),
+                state.store(),
                 state.columns().clone(),
-                &state.dp(),
+                state.dp(),
                 identity,
                 limit,
                 crate::privacy::DpRequest::direct(query, request.epsilon, request.delta, mechanism),
@@ -1054,7 +1054,7 @@ impl NodeService for NodeApi {
         rpc.observe(&self.state, |_| async {
             let identity = caller_identity(&peer)?;
             let limit =
-                crate::privacy::limit_for(identity, &self.state.config().site, &self.state.dp());
+                crate::privacy::limit_for(identity, &self.state.config().site, self.state.dp());
             Ok(budget_account(
                 self.state.store().account(&identity.uri(), limit)?,
             ))
@@ -1069,7 +1069,7 @@ impl NodeService for NodeApi {
         let (rpc, peer) = Rpc::of(&request);
         let request = request.into_inner();
         rpc.observe(&self.state, |_| async {
-            let target = crate::privacy::resolve_identity(&request.identity, &self.state.study())?;
+            let target = crate::privacy::resolve_identity(&request.identity, self.state.study())?;
             if !(request.epsilon.is_finite() && request.epsilon >= 0.0) {
                 return Err(NodeError::InvalidRequest(format!(
                     "epsilon must be a non-negative number, got {}",
@@ -1157,7 +1157,10 @@ impl NodeService for NodeApi {
             .await
             .map_err(|e| NodeError::Internal(format!("audit task: {e}")))??;
             Ok(pb::AuditLogResponse {
-                entries: entries.into_iter().map(pb::AuditEntry::from).collect(),
+                entries: entries
+                    .into_iter()
+                    .map(cxrfed_server::audit::entry)
+                    .collect(),
                 head,
             })
         })
@@ -1174,7 +1177,7 @@ impl NodeService for NodeApi {
             let report = tokio::task::spawn_blocking(move || store.verify_audit())
                 .await
                 .map_err(|e| NodeError::Internal(format!("audit task: {e}")))??;
-            Ok(pb::VerifyAuditResponse::from(report))
+            Ok(cxrfed_server::audit::verification(report))
         })
         .await
     }

@@ -100,7 +100,7 @@ fn load_data(
     label_map: &LabelMap,
     input: &InputSpec,
 ) -> anyhow::Result<Dataset> {
-    let options = cxrfed_model::preprocess_options(&input);
+    let options = cxrfed_model::preprocess_options(input);
     let started = std::time::Instant::now();
     let data = Dataset::from_labels_folder(dir, label_map, &options, &["dicom"], cores())?;
     eprintln!(
