@@ -541,7 +541,7 @@ fn signed(
         query: "count".into(),
         epsilon,
         delta: 0.0,
-        mechanism: String::new(),
+        mechanism: pb::Mechanism::Unspecified.into(),
         sites: Vec::new(),
         nonce: "00112233445566778899aabbccddeeff".into(),
         issued_at_unix: now,

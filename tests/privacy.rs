@@ -50,7 +50,7 @@ fn dp_request(query: &str, epsilon: f64) -> pb::DpStatsRequest {
         structured: None,
         epsilon,
         delta: 0.0,
-        mechanism: String::new(),
+        mechanism: pb::Mechanism::Unspecified.into(),
     }
 }
 

@@ -496,7 +496,7 @@ pub async fn try_every_node_rpc(channel: tonic::transport::Channel) -> Vec<Strin
                         structured: None,
                         epsilon: 1.0,
                         delta: 0.0,
-                        mechanism: String::new(),
+                        mechanism: pb::Mechanism::Unspecified.into(),
                     })
                     .await
                     .expect_err("no budget");

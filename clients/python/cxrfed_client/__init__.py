@@ -38,6 +38,14 @@ _CHUNK = 1024 * 1024
 _MAX_MESSAGE = 8 * 1024 * 1024
 
 
+
+def _mechanism(name: str) -> int:
+    """`laplace` or `gaussian` as the wire's Mechanism value."""
+    try:
+        return node_pb2.Mechanism.Value(f"MECHANISM_{name.strip().upper()}")
+    except ValueError:
+        raise ValueError(f"mechanism {name!r} must be laplace or gaussian") from None
+
 class CxrfedError(Exception):
     """A call the node refused: `code` is the gRPC status code name, `kind` the node's stable
     error kind (the `x-cxrfed-error` trailer) when it sent one."""
@@ -236,7 +244,7 @@ class Node:
         charged, mechanism, noise scale, contributions per patient, suppression threshold,
         notes, the remaining budget and the audit entry."""
         request = node_pb2.DpStatsRequest(query=query, epsilon=epsilon, delta=delta,
-                                          mechanism=mechanism)
+                                          mechanism=_mechanism(mechanism))
         response = self._call(self._stub.DpStats, request)
         columns = list(response.label_columns)
         for name in response.value_columns:
@@ -401,7 +409,8 @@ class Coordinator:
 
         now = int(time.time())
         intent = coordinator_pb2.QueryIntent(
-            study=self.study, query=query, epsilon=epsilon, delta=delta, mechanism=mechanism,
+            study=self.study, query=query, epsilon=epsilon, delta=delta,
+            mechanism=_mechanism(mechanism),
             sites=sites or [], nonce=os.urandom(16).hex(), issued_at_unix=now,
             expires_at_unix=now + int(timeout) + 300).SerializeToString()
         signed = coordinator_pb2.SignedQuery(

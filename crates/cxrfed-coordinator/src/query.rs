@@ -14,7 +14,6 @@ use cxrfed_proto::Label;
 use cxrfed_proto::v1 as pb;
 use cxrfed_proto::v1::SiteQueryStatus as Status;
 use cxrfed_server::intent::IntentError;
-use cxrfed_stats::dp::Mechanism;
 use cxrfed_stats::pool::{self, Part};
 use cxrfed_store::{AuditEvent, CoordinatorStore};
 use sha2::{Digest, Sha256};
@@ -46,11 +45,7 @@ fn site_outcome(o: &Outcome) -> pb::SiteOutcome {
 fn part_of(site: &str, r: &pb::DpStatsResponse) -> Part {
     Part {
         site: site.to_string(),
-        mechanism: if r.mechanism.contains("gaussian") {
-            Mechanism::Gaussian
-        } else {
-            Mechanism::Laplace
-        },
+        mechanism: cxrfed_server::intent::mechanism_of(r.noise()),
         label_columns: r.label_columns.clone(),
         value_columns: r.value_columns.clone(),
         rows: r

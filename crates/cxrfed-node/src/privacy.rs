@@ -140,6 +140,8 @@ impl DpRequest {
 #[derive(Debug, Clone)]
 pub struct Released {
     pub release: DpRelease,
+    /// The noise the release added.
+    pub noise: Mechanism,
     pub account: Account,
     pub audit: AuditEntry,
 }
@@ -174,6 +176,7 @@ pub async fn release(
         raw: request.raw,
     };
     let (nonce, via) = (request.nonce.clone(), request.via.clone());
+    let noise = request.mechanism;
     let precheck_store = store.clone();
     let precheck_uri = uri.clone();
     let release = tokio::task::spawn_blocking(move || {
@@ -229,6 +232,7 @@ pub async fn release(
     );
     Ok(Released {
         release,
+        noise,
         account,
         audit,
     })
@@ -287,6 +291,7 @@ pub fn dp_response(released: Released) -> pb::DpStatsResponse {
         epsilon: r.cost.epsilon,
         delta: r.cost.delta,
         mechanism: r.mechanism,
+        noise: cxrfed_server::intent::wire_mechanism(released.noise).into(),
         noise_scale: r.noise_scale,
         confidence: r.confidence,
         contributions: r.contributions,

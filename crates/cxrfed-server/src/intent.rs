@@ -31,7 +31,7 @@ pub fn new(
         query: query.to_string(),
         epsilon,
         delta: 0.0,
-        mechanism: String::new(),
+        mechanism: pb::Mechanism::Unspecified.into(),
         sites: Vec::new(),
         nonce: hex::encode(nonce),
         issued_at_unix: now,
@@ -50,6 +50,22 @@ pub fn sign(
         intent: bytes,
         certificate: signer.certificate().to_vec(),
     })
+}
+
+/// The release mechanism of a wire value (unspecified is the default, Laplace).
+pub fn mechanism_of(wire: pb::Mechanism) -> Mechanism {
+    match wire {
+        pb::Mechanism::Gaussian => Mechanism::Gaussian,
+        pb::Mechanism::Laplace | pb::Mechanism::Unspecified => Mechanism::Laplace,
+    }
+}
+
+/// A release mechanism as the wire carries it.
+pub fn wire_mechanism(mechanism: Mechanism) -> pb::Mechanism {
+    match mechanism {
+        Mechanism::Laplace => pb::Mechanism::Laplace,
+        Mechanism::Gaussian => pb::Mechanism::Gaussian,
+    }
 }
 
 /// What the verifier checks an intent against.
@@ -82,8 +98,8 @@ pub enum IntentError {
     NoNonce,
     #[error("epsilon must be a positive number")]
     Epsilon,
-    #[error("mechanism {0:?} must be laplace or gaussian")]
-    Mechanism(String),
+    #[error("mechanism {0} is not laplace or gaussian")]
+    Mechanism(i32),
     #[error("query: {0}")]
     Query(String),
     #[error("summary has no DP release; use mean or sum")]
@@ -142,8 +158,9 @@ pub fn verify(signed: &pb::SignedQuery, expect: &Expect<'_>) -> Result<Verified,
     if !(intent.epsilon.is_finite() && intent.epsilon > 0.0) {
         return Err(IntentError::Epsilon);
     }
-    let mechanism = Mechanism::parse(&intent.mechanism)
-        .ok_or_else(|| IntentError::Mechanism(intent.mechanism.clone()))?;
+    let mechanism = pb::Mechanism::try_from(intent.mechanism)
+        .map(mechanism_of)
+        .map_err(|_| IntentError::Mechanism(intent.mechanism))?;
     let query =
         cxrfed_stats::query::parse(&intent.query).map_err(|e| IntentError::Query(e.to_string()))?;
     if matches!(query.statistic, Statistic::Summary(_)) {
@@ -225,7 +242,7 @@ mod tests {
         };
         assert_eq!(check(free), IntentError::Epsilon);
         let mechanism = pb::QueryIntent {
-            mechanism: "exponential".into(),
+            mechanism: 7,
             ..good.clone()
         };
         assert!(matches!(check(mechanism), IntentError::Mechanism(_)));

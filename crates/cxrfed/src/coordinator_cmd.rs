@@ -172,9 +172,9 @@ pub struct QueryArgs {
     epsilon: f64,
     #[arg(long, default_value_t = 0.0)]
     delta: f64,
-    /// laplace or gaussian.
-    #[arg(long, default_value = "laplace")]
-    mechanism: String,
+    /// The noise each site adds.
+    #[arg(long, value_enum, default_value_t = crate::stats_cmd::MechanismArg::Laplace)]
+    mechanism: crate::stats_cmd::MechanismArg,
     /// Only these sites (comma-separated) [default: every connected site].
     #[arg(long, value_delimiter = ',')]
     sites: Vec<String>,
@@ -202,7 +202,7 @@ fn signed_query(
     let valid_for = Duration::from_secs(args.timeout + 300);
     let intent = pb::QueryIntent {
         delta: args.delta,
-        mechanism: args.mechanism.clone(),
+        mechanism: pb::Mechanism::from(args.mechanism).into(),
         sites: args.sites.clone(),
         ..cxrfed_server::intent::new(study, &args.query, args.epsilon, valid_for)?
     };

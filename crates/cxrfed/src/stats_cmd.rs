@@ -39,8 +39,8 @@ pub struct StatsArgs {
     #[arg(long, requires = "dp", default_value_t = 0.0)]
     delta: f64,
     /// laplace (pure epsilon) or gaussian (zCDP, converted to (epsilon, delta)).
-    #[arg(long, requires = "dp", default_value = "laplace")]
-    mechanism: String,
+    #[arg(long, requires = "dp", value_enum, default_value_t = MechanismArg::Laplace)]
+    mechanism: MechanismArg,
 }
 
 #[derive(Debug, Args)]
@@ -112,7 +112,7 @@ pub async fn stats(args: StatsArgs) -> anyhow::Result<ExitCode> {
             structured: None,
             epsilon,
             delta: args.delta,
-            mechanism: args.mechanism.clone(),
+            mechanism: pb::Mechanism::from(args.mechanism).into(),
         };
         let response = client
             .dp_stats(request)
@@ -174,6 +174,24 @@ pub async fn stats(args: StatsArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--mechanism`, parsed by clap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum MechanismArg {
+    /// Discrete Laplace: pure epsilon-DP.
+    Laplace,
+    /// Discrete Gaussian: zCDP converted to (epsilon, delta).
+    Gaussian,
+}
+
+impl From<MechanismArg> for pb::Mechanism {
+    fn from(m: MechanismArg) -> pb::Mechanism {
+        match m {
+            MechanismArg::Laplace => pb::Mechanism::Laplace,
+            MechanismArg::Gaussian => pb::Mechanism::Gaussian,
+        }
+    }
 }
 
 /// A plain-text table (comfy-table, no borders): numbers right-aligned (but the first

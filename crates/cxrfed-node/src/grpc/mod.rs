@@ -1022,8 +1022,9 @@ impl NodeService for NodeApi {
         rpc.observe(&self.state, |_| async {
             let identity = caller_identity(&peer)?;
             let query = request_query(&request.query, request.structured)?;
-            let mechanism =
-                cxrfed_stats::dp::Mechanism::parse(&request.mechanism).ok_or_else(|| {
+            let mechanism = pb::Mechanism::try_from(request.mechanism)
+                .map(cxrfed_server::intent::mechanism_of)
+                .map_err(|_| {
                     NodeError::InvalidRequest(format!(
                         "mechanism {:?} must be laplace or gaussian",
                         request.mechanism
