@@ -764,8 +764,8 @@ async fn federated_rounds_train_a_new_head_and_survive_failures() {
     // A model larger than gRPC's 4 MiB message limit: DenseNet-121 (about 28 MB of weights)
     // is imported into the registry in chunks, streamed to the sites in 1 MiB chunks, trained
     // one step and aggregated, with the coordinator's memory a small multiple of the model.
-    // The coordinator binary maps libtorch (one binary for every role): its baseline is
-    // hundreds of MB. What is measured is the growth over the resident size before.
+    // What is measured is the growth over the resident size before the import (the
+    // coordinator's own baseline, without libtorch, is in docs/bench/footprint.md).
     let before = rss_bytes(s.coordinator.child.id(), "VmRSS:");
     let dense = s.root.join("densenet");
     let out = std::process::Command::new(cxrfed_e2e::cxrfed_bin().with_file_name("cxrfed-bench"))

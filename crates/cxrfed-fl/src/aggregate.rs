@@ -97,11 +97,20 @@ impl Aggregator {
     /// An empty round over the tensors of `global`. `uniform` weights every site equally
     /// (DP-FedAvg); otherwise sites are weighted by their sample counts.
     pub fn new(global: &Weights, uniform: bool) -> Aggregator {
-        Aggregator {
-            layout: global
+        Aggregator::with_layout(
+            global
                 .iter()
                 .map(|(n, t)| (n.clone(), t.shape.clone()))
                 .collect(),
+            uniform,
+        )
+    }
+
+    /// An empty round over tensors of these shapes (`tensor::layout` of the global model's
+    /// bytes), so the global model need not be decoded while updates arrive.
+    pub fn with_layout(layout: BTreeMap<String, Vec<usize>>, uniform: bool) -> Aggregator {
+        Aggregator {
+            layout,
             sums: BTreeMap::new(),
             weights: BTreeMap::new(),
             uniform,

@@ -106,6 +106,18 @@ pub fn f32_names(bytes: &[u8]) -> Result<Vec<String>, CodecError> {
     Ok(names)
 }
 
+/// Every tensor's shape, by name, after checking that all are f32 (reads the header, copies
+/// no values): what an aggregator needs to know of the global model.
+pub fn layout(bytes: &[u8]) -> Result<BTreeMap<String, Vec<usize>>, CodecError> {
+    let file = SafeTensors::deserialize(bytes).map_err(|e| CodecError::Format(format!("{e:?}")))?;
+    let mut out = BTreeMap::new();
+    for (name, view) in file.tensors() {
+        only_f32(&name, view.dtype())?;
+        out.insert(name, view.shape().to_vec());
+    }
+    Ok(out)
+}
+
 /// The L2 norm of a set of tensors.
 pub fn l2_norm(weights: &Weights) -> f64 {
     weights
@@ -161,6 +173,8 @@ mod tests {
             let mut names = f32_names(&bytes).expect("names");
             names.sort();
             prop_assert_eq!(names, vec!["a.weight".to_string(), "b.bias".to_string()]);
+            let shapes = layout(&bytes).expect("layout");
+            prop_assert_eq!(shapes["a.weight"].clone(), vec![rows, cols]);
         }
     }
 }

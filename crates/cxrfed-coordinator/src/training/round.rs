@@ -270,12 +270,13 @@ impl Trainer {
         self.hub.expect(task_ids.iter().cloned(), &tx);
         drop(tx);
         let bytes_down = self.send_tasks(job, attempt, &sites, &global_doc, &global_bytes)?;
-        let mut global = if attempt.evaluation {
-            Weights::new()
+        // Only the shapes while updates arrive; the values are decoded once the round is in.
+        let layout = if attempt.evaluation {
+            BTreeMap::new()
         } else {
-            cxrfed_fl::tensor::decode(&global_bytes)?
+            cxrfed_fl::tensor::layout(&global_bytes)?
         };
-        let mut aggregator = Aggregator::new(&global, spec.differentially_private());
+        let mut aggregator = Aggregator::with_layout(layout, spec.differentially_private());
         let collected = self
             .collect(
                 job,
@@ -336,6 +337,10 @@ impl Trainer {
                 .await?;
             return Ok(());
         }
+        // The global model decoded, its bytes dropped: one copy of the model in memory, then
+        // the new version's bytes.
+        let mut global = cxrfed_fl::tensor::decode(&global_bytes)?;
+        drop(global_bytes);
         let doc = self.next_version(
             job,
             &global_doc,
