@@ -241,6 +241,47 @@ pub fn last_lines(path: &Path, n: usize) -> Vec<String> {
     lines[lines.len().saturating_sub(n)..].to_vec()
 }
 
+/// How a server process runs on its data directory.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    pub layout: Layout,
+    pub listen: SocketAddr,
+    pub log_level: String,
+    /// Whether clients reach it over TLS (false only under --insecure-dev).
+    pub tls: bool,
+    /// Start in the background and return once it accepts connections.
+    pub detach: bool,
+}
+
+impl Launch {
+    /// Refuses a second server on the data directory, detaches when asked, else logs, binds
+    /// (port 0: the kernel's choice, reported), writes the PID file, and serves
+    /// `serve(listener, bound address, shutdown)` until SIGTERM or SIGINT.
+    pub fn run<F, Fut, E>(self, serve: F) -> anyhow::Result<ExitCode>
+    where
+        F: FnOnce(tokio::net::TcpListener, SocketAddr, CancellationToken) -> Fut,
+        Fut: std::future::Future<Output = Result<(), E>>,
+        E: Into<anyhow::Error>,
+    {
+        refuse_if_running(&self.layout)?;
+        if self.detach {
+            return detach(&self.layout);
+        }
+        let _guard = crate::logging::init_server(&self.layout, &self.log_level)?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        runtime.block_on(async move {
+            let listener = bind(self.listen, &self.layout).await?;
+            let bound = listener.local_addr()?;
+            let _pid = PidGuard::write(&self.layout, bound, self.tls)?;
+            let shutdown = shutdown_on_signals();
+            serve(listener, bound, shutdown).await.map_err(Into::into)
+        })?;
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
 /// Binds the listen address with a message that names the way out when the port is taken.
 pub async fn bind(listen: SocketAddr, layout: &Layout) -> anyhow::Result<tokio::net::TcpListener> {
     let what = layout.kind().name();

@@ -83,26 +83,18 @@ pub struct ServeArgs {
 
 fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let config = CoordinatorConfig::load(args.config.as_deref(), &args)?;
-    let layout = config.layout();
-    process::refuse_if_running(&layout)?;
-    if args.detach {
-        return process::detach(&layout);
+    process::Launch {
+        layout: config.layout(),
+        listen: config.listen,
+        log_level: config.log_level.clone(),
+        tls: true,
+        detach: args.detach,
     }
-    let _guard = cxrfed_server::logging::init_server(&layout, &config.log_level)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async move {
+    .run(|listener, bound, shutdown| {
         let mut config = config;
-        let listener = process::bind(config.listen, &layout).await?;
-        config.listen = listener.local_addr()?;
-        let _pid = process::PidGuard::write(&layout, config.listen, true)?;
-        let shutdown = process::shutdown_on_signals();
+        config.listen = bound;
         cxrfed_coordinator::serve(config, listener, shutdown)
-            .await
-            .map_err(anyhow::Error::from)
-    })?;
-    Ok(ExitCode::SUCCESS)
+    })
 }
 
 fn main() -> ExitCode {

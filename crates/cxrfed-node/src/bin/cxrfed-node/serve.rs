@@ -130,25 +130,16 @@ pub struct ServeArgs {
 
 pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let config = NodeConfig::load(args.config.as_deref(), &args)?;
-    let layout = config.layout();
-    process::refuse_if_running(&layout)?;
-    if args.detach {
-        return process::detach(&layout);
+    process::Launch {
+        layout: config.layout(),
+        listen: config.listen,
+        log_level: config.log_level.clone(),
+        tls: !config.insecure_dev,
+        detach: args.detach,
     }
-    let _guard = cxrfed_server::logging::init_server(&layout, &config.log_level)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async move {
+    .run(|listener, bound, shutdown| {
         let mut config = config;
-        let listener = process::bind(config.listen, &layout).await?;
-        // With port 0 the kernel picks the port: report the real one.
-        config.listen = listener.local_addr()?;
-        let _pid = process::PidGuard::write(&layout, config.listen, !config.insecure_dev)?;
-        let shutdown = process::shutdown_on_signals();
+        config.listen = bound;
         cxrfed_node::serve(config, listener, shutdown)
-            .await
-            .map_err(anyhow::Error::from)
-    })?;
-    Ok(ExitCode::SUCCESS)
+    })
 }
