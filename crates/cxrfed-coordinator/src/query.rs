@@ -75,7 +75,11 @@ pub struct Federation<'a> {
 impl Federation<'_> {
     /// Verifies the researcher's signed intent: signed by the caller's own certificate, then
     /// the rules every node applies again before it charges a budget.
-    fn check_intent(&self, caller: &Identity, signed: &pb::SignedQuery) -> Result<pb::QueryIntent> {
+    fn check_intent(
+        &self,
+        caller: &Identity,
+        signed: &pb::SignedQuery,
+    ) -> Result<cxrfed_server::intent::Verified> {
         let fingerprint = hex::encode(Sha256::digest(&signed.certificate));
         if fingerprint != caller.fingerprint {
             return Err(CoordinatorError::PermissionDenied(
@@ -91,7 +95,7 @@ impl Federation<'_> {
             IntentError::Signature(_) => CoordinatorError::PermissionDenied(e.to_string()),
             _ => CoordinatorError::InvalidArgument(e.to_string()),
         })?;
-        Ok(verified.intent)
+        Ok(verified)
     }
 
     /// The sites asked: those the intent names, else every site of the registry (those not
@@ -210,7 +214,8 @@ impl Federation<'_> {
         let signed = request
             .signed
             .ok_or_else(|| CoordinatorError::InvalidArgument("the query is not signed".into()))?;
-        let intent = self.check_intent(caller, &signed)?;
+        let cxrfed_server::intent::Verified { intent, query, .. } =
+            self.check_intent(caller, &signed)?;
         let query_id = uuid::Uuid::now_v7().to_string();
         let timeout_ms = match request.timeout_ms {
             0 => self.default_timeout_ms,
@@ -277,16 +282,15 @@ impl Federation<'_> {
         }
         let suppress_below = self.suppress_below;
         // A mean is clamped to its field's declared bounds, as each site clamps its values.
-        let bounds = cxrfed_stats::query::parse(&intent.query)
-            .ok()
-            .and_then(|q| match q.statistic {
-                cxrfed_stats::query::Statistic::Mean(f) => cxrfed_schema::flat::field(&f.value),
-                _ => None,
-            })
-            .and_then(|f| match f.kind {
-                cxrfed_schema::flat::FieldKind::Numeric { min, max } => Some((min, max)),
-                _ => None,
-            });
+        // (The query was parsed once, by the intent check.)
+        let bounds = match query.statistic {
+            cxrfed_stats::query::Statistic::Mean(f) => cxrfed_schema::flat::field(&f.value),
+            _ => None,
+        }
+        .and_then(|f| match f.kind {
+            cxrfed_schema::flat::FieldKind::Numeric { min, max } => Some((min, max)),
+            _ => None,
+        });
         let pooled = pool::pool(
             &statistic,
             &parts,

@@ -9,7 +9,7 @@ use cxrfed_store::{CoordinatorStore, SiteRecord};
 use tonic::Streaming;
 
 use crate::links::{Links, Outbound};
-use crate::training::Trainer;
+use crate::training::{Trainer, now};
 
 /// What a session needs of the coordinator.
 #[derive(Debug, Clone)]
@@ -17,10 +17,6 @@ pub struct Session {
     pub store: CoordinatorStore,
     pub links: Arc<Links>,
     pub trainer: Arc<Trainer>,
-}
-
-fn now() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 impl Session {

@@ -55,12 +55,6 @@ lowercase_enum! {
     }
 }
 
-impl JobState {
-    pub fn is_final(self) -> bool {
-        self != JobState::Running
-    }
-}
-
 lowercase_enum! {
     /// One attempt of a round.
     RoundState {
@@ -103,6 +97,5 @@ mod tests {
         for s in SiteStatus::VARIANTS {
             assert_eq!(s.as_str().parse::<SiteStatus>().expect("parse"), *s);
         }
-        assert!(JobState::Completed.is_final() && !JobState::Running.is_final());
     }
 }

@@ -97,13 +97,7 @@ pub fn encode(weights: &Weights) -> Result<Vec<u8>, CodecError> {
 /// The names of a safetensors buffer's tensors, after checking that all are f32 (reads the
 /// header, copies nothing).
 pub fn f32_names(bytes: &[u8]) -> Result<Vec<String>, CodecError> {
-    let file = SafeTensors::deserialize(bytes).map_err(|e| CodecError::Format(format!("{e:?}")))?;
-    let mut names = Vec::new();
-    for (name, view) in file.tensors() {
-        only_f32(&name, view.dtype())?;
-        names.push(name);
-    }
-    Ok(names)
+    Ok(layout(bytes)?.into_keys().collect())
 }
 
 /// Every tensor's shape, by name, after checking that all are f32 (reads the header, copies

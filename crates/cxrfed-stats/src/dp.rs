@@ -65,14 +65,6 @@ pub enum Mechanism {
 }
 
 impl Mechanism {
-    pub fn parse(text: &str) -> Option<Mechanism> {
-        match text.trim().to_ascii_lowercase().as_str() {
-            "" | "laplace" => Some(Mechanism::Laplace),
-            "gaussian" => Some(Mechanism::Gaussian),
-            _ => None,
-        }
-    }
-
     pub fn name(self) -> &'static str {
         match self {
             Mechanism::Laplace => "laplace",

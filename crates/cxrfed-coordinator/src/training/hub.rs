@@ -78,10 +78,6 @@ impl Hub {
         }
     }
 
-    pub fn spool_dir(&self) -> &std::path::Path {
-        &self.spool_dir
-    }
-
     /// A round waits for these task ids: their chunks are spooled, their reports sent to `tx`.
     pub fn expect(
         &self,

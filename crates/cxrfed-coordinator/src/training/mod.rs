@@ -34,6 +34,7 @@ use std::sync::Arc;
 
 pub use docs::{JobDoc, ModelDoc, RoundDoc, SiteDoc};
 pub use hub::Hub;
+pub(crate) use registry::now;
 pub use registry::{MAX_MODEL_BYTES, Registry};
 pub use round::pool_metrics;
 
