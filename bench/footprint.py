@@ -83,8 +83,10 @@ def coordinator_round(cxrfed, bench, root, phantoms, densenet, old_verbs):
     cli(cxrfed, "certs", "init", "--out", f"{pki}/ca", "--study", "bench-footprint", "--days", "2")
     cli(cxrfed, "certs", "issue", "--ca", f"{pki}/ca", "--role", "coordinator", "--name", "coordinator",
         "--out", f"{pki}/coordinator")
-    cli(cxrfed, "certs", "issue", "--ca", f"{pki}/ca", "--role", "admin", "--name", "study-admin",
-        "--site", "coordination", "--out", f"{pki}/study-admin")
+    # The first generation had no study-admin role: its study admin was an admin.
+    study_admin = ["--role", "admin", "--site", "coordination"] if old_verbs else ["--role", "study-admin"]
+    cli(cxrfed, "certs", "issue", "--ca", f"{pki}/ca", *study_admin, "--name", "study-admin",
+        "--out", f"{pki}/study-admin")
     cli(cxrfed, "certs", "issue", "--ca", f"{pki}/ca", "--role", "node", "--name", "node-a",
         "--site", "site-a", "--out", f"{pki}/node-a")
     cli(cxrfed, "certs", "issue", "--ca", f"{pki}/ca", "--role", "admin", "--name", "admin-a",
@@ -116,6 +118,10 @@ def coordinator_round(cxrfed, bench, root, phantoms, densenet, old_verbs):
             "--report", f"{root}/rejects.jsonl")
         cli(cxrfed, "field", "define", "cardiomegaly", "--type", "bool", *node)
         cli(cxrfed, "annotate", "import", os.path.join(phantoms, "cardiomegaly.csv"), *node)
+        if not old_verbs:
+            # Training is off until the site admin opts in.
+            cli(cxrfed, "node", "training-policy", "set", "enabled=true", "min_batch_size=2", "min_local_steps=1",
+                "--data-dir", f"{root}/site-a", "--profile", f"{pki}/admin-a/profile.toml")
         admin = ["--coordinator", coordinator, "--profile", f"{pki}/study-admin/profile.toml"]
         reset_peak(c.pid)
         cli(cxrfed, *registry, "import", densenet, "--version", "densenet-bench", *admin)
@@ -128,7 +134,8 @@ def coordinator_round(cxrfed, bench, root, phantoms, densenet, old_verbs):
         job = os.path.join(root, "job.toml")
         with open(job, "w") as f:
             f.write('base = "densenet-bench"\nnew_heads = [{ name = "cardiomegaly", kind = "binary" }]\n'
-                    'rounds = 1\nlocal_steps = 1\nbatch_size = 2\nmin_sites = 1\nround_deadline_secs = 900\n')
+                    'rounds = 1\nlocal_steps = 1\nbatch_size = 2\nmin_sites = 1\nround_deadline_secs = 900\n'
+                    + ('' if old_verbs else 'secure_aggregation = false\n'))
         time.sleep(1)
         before_round = status_kb(c.pid, "VmRSS:") / 1024
         reset_peak(c.pid)

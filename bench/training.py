@@ -63,8 +63,8 @@ def run_cxrfed(cxrfed, root, args):
     cli(cxrfed, "certs", "init", "--out", f"{pki}/ca", "--study", "bench-training", "--days", "2")
     cli(cxrfed, "certs", "issue", "--ca", f"{pki}/ca", "--role", "coordinator", "--name", "coordinator",
         "--out", f"{pki}/coordinator")
-    cli(cxrfed, "certs", "issue", "--ca", f"{pki}/ca", "--role", "admin", "--name", "study-admin",
-        "--site", "coordination", "--out", f"{pki}/study-admin")
+    cli(cxrfed, "certs", "issue", "--ca", f"{pki}/ca", "--role", "study-admin", "--name", "study-admin",
+        "--out", f"{pki}/study-admin")
     cport = free_port()
     coordinator = f"https://127.0.0.1:{cport}"
     procs = [subprocess.Popen([cxrfed, "coordinator", "serve", "--data-dir", f"{root}/coordinator",
@@ -95,6 +95,10 @@ def run_cxrfed(cxrfed, root, args):
                     time.sleep(0.1)
             cli(cxrfed, "field", "define", "cardiomegaly", "--type", "bool", *node)
             cli(cxrfed, "annotate", "import", os.path.join(d, "cardiomegaly.csv"), *node)
+            # Training is off until the site admin opts in.
+            cli(cxrfed, "node", "training-policy", "set", "enabled=true", "min_local_steps=1", "min_held_out=1",
+                "max_metrics_epsilon=10", "--data-dir", f"{root}/{site}",
+                "--profile", f"{pki}/admin-{site}/profile.toml")
         admin = ["--coordinator", coordinator, "--profile", f"{pki}/study-admin/profile.toml"]
         for _ in range(300):
             sites = json.loads(cli(cxrfed, "coordinator", "sites", "--json", *admin))
@@ -106,7 +110,8 @@ def run_cxrfed(cxrfed, root, args):
             f.write(f'new_heads = [{{ name = "cardiomegaly", kind = "binary" }}]\ntrainable = "heads"\n'
                     f'algorithm = "fedavg"\nrounds = {args.rounds}\nlocal_epochs = {args.epochs}\n'
                     f'batch_size = {args.batch}\nlearning_rate = {args.lr}\nmin_sites = 3\n'
-                    'round_deadline_secs = 900\n')
+                    f'round_deadline_secs = 900\nsecure_aggregation = {str(args.secure).lower()}\n'
+                    'metrics_epsilon = 10\n')
         start = time.perf_counter()
         job_id = cli(cxrfed, "job", "start", "--job", job, "--detach", *admin).strip()
         while True:
@@ -178,6 +183,8 @@ def main():
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=0.02)
+    p.add_argument("--secure", action=argparse.BooleanOptionalAction, default=True,
+                   help="secure aggregation (masked updates)")
     p.add_argument("--out", default="docs/bench/training.md")
     args = p.parse_args()
     root = tempfile.mkdtemp(prefix="cxrfed-bench-training-")

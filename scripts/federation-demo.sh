@@ -79,7 +79,9 @@ echo
 echo "== federated fine-tuning: a new head for a field the study defines (cardiomegaly) =="
 # Each site defines the field and labels its own images (here from the phantoms' ground truth:
 # cardiothoracic ratio above 0.5); labels and images stay at the site.
-"$BIN" certs issue --ca "$FED/pki/ca" --role admin --name study-admin --site coordination --out "$FED/pki/study-admin" >/dev/null
+# The study admin signs jobs and promotions; every site verifies the signature and its own
+# training policy before it trains or installs anything.
+"$BIN" certs issue --ca "$FED/pki/ca" --role study-admin --name study-admin --out "$FED/pki/study-admin" >/dev/null
 STUDY_ADMIN="$FED/pki/study-admin/profile.toml"
 PY=python3
 [ -x .venv/bin/python ] && PY=.venv/bin/python
@@ -98,6 +100,10 @@ PYEOF
     "$BIN" field define cardiomegaly --type bool --description "cardiothoracic ratio above 0.5" \
         --node "https://127.0.0.1:$port" --profile "$ADMIN" >/dev/null
     echo "site-$site: $("$BIN" annotate import "$FED/cardiomegaly-$site.csv" --node "https://127.0.0.1:$port" --profile "$ADMIN")"
+    # Each site admin opts in (training is off by default), on terms fit for phantom-sized
+    # data: small held-out sets still report their noisy counts.
+    "$BIN" node training-policy set enabled=true min_local_steps=1 min_held_out=1 \
+        --data-dir "$FED/site-$site" --profile "$ADMIN" >/dev/null
     port=$((port + 1))
 done
 cat > "$FED/job.toml" <<'TOMLEOF'
@@ -112,6 +118,9 @@ batch_size = 8
 learning_rate = 0.02
 min_sites = 3
 round_deadline_secs = 300
+# Sites mask their updates (the coordinator sees only the sum) and report noisy counts.
+secure_aggregation = true
+metrics_epsilon = 1.0
 TOMLEOF
 echo
 cat "$FED/job.toml"

@@ -406,6 +406,8 @@ mod rogue {
         /// Where to send tasks once a node has linked.
         pub outbound: Arc<Mutex<Option<mpsc::UnboundedSender<pb::CoordinatorMessage>>>>,
         pub results: mpsc::UnboundedSender<pb::TaskResult>,
+        /// Every other message the node sends (training and rollout reports, keys, chunks).
+        pub others: Option<mpsc::UnboundedSender<pb::node_message::Kind>>,
     }
 
     type Stream = std::pin::Pin<
@@ -422,10 +424,19 @@ mod rogue {
         ) -> Result<tonic::Response<Stream>, tonic::Status> {
             let mut inbound = request.into_inner();
             let results = self.results.clone();
+            let others = self.others.clone();
             tokio::spawn(async move {
                 while let Ok(Some(m)) = inbound.message().await {
-                    if let Some(pb::node_message::Kind::Result(r)) = m.kind {
-                        let _ = results.send(r);
+                    match m.kind {
+                        Some(pb::node_message::Kind::Result(r)) => {
+                            let _ = results.send(r);
+                        }
+                        Some(other) => {
+                            if let Some(tx) = &others {
+                                let _ = tx.send(other);
+                            }
+                        }
+                        None => {}
                     }
                 }
             });
@@ -609,6 +620,7 @@ async fn a_node_refuses_forged_and_replayed_requests_from_a_coordinator() {
     let rogue = rogue::Rogue {
         outbound: outbound.clone(),
         results: results_tx,
+        others: None,
     };
     // The rogue serves with a genuine coordinator certificate of the study.
     let me = pki.identity(Role::Coordinator, "rogue", None);
@@ -730,4 +742,214 @@ async fn the_coordinator_role_gets_nothing_exact_from_a_node() {
     let channel = node.channel_as(&coordinator).await;
     let allowed = cxrfed_e2e::try_every_node_rpc(channel).await;
     assert_eq!(allowed, ["GetSchema", "DpStats", "Budget"]);
+}
+
+/// Serves a rogue coordinator (with a genuine coordinator certificate of the study) on a
+/// loopback port; returns its URL.
+async fn serve_rogue(
+    pki: &TestPki,
+    rogue: rogue::Rogue,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> String {
+    let me = pki.identity(Role::Coordinator, "rogue", None);
+    let tls = cxrfed_auth::ReloadingTls::load(
+        cxrfed_auth::TlsPaths {
+            ca: pki.ca_pem(),
+            cert: me.join(pki::CERT),
+            key: me.join(pki::KEY),
+            crl: Some(pki.crl()),
+        },
+        &[Role::Coordinator],
+    )
+    .expect("tls");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(pb::coordinator_service_server::CoordinatorServiceServer::new(rogue))
+            .serve_with_incoming(cxrfed_auth::incoming(
+                listener,
+                cxrfed_auth::ServerTransport::Tls(tls),
+                shutdown,
+            )),
+    );
+    format!("https://127.0.0.1:{port}")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_obeys_only_a_study_admins_signed_orders_within_its_policy() {
+    use prost::Message;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let pki = TestPki::at(&root.join("pki"));
+    let sam = pki.identity(Role::StudyAdmin, "sam", None);
+    let (results_tx, _results) = tokio::sync::mpsc::unbounded_channel();
+    let (others_tx, mut others) = tokio::sync::mpsc::unbounded_channel();
+    let outbound = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let url = serve_rogue(
+        &pki,
+        rogue::Rogue {
+            outbound: outbound.clone(),
+            results: results_tx,
+            others: Some(others_tx),
+        },
+        shutdown.clone(),
+    )
+    .await;
+    let phantom_dir = root.join("phantoms");
+    phantoms(&phantom_dir, "university", 6, 5);
+    let node = start_node(root, &pki, "site-a", free_port(), &url);
+    let out = node.cli(&["ingest", phantom_dir.to_str().expect("path")]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let tx = loop {
+        if let Some(tx) = outbound.lock().expect("outbound").clone() {
+            break tx;
+        }
+        assert!(Instant::now() < deadline, "the node never linked");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+
+    // The bundled model, as a coordinator would send it for a job's closing evaluation.
+    let models = cxrfed_e2e::workspace_root().join("models/tiny-phantom-v1");
+    let weights = std::fs::read(models.join("model.safetensors")).expect("weights");
+    let card_json = std::fs::read_to_string(models.join("card.json")).expect("card");
+    let sha = hex_sha256(&weights);
+    let spec = "rounds = 1\nmin_sites = 2\n";
+    let genuine = cxrfed_e2e::signed_job(&sam, "e2e", spec, &sha);
+    let mut tampered = genuine.clone();
+    {
+        // The coordinator swaps the job for one that trains everything, batch size 2.
+        let mut order = pb::Order::decode(tampered.order.as_slice()).expect("order");
+        order.spec_json = order
+            .spec_json
+            .replace("\"trainable\":\"heads\"", "\"trainable\":\"all\"")
+            .replace("\"batch_size\":16", "\"batch_size\":2");
+        tampered.order = order.encode_to_vec();
+    }
+    let by_site_admin = cxrfed_e2e::signed_job(&node.admin, "e2e", spec, &sha);
+    let send_task = |id: &str, order: Option<pb::SignedOrder>, card: &str| {
+        let task = pb::TrainTask {
+            task_id: id.into(),
+            job_id: "job-x".into(),
+            round: 2,
+            spec_json: String::new(),
+            card_json: card.into(),
+            weights_sha256: sha.clone(),
+            weights_bytes: weights.len() as u64,
+            evaluate_only: true,
+            order,
+            attempt: 1,
+            secure_aggregation: false,
+        };
+        tx.send(pb::CoordinatorMessage {
+            kind: Some(pb::coordinator_message::Kind::Train(task)),
+        })
+        .expect("send");
+        for chunk in cxrfed_proto::chunks(id, prost::bytes::Bytes::from(weights.clone())) {
+            tx.send(pb::CoordinatorMessage {
+                kind: Some(pb::coordinator_message::Kind::Weights(chunk)),
+            })
+            .expect("send");
+        }
+    };
+    // Unsigned, tampered, signed by a site admin: refused before anything runs.
+    send_task("unsigned", None, &card_json);
+    refused(&mut others, "signed-order").await;
+    send_task("tampered", Some(tampered), &card_json);
+    refused(&mut others, "order-signature").await;
+    send_task("site-admin", Some(by_site_admin), &card_json);
+    refused(&mut others, "order-signer").await;
+    // Genuine, but this site has not opted in.
+    send_task("off", Some(genuine.clone()), &card_json);
+    refused(&mut others, "enabled").await;
+    // Opted in: the genuine evaluation runs once; the same round again is a replay.
+    node.training_policy(&["enabled=true", "min_held_out=1"]);
+    send_task("genuine", Some(genuine.clone()), &card_json);
+    let r = next_report(&mut others).await.expect("report");
+    assert!(r.ok, "{r:?}");
+    assert!(r.epsilon_charged > 0.0);
+    send_task("again", Some(genuine.clone()), &card_json);
+    refused(&mut others, "order-replay").await;
+    // A TorchScript card is refused, whatever the order.
+    let torchscript = card_json.replacen("\"safetensors\"", "\"torchscript\"", 1);
+    assert_ne!(torchscript, card_json, "the card names its format");
+    let genuine_round_2 = cxrfed_e2e::signed_job(&sam, "e2e", spec, &sha);
+    send_task("torchscript", Some(genuine_round_2), &torchscript);
+    refused(&mut others, "model-format").await;
+
+    // Rollouts: unsigned, or a TorchScript card under a genuine promotion, are refused; the
+    // node keeps its model.
+    let send_rollout = |id: &str, order: Option<pb::SignedOrder>, card: &str| {
+        tx.send(pb::CoordinatorMessage {
+            kind: Some(pb::coordinator_message::Kind::Rollout(pb::ModelRollout {
+                rollout_id: id.into(),
+                version: "v-evil".into(),
+                card_json: card.into(),
+                weights_sha256: sha.clone(),
+                weights_bytes: weights.len() as u64,
+                order,
+            })),
+        })
+        .expect("send");
+        for chunk in cxrfed_proto::chunks(id, prost::bytes::Bytes::from(weights.clone())) {
+            tx.send(pb::CoordinatorMessage {
+                kind: Some(pb::coordinator_message::Kind::Weights(chunk)),
+            })
+            .expect("send");
+        }
+    };
+    send_rollout("r-unsigned", None, &card_json);
+    let r = next_report(&mut others)
+        .await
+        .expect_err("a rollout report");
+    assert!(!r.ok && r.reason.contains("signed-order"), "{r:?}");
+    let promotion = cxrfed_e2e::signed_promotion(&sam, "e2e", "v-evil", &sha);
+    send_rollout("r-torchscript", Some(promotion), &torchscript);
+    let r = next_report(&mut others)
+        .await
+        .expect_err("a rollout report");
+    assert!(!r.ok && r.reason.contains("model-format"), "{r:?}");
+    let status = NodeServiceClient::new(node.channel().await)
+        .status(pb::StatusRequest {})
+        .await
+        .expect("status")
+        .into_inner();
+    assert_ne!(status.model_id, "v-evil", "nothing was installed");
+    shutdown.cancel();
+}
+
+fn hex_sha256(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+type Others = tokio::sync::mpsc::UnboundedReceiver<pb::node_message::Kind>;
+
+/// The node's next training report (Ok) or rollout report (Err).
+async fn next_report(others: &mut Others) -> Result<pb::TrainReport, pb::RolloutReport> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(remaining, others.recv())
+            .await
+            .expect("a report")
+            .expect("open")
+        {
+            pb::node_message::Kind::TrainReport(r) => return Ok(r),
+            pb::node_message::Kind::RolloutReport(r) => return Err(r),
+            _ => {}
+        }
+    }
+}
+
+/// The next training report, which must be a refusal under `rule`.
+async fn refused(others: &mut Others, rule: &str) -> pb::TrainReport {
+    let r = next_report(others).await.expect("a train report");
+    assert!(!r.ok, "{r:?}");
+    assert_eq!(r.refused_rule, rule, "{r:?}");
+    r
 }

@@ -28,36 +28,8 @@ struct Study {
     admin: PathBuf,
 }
 
-/// Phantoms for one site, and a CSV labelling the custom field `cardiomegaly`
-/// (cardiothoracic ratio above 0.5) by image hash.
 fn phantoms(dir: &Path, profile: &str, count: u32, seed: u32) -> PathBuf {
-    let out = cxrfed(&[
-        "phantom",
-        "--out",
-        dir.to_str().expect("path"),
-        "--count",
-        &count.to_string(),
-        "--seed",
-        &seed.to_string(),
-        "--max-size",
-        "160",
-        "--site",
-        profile,
-    ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let mut reader = csv::Reader::from_path(dir.join("labels.csv")).expect("labels.csv");
-    let header = reader.headers().expect("header").clone();
-    let col = |name: &str| header.iter().position(|h| h == name).expect(name);
-    let (sha, ratio) = (col("image_sha256"), col("cardiothoracic_ratio"));
-    let mut csv = String::from("image_sha256,cardiomegaly\n");
-    for row in reader.records() {
-        let row = row.expect("row");
-        let r: f64 = row[ratio].parse().expect("ratio");
-        csv.push_str(&format!("{},{}\n", &row[sha], r > 0.5));
-    }
-    let path = dir.join("cardiomegaly.csv");
-    std::fs::write(&path, csv).expect("write csv");
-    path
+    cxrfed_e2e::labelled_phantoms(dir, profile, count, seed, 160).0
 }
 
 fn start_node(root: &Path, pki: &TestPki, site: &str, port: u16, coordinator: &str) -> NodeProcess {
@@ -74,7 +46,7 @@ async fn study() -> Study {
     let root = dir.path().to_path_buf();
     let pki = TestPki::at(&root.join("pki"));
     let coordinator = CoordinatorProcess::start(&root.join("coordinator"), &pki);
-    let admin = pki.identity(Role::Admin, "study-admin", Some("coordination"));
+    let admin = pki.identity(Role::StudyAdmin, "sam", None);
     let mut nodes = Vec::new();
     for (i, (site, profile, count)) in SITES.iter().enumerate() {
         let images = root.join(format!("phantoms-{site}"));
@@ -99,6 +71,16 @@ async fn study() -> Study {
             "{}",
             text(&out.stdout)
         );
+        // Each site opts in, on terms loose enough for phantom-sized datasets, and gives the
+        // study's training account a budget.
+        node.training_policy(&[
+            "enabled=true",
+            "min_batch_size=2",
+            "min_local_steps=1",
+            "min_held_out=1",
+            "max_metrics_epsilon=10",
+        ]);
+        node.training_budget(500.0, 0.5);
         nodes.push(node);
     }
     let s = Study {
@@ -166,11 +148,26 @@ async fn wait_connected(s: &Study, n: usize) {
     }
 }
 
+/// The base model's weights sha256 as the registry lists it.
+async fn base_sha(s: &Study, spec: &str) -> String {
+    let base = cxrfed_fl::JobSpec::parse(spec).expect("job file").base;
+    client(s)
+        .await
+        .get_model(pb::GetModelRequest { version: base })
+        .await
+        .expect("base model")
+        .into_inner()
+        .sha256
+}
+
+/// Starts a job as the study admin, with the order signed as `cxrfed job start` signs it.
 async fn start_job(s: &Study, spec: &str) -> pb::JobInfo {
+    let order = cxrfed_e2e::signed_job(&s.admin, "e2e", spec, &base_sha(s, spec).await);
     client(s)
         .await
         .start_job(pb::StartJobRequest {
-            spec_toml: spec.to_string(),
+            spec_toml: String::new(),
+            order: Some(order),
         })
         .await
         .expect("start job")
@@ -218,19 +215,28 @@ fn pooled(round: &pb::RoundInfo, key: &str) -> f64 {
 async fn federated_rounds_train_a_new_head_and_survive_failures() {
     let mut s = study().await;
 
-    // Bad job files are refused before anything runs.
+    // An unsigned job file is refused; a signed job naming a head the base lacks is refused
+    // before anything runs.
     let status = client(&s)
         .await
         .start_job(pb::StartJobRequest {
-            spec_toml: "algorithm = \"fedsgd\"".into(),
+            spec_toml: "rounds = 1".into(),
+            order: None,
         })
         .await
-        .expect_err("bad algorithm");
-    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        .expect_err("unsigned");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    let bad_head = "heads = [\"no_such_head\"]";
     let status = client(&s)
         .await
         .start_job(pb::StartJobRequest {
-            spec_toml: "heads = [\"no_such_head\"]".into(),
+            spec_toml: String::new(),
+            order: Some(cxrfed_e2e::signed_job(
+                &s.admin,
+                "e2e",
+                bad_head,
+                &base_sha(&s, bad_head).await,
+            )),
         })
         .await
         .expect_err("unknown head");
@@ -250,6 +256,7 @@ async fn federated_rounds_train_a_new_head_and_survive_failures() {
         learning_rate = 0.02
         min_sites = 3
         round_deadline_secs = 300
+        metrics_epsilon = 10
         "#,
     )
     .await;
@@ -310,7 +317,11 @@ async fn federated_rounds_train_a_new_head_and_survive_failures() {
                 .count(),
             3
         );
-        assert!(r.sites.iter().all(|s| s.samples > 0 && s.update_bytes > 0));
+        assert!(
+            r.sites
+                .iter()
+                .all(|s| s.update_bytes > 0 && s.epsilon_charged > 0.0)
+        );
         assert!(r.bytes_down > 0 && r.bytes_up > 0);
     }
     let evaluation = done
@@ -319,10 +330,10 @@ async fn federated_rounds_train_a_new_head_and_survive_failures() {
         .find(|r| r.state() == pb::RoundState::Evaluation)
         .expect("closing evaluation");
 
-    // The starting head is zero (p = 0.5 everywhere: AUROC 0.5); the trained one separates
-    // the classes on every site's held-out records.
-    let before = pooled(completed[0], "cardiomegaly.auroc");
-    let after = pooled(evaluation, "cardiomegaly.auroc");
+    // The starting head is zero (p = 0.5 everywhere, every record called positive); the
+    // trained one is more accurate on the sites' held-out records (pooled noisy counts).
+    let before = pooled(completed[0], "cardiomegaly.accuracy");
+    let after = pooled(evaluation, "cardiomegaly.accuracy");
     let held_out: u64 = evaluation.sites.iter().map(|s| s.eval_samples).sum();
     for r in &done.round_log {
         eprintln!(
@@ -338,12 +349,8 @@ async fn federated_rounds_train_a_new_head_and_survive_failures() {
         );
     }
     assert!(held_out >= 10, "{held_out} held-out records");
-    assert!((before - 0.5).abs() < 1e-9, "starting AUROC {before}");
-    assert!(after >= 0.8, "AUROC {before} -> {after}");
-    assert!(
-        pooled(evaluation, "cardiomegaly.accuracy")
-            >= pooled(completed[0], "cardiomegaly.accuracy"),
-    );
+    assert!(after > before, "accuracy {before} -> {after}");
+    assert!(after >= 0.7, "accuracy {before} -> {after}");
 
     // The registry holds the lineage r0 (new head) -> r1 -> r2 -> r3, with sites and samples.
     let models: BTreeMap<String, pb::ModelVersion> = client(&s)
@@ -370,7 +377,7 @@ async fn federated_rounds_train_a_new_head_and_survive_failures() {
     assert!(
         models[&format!("{id}.r3")]
             .metrics
-            .contains_key("cardiomegaly.auroc")
+            .contains_key("cardiomegaly.accuracy")
     );
     assert_eq!(done.latest_model, format!("{id}.r3"));
 
@@ -471,6 +478,25 @@ async fn federated_rounds_train_a_new_head_and_survive_failures() {
             (ok, failed)
         })
     };
+    // Site-b's findings before the promotion, to compare after a rollback.
+    let before_promotion = findings_of(&s.nodes[1]);
+    // A site admin cannot promote (nor start jobs or import): that is the study admin's.
+    let site_admin = s.nodes[0].profile();
+    let out = cxrfed(&[
+        "registry",
+        "promote",
+        version.as_str(),
+        "--coordinator",
+        &url,
+        "--profile",
+        &site_admin,
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("study admin"),
+        "{}",
+        text(&out.stderr)
+    );
     let mut args = vec!["registry", "promote", version.as_str(), "--json"];
     args.extend(common.iter().copied());
     let out = cxrfed(&args);
@@ -670,7 +696,11 @@ async fn federated_rounds_train_a_new_head_and_survive_failures() {
         .find(|s| s.site == "site-c")
         .expect("site-c");
     assert_eq!(c.status(), pb::SiteRoundStatus::Dropped, "{c:?}");
-    assert!(c.reason.contains("deadline"), "{}", c.reason);
+    assert!(
+        c.reason.contains("round key") || c.reason.contains("deadline"),
+        "{}",
+        c.reason
+    );
     assert_eq!(
         round
             .sites
@@ -837,6 +867,74 @@ async fn federated_rounds_train_a_new_head_and_survive_failures() {
         growth < 8 * size,
         "the coordinator grew by {growth} bytes for a {size}-byte model"
     );
+
+    // A bad promotion is rolled back with one command: site-b returns to the model it ran
+    // before, and every record that existed then gets exactly its earlier findings back.
+    let out = cxrfed(&[
+        "node",
+        "rollback",
+        "--data-dir",
+        s.nodes[1].data_dir_str(),
+        "--profile",
+        &s.nodes[1].profile(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains(&format!("from {version}")),
+        "{}",
+        text(&out.stdout)
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let now = findings_of(&s.nodes[1]);
+        let restored = before_promotion
+            .iter()
+            .filter(|(id, earlier)| now.get(*id) == Some(earlier))
+            .count();
+        if restored == before_promotion.len() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{restored} of {} records restored",
+            before_promotion.len()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Nothing left to roll back to.
+    let out = cxrfed(&[
+        "node",
+        "rollback",
+        "--data-dir",
+        s.nodes[1].data_dir_str(),
+        "--profile",
+        &s.nodes[1].profile(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("no earlier model"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+/// Every record's findings and model at a node, by record id.
+fn findings_of(node: &NodeProcess) -> BTreeMap<String, (serde_json::Value, String)> {
+    let out = node.cli(&["records", "--limit", "1000"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("record"))
+        .map(|r| {
+            (
+                r["record_id"].as_str().unwrap_or_default().to_string(),
+                (
+                    r["findings"].clone(),
+                    r["model_id"].as_str().unwrap_or_default().to_string(),
+                ),
+            )
+        })
+        .collect()
 }
 
 /// A memory figure of a process from /proc (VmRSS: now, VmHWM: peak), in bytes.

@@ -351,6 +351,46 @@ impl NodeProcess {
             .expect("connect to node")
     }
 
+    /// Sets the site's training policy through `cxrfed node training-policy set KEY=VALUE...`
+    /// (as its site admin) and returns what the CLI printed.
+    pub fn training_policy(&self, changes: &[&str]) -> String {
+        let profile = self.profile();
+        let mut args = vec![
+            "node",
+            "training-policy",
+            "set",
+            "--data-dir",
+            self.data_dir_str(),
+            "--profile",
+            &profile,
+        ];
+        args.extend(changes);
+        let out = cxrfed(&args);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout)
+    }
+
+    /// Sets the training account's budget at this site (`--identity training`).
+    pub fn training_budget(&self, epsilon: f64, delta: f64) {
+        let profile = self.profile();
+        let out = cxrfed(&[
+            "node",
+            "budget",
+            "set",
+            "--data-dir",
+            self.data_dir_str(),
+            "--identity",
+            "training",
+            "--epsilon",
+            &epsilon.to_string(),
+            "--delta",
+            &delta.to_string(),
+            "--profile",
+            &profile,
+        ]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+
     pub fn data_dir_str(&self) -> &str {
         self.data_dir.to_str().expect("utf-8 path")
     }
@@ -473,6 +513,24 @@ pub async fn try_every_node_rpc(channel: tonic::transport::Channel) -> Vec<Strin
             "ListBudgets" => denied(c.list_budgets(pb::ListBudgetsRequest {}).await.map(drop)),
             "AuditLog" => denied(c.audit_log(pb::AuditLogRequest::default()).await.map(drop)),
             "VerifyAudit" => denied(c.verify_audit(pb::VerifyAuditRequest {}).await.map(drop)),
+            "GetTrainingPolicy" => denied(
+                c.get_training_policy(pb::GetTrainingPolicyRequest {})
+                    .await
+                    .map(drop),
+            ),
+            "SetTrainingPolicy" => denied(
+                c.set_training_policy(pb::TrainingPolicy {
+                    policy_toml: "enabled = true".into(),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+            ),
+            "RollbackModel" => denied(
+                c.rollback_model(pb::RollbackModelRequest {})
+                    .await
+                    .map(drop),
+            ),
             // Public: the schema (field names and public categories), no data.
             "GetSchema" => {
                 let schema = c
@@ -552,6 +610,8 @@ impl CoordinatorProcess {
             ])
             .env_remove("CXRFED_NODE_CONFIG")
             .env_remove("CXRFED_COORDINATOR_CONFIG")
+            // Received site updates are kept under spool/kept/ so tests can inspect them.
+            .env("CXRFED_COORDINATOR_KEEP_UPDATES", "true")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -700,4 +760,75 @@ impl TestDicom {
         file.write_all(&mut out).expect("write DICOM");
         out
     }
+}
+
+/// The signer (key and certificate) of the identity in `dir`.
+pub fn signer(dir: &Path) -> cxrfed_auth::signing::Signer {
+    cxrfed_auth::signing::Signer::load(&dir.join(pki::CERT), &dir.join(pki::KEY)).expect("signer")
+}
+
+/// A study admin's signed order for the job file `spec_toml`, from base weights `base_sha256`.
+pub fn signed_job(
+    admin: &Path,
+    study: &str,
+    spec_toml: &str,
+    base_sha256: &str,
+) -> cxrfed_proto::v1::SignedOrder {
+    let spec = cxrfed_fl::JobSpec::parse(spec_toml).expect("job file");
+    let order = cxrfed_server::order::job(study, &spec, base_sha256, Duration::from_secs(3600))
+        .expect("order");
+    cxrfed_server::order::sign(&signer(admin), &order).expect("sign")
+}
+
+/// A study admin's signed promotion of `version` (weights `sha256`).
+pub fn signed_promotion(
+    admin: &Path,
+    study: &str,
+    version: &str,
+    sha256: &str,
+) -> cxrfed_proto::v1::SignedOrder {
+    let order = cxrfed_server::order::promotion(study, version, sha256, Duration::from_secs(3600))
+        .expect("order");
+    cxrfed_server::order::sign(&signer(admin), &order).expect("sign")
+}
+
+/// Phantoms for one site (at most `max_size` pixels a side), and a CSV labelling the custom
+/// field `cardiomegaly` (cardiothoracic ratio above 0.5) by image hash; returns the CSV's path
+/// and the labels (image sha256, positive).
+pub fn labelled_phantoms(
+    dir: &Path,
+    profile: &str,
+    count: u32,
+    seed: u32,
+    max_size: u32,
+) -> (PathBuf, Vec<(String, bool)>) {
+    let out = cxrfed(&[
+        "phantom",
+        "--out",
+        dir.to_str().expect("path"),
+        "--count",
+        &count.to_string(),
+        "--seed",
+        &seed.to_string(),
+        "--max-size",
+        &max_size.to_string(),
+        "--site",
+        profile,
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mut reader = csv::Reader::from_path(dir.join("labels.csv")).expect("labels.csv");
+    let header = reader.headers().expect("header").clone();
+    let col = |name: &str| header.iter().position(|h| h == name).expect(name);
+    let (sha, ratio) = (col("image_sha256"), col("cardiothoracic_ratio"));
+    let mut csv = String::from("image_sha256,cardiomegaly\n");
+    let mut labels = Vec::new();
+    for row in reader.records() {
+        let row = row.expect("row");
+        let r: f64 = row[ratio].parse().expect("ratio");
+        csv.push_str(&format!("{},{}\n", &row[sha], r > 0.5));
+        labels.push((row[sha].to_string(), r > 0.5));
+    }
+    let path = dir.join("cardiomegaly.csv");
+    std::fs::write(&path, csv).expect("write csv");
+    (path, labels)
 }

@@ -106,7 +106,8 @@ impl Policy {
             Rule::Roles(roles) => roles
                 .iter()
                 .map(|r| r.as_str().to_string())
-                .chain([site_admin()])
+                // A server without a site (the coordinator) has no site admin to name.
+                .chain(self.site.is_some().then(site_admin))
                 .collect::<Vec<_>>()
                 .join(" or "),
             Rule::AnyIdentity => "any identity".into(),

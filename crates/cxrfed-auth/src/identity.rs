@@ -25,10 +25,20 @@ pub enum Role {
     Researcher,
     /// A site administrator: everything on the node of their own site.
     Admin,
+    /// The study's administrator: signs training jobs and promotions (orders every site
+    /// verifies), imports models. Has no site and no power over any node's own data.
+    #[serde(rename = "study-admin")]
+    StudyAdmin,
 }
 
 impl Role {
-    pub const ALL: [Role; 4] = [Role::Node, Role::Coordinator, Role::Researcher, Role::Admin];
+    pub const ALL: [Role; 5] = [
+        Role::Node,
+        Role::Coordinator,
+        Role::Researcher,
+        Role::Admin,
+        Role::StudyAdmin,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -36,6 +46,7 @@ impl Role {
             Role::Coordinator => "coordinator",
             Role::Researcher => "researcher",
             Role::Admin => "admin",
+            Role::StudyAdmin => "study-admin",
         }
     }
 
@@ -65,7 +76,7 @@ impl std::str::FromStr for Role {
             .find(|r| r.as_str().eq_ignore_ascii_case(s.trim()))
             .ok_or_else(|| {
                 AuthError::Invalid(format!(
-                    "unknown role {s:?} (node, coordinator, researcher or admin)"
+                    "unknown role {s:?} (node, coordinator, researcher, admin or study-admin)"
                 ))
             })
     }

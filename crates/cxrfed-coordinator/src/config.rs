@@ -32,6 +32,9 @@ pub struct CoordinatorConfig {
     /// Default time to wait for sites, ms (a query may ask for less or more, up to 10 min).
     pub query_timeout_ms: u32,
     pub grace_period_secs: u64,
+    /// Keep every site update as received under `spool/kept/` (an auditor checks that none
+    /// arrived unmasked); off by default.
+    pub keep_updates: bool,
 }
 
 impl Default for CoordinatorConfig {
@@ -49,6 +52,7 @@ impl Default for CoordinatorConfig {
             heartbeat_secs: 10,
             query_timeout_ms: 30_000,
             grace_period_secs: 10,
+            keep_updates: false,
         }
     }
 }
@@ -71,6 +75,7 @@ pub const KEYS: &[&str] = &[
     "heartbeat_secs",
     "query_timeout_ms",
     "grace_period_secs",
+    "keep_updates",
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -39,31 +39,45 @@ pub enum ServeError {
 }
 
 /// Who may call what on the coordinator. Nodes hold links; researchers ask; everyone of the
-/// study may see the registry; the audit chain is for admins.
+/// study may see the registry; the audit chain is for the study admin and the sites' admins.
+/// Training jobs, imports and promotions are the study admin's alone: a site's `admin` rules
+/// its own node, never the federation.
 pub const COORDINATOR_RULES: &[(&str, Rule)] = &[
     ("Link", Rule::Roles(&[Role::Node])),
     ("Query", Rule::Roles(&[Role::Researcher])),
     (
         "Sites",
-        Rule::Roles(&[Role::Researcher, Role::Admin, Role::Node]),
+        Rule::Roles(&[Role::Researcher, Role::Admin, Role::StudyAdmin, Role::Node]),
     ),
-    ("CoordinatorAudit", Rule::Roles(&[Role::Admin])),
-    ("VerifyCoordinatorAudit", Rule::Roles(&[Role::Admin])),
-    // Training jobs are the study admin's; the registry is visible to the study.
-    ("StartJob", Rule::Roles(&[Role::Admin])),
-    ("CancelJob", Rule::Roles(&[Role::Admin])),
-    ("ListJobs", Rule::Roles(&[Role::Admin, Role::Researcher])),
-    ("GetJob", Rule::Roles(&[Role::Admin, Role::Researcher])),
+    (
+        "CoordinatorAudit",
+        Rule::Roles(&[Role::StudyAdmin, Role::Admin]),
+    ),
+    (
+        "VerifyCoordinatorAudit",
+        Rule::Roles(&[Role::StudyAdmin, Role::Admin]),
+    ),
+    ("StartJob", Rule::Roles(&[Role::StudyAdmin])),
+    ("CancelJob", Rule::Roles(&[Role::StudyAdmin])),
+    // Everyone else sees a job redacted: pooled noisy metrics, no per-site rows.
+    (
+        "ListJobs",
+        Rule::Roles(&[Role::StudyAdmin, Role::Admin, Role::Researcher]),
+    ),
+    (
+        "GetJob",
+        Rule::Roles(&[Role::StudyAdmin, Role::Admin, Role::Researcher]),
+    ),
     (
         "ListModels",
-        Rule::Roles(&[Role::Admin, Role::Researcher, Role::Node]),
+        Rule::Roles(&[Role::StudyAdmin, Role::Admin, Role::Researcher, Role::Node]),
     ),
     (
         "GetModel",
-        Rule::Roles(&[Role::Admin, Role::Researcher, Role::Node]),
+        Rule::Roles(&[Role::StudyAdmin, Role::Admin, Role::Researcher, Role::Node]),
     ),
-    ("PromoteModel", Rule::Roles(&[Role::Admin])),
-    ("ImportModel", Rule::Roles(&[Role::Admin])),
+    ("PromoteModel", Rule::Roles(&[Role::StudyAdmin])),
+    ("ImportModel", Rule::Roles(&[Role::StudyAdmin])),
 ];
 
 pub fn coordinator_policy() -> Policy {

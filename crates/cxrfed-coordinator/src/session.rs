@@ -112,6 +112,9 @@ impl Session {
                 Some(pb::node_message::Kind::TrainReport(report)) => {
                     self.trainer.hub().on_report(&site, report);
                 }
+                Some(pb::node_message::Kind::MaskKey(key)) => {
+                    self.trainer.hub().on_key(&site, key);
+                }
                 Some(pb::node_message::Kind::RolloutReport(report)) => {
                     if report.ok {
                         tracing::info!(

@@ -26,7 +26,7 @@ impl Coordinator {
         let links = Arc::new(Links::default());
         let trainer = Arc::new(Trainer::new(
             Registry::new(store.clone(), layout.models_dir()),
-            Hub::new(layout.data_dir().join("spool")),
+            Hub::new(layout.data_dir().join("spool")).keeping_updates(config.keep_updates),
             links.clone(),
         ));
         Coordinator {

@@ -89,6 +89,9 @@ pub struct Aggregator {
     sums: BTreeMap<String, Vec<f64>>,
     weights: BTreeMap<String, f64>,
     uniform: bool,
+    /// Updates whose L2 norm exceeds this are refused (what the job's clipping and the sites'
+    /// noise allow).
+    max_norm: Option<f64>,
     sites: usize,
     samples: u64,
 }
@@ -114,9 +117,16 @@ impl Aggregator {
             sums: BTreeMap::new(),
             weights: BTreeMap::new(),
             uniform,
+            max_norm: None,
             sites: 0,
             samples: 0,
         }
+    }
+
+    /// Refuses updates with an L2 norm above `max_norm` (when set).
+    pub fn with_max_norm(mut self, max_norm: Option<f64>) -> Aggregator {
+        self.max_norm = max_norm;
+        self
     }
 
     /// Folds in one site's update (a safetensors delta over some of the global tensors).
@@ -149,6 +159,14 @@ impl Aggregator {
             if t.data.iter().any(|v| !v.is_finite()) {
                 return Err(AggregateError::Mismatch(format!(
                     "{name}: the update holds NaN or infinite values"
+                )));
+            }
+        }
+        if let Some(max) = self.max_norm {
+            let norm = crate::secagg::l2_norm(&delta);
+            if norm > max {
+                return Err(AggregateError::Mismatch(format!(
+                    "the update's L2 norm {norm:.4} exceeds the {max:.4} the job's clipping allows"
                 )));
             }
         }

@@ -13,6 +13,8 @@
 pub mod aggregate;
 pub mod card;
 pub mod labelmap;
+pub mod policy;
+pub mod secagg;
 pub mod spec;
 pub mod state;
 pub mod tensor;
@@ -21,6 +23,7 @@ pub mod transfer;
 pub use aggregate::{AdamMoments, AggregateError, Aggregator, Algorithm, ServerAdam};
 pub use card::{CardError, InputSpec, ModelCard, ModelFormat};
 pub use labelmap::{Head, HeadKind, LabelMap};
+pub use policy::SitePolicy;
 pub use spec::{BUNDLED_VERSION, JobSpec, LocalSpec, NewHead, NewHeadKind, Trainable};
 pub use state::{JobState, RoundState, SiteStatus};
 pub use tensor::{Tensor, Weights};

@@ -56,6 +56,9 @@ pub struct LocalSpec {
     pub prox_mu: f64,
     /// L2 norm the delta is clipped to (0: no clipping).
     pub clip: f64,
+    /// Standard deviation of the Gaussian noise the site adds to its clipped delta (its share
+    /// of the job's noise; 0: none).
+    pub noise_std: f64,
     pub augment: bool,
     pub seed: u64,
 }
@@ -71,6 +74,7 @@ impl Default for LocalSpec {
             learning_rate: 1e-3,
             prox_mu: 0.0,
             clip: 0.0,
+            noise_std: 0.0,
             augment: false,
             seed: 1,
         }
@@ -184,9 +188,19 @@ pub struct JobSpec {
     pub attempts: u32,
     /// DP-FedAvg: clip each site's update to this L2 norm (0: off)...
     pub clip: f64,
-    /// ...and add Gaussian noise of std `noise_multiplier * clip` to the sum.
+    /// ...and noise of std `noise_multiplier * clip` in the sum, added at the sites: each adds
+    /// its share (`noise_multiplier * clip / sqrt(min_sites)` under secure aggregation, the
+    /// whole of it otherwise).
     pub noise_multiplier: f64,
     pub dp_delta: f64,
+    /// Sites mask their updates pairwise so the coordinator learns only the sum (needs
+    /// min_sites >= 2).
+    pub secure_aggregation: bool,
+    /// Privacy loss of each round's reported metrics and sample counts (noisy counts), charged
+    /// at every site on top of the update's.
+    pub metrics_epsilon: f64,
+    /// The largest aggregation weight a site's (noisy, self-reported) sample count can earn.
+    pub max_site_weight: u64,
     pub augment: bool,
     pub seed: u64,
 }
@@ -208,12 +222,16 @@ impl Default for JobSpec {
             batch_size: 16,
             learning_rate: 1e-3,
             sites: Vec::new(),
-            min_sites: 1,
+            // Secure aggregation needs two sites to hide one.
+            min_sites: 2,
             round_deadline_secs: 600,
             attempts: 2,
             clip: 0.0,
             noise_multiplier: 0.0,
             dp_delta: 1e-5,
+            secure_aggregation: true,
+            metrics_epsilon: 0.5,
+            max_site_weight: 1000,
             augment: false,
             seed: 1,
         }
@@ -243,9 +261,20 @@ impl JobSpec {
         heads
     }
 
-    /// Whether the job is DP-FedAvg (clipped updates, noise at the coordinator).
+    /// Whether the job is DP-FedAvg (clipped, noised updates, weighted equally).
     pub fn differentially_private(&self) -> bool {
         self.noise_multiplier > 0.0
+    }
+
+    /// The standard deviation of the noise each site adds: together the sites of a round
+    /// (at least `min_sites`) add at least `noise_multiplier * clip`.
+    pub fn site_noise_std(&self) -> f64 {
+        let share = if self.secure_aggregation {
+            f64::from(self.min_sites.max(1)).sqrt()
+        } else {
+            1.0
+        };
+        self.noise_multiplier * self.clip / share
     }
 
     pub fn validate(&self) -> Result<(), String> {
@@ -291,6 +320,18 @@ impl JobSpec {
         if self.noise_multiplier > 0.0 && !(self.dp_delta > 0.0 && self.dp_delta < 1.0) {
             return Err("dp_delta must be in (0, 1)".into());
         }
+        if self.secure_aggregation && self.min_sites < 2 {
+            return Err(
+                "secure aggregation needs min_sites >= 2 (set secure_aggregation = false for a single site)"
+                    .into(),
+            );
+        }
+        if !(self.metrics_epsilon.is_finite() && self.metrics_epsilon > 0.0) {
+            return Err("metrics_epsilon must be positive".into());
+        }
+        if self.max_site_weight == 0 {
+            return Err("max_site_weight must be at least 1".into());
+        }
         for (i, head) in self.new_heads.iter().enumerate() {
             head.head()?;
             if self.new_heads[..i].iter().any(|h| h.name == head.name) {
@@ -320,6 +361,7 @@ impl JobSpec {
                 0.0
             },
             clip: self.clip,
+            noise_std: self.site_noise_std(),
             augment: self.augment,
             seed: self.seed,
         }

@@ -75,6 +75,15 @@ pub struct NodeConfig {
     /// The study coordinator's URL (https://HOST:PORT). When set, the node dials out to it with
     /// its node certificate and answers federated DP queries over that link.
     pub coordinator: Option<String>,
+    /// The site's federated training policy (a TOML file of `cxrfed_fl::SitePolicy`), applied
+    /// and audited at start; `cxrfed node training-policy set` changes it at run time. Without
+    /// either, the site takes part in no training.
+    pub training_policy: Option<PathBuf>,
+    /// The ε budget of the study's training account (every round's update and metrics are
+    /// charged to it) until the site admin sets one.
+    pub dp_training_epsilon: f64,
+    /// The δ budget of the training account until the site admin sets one.
+    pub dp_training_delta: f64,
 }
 
 impl Default for NodeConfig {
@@ -112,6 +121,9 @@ impl Default for NodeConfig {
             dp_default_delta: 0.0,
             dp_unlinked: "exclude".to_string(),
             coordinator: None,
+            training_policy: None,
+            dp_training_epsilon: 20.0,
+            dp_training_delta: 1e-4,
         }
     }
 }
@@ -153,6 +165,9 @@ pub const KEYS: &[&str] = &[
     "dp_default_delta",
     "dp_unlinked",
     "coordinator",
+    "training_policy",
+    "dp_training_epsilon",
+    "dp_training_delta",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -242,6 +257,11 @@ impl NodeConfig {
         }
         if !(self.dp_default_epsilon.is_finite() && self.dp_default_epsilon >= 0.0) {
             return bad("dp_default_epsilon must be a non-negative number".into());
+        }
+        if !(self.dp_training_epsilon.is_finite() && self.dp_training_epsilon >= 0.0)
+            || !(self.dp_training_delta.is_finite() && (0.0..1.0).contains(&self.dp_training_delta))
+        {
+            return bad("dp_training_epsilon must be >= 0 and dp_training_delta in [0, 1)".into());
         }
         if !(self.dp_default_delta.is_finite() && (0.0..1.0).contains(&self.dp_default_delta)) {
             return bad("dp_default_delta must be in [0, 1)".into());

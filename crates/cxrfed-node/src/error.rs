@@ -21,6 +21,9 @@ pub enum NodeError {
     UploadTooLarge { size: u64, limit: u64 },
     #[error("record {0} not found")]
     NotFound(String),
+    /// The request is valid but the node is not in a state to do it.
+    #[error("{0}")]
+    FailedPrecondition(String),
     #[error("the node is shutting down; retry against a running node")]
     ShuttingDown,
     #[error("upload stream failed: {}", .0.message())]
@@ -59,6 +62,7 @@ impl NodeError {
             NodeError::Refused(_) => Code::PermissionDenied,
             NodeError::UploadTooLarge { .. } => Code::ResourceExhausted,
             NodeError::NotFound(_) => Code::NotFound,
+            NodeError::FailedPrecondition(_) => Code::FailedPrecondition,
             NodeError::ShuttingDown => Code::Unavailable,
             NodeError::Stream(status) => status.code(),
             NodeError::Internal(_) => Code::Internal,
@@ -80,6 +84,7 @@ impl NodeError {
             NodeError::Refused(_) => "refused",
             NodeError::UploadTooLarge { .. } => "file_too_large",
             NodeError::NotFound(_) => "not_found",
+            NodeError::FailedPrecondition(_) => "failed_precondition",
             NodeError::ShuttingDown => "shutting_down",
             NodeError::Stream(_) => "stream",
             NodeError::Internal(_) => "internal",

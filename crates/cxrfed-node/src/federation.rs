@@ -186,6 +186,9 @@ async fn session(
                             crate::training::Incoming::new(crate::training::Purpose::Rollout(rollout)),
                         );
                     }
+                    Some(pb::coordinator_message::Kind::MaskPeers(peers)) => {
+                        state.deliver_mask_peers(peers);
+                    }
                     Some(pb::coordinator_message::Kind::Weights(chunk)) => {
                         let complete = match incoming.get_mut(&chunk.task_id) {
                             Some(transfer) => transfer.push(&chunk),

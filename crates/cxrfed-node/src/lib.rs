@@ -18,6 +18,7 @@ mod grpc;
 pub mod ingest;
 pub mod jobs;
 pub mod models;
+pub mod orders;
 pub mod pipeline;
 pub mod privacy;
 pub mod secret;

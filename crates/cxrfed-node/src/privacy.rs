@@ -27,6 +27,8 @@ pub struct DpSettings {
     pub suppress_below: u64,
     /// The budget of an identity the admin never set one for.
     pub default_budget: Budget,
+    /// The training account's budget until the admin sets one.
+    pub training_budget: Budget,
     pub unlinked: Unlinked,
     /// Keys the per-query row selection (derived from the site secret).
     pub selection_secret: [u8; 32],
@@ -41,10 +43,20 @@ impl DpSettings {
                 epsilon: config.dp_default_epsilon,
                 delta: config.dp_default_delta,
             },
+            training_budget: Budget {
+                epsilon: config.dp_training_epsilon,
+                delta: config.dp_training_delta,
+            },
             unlinked: config.dp_unlinked_mode().unwrap_or_default(),
             selection_secret,
         }
     }
+}
+
+/// The privacy account every training round of `study` is charged to (`--identity training`
+/// in `cxrfed node budget set`).
+pub fn training_account(study: &str) -> String {
+    format!("training:{study}")
 }
 
 /// Whether `identity` is the admin of `site` (whose releases are recorded, not limited).
@@ -65,6 +77,9 @@ pub fn limit_for(identity: &Identity, site: &str, settings: &DpSettings) -> Limi
 /// `ROLE/SITE/NAME`, or a bare `NAME` (a researcher without a site).
 pub fn resolve_identity(spec: &str, study: &str) -> Result<String, NodeError> {
     let spec = spec.trim();
+    if spec == "training" || spec == training_account(study) {
+        return Ok(training_account(study));
+    }
     let invalid = |e: cxrfed_auth::AuthError| NodeError::InvalidRequest(e.to_string());
     if spec.starts_with("cxrfed://") {
         let (uri_study, role, site, name) =

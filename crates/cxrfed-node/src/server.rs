@@ -121,6 +121,9 @@ pub const NODE_RULES: &[(&str, Rule)] = &[
     ("ListBudgets", Rule::SiteAdmin),
     ("AuditLog", Rule::SiteAdmin),
     ("VerifyAudit", Rule::SiteAdmin),
+    ("GetTrainingPolicy", Rule::SiteAdmin),
+    ("SetTrainingPolicy", Rule::SiteAdmin),
+    ("RollbackModel", Rule::SiteAdmin),
 ];
 
 pub fn node_policy(site: &str) -> Policy {
@@ -184,6 +187,9 @@ pub async fn serve(
             .await
             .map_err(|e| ServeError::Join(e.to_string()))??,
     );
+
+    // The site admin's training policy from the config file, applied (and audited) at start.
+    crate::orders::apply_config_policy(&state).await?;
 
     let local = listener.local_addr().ok();
     tracing::info!(

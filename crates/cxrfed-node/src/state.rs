@@ -46,6 +46,9 @@ pub struct Node {
     backfill: Mutex<Option<pb::BackfillStatus>>,
     /// One federated round at a time: training takes the node's cores.
     training_turn: tokio::sync::Mutex<()>,
+    /// Secure aggregation: rounds waiting for their key set, by task id.
+    mask_waiters:
+        Mutex<std::collections::HashMap<String, tokio::sync::oneshot::Sender<pb::MaskPeers>>>,
 }
 
 /// Builds a [`Node`]; see [`Node::builder`].
@@ -129,6 +132,7 @@ impl NodeBuilder {
             custom_fields: RwLock::new(fields.into_iter().map(|f| (f.name.clone(), f)).collect()),
             backfill: Mutex::new(None),
             training_turn: tokio::sync::Mutex::new(()),
+            mask_waiters: Mutex::default(),
         })
     }
 }
@@ -251,6 +255,33 @@ impl Node {
     }
 
     /// Waits for this node's turn to train (one federated round at a time).
+    /// A round waits for its key set (secure aggregation).
+    pub(crate) fn await_mask_peers(
+        &self,
+        task_id: &str,
+    ) -> tokio::sync::oneshot::Receiver<pb::MaskPeers> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.mask_waiters.lock().insert(task_id.to_string(), tx);
+        rx
+    }
+
+    pub(crate) fn forget_mask_peers(&self, task_id: &str) {
+        self.mask_waiters.lock().remove(task_id);
+    }
+
+    /// The coordinator's key set for a waiting round; one for no waiting round is dropped.
+    pub(crate) fn deliver_mask_peers(&self, peers: pb::MaskPeers) {
+        match self.mask_waiters.lock().remove(&peers.task_id) {
+            Some(tx) => {
+                let _ = tx.send(peers);
+            }
+            None => tracing::debug!(
+                task_id = peers.task_id.as_str(),
+                "a key set for no waiting round; ignored"
+            ),
+        }
+    }
+
     pub(crate) async fn training_turn(&self) -> tokio::sync::MutexGuard<'_, ()> {
         self.training_turn.lock().await
     }

@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use cxrfed_fl::Assembly;
-use cxrfed_model::federated::{LocalSpec, train_round};
+use cxrfed_model::federated::train_round;
 use cxrfed_model::train::{Dataset, Sample, parse_target};
 use cxrfed_model::{HeadKind, Model, ModelCard, ModelFormat};
 use cxrfed_proto::v1 as pb;
@@ -24,11 +24,14 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
+use crate::orders::{Ordered, Refusal};
 use crate::state::Node;
+use rustls::pki_types::CertificateDer;
 
 /// The largest global model a node accepts (bytes).
 const MAX_WEIGHTS: u64 = 2 << 30;
 
+use crate::error::NodeError;
 pub use crate::models::ACTIVE_FILE;
 
 /// What a weights transfer on the link is for.
@@ -190,74 +193,323 @@ fn peer_card(json: &str) -> Result<ModelCard, String> {
     Ok(card)
 }
 
-fn failed(task: &pb::TrainTask, reason: String) -> pb::TrainReport {
+fn refused_report(task: &pb::TrainTask, refusal: &Refusal) -> pb::TrainReport {
     pb::TrainReport {
         task_id: task.task_id.clone(),
         job_id: task.job_id.clone(),
         round: task.round,
         ok: false,
-        reason,
+        reason: refusal.message.clone(),
+        refused_rule: refusal.rule.clone(),
         ..Default::default()
     }
 }
 
-/// Evaluates and (unless evaluate-only) trains: the report and the delta.
+/// What a verified, checked and charged round produced: the report so far and, unless it was
+/// an evaluation, the clipped and noised delta with the weight the site applies.
+struct Trained {
+    report: pb::TrainReport,
+    update: Option<(cxrfed_fl::Weights, f64)>,
+    spec: cxrfed_fl::JobSpec,
+}
+
+/// The heads a job's metrics are released for: the job's trained heads the card has.
+fn released_heads(spec: &cxrfed_fl::JobSpec, card: &ModelCard) -> Vec<String> {
+    let mut heads = spec.trained_heads();
+    if heads.is_empty() {
+        heads = card
+            .label_map
+            .heads
+            .iter()
+            .map(|h| h.name.clone())
+            .collect();
+    }
+    heads.retain(|h| card.label_map.head(h).is_some());
+    heads
+}
+
+/// Checks a round's weights against the order: the first round of a job starts from the
+/// ordered base (its sha256; with new heads, every new head's tensors are zero).
+fn check_weights(
+    spec: &cxrfed_fl::JobSpec,
+    order: &pb::Order,
+    round: u32,
+    weights: &[u8],
+    sha: &str,
+) -> Result<(), Refusal> {
+    if round != 1 {
+        return Ok(());
+    }
+    if spec.new_heads.is_empty() {
+        if sha != order.model_sha256 {
+            return Err(Refusal::new(
+                "order-model",
+                "the first round's weights are not the ordered base model",
+            ));
+        }
+        return Ok(());
+    }
+    let decoded = cxrfed_fl::tensor::decode(weights)
+        .map_err(|_| Refusal::new("order-model", "the weights are not f32 safetensors"))?;
+    for head in &spec.new_heads {
+        for part in ["weight", "bias"] {
+            let zero = decoded
+                .get(&format!("heads.{}.{part}", head.name))
+                .is_some_and(|t| t.data.iter().all(|v| *v == 0.0));
+            if !zero {
+                return Err(Refusal::new(
+                    "order-model",
+                    format!("the new head {} does not start at zero", head.name),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Verifies, checks against the site policy, charges the training account, evaluates
+/// (noisy counts) and, unless evaluate-only, trains, clips and noises. Runs on a blocking
+/// thread; `runtime` runs the ledger's charge.
 fn execute(
-    store: &RecordStore,
-    device: &str,
+    state: &Node,
     task: &pb::TrainTask,
     weights: &[u8],
-) -> Result<(pb::TrainReport, Vec<u8>), String> {
+    ordered: &Ordered,
+    runtime: &tokio::runtime::Handle,
+) -> Result<Trained, Refusal> {
     let started = std::time::Instant::now();
+    let internal = |e: String| {
+        tracing::warn!(error = e.as_str(), "federated round: internal error");
+        Refusal::new("internal", "the site could not run the task")
+    };
     let sha = hex::encode(Sha256::digest(weights));
     if sha != task.weights_sha256 {
-        return Err(format!(
-            "the global weights' sha256 is {sha}, the task says {}",
-            task.weights_sha256
+        return Err(Refusal::new(
+            "transfer",
+            "the global weights do not match their sha256",
         ));
     }
-    let card = peer_card(&task.card_json)?;
-    let spec = LocalSpec::from_json(&task.spec_json)?;
-    let device = cxrfed_model::parse_device(device).map_err(|e| e.to_string())?;
-    let mut model = Model::from_bytes(card.clone(), weights, device).map_err(|e| e.to_string())?;
-    let (train, held, skipped) = local_datasets(store, &card)?;
-    let metrics = if held.is_empty() {
-        BTreeMap::new()
+    let spec = ordered
+        .verified
+        .spec
+        .clone()
+        .ok_or_else(|| Refusal::new("order-spec", "the order carries no job"))?;
+    let order = &ordered.verified.order;
+    // Rounds and attempts the order covers: 1..=rounds, then the closing evaluation.
+    let evaluation_round = spec.rounds + 1;
+    let in_order = if task.evaluate_only {
+        task.round == evaluation_round
     } else {
-        cxrfed_model::train::evaluate_model(&model, &held)
-            .map_err(|e| e.to_string())?
-            .flat()
+        (1..=spec.rounds).contains(&task.round)
     };
+    if !in_order || task.attempt == 0 || task.attempt > spec.attempts.saturating_mul(10) {
+        return Err(Refusal::new(
+            "order-rounds",
+            "the task's round or attempt is outside what the order covers",
+        ));
+    }
+    let prefix = format!("order:{}:{}:", ordered.verified.fingerprint, order.nonce);
+    let store = state.store();
+    let (policy, _, _) = crate::orders::policy(state).map_err(|e| internal(e.to_string()))?;
+    let charged = store
+        .charges_with_prefix(&prefix)
+        .map_err(|e| internal(e.to_string()))?;
+    let jobs_last_day = store
+        .orders_since(chrono::Utc::now() - chrono::Duration::hours(24))
+        .map_err(|e| internal(e.to_string()))?;
+    policy.check(
+        &spec,
+        &cxrfed_fl::policy::TaskContext {
+            signer: &ordered.signer.uri(),
+            base_version: &order.model_version,
+            base_sha256: &order.model_sha256,
+            evaluate_only: task.evaluate_only,
+            new_job: charged == 0,
+            jobs_last_day: jobs_last_day as u32,
+        },
+    )?;
+    check_weights(&spec, order, task.round, weights, &sha)?;
+    let card = peer_card(&task.card_json).map_err(|m| Refusal::new("model-format", m))?;
+    let heads = released_heads(&spec, &card);
+    if heads.is_empty() {
+        return Err(Refusal::new(
+            "order-spec",
+            "the model has none of the job's heads",
+        ));
+    }
+    // The local settings come from the signed job, not from the coordinator's copy.
+    let local = spec.local();
+    let device =
+        cxrfed_model::parse_device(&state.config().device).map_err(|e| internal(e.to_string()))?;
+    let model = Model::from_bytes(card.clone(), weights, device)
+        .map_err(|_| Refusal::new("model-format", "the global model does not load"))?;
+    let (train, held, _skipped) = local_datasets(store, &card).map_err(internal)?;
+
+    // The charge: the update's increment of the job's composed ε (Gaussian, zCDP via
+    // opendp's map), the job's δ on its first update, and the metrics' ε; once per round
+    // attempt of this order (a replay is refused by the ledger).
+    let evaluations = store
+        .charges_with_prefix(&format!("{prefix}r{evaluation_round}:"))
+        .map_err(|e| internal(e.to_string()))?;
+    let updates_so_far = (charged - evaluations) as u32;
+    let noised = spec.noise_multiplier > 0.0;
+    let (update_epsilon, delta) = if task.evaluate_only || !noised {
+        (0.0, 0.0)
+    } else {
+        let eps = cxrfed_stats::dp::gaussian_increment(
+            spec.noise_multiplier,
+            updates_so_far + 1,
+            spec.dp_delta,
+        )
+        .map_err(|e| internal(e.to_string()))?;
+        (
+            eps,
+            if updates_so_far == 0 {
+                spec.dp_delta
+            } else {
+                0.0
+            },
+        )
+    };
+    let epsilon = update_epsilon + spec.metrics_epsilon;
+    let what = if task.evaluate_only {
+        "evaluation (noisy counts)".to_string()
+    } else if noised {
+        format!(
+            "update (clip {}, noise multiplier {}) and noisy counts",
+            spec.clip, spec.noise_multiplier
+        )
+    } else {
+        "update WITHOUT DP noise (allowed by the site policy) and noisy counts".to_string()
+    };
+    let mut event = crate::privacy::event(
+        Some(&ordered.signer),
+        "TrainRound",
+        format!(
+            "job {} round {} attempt {}: {what}",
+            task.job_id, task.round, task.attempt
+        ),
+        crate::privacy::digest_of(&order.nonce),
+    );
+    event.via = "coordinator".into();
+    let account = crate::privacy::training_account(state.study());
+    let key = ordered.verified.charge_key(task.round, task.attempt);
+    runtime
+        .block_on(store.charge(
+            &account,
+            epsilon,
+            delta,
+            cxrfed_store::Limit::Budget(state.dp().training_budget),
+            event,
+            Some(&key),
+        ))
+        .map_err(|e| match e {
+            cxrfed_store::StoreError::Replay { .. } => Refusal::new(
+                "order-replay",
+                "this round of the order was already answered",
+            ),
+            cxrfed_store::StoreError::BudgetExhausted { .. } => Refusal::new(
+                "training-budget",
+                "the study's training budget at this site is exhausted",
+            ),
+            other => internal(other.to_string()),
+        })?;
+
+    // Held-out metrics as noisy counts: per released head its total and correct predictions,
+    // and the training sample count; one record changes at most 2 per head.
+    let metrics = if held.is_empty() {
+        None
+    } else {
+        Some(
+            cxrfed_model::train::evaluate_model(&model, &held)
+                .map_err(|e| internal(e.to_string()))?,
+        )
+    };
+    let mut exact: Vec<i64> = vec![train.len() as i64];
+    for head in &heads {
+        let m = metrics.as_ref().and_then(|m| m.head(head));
+        let n = m.map_or(0, |m| m.n) as i64;
+        let correct = m
+            .and_then(|m| m.accuracy)
+            .map_or(0, |a| (a * n as f64).round() as i64);
+        exact.extend([n, correct]);
+    }
+    let sensitivity = (2 * heads.len()).max(1) as u32;
+    let noisy = cxrfed_stats::dp::noisy_counts(&exact, sensitivity, spec.metrics_epsilon)
+        .map_err(|e| internal(e.to_string()))?;
     let mut report = pb::TrainReport {
         task_id: task.task_id.clone(),
         job_id: task.job_id.clone(),
         round: task.round,
         ok: true,
-        eval_samples: held.len() as u64,
-        metrics: metrics.into_iter().collect(),
+        samples: noisy[0].max(0) as u64,
+        eval_samples: noisy.get(1).copied().unwrap_or(0).max(0) as u64,
+        epsilon_charged: epsilon,
+        delta_charged: delta,
         ..Default::default()
     };
+    if report.eval_samples >= u64::from(policy.min_held_out) {
+        for (i, head) in heads.iter().enumerate() {
+            let (total, correct) = (noisy[1 + 2 * i], noisy[2 + 2 * i]);
+            report
+                .metrics
+                .insert(format!("{head}.total"), total.max(0) as f64);
+            report
+                .metrics
+                .insert(format!("{head}.correct"), correct.max(0) as f64);
+        }
+    }
+    drop(exact);
     if task.evaluate_only {
         report.train_seconds = started.elapsed().as_secs_f64();
-        return Ok((report, Vec::new()));
+        return Ok(Trained {
+            report,
+            update: None,
+            spec,
+        });
     }
     if train.len() < 2 {
-        return Err(format!(
-            "{} annotated record(s) with a kept model input for these heads; at least 2 are needed ({skipped} annotated image(s) had no usable input)",
-            train.len()
+        return Err(Refusal::new(
+            "labelled-records",
+            "too few labelled records with a kept model input for the job's heads",
         ));
     }
+    let steps = if local.max_steps > 0 {
+        local.max_steps
+    } else {
+        local.epochs * train.len().div_ceil(local.batch_size.max(1))
+    };
+    policy.check_steps(steps)?;
+    let mut model = model;
     cxrfed_model::manual_seed(spec.seed.wrapping_add(u64::from(task.round)));
-    let update = train_round(&mut model, &train, &spec).map_err(|e| e.to_string())?;
-    report.samples = update.samples as u64;
-    report.train_loss = update.train_loss;
+    let update = train_round(&mut model, &train, &local).map_err(|e| internal(e.to_string()))?;
+    let mut delta_weights =
+        cxrfed_fl::tensor::decode(&update.delta).map_err(|e| internal(e.to_string()))?;
+    if local.noise_std > 0.0 {
+        for tensor in delta_weights.values_mut() {
+            let values: Vec<f64> = tensor.data.iter().map(|v| f64::from(*v)).collect();
+            let noisy = cxrfed_stats::dp::gaussian_noise(&values, local.noise_std)
+                .map_err(|e| internal(e.to_string()))?;
+            tensor.data = noisy.into_iter().map(|v| v as f32).collect();
+        }
+    }
+    let weight = if spec.differentially_private() {
+        1.0
+    } else {
+        (report.samples as f64).clamp(1.0, spec.max_site_weight as f64)
+    };
+    report.weight = weight;
     report.train_seconds = started.elapsed().as_secs_f64();
-    report.update_sha256 = hex::encode(Sha256::digest(&update.delta));
-    report.update_bytes = update.delta.len() as u64;
-    Ok((report, update.delta))
+    Ok(Trained {
+        report,
+        update: Some((delta_weights, weight)),
+        spec,
+    })
 }
 
-/// Runs a complete task and sends the update chunks, then the report, on `tx`.
+/// Runs a complete task and sends the update chunks, then the report, on `tx`. Any refusal
+/// comes back as a report naming the rule; nothing is trained, evaluated or charged before
+/// the order and the policy pass.
 async fn answer(
     state: Arc<Node>,
     task: pb::TrainTask,
@@ -266,62 +518,221 @@ async fn answer(
     tx: mpsc::Sender<pb::NodeMessage>,
 ) {
     let send = |kind| pb::NodeMessage { kind: Some(kind) };
-    let outcome = match problem {
-        Some(reason) => Err(reason),
-        None => {
-            let _turn = state.training_turn().await;
-            tracing::info!(
-                job_id = task.job_id.as_str(),
-                round = task.round,
-                evaluate_only = task.evaluate_only,
-                "federated round: training"
-            );
-            let (state, task) = (state.clone(), task.clone());
-            tokio::task::spawn_blocking(move || {
-                execute(state.store(), &state.config().device, &task, &weights)
-            })
-            .await
-            .unwrap_or_else(|_| Err("the training thread panicked".into()))
-        }
-    };
-    let report = match outcome {
-        Ok((report, delta)) => {
-            let delta = prost::bytes::Bytes::from(delta);
-            for chunk in cxrfed_proto::chunks(&task.task_id, delta) {
-                if tx
-                    .send(send(pb::node_message::Kind::Update(chunk)))
-                    .await
-                    .is_err()
-                {
-                    tracing::warn!(
-                        task_id = task.task_id.as_str(),
-                        "the link dropped while sending an update"
-                    );
-                    return;
-                }
-            }
-            tracing::info!(
-                job_id = task.job_id.as_str(),
-                round = task.round,
-                samples = report.samples,
-                held_out = report.eval_samples,
-                "federated round: update sent"
-            );
-            report
-        }
-        Err(reason) => {
+    let report = match run(&state, &task, weights, problem, &tx).await {
+        Ok(Some(report)) => report,
+        // The link dropped while sending the update: nothing more to say.
+        Ok(None) => return,
+        Err(refusal) => {
             tracing::warn!(
                 job_id = task.job_id.as_str(),
                 round = task.round,
-                reason = reason.as_str(),
-                "federated round failed"
+                rule = refusal.rule.as_str(),
+                reason = refusal.message.as_str(),
+                "federated task refused"
             );
-            failed(&task, reason)
+            refused_report(&task, &refusal)
         }
     };
     let _ = tx
         .send(send(pb::node_message::Kind::TrainReport(report)))
         .await;
+}
+
+async fn run(
+    state: &Arc<Node>,
+    task: &pb::TrainTask,
+    weights: Vec<u8>,
+    problem: Option<String>,
+    tx: &mpsc::Sender<pb::NodeMessage>,
+) -> Result<Option<pb::TrainReport>, Refusal> {
+    if let Some(problem) = problem {
+        tracing::warn!(problem = problem.as_str(), "global weights transfer failed");
+        return Err(Refusal::new(
+            "transfer",
+            "the global weights did not arrive whole",
+        ));
+    }
+    let ordered = crate::orders::verify(state, task.order.as_ref(), pb::OrderKind::Job)?;
+    let trained = {
+        let _turn = state.training_turn().await;
+        tracing::info!(
+            job_id = task.job_id.as_str(),
+            round = task.round,
+            evaluate_only = task.evaluate_only,
+            signer = %ordered.signer,
+            "federated round: training"
+        );
+        let (st, t, o) = (state.clone(), task.clone(), ordered.clone());
+        let runtime = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || execute(&st, &t, &weights, &o, &runtime))
+            .await
+            .unwrap_or_else(|_| Err(Refusal::new("internal", "the training thread panicked")))?
+    };
+    let Trained {
+        mut report,
+        update,
+        spec,
+    } = trained;
+    let Some((delta, weight)) = update else {
+        return Ok(Some(report));
+    };
+    let bytes = if task.secure_aggregation {
+        if !spec.secure_aggregation {
+            return Err(Refusal::new(
+                "order-spec",
+                "the coordinator asks for masking the order does not",
+            ));
+        }
+        let masked = mask_update(state, task, &ordered, &spec, &delta, weight, tx).await?;
+        report.masked = true;
+        masked
+    } else {
+        if spec.secure_aggregation {
+            return Err(Refusal::new(
+                "order-spec",
+                "the order asks for secure aggregation; the coordinator did not",
+            ));
+        }
+        cxrfed_fl::tensor::encode(&delta)
+            .map_err(|_| Refusal::new("internal", "the site could not encode its update"))?
+    };
+    report.update_sha256 = hex::encode(Sha256::digest(&bytes));
+    report.update_bytes = bytes.len() as u64;
+    let send = |kind| pb::NodeMessage { kind: Some(kind) };
+    for chunk in cxrfed_proto::chunks(&task.task_id, prost::bytes::Bytes::from(bytes)) {
+        if tx
+            .send(send(pb::node_message::Kind::Update(chunk)))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                task_id = task.task_id.as_str(),
+                "the link dropped while sending an update"
+            );
+            return Ok(None);
+        }
+    }
+    tracing::info!(
+        job_id = task.job_id.as_str(),
+        round = task.round,
+        masked = report.masked,
+        epsilon = report.epsilon_charged,
+        "federated round: update sent"
+    );
+    Ok(Some(report))
+}
+
+/// Secure aggregation at the site: a fresh X25519 key for this attempt, signed with the node
+/// key and sent; then the key set from the coordinator, each peer's key verified (study CA,
+/// role node, its site, its signature), and the fixed-point update masked with every peer.
+async fn mask_update(
+    state: &Arc<Node>,
+    task: &pb::TrainTask,
+    ordered: &Ordered,
+    spec: &cxrfed_fl::JobSpec,
+    delta: &cxrfed_fl::Weights,
+    weight: f64,
+    tx: &mpsc::Sender<pb::NodeMessage>,
+) -> Result<Vec<u8>, Refusal> {
+    use cxrfed_fl::secagg;
+    let internal = |m: &str| Refusal::new("secure-aggregation", m.to_string());
+    let site = state.config().site.clone();
+    let (Some(cert), Some(key)) = (&state.config().cert, &state.config().key) else {
+        return Err(internal(
+            "this node has no certificate to sign its round key",
+        ));
+    };
+    let signer = cxrfed_auth::signing::Signer::load(cert, key)
+        .map_err(|_| internal("the node key cannot sign"))?;
+    let keys = secagg::KeyPair::generate().map_err(|_| internal("no randomness"))?;
+    let statement = |site: &str, public: &[u8]| {
+        secagg::key_statement(
+            state.study(),
+            &task.job_id,
+            task.round,
+            task.attempt,
+            site,
+            public,
+        )
+    };
+    let mine = pb::MaskKey {
+        task_id: task.task_id.clone(),
+        site: site.clone(),
+        public_key: keys.public().to_vec(),
+        signature: signer
+            .sign(&statement(&site, &keys.public()))
+            .map_err(|_| internal("the node key cannot sign"))?,
+        certificate: signer.certificate().to_vec(),
+    };
+    let peers_rx = state.await_mask_peers(&task.task_id);
+    tx.send(pb::NodeMessage {
+        kind: Some(pb::node_message::Kind::MaskKey(mine)),
+    })
+    .await
+    .map_err(|_| internal("the link dropped before the key exchange"))?;
+    let wait = std::time::Duration::from_secs(spec.round_deadline_secs);
+    let peers = tokio::time::timeout(wait, peers_rx)
+        .await
+        .map_err(|_| {
+            state.forget_mask_peers(&task.task_id);
+            internal("no key set before the round deadline")
+        })?
+        .map_err(|_| internal("the key set never came"))?;
+    let Some(tls) = state.tls() else {
+        return Err(internal("this node cannot verify its peers' certificates"));
+    };
+    let material = tls.current();
+    let mut verified = Vec::new();
+    for peer in &peers.keys {
+        let identity = material
+            .verify_client(&[CertificateDer::from(peer.certificate.clone())])
+            .map_err(|_| internal("a peer's certificate does not verify"))?;
+        material
+            .still_valid(&identity)
+            .map_err(|_| internal("a peer's certificate is revoked or expired"))?;
+        if identity.role != cxrfed_auth::Role::Node || identity.site.as_deref() != Some(&peer.site)
+        {
+            return Err(internal("a peer's key is not signed by that site's node"));
+        }
+        if !ordered.verified.order.sites.is_empty()
+            && !ordered.verified.order.sites.contains(&peer.site)
+        {
+            return Err(internal("the key set holds a site the order does not name"));
+        }
+        cxrfed_auth::signing::verify(
+            &peer.certificate,
+            &statement(&peer.site, &peer.public_key),
+            &peer.signature,
+        )
+        .map_err(|_| internal("a peer's key signature does not verify"))?;
+        verified.push((peer.site.clone(), peer.public_key.clone()));
+    }
+    let sites: std::collections::BTreeSet<&str> =
+        verified.iter().map(|(s, _)| s.as_str()).collect();
+    if sites.len() != verified.len() {
+        return Err(internal("the key set names a site twice"));
+    }
+    if !verified
+        .iter()
+        .any(|(s, k)| *s == site && k.as_slice() == keys.public())
+    {
+        return Err(internal("the key set does not hold this site's key"));
+    }
+    if verified.len() < (spec.min_sites as usize).max(2) {
+        return Err(internal("the key set is smaller than min_sites"));
+    }
+    let context = format!(
+        "{}/{}/{}/{}",
+        state.study(),
+        task.job_id,
+        task.round,
+        task.attempt
+    );
+    let mut encoded = secagg::encode(delta, weight)
+        .map_err(|_| internal("the update does not fit the encoding"))?;
+    secagg::mask(&mut encoded, &site, &keys, &verified, context.as_bytes())
+        .map_err(|_| internal("masking failed"))?;
+    secagg::to_bytes(&encoded).map_err(|_| internal("masking failed"))
 }
 
 /// A safe directory name for a model version.
@@ -335,40 +746,90 @@ fn version_dir(version: &str) -> Result<String, String> {
 
 /// Writes a promoted model under `models/VERSION` (through a temporary directory and a
 /// rename) and loads it, checking its sha256 and outputs.
-fn prepare(state: &Node, rollout: &pb::ModelRollout, weights: &[u8]) -> Result<Model, String> {
-    if state.config().model.trim() == "none" {
-        return Err("this node runs without a model (--model none)".into());
-    }
+fn prepare(
+    state: &Node,
+    rollout: &pb::ModelRollout,
+    ordered: &Ordered,
+    weights: &[u8],
+) -> Result<Model, Refusal> {
+    let order = &ordered.verified.order;
     let sha = hex::encode(Sha256::digest(weights));
     if sha != rollout.weights_sha256 {
-        return Err(format!(
-            "the weights' sha256 is {sha}, the rollout says {}",
-            rollout.weights_sha256
+        return Err(Refusal::new(
+            "transfer",
+            "the weights do not match their sha256",
         ));
     }
-    let mut card = peer_card(&rollout.card_json)?;
+    if order.model_version != rollout.version || order.model_sha256 != sha {
+        return Err(Refusal::new(
+            "order-model",
+            "the rollout is not the model the study admin promoted",
+        ));
+    }
+    let (policy, _, _) = crate::orders::policy(state)
+        .map_err(|_| Refusal::new("internal", "the site policy is unreadable"))?;
+    policy.check_signer(&ordered.signer.uri())?;
+    let mut card = peer_card(&rollout.card_json).map_err(|m| Refusal::new("model-format", m))?;
+    if state.config().model.trim() == "none" {
+        return Err(Refusal::new(
+            "model-none",
+            "this node runs without a model (--model none)",
+        ));
+    }
     card.model_id = rollout.version.clone();
     card.weights = "model.safetensors".into();
     card.weights_sha256 = sha;
+    let io = |e: std::io::Error| {
+        tracing::warn!(error = %e, "cannot write a promoted model");
+        Refusal::new("internal", "the site could not write the model")
+    };
+    let version = version_dir(&rollout.version).map_err(|m| Refusal::new("model-format", m))?;
     let models = state.config().data_dir.join("models");
-    let dir = models.join(version_dir(&rollout.version)?);
-    let tmp = models.join(format!(".{}.incoming", version_dir(&rollout.version)?));
-    let io = |e: std::io::Error| format!("{}: {e}", dir.display());
+    let dir = models.join(&version);
+    let tmp = models.join(format!(".{version}.incoming"));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(io)?;
     std::fs::write(tmp.join("model.safetensors"), weights).map_err(io)?;
-    card.save(&tmp).map_err(|e| e.to_string())?;
+    card.save(&tmp)
+        .map_err(|_| Refusal::new("internal", "the site could not write the model card"))?;
     if dir.exists() {
         std::fs::remove_dir_all(&dir).map_err(io)?;
     }
     std::fs::rename(&tmp, &dir).map_err(io)?;
-    let device = cxrfed_model::parse_device(&state.config().device).map_err(|e| e.to_string())?;
-    Model::load(&dir, device).map_err(|e| e.to_string())
+    let device = cxrfed_model::parse_device(&state.config().device)
+        .map_err(|_| Refusal::new("internal", "no device"))?;
+    Model::load(&dir, device).map_err(|_| Refusal::new("model-format", "the model does not load"))
 }
 
-/// Installs a promoted model: verify, write, load, switch the inference worker (requests in
-/// flight finish on the old model), remember it across restarts, report, then re-extract the
-/// stored records with it in the background.
+/// Switches inference to `handle`, remembers it across restarts (the model it replaces goes
+/// into `models/HISTORY` unless `rolling_back`), and back-fills in the background.
+fn switch_to(
+    state: &Arc<Node>,
+    handle: cxrfed_model::InferenceHandle,
+    version: &str,
+    rolling_back: bool,
+) {
+    let config = state.config();
+    let previous = crate::models::active_version(config);
+    state.pipeline().switch_model(handle.clone());
+    if !rolling_back && previous != version {
+        let mut history = crate::models::history(config);
+        history.retain(|v| v != version);
+        history.push(previous);
+        if let Err(e) = crate::models::write_history(config, &history) {
+            tracing::error!(error = %e, "cannot record the model history; rollback will not find the previous model");
+        }
+    }
+    if let Err(e) = crate::models::set_active(config, version) {
+        tracing::error!(error = %e, "cannot record the active model; a restart would load the configured one");
+    }
+    tokio::spawn(backfill(state.clone(), handle));
+}
+
+/// Installs a promoted model: verify the signed promotion (signer, study, validity, the exact
+/// version and sha256), write, load, switch the inference worker (requests in flight finish
+/// on the old model), remember it across restarts, report, then re-extract the stored records
+/// with it in the background (restoring a record's earlier output where that model made one).
 async fn install(
     state: Arc<Node>,
     rollout: pb::ModelRollout,
@@ -377,32 +838,24 @@ async fn install(
     tx: mpsc::Sender<pb::NodeMessage>,
 ) {
     let outcome = match problem {
-        Some(reason) => Err(reason),
-        None => {
-            let (st, r) = (state.clone(), rollout.clone());
-            tokio::task::spawn_blocking(move || prepare(&st, &r, &weights))
-                .await
-                .unwrap_or_else(|_| Err("the model loader panicked".into()))
-        }
+        Some(_) => Err(Refusal::new("transfer", "the weights did not arrive whole")),
+        None => match crate::orders::verify(&state, rollout.order.as_ref(), pb::OrderKind::Promote)
+        {
+            Err(refusal) => Err(refusal),
+            Ok(ordered) => {
+                let (st, r) = (state.clone(), rollout.clone());
+                tokio::task::spawn_blocking(move || prepare(&st, &r, &ordered, &weights))
+                    .await
+                    .unwrap_or_else(|_| Err(Refusal::new("internal", "the model loader panicked")))
+            }
+        },
     };
     let outcome = outcome.and_then(|model| {
         cxrfed_model::InferenceHandle::spawn(model, crate::models::worker_config(state.config()))
-            .map_err(|e| e.to_string())
+            .map_err(|_| Refusal::new("internal", "the inference worker did not start"))
     });
     let report = match outcome {
         Ok(handle) => {
-            state.pipeline().switch_model(handle.clone());
-            let models = state.config().data_dir.join("models");
-            let written = tempfile::NamedTempFile::new_in(&models).and_then(|mut file| {
-                std::io::Write::write_all(&mut file, rollout.version.as_bytes())?;
-                file.as_file().sync_all()?;
-                file.persist(models.join(ACTIVE_FILE))
-                    .map_err(|e| e.error)?;
-                Ok(())
-            });
-            if let Err(e) = written {
-                tracing::error!(error = %e, "cannot record the promoted model; a restart would load the configured one");
-            }
             let records = state.store().count() as u64;
             tracing::info!(
                 version = rollout.version.as_str(),
@@ -410,7 +863,7 @@ async fn install(
                 records,
                 "promoted model installed; inference switched, back-fill starting"
             );
-            tokio::spawn(backfill(state.clone(), handle));
+            switch_to(&state, handle, &rollout.version, false);
             pb::RolloutReport {
                 rollout_id: rollout.rollout_id.clone(),
                 version: rollout.version.clone(),
@@ -419,17 +872,18 @@ async fn install(
                 backfill_records: records,
             }
         }
-        Err(reason) => {
+        Err(refusal) => {
             tracing::warn!(
                 version = rollout.version.as_str(),
-                reason = reason.as_str(),
+                rule = refusal.rule.as_str(),
+                reason = refusal.message.as_str(),
                 "promoted model refused"
             );
             pb::RolloutReport {
                 rollout_id: rollout.rollout_id.clone(),
                 version: rollout.version.clone(),
                 ok: false,
-                reason,
+                reason: refusal.to_string(),
                 backfill_records: 0,
             }
         }
@@ -439,6 +893,59 @@ async fn install(
             kind: Some(pb::node_message::Kind::RolloutReport(report)),
         })
         .await;
+}
+
+/// Rolls the node back to the model that ran before the current one (site admin): reload it,
+/// switch, and restore every record's findings from its history (re-extracting only records
+/// the restored model never saw).
+pub async fn rollback(state: &Arc<Node>) -> Result<pb::RollbackModelResponse, NodeError> {
+    let config = state.config();
+    let mut history = crate::models::history(config);
+    let Some(previous) = history.pop() else {
+        return Err(NodeError::FailedPrecondition(
+            "no earlier model to roll back to (this node has run one model)".into(),
+        ));
+    };
+    let replaced = crate::models::active_version(config);
+    let (cfg, version) = (config.clone(), previous.clone());
+    let model = tokio::task::spawn_blocking(move || crate::models::load_version(&cfg, &version))
+        .await
+        .map_err(|_| NodeError::Internal("the model loader panicked".into()))?
+        .map_err(|e| NodeError::FailedPrecondition(format!("model {previous}: {e}")))?;
+    let handle = cxrfed_model::InferenceHandle::spawn(model, crate::models::worker_config(config))
+        .map_err(|e| NodeError::Internal(e.to_string()))?;
+    let sha = handle.card().weights_sha256.clone();
+    let model_id = handle.card().model_id.clone();
+    crate::models::write_history(config, &history)
+        .map_err(|e| NodeError::Internal(format!("model history: {e}")))?;
+    let st = state.clone();
+    let restorable = tokio::task::spawn_blocking(move || {
+        st.store()
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|r| {
+                st.store()
+                    .model_history(&r.record_id)
+                    .is_ok_and(|h| h.iter().any(|o| o.model_sha256 == sha))
+            })
+            .count() as u64
+    })
+    .await
+    .unwrap_or(0);
+    let total = state.store().count() as u64;
+    tracing::warn!(
+        from = replaced.as_str(),
+        to = previous.as_str(),
+        restorable,
+        "model rolled back by the site admin"
+    );
+    switch_to(state, handle, &previous, true);
+    Ok(pb::RollbackModelResponse {
+        model_id,
+        replaced,
+        restored: restorable,
+        reextracted: total.saturating_sub(restorable),
+    })
 }
 
 /// Re-extracts every stored record from its kept model input with `model`: findings, model
@@ -486,6 +993,30 @@ pub async fn backfill(state: Arc<Node>, model: cxrfed_model::InferenceHandle) {
             );
             state.set_backfill(progress(done, skipped, failed, "stopped"));
             return;
+        }
+        // This model's own earlier output for the record (a rollback): restored as it was.
+        let earlier = state.store().model_history(&record_id).ok().and_then(|h| {
+            h.into_iter()
+                .rev()
+                .find(|o| o.model_sha256 == card.weights_sha256)
+        });
+        if let Some(output) = earlier {
+            match state
+                .store()
+                .replace_model_output(&record_id, &output)
+                .await
+            {
+                Ok(Some(record)) => {
+                    state.columns().write().upsert(&record);
+                    done += 1;
+                }
+                Ok(None) => skipped += 1,
+                Err(e) => {
+                    failed += 1;
+                    tracing::warn!(record_id = record_id.as_str(), error = %e, "back-fill: cannot restore");
+                }
+            }
+            continue;
         }
         let input = match state.store().input(&sha) {
             Ok(Some((s, pixels))) if s as usize == size => pixels,

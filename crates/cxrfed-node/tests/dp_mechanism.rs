@@ -99,6 +99,7 @@ async fn dp_count_noise_matches_the_configured_scale_for_k_1_and_3() {
             contributions: k,
             suppress_below: 0,
             default_budget: Budget::default(),
+            training_budget: Budget::default(),
             unlinked: Unlinked::Exclude,
             selection_secret: [3; 32],
         };

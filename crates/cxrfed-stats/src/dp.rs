@@ -1069,3 +1069,64 @@ pub fn gaussian_rounds_epsilon(
     let (epsilon, _) = measurement.map(&1.0).map_err(opendp_error)?;
     Ok(epsilon)
 }
+
+/// A site's noisy counts for a training round's report (held-out totals and correct
+/// predictions per head, training samples): opendp's discrete Laplace on the integer vector,
+/// at `epsilon` for an L1 sensitivity of `sensitivity` (what one record can change in all of
+/// them together). The privacy map is checked against `epsilon` before anything is sampled.
+pub fn noisy_counts(counts: &[i64], sensitivity: u32, epsilon: f64) -> Result<Vec<i64>, DpError> {
+    if !(epsilon.is_finite() && epsilon > 0.0) || sensitivity == 0 {
+        return Err(DpError::Unsupported(
+            "noisy counts need epsilon > 0 and a sensitivity".into(),
+        ));
+    }
+    let scale = f64::from(sensitivity) / epsilon;
+    let noise = make_laplace::<_, _, MaxDivergence>(
+        VectorDomain::new(AtomDomain::<i64>::default()),
+        L1Distance::<i64>::default(),
+        scale,
+        None,
+    )
+    .map_err(opendp_error)?;
+    let spent = noise.map(&i64::from(sensitivity)).map_err(opendp_error)?;
+    if spent > epsilon * (1.0 + 1e-9) {
+        return Err(DpError::Unsupported(format!(
+            "the count mechanism spends {spent}, more than {epsilon}"
+        )));
+    }
+    noise.invoke(&counts.to_vec()).map_err(opendp_error)
+}
+
+/// Gaussian noise of standard deviation `std` on every coordinate of a site's clipped update
+/// (opendp's sampler: exact, from the operating system's randomness).
+pub fn gaussian_noise(values: &[f64], std: f64) -> Result<Vec<f64>, DpError> {
+    if !(std.is_finite() && std > 0.0) {
+        return Err(DpError::Unsupported("noise needs a positive std".into()));
+    }
+    let noise = make_gaussian::<_, _, ZeroConcentratedDivergence>(
+        VectorDomain::new(AtomDomain::<f64>::new_non_nan()),
+        L2Distance::<f64>::default(),
+        std,
+        None,
+    )
+    .map_err(opendp_error)?;
+    noise.invoke(&values.to_vec()).map_err(opendp_error)
+}
+
+/// What the `releases`-th Gaussian release of one job adds to a site's privacy loss: the
+/// job's ε after `releases` releases at `noise_multiplier` (zCDP composition, opendp's map, at
+/// the job's δ) minus its ε after one fewer. Charged round by round, the sum over a job is the
+/// job's composed ε exactly; across jobs the ledger composes additively.
+pub fn gaussian_increment(
+    noise_multiplier: f64,
+    releases: u32,
+    delta: f64,
+) -> Result<f64, DpError> {
+    let after = gaussian_rounds_epsilon(noise_multiplier, releases.max(1), delta)?;
+    let before = if releases > 1 {
+        gaussian_rounds_epsilon(noise_multiplier, releases - 1, delta)?
+    } else {
+        0.0
+    };
+    Ok((after - before).max(0.0))
+}

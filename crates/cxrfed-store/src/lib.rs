@@ -12,7 +12,9 @@
 //! | `annotations` | image_sha256 `\0` field | JSON `Annotation` (latest per image and field) |
 //! | `privacy_ledger` | identity URI | JSON account: budget and spent ε (1e-9 units) and δ (1e-18 units) |
 //! | `audit` | sequence number (u64 big-endian) | JSON [`audit::AuditEntry`], hash-chained |
-//! | `signed_nonces` | nonce of a signed federated request | time it was charged (charged once) |
+//! | `signed_nonces` | nonce of a signed federated request (or `order:FP:NONCE:rR:aA`, a round attempt of a signed training order) | time it was charged (charged once) |
+//! | `model_history` | record_id | CBOR list of the record's earlier model outputs ([`ModelOutput`], newest last, at most [`HISTORY_DEPTH`]) |
+//! | `settings` | name (`training_policy`) | the site admin's setting (JSON), audited when set |
 //!
 //! A record and its index entry are written in one sled transaction, so a record is either
 //! fully present (and findable by hash) or absent, even if the process dies mid-write.
@@ -26,10 +28,12 @@
 
 pub mod audit;
 pub mod coordinator;
+pub mod history;
 pub mod ledger;
 
 pub use audit::{AuditEntry, AuditEvent, AuditReport, BrokenLink};
 pub use coordinator::{CoordinatorStore, Doc, SiteRecord};
+pub use history::{HISTORY_DEPTH, ModelOutput};
 pub use ledger::{Account, Budget, Limit};
 
 use std::path::Path;
@@ -166,6 +170,10 @@ pub struct RecordStore {
     /// `size (u32 BE) ‖ size² bytes`. Federated training and back-fill read it; it never
     /// leaves the node.
     inputs: sled::Tree,
+    /// Earlier model outputs of each record ([`history`]).
+    history: sled::Tree,
+    /// The site admin's settings ([`history`]).
+    settings: sled::Tree,
     commits: std::sync::Arc<GroupCommit>,
 }
 
@@ -242,13 +250,15 @@ impl RecordStore {
             audit: db.open_tree(audit::AUDIT)?,
             nonces: db.open_tree("signed_nonces")?,
             inputs: db.open_tree("model_inputs")?,
+            history: db.open_tree(history::HISTORY)?,
+            settings: db.open_tree(history::SETTINGS)?,
             meta,
             commits: Default::default(),
             db,
         })
     }
 
-    fn encode(record: &Record) -> Result<Vec<u8>> {
+    pub(crate) fn encode(record: &Record) -> Result<Vec<u8>> {
         let mut bytes = Vec::with_capacity(1024);
         ciborium::into_writer(
             &Envelope {
@@ -261,7 +271,7 @@ impl RecordStore {
         Ok(bytes)
     }
 
-    fn decode(record_id: &[u8], bytes: &[u8]) -> Result<Record> {
+    pub(crate) fn decode(record_id: &[u8], bytes: &[u8]) -> Result<Record> {
         let envelope: Envelope = ciborium::from_reader(bytes).map_err(|e| StoreError::Corrupt {
             record_id: String::from_utf8_lossy(record_id).into_owned(),
             message: e.to_string(),
@@ -461,13 +471,14 @@ impl RecordStore {
         model_id: &str,
         model_sha256: &str,
     ) -> Result<Option<Record>> {
-        self.update(record_id, |record| {
-            record.findings = findings.clone();
-            record.model_fields = model_fields.clone();
-            record.model_id = model_id.to_string();
-            record.model_sha256 = model_sha256.to_string();
-        })
-        .await
+        let output = ModelOutput {
+            model_id: model_id.to_string(),
+            model_sha256: model_sha256.to_string(),
+            findings,
+            model_fields,
+            replaced_at: String::new(),
+        };
+        self.replace_model_output(record_id, &output).await
     }
 
     /// Read-modify-write of one record in a transaction (retried on conflict, so `edit` may

@@ -136,6 +136,15 @@ enum NodeCommand {
         #[command(subcommand)]
         command: privacy_cmd::AuditCommand,
     },
+    /// The site's federated training policy: whether and on what terms this site trains for
+    /// the study (site admin, audited). Off until set.
+    TrainingPolicy {
+        #[command(subcommand)]
+        command: privacy_cmd::TrainingPolicyCommand,
+    },
+    /// Roll the node back to the model that ran before the promoted one, restoring every
+    /// record's earlier findings (site admin, audited).
+    Rollback(privacy_cmd::LocalNode),
 }
 
 /// A note on stderr when an old spelling is used.
@@ -175,6 +184,12 @@ fn main() -> ExitCode {
         Command::Node {
             command: NodeCommand::Audit { command },
         } => privacy_cmd::node_audit(command),
+        Command::Node {
+            command: NodeCommand::TrainingPolicy { command },
+        } => client::run(privacy_cmd::node_training_policy(command)),
+        Command::Node {
+            command: NodeCommand::Rollback(node),
+        } => client::run(privacy_cmd::node_rollback(node)),
         Command::Budget(args) => client::run(privacy_cmd::budget(args)),
         Command::Coordinator { command } => coordinator_cmd::run(command),
         Command::Query(args) => client::run(coordinator_cmd::query(args)),

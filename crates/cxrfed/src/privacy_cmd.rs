@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use cxrfed_proto::v1 as pb;
 
@@ -491,4 +491,103 @@ fn print_entries(entries: &[pb::AuditEntry], head: &str, json: bool) -> anyhow::
     print_table(&mut out, &header, &body)?;
     writeln!(out, "head {head}")?;
     Ok(())
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum TrainingPolicyCommand {
+    /// The site's training policy in force (TOML), and who set it when.
+    Show {
+        #[command(flatten)]
+        node: LocalNode,
+    },
+    /// Replace the policy: from a TOML file, and/or KEY=VALUE changes to the current one
+    /// (e.g. `enabled=true min_noise_multiplier=1.0 'study_admins=["sam"]'`). Audited.
+    Set {
+        /// A policy file (TOML).
+        #[arg(long)]
+        file: Option<std::path::PathBuf>,
+        /// KEY=VALUE (TOML values) applied on top.
+        changes: Vec<String>,
+        #[command(flatten)]
+        node: LocalNode,
+    },
+}
+
+/// `cxrfed node training-policy show|set`.
+pub async fn node_training_policy(command: TrainingPolicyCommand) -> anyhow::Result<ExitCode> {
+    let show = |p: &pb::TrainingPolicy| {
+        if !p.updated_at.is_empty() {
+            println!("# set {} by {}", p.updated_at, p.updated_by);
+        }
+        print!("{}", p.policy_toml);
+    };
+    match command {
+        TrainingPolicyCommand::Show { node } => {
+            let mut client = node.connect().await?;
+            let policy = client
+                .get_training_policy(pb::GetTrainingPolicyRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            show(&policy);
+        }
+        TrainingPolicyCommand::Set {
+            file,
+            changes,
+            node,
+        } => {
+            let mut client = node.connect().await?;
+            let base = match &file {
+                Some(path) => std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?,
+                None => {
+                    client
+                        .get_training_policy(pb::GetTrainingPolicyRequest {})
+                        .await
+                        .map_err(status_error)?
+                        .into_inner()
+                        .policy_toml
+                }
+            };
+            let mut table: toml::Table = base.parse().context("the policy is not TOML")?;
+            for change in &changes {
+                let (key, value) = change
+                    .split_once('=')
+                    .with_context(|| format!("{change:?} is not KEY=VALUE"))?;
+                let parsed: toml::Table = format!("v = {value}")
+                    .parse()
+                    .or_else(|_| format!("v = {:?}", value).parse())
+                    .with_context(|| format!("{change:?}: not a TOML value"))?;
+                let value = parsed.get("v").cloned().context("no value")?;
+                table.insert(key.trim().to_string(), value);
+            }
+            let policy_toml = toml::to_string(&table)?;
+            cxrfed_fl::SitePolicy::parse(&policy_toml).map_err(|e| anyhow::anyhow!(e))?;
+            let policy = client
+                .set_training_policy(pb::TrainingPolicy {
+                    policy_toml,
+                    ..Default::default()
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            show(&policy);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `cxrfed node rollback`: back to the model that ran before the current one.
+pub async fn node_rollback(node: LocalNode) -> anyhow::Result<ExitCode> {
+    let mut client = node.connect().await?;
+    let r = client
+        .rollback_model(pb::RollbackModelRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    println!(
+        "rolled back from {} to {}: {} record(s) restored from history, {} to re-extract (in the background; see `cxrfed node status`)",
+        r.replaced, r.model_id, r.restored, r.reextracted
+    );
+    Ok(ExitCode::SUCCESS)
 }

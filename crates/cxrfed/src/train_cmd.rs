@@ -39,6 +39,9 @@ pub struct TrainArgs {
     /// Return once the job is accepted instead of following it to the end.
     #[arg(long)]
     detach: bool,
+    /// Hours the signed order stays valid: sites refuse its rounds after that [max 720].
+    #[arg(long, default_value_t = 168)]
+    valid_hours: u64,
 }
 
 #[derive(Debug, Args)]
@@ -86,8 +89,10 @@ pub enum ModelsCommand {
     List(JobsArgs),
     /// One version: lineage, sites and samples, DP parameters, metrics, sha256.
     Show(ModelShowArgs),
-    /// Promote a version: every node receives it over its link, switches its inference to it
-    /// and re-extracts its records (study admin).
+    /// Promote a version under a signed order: every node verifies it, receives the model
+    /// over its link, switches its inference to it and re-extracts its records, keeping each
+    /// record's previous findings (study admin). Promoting an earlier version again rolls the
+    /// study back: sites restore that model's findings from their history.
     Promote(ModelShowArgs),
     /// Add a model directory (card.json + safetensors weights, e.g. from `cxrfed model train`)
     /// to the registry, so jobs can start from it (study admin).
@@ -114,12 +119,45 @@ pub struct ModelShowArgs {
     json: bool,
 }
 
+/// The study admin's key and certificate, and the study they are of.
+fn study_signer(target: &Target) -> anyhow::Result<(cxrfed_auth::signing::Signer, String)> {
+    let signer = target.credentials.signer()?;
+    let me = cxrfed_auth::Identity::from_cert_der(signer.certificate())?;
+    if me.role != cxrfed_auth::Role::StudyAdmin {
+        anyhow::bail!(
+            "orders are signed by a study admin; {} is a {} certificate (issue one with `cxrfed certs issue --role study-admin`)",
+            me.uri(),
+            me.role
+        );
+    }
+    Ok((signer, me.study))
+}
+
 pub async fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
     let spec_toml = std::fs::read_to_string(&args.job)
         .with_context(|| format!("reading {}", args.job.display()))?;
+    let spec = cxrfed_fl::JobSpec::parse(&spec_toml).map_err(|e| anyhow::anyhow!(e))?;
+    let (signer, study) = study_signer(&args.target)?;
     let mut c = client(args.target.coordinator.as_deref(), &args.target.credentials).await?;
+    // The admin signs the base model's weights as the registry lists them.
+    let base = c
+        .get_model(pb::GetModelRequest {
+            version: spec.base.clone(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let order = cxrfed_server::order::job(
+        &study,
+        &spec,
+        &base.sha256,
+        Duration::from_secs(args.valid_hours.min(720) * 3600),
+    )?;
     let job = c
-        .start_job(pb::StartJobRequest { spec_toml })
+        .start_job(pb::StartJobRequest {
+            spec_toml: String::new(),
+            order: Some(cxrfed_server::order::sign(&signer, &order)?),
+        })
         .await
         .map_err(status_error)?
         .into_inner();
@@ -537,11 +575,26 @@ pub async fn models(command: ModelsCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         ModelsCommand::Promote(args) => {
+            let (signer, study) = study_signer(&args.target)?;
             let mut c =
                 client(args.target.coordinator.as_deref(), &args.target.credentials).await?;
+            let model = c
+                .get_model(pb::GetModelRequest {
+                    version: args.version.clone(),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let order = cxrfed_server::order::promotion(
+                &study,
+                &model.version,
+                &model.sha256,
+                Duration::from_secs(7 * 86_400),
+            )?;
             let promoted = c
                 .promote_model(pb::PromoteModelRequest {
                     version: args.version,
+                    order: Some(cxrfed_server::order::sign(&signer, &order)?),
                 })
                 .await
                 .map_err(status_error)?

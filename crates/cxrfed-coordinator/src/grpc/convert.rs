@@ -16,8 +16,29 @@ impl From<&SiteDoc> for pb::SiteRound {
             train_seconds: s.train_seconds,
             metrics: s.metrics.clone().into_iter().collect(),
             update_bytes: s.update_bytes,
+            refused_rule: s.refused_rule.clone(),
+            epsilon_charged: s.epsilon_charged,
         }
     }
+}
+
+/// A job as anyone but the study admin sees it: the pooled noisy metrics, the round states and
+/// times, no per-site rows, no per-site counts, no failure reasons naming sites.
+pub fn redacted(job: &JobDoc) -> pb::JobInfo {
+    let mut info = pb::JobInfo::from(job);
+    for round in &mut info.round_log {
+        round.sites.clear();
+        round.reason = match round.state() {
+            pb::RoundState::Retried | pb::RoundState::Failed => {
+                "too few sites reported".to_string()
+            }
+            _ => String::new(),
+        };
+    }
+    if info.state() == pb::JobState::Failed {
+        info.reason = "the job failed (the study admin sees why)".into();
+    }
+    info
 }
 
 impl From<&RoundDoc> for pb::RoundInfo {

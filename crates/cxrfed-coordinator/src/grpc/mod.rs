@@ -8,7 +8,7 @@ mod convert;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use cxrfed_auth::Identity;
+use cxrfed_auth::{Identity, Role};
 use cxrfed_proto::v1 as pb;
 use cxrfed_proto::v1::coordinator_service_server::CoordinatorService;
 use cxrfed_store::AuditEvent;
@@ -79,6 +79,58 @@ impl CoordinatorApi {
             .map(|s| s.site)
             .collect();
         info
+    }
+}
+
+/// A job as the caller may see it: whole for the study admin, redacted for everyone else.
+fn job_view(caller: &Identity, job: &crate::training::JobDoc) -> pb::JobInfo {
+    if caller.role == Role::StudyAdmin {
+        pb::JobInfo::from(job)
+    } else {
+        convert::redacted(job)
+    }
+}
+
+impl CoordinatorApi {
+    /// A model version as the caller may see it: per-site sample counts for the study admin
+    /// only.
+    fn model_view(&self, caller: &Identity, doc: &ModelDoc) -> pb::ModelVersion {
+        let mut info = self.model_info(doc);
+        if caller.role != Role::StudyAdmin {
+            info.samples.clear();
+        }
+        info
+    }
+
+    /// Checks a study admin's signed order at the coordinator: signed by the caller's own
+    /// certificate (the one mutual TLS verified), for this study, of the kind asked, inside its
+    /// validity window. Every node checks it again before acting on it.
+    fn verify_order(
+        &self,
+        caller: &Identity,
+        order: Option<&pb::SignedOrder>,
+        kind: pb::OrderKind,
+    ) -> Result<cxrfed_server::order::Verified, Status> {
+        let expect = cxrfed_server::order::Expect {
+            study: self.state.study(),
+            site: None,
+            kind,
+            now_unix: chrono::Utc::now().timestamp(),
+        };
+        let verified = cxrfed_server::order::verify(order, &expect).map_err(|e| match e {
+            cxrfed_server::order::OrderError::Unsigned
+            | cxrfed_server::order::OrderError::Unreadable(_)
+            | cxrfed_server::order::OrderError::Spec(_)
+            | cxrfed_server::order::OrderError::NoModel
+            | cxrfed_server::order::OrderError::NoNonce => Status::invalid_argument(e.to_string()),
+            _ => Status::permission_denied(e.to_string()),
+        })?;
+        if verified.fingerprint != caller.fingerprint {
+            return Err(Status::permission_denied(
+                "the order is signed with another certificate than the caller's",
+            ));
+        }
+        Ok(verified)
     }
 }
 
@@ -215,9 +267,19 @@ impl CoordinatorService for CoordinatorApi {
         request: Request<pb::StartJobRequest>,
     ) -> Result<Response<pb::JobInfo>, Status> {
         let caller = identity_of(&request)?;
-        let spec = cxrfed_fl::JobSpec::parse(&request.into_inner().spec_toml)
-            .map_err(CoordinatorError::InvalidArgument)?;
-        let job = self.state.trainer().start(spec, caller.uri()).await?;
+        let request = request.into_inner();
+        if request.order.is_none() && !request.spec_toml.is_empty() {
+            return Err(Status::failed_precondition(
+                "a job must be a study admin's signed order (cxrfed job start signs it); an unsigned job file is refused",
+            ));
+        }
+        let verified = self.verify_order(&caller, request.order.as_ref(), pb::OrderKind::Job)?;
+        let order = request.order.unwrap_or_default();
+        let job = self
+            .state
+            .trainer()
+            .start(verified, &order, caller.uri())
+            .await?;
         self.audit_action(
             &caller,
             "StartJob",
@@ -231,11 +293,12 @@ impl CoordinatorService for CoordinatorApi {
 
     async fn list_jobs(
         &self,
-        _request: Request<pb::ListJobsRequest>,
+        request: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let caller = identity_of(&request)?;
         let jobs = self.state.trainer().registry().jobs()?;
         Ok(Response::new(pb::ListJobsResponse {
-            jobs: jobs.iter().map(pb::JobInfo::from).collect(),
+            jobs: jobs.iter().map(|j| job_view(&caller, j)).collect(),
         }))
     }
 
@@ -243,12 +306,13 @@ impl CoordinatorService for CoordinatorApi {
         &self,
         request: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::JobInfo>, Status> {
+        let caller = identity_of(&request)?;
         let job = self
             .state
             .trainer()
             .registry()
             .require_job(&request.into_inner().job_id)?;
-        Ok(Response::new(pb::JobInfo::from(&job)))
+        Ok(Response::new(job_view(&caller, &job)))
     }
 
     async fn cancel_job(
@@ -265,11 +329,12 @@ impl CoordinatorService for CoordinatorApi {
 
     async fn list_models(
         &self,
-        _request: Request<pb::ListModelsRequest>,
+        request: Request<pb::ListModelsRequest>,
     ) -> Result<Response<pb::ListModelsResponse>, Status> {
+        let caller = identity_of(&request)?;
         let models = self.state.trainer().registry().models()?;
         Ok(Response::new(pb::ListModelsResponse {
-            models: models.iter().map(|m| self.model_info(m)).collect(),
+            models: models.iter().map(|m| self.model_view(&caller, m)).collect(),
         }))
     }
 
@@ -277,12 +342,13 @@ impl CoordinatorService for CoordinatorApi {
         &self,
         request: Request<pb::GetModelRequest>,
     ) -> Result<Response<pb::ModelVersion>, Status> {
+        let caller = identity_of(&request)?;
         let model = self
             .state
             .trainer()
             .registry()
             .require_model(&request.into_inner().version)?;
-        Ok(Response::new(self.model_info(&model)))
+        Ok(Response::new(self.model_view(&caller, &model)))
     }
 
     async fn promote_model(
@@ -290,9 +356,22 @@ impl CoordinatorService for CoordinatorApi {
         request: Request<pb::PromoteModelRequest>,
     ) -> Result<Response<pb::PromoteModelResponse>, Status> {
         let caller = identity_of(&request)?;
-        let version = request.into_inner().version;
-        let (doc, sent_to) = self.state.trainer().promote(&version).await?;
-        self.audit_action(&caller, "PromoteModel", version, doc.sha256.clone())
+        let request = request.into_inner();
+        let verified =
+            self.verify_order(&caller, request.order.as_ref(), pb::OrderKind::Promote)?;
+        if verified.order.model_version != request.version {
+            return Err(Status::invalid_argument(format!(
+                "the signed order promotes {:?}, the request names {:?}",
+                verified.order.model_version, request.version
+            )));
+        }
+        let order = request.order.unwrap_or_default();
+        let (doc, sent_to) = self
+            .state
+            .trainer()
+            .promote(&verified.order, &order)
+            .await?;
+        self.audit_action(&caller, "PromoteModel", request.version, doc.sha256.clone())
             .await;
         Ok(Response::new(pb::PromoteModelResponse {
             model: Some(self.model_info(&doc)),

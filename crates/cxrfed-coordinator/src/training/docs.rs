@@ -23,6 +23,15 @@ pub struct SiteDoc {
     pub metrics: BTreeMap<String, f64>,
     pub update_bytes: u64,
     pub update_sha256: String,
+    /// The site policy rule (or order check) under which the site refused the task.
+    #[serde(default)]
+    pub refused_rule: String,
+    /// Privacy loss the site says it charged its training account for this attempt.
+    #[serde(default)]
+    pub epsilon_charged: f64,
+    /// The aggregation weight used (capped at the job's max_site_weight).
+    #[serde(default)]
+    pub weight: f64,
 }
 
 /// One attempt of a round in the round log.
@@ -57,6 +66,37 @@ pub struct JobDoc {
     pub dp_epsilon: f64,
     /// FedAdam's moments after the last completed round (a file under `models/`).
     pub adam_sha256: String,
+    /// The study admin's signed order, forwarded unchanged with every task.
+    #[serde(default)]
+    pub order: SignedOrderDoc,
+}
+
+/// A signed order as the store keeps it (hex of the exact bytes).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SignedOrderDoc {
+    pub order: String,
+    pub signature: String,
+    pub certificate: String,
+}
+
+impl SignedOrderDoc {
+    pub fn of(signed: &cxrfed_proto::v1::SignedOrder) -> SignedOrderDoc {
+        SignedOrderDoc {
+            order: hex::encode(&signed.order),
+            signature: hex::encode(&signed.signature),
+            certificate: hex::encode(&signed.certificate),
+        }
+    }
+
+    /// The signed order as sent (empty for a first-generation job, which no node obeys).
+    pub fn signed(&self) -> cxrfed_proto::v1::SignedOrder {
+        let bytes = |h: &str| hex::decode(h).unwrap_or_default();
+        cxrfed_proto::v1::SignedOrder {
+            order: bytes(&self.order),
+            signature: bytes(&self.signature),
+            certificate: bytes(&self.certificate),
+        }
+    }
 }
 
 /// A registry entry: a global model version and its lineage.
@@ -83,6 +123,8 @@ pub struct ModelDoc {
     pub card: ModelCard,
     /// When the study admin promoted it (RFC 3339), empty if never.
     pub promoted_at: String,
+    /// The signed order of its last promotion (sent with every rollout of it).
+    pub promotion: SignedOrderDoc,
 }
 
 impl ModelDoc {

@@ -16,8 +16,15 @@ use tokio_util::sync::CancellationToken;
 /// The largest update a site may send (bytes).
 pub const MAX_UPDATE_BYTES: u64 = 2 << 30;
 
-/// A report with the site that sent it, for the round that waits for it.
-pub type Report = (String, pb::TrainReport);
+/// What a site sends a waiting round: its report, or (secure aggregation) its round key.
+#[derive(Debug, Clone)]
+pub enum Inbound {
+    Report(pb::TrainReport),
+    Key(pb::MaskKey),
+}
+
+/// A message with the site that sent it, for the round that waits for it.
+pub type Report = (String, Inbound);
 
 /// The spool file of an update; `None` when it could not be created (the assembly is then
 /// broken with the reason, and nothing is written).
@@ -63,6 +70,9 @@ impl Upload {
 #[derive(Debug)]
 pub struct Hub {
     spool_dir: PathBuf,
+    /// Keep every received update under `spool/kept/` (config `keep_updates`: lets an auditor
+    /// check that no site update arrived unmasked).
+    keep_updates: bool,
     uploads: Mutex<HashMap<String, Upload>>,
     waiting: Mutex<HashMap<String, mpsc::UnboundedSender<Report>>>,
     running: Mutex<HashMap<String, CancellationToken>>,
@@ -72,6 +82,7 @@ impl Hub {
     pub fn new(spool_dir: PathBuf) -> Hub {
         Hub {
             spool_dir,
+            keep_updates: false,
             uploads: Mutex::default(),
             waiting: Mutex::default(),
             running: Mutex::default(),
@@ -87,6 +98,26 @@ impl Hub {
         let mut waiting = self.waiting.lock();
         for id in task_ids {
             waiting.insert(id, tx.clone());
+        }
+    }
+
+    /// Keeps received updates for audit (see `keep_updates`).
+    pub fn keeping_updates(mut self, keep: bool) -> Hub {
+        self.keep_updates = keep;
+        self
+    }
+
+    /// Copies a complete update's spool file under `spool/kept/` when updates are kept.
+    pub fn keep(&self, upload_path: &std::path::Path, task_id: &str) {
+        if !self.keep_updates {
+            return;
+        }
+        let kept = self.spool_dir.join("kept");
+        let name = task_id.replace('/', "_");
+        if let Err(e) = std::fs::create_dir_all(&kept)
+            .and_then(|()| std::fs::copy(upload_path, kept.join(format!("{name}.update"))))
+        {
+            tracing::warn!(error = %e, "cannot keep an update for audit");
         }
     }
 
@@ -134,15 +165,26 @@ impl Hub {
 
     /// A site's report (from its link).
     pub fn on_report(&self, site: &str, report: pb::TrainReport) {
-        let tx = self.waiting.lock().get(&report.task_id).cloned();
+        let task_id = report.task_id.clone();
+        self.route(site, &task_id, Inbound::Report(report));
+    }
+
+    /// A site's secure-aggregation key (from its link).
+    pub fn on_key(&self, site: &str, key: pb::MaskKey) {
+        let task_id = key.task_id.clone();
+        self.route(site, &task_id, Inbound::Key(key));
+    }
+
+    fn route(&self, site: &str, task_id: &str, message: Inbound) {
+        let tx = self.waiting.lock().get(task_id).cloned();
         match tx {
             Some(tx) => {
-                let _ = tx.send((site.to_string(), report));
+                let _ = tx.send((site.to_string(), message));
             }
             None => tracing::info!(
                 site,
-                task_id = report.task_id.as_str(),
-                "a report for a finished or unknown round; ignored"
+                task_id,
+                "a message for a finished or unknown round; ignored"
             ),
         }
     }
@@ -224,7 +266,9 @@ mod tests {
                 ..Default::default()
             },
         );
-        let (site, report) = rx.try_recv().expect("routed");
+        let (site, Inbound::Report(report)) = rx.try_recv().expect("routed") else {
+            panic!("a report was routed as a key");
+        };
         assert_eq!(
             (site.as_str(), report.task_id.as_str()),
             ("site-a", "job/r2/a1/site-a")

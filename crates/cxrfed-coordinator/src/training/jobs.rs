@@ -15,8 +15,18 @@ use super::round::{Attempt, RoundError};
 use crate::error::{CoordinatorError, Result};
 
 impl Trainer {
-    /// Checks and records a new job, then runs it in the background.
-    pub async fn start(self: &Arc<Self>, spec: JobSpec, created_by: String) -> Result<JobDoc> {
+    /// Checks and records a new job from a study admin's verified order, then runs it in the
+    /// background. The job id derives from the order's nonce, so one order makes one job.
+    pub async fn start(
+        self: &Arc<Self>,
+        verified: cxrfed_server::order::Verified,
+        signed: &cxrfed_proto::v1::SignedOrder,
+        created_by: String,
+    ) -> Result<JobDoc> {
+        let spec: JobSpec = verified
+            .spec
+            .clone()
+            .ok_or_else(|| CoordinatorError::InvalidArgument("the order carries no job".into()))?;
         spec.validate().map_err(CoordinatorError::InvalidArgument)?;
         let base = self.registry.model(&spec.base)?.ok_or_else(|| {
             CoordinatorError::FailedPrecondition(format!(
@@ -24,6 +34,12 @@ impl Trainer {
                 spec.base
             ))
         })?;
+        if base.sha256 != verified.order.model_sha256 {
+            return Err(CoordinatorError::FailedPrecondition(format!(
+                "the order names base weights {}, the registry's {} has {}",
+                verified.order.model_sha256, base.version, base.sha256
+            )));
+        }
         let mut heads = base.heads();
         for new in &spec.new_heads {
             if heads.contains(&new.name) {
@@ -43,9 +59,22 @@ impl Trainer {
         }
         let job_id = format!(
             "job-{}-{}",
-            Utc::now().format("%Y%m%d"),
-            &uuid::Uuid::new_v4().simple().to_string()[..8]
+            chrono::DateTime::<Utc>::from_timestamp(verified.order.issued_at_unix, 0)
+                .unwrap_or_else(Utc::now)
+                .format("%Y%m%d"),
+            verified
+                .order
+                .nonce
+                .chars()
+                .filter(char::is_ascii_alphanumeric)
+                .take(12)
+                .collect::<String>()
         );
+        if self.registry.job(&job_id)?.is_some() {
+            return Err(CoordinatorError::AlreadyExists(format!(
+                "job {job_id} was already started from this order"
+            )));
+        }
         let mut job = JobDoc {
             job_id: job_id.clone(),
             state: JobState::Running,
@@ -54,6 +83,7 @@ impl Trainer {
             base_model: base.version.clone(),
             latest_model: base.version.clone(),
             spec,
+            order: super::docs::SignedOrderDoc::of(signed),
             ..Default::default()
         };
         let mut docs = Vec::new();

@@ -37,7 +37,7 @@ pub(super) async fn stream_weights(
 }
 
 impl Trainer {
-    /// Sends a model to one site's link.
+    /// Sends a model to one site's link, with the signed order that promoted it.
     pub fn rollout_to(&self, link: Outbound, doc: &ModelDoc) -> Result<()> {
         let weights = prost::bytes::Bytes::from(self.registry.get_blob(&doc.sha256)?);
         let rollout = pb::ModelRollout {
@@ -46,6 +46,7 @@ impl Trainer {
             card_json: serde_json::to_string(&doc.card).map_err(CoordinatorError::internal)?,
             weights_sha256: doc.sha256.clone(),
             weights_bytes: weights.len() as u64,
+            order: Some(doc.promotion.signed()),
         };
         tokio::spawn(stream_weights(
             link,
@@ -55,14 +56,27 @@ impl Trainer {
         Ok(())
     }
 
-    /// Promotes a version: recorded in the registry, then sent to every connected site (sites
-    /// that connect later get it on their hello).
-    pub async fn promote(&self, version: &str) -> Result<(ModelDoc, Vec<String>)> {
+    /// Promotes a version under the study admin's verified order: recorded in the registry
+    /// with the order, then sent to every connected site (sites that connect later get it on
+    /// their hello). Each node verifies the order again before installing.
+    pub async fn promote(
+        &self,
+        order: &pb::Order,
+        signed: &pb::SignedOrder,
+    ) -> Result<(ModelDoc, Vec<String>)> {
+        let version = order.model_version.as_str();
         let mut doc = self.registry.require_model(version)?;
+        if doc.sha256 != order.model_sha256 {
+            return Err(CoordinatorError::FailedPrecondition(format!(
+                "the order promotes weights {}, the registry's {version} has {}",
+                order.model_sha256, doc.sha256
+            )));
+        }
         self.registry
             .get_blob(&doc.sha256)
             .map_err(CoordinatorError::precondition)?;
         doc.promoted_at = now();
+        doc.promotion = super::docs::SignedOrderDoc::of(signed);
         self.registry.save_model(&doc).await?;
         let mut sent = Vec::new();
         for (site, link) in self.links.connected_sorted() {

@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cxrfed_fl::secagg::MaskedSum;
 use cxrfed_fl::{
     AdamMoments, Aggregator, Algorithm, JobSpec, RoundState, ServerAdam, SiteStatus, Weights,
 };
@@ -17,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Trainer;
 use super::docs::{JobDoc, ModelDoc, RoundDoc, SiteDoc};
-use super::hub::{Report, Upload};
+use super::hub::{Inbound, Report, Upload};
 use super::registry::now;
 use super::rollout::stream_weights;
 use crate::error::CoordinatorError;
@@ -141,6 +142,9 @@ impl Trainer {
                 weights_sha256: global.sha256.clone(),
                 weights_bytes: weights.len() as u64,
                 evaluate_only: attempt.evaluation,
+                order: Some(job.order.signed()),
+                attempt: attempt.number,
+                secure_aggregation: job.spec.secure_aggregation && !attempt.evaluation,
             };
             bytes_down += weights.len() as u64;
             tokio::spawn(stream_weights(
@@ -152,8 +156,14 @@ impl Trainer {
         Ok(bytes_down)
     }
 
-    /// Takes reports as they come until every site answered or the deadline passed: each
-    /// report's update is checked and folded into `aggregator`.
+    /// Takes reports (and, under secure aggregation, round keys) as they come until every
+    /// site answered or the deadline passed: each report's update is checked and folded into
+    /// `sum`.
+    ///
+    /// Secure aggregation: once every site still in the round has sent its signed key (or
+    /// half the deadline has passed with at least `min_sites` keys), the key set goes to each
+    /// of its sites; the masked updates cancel only if every site of the set reports, so one
+    /// missing ends the attempt (it is retried with fresh keys; nothing is unmasked).
     #[allow(clippy::too_many_arguments)]
     async fn collect(
         &self,
@@ -161,19 +171,79 @@ impl Trainer {
         attempt: Attempt,
         log: &mut RoundDoc,
         mut reports: mpsc::UnboundedReceiver<Report>,
-        aggregator: &mut Aggregator,
+        sum: &mut RoundSum,
+        sites: &[(String, Outbound)],
         deadline: tokio::time::Instant,
         cancel: &CancellationToken,
     ) -> Collected {
+        let spec = &job.spec;
+        let secure = matches!(sum, RoundSum::Masked(_));
         let mut accepted: HashSet<String> = HashSet::new();
         let mut bytes_up = 0u64;
         let mut pending: HashSet<String> = log.sites.iter().map(|s| s.site.clone()).collect();
+        let mut keys: BTreeMap<String, pb::MaskKey> = BTreeMap::new();
+        let mut key_set: Option<Vec<String>> = None;
+        let started = tokio::time::Instant::now();
+        let key_deadline = started + (deadline - started) / 2;
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
         while !pending.is_empty() {
             let next = tokio::select! {
-                _ = cancel.cancelled() => None,
-                r = tokio::time::timeout_at(deadline, reports.recv()) => r.ok().flatten(),
+                _ = cancel.cancelled() => break,
+                _ = tokio::time::sleep_until(deadline) => break,
+                _ = tick.tick() => None,
+                r = reports.recv() => match r {
+                    Some(r) => Some(r),
+                    None => break,
+                },
             };
-            let Some((site, report)) = next else { break };
+            let Some((site, message)) = next else {
+                if !secure {
+                    continue;
+                }
+                match &key_set {
+                    None => {
+                        let awaited = pending
+                            .iter()
+                            .filter(|s| !keys.contains_key(*s) && self.links.is_connected(s))
+                            .count();
+                        let ready = awaited == 0 || tokio::time::Instant::now() >= key_deadline;
+                        if ready && keys.len() >= (spec.min_sites as usize).max(2) {
+                            key_set = Some(self.send_key_set(job, attempt, sites, &keys, log));
+                            pending.retain(|s| keys.contains_key(s));
+                        }
+                    }
+                    // A site of the key set gone: the masked sum cannot complete.
+                    Some(set) => {
+                        if let Some(gone) = set
+                            .iter()
+                            .find(|s| pending.contains(*s) && !self.links.is_connected(s))
+                        {
+                            tracing::warn!(
+                                site = gone.as_str(),
+                                "a site of the key set disconnected; the attempt cannot unmask"
+                            );
+                            break;
+                        }
+                    }
+                }
+                continue;
+            };
+            let report = match message {
+                Inbound::Key(key) => {
+                    if secure
+                        && key_set.is_none()
+                        && key.site == site
+                        && key.task_id == task_id(&job.job_id, attempt, &site)
+                        && pending.contains(&site)
+                    {
+                        keys.insert(site, key);
+                    } else {
+                        tracing::info!(site, "a round key out of turn; ignored");
+                    }
+                    continue;
+                }
+                Inbound::Report(report) => report,
+            };
             let upload = self.hub.take_upload(&report.task_id);
             let Some(entry) = log.sites.iter_mut().find(|s| s.site == site) else {
                 continue;
@@ -193,11 +263,12 @@ impl Trainer {
             }
             entry.samples = report.samples;
             entry.eval_samples = report.eval_samples;
-            entry.train_loss = report.train_loss;
             entry.train_seconds = report.train_seconds;
             entry.metrics = report.metrics.clone().into_iter().collect();
             entry.update_bytes = report.update_bytes;
             entry.update_sha256 = report.update_sha256.clone();
+            entry.refused_rule = report.refused_rule.clone();
+            entry.epsilon_charged = report.epsilon_charged;
             if !report.ok {
                 entry.status = SiteStatus::Failed;
                 entry.reason = report.reason.clone();
@@ -208,7 +279,36 @@ impl Trainer {
                 accepted.insert(site);
                 continue;
             }
-            match fold_update(upload, &report, aggregator) {
+            if let Some(path) = upload.as_ref().map(|u| u.path.clone()) {
+                self.hub.keep(&path, &report.task_id);
+            }
+            let folded = match sum {
+                RoundSum::Masked(masked) => {
+                    if !report.masked || !key_set.as_ref().is_some_and(|k| k.contains(&site)) {
+                        Err("an unmasked update under secure aggregation".to_string())
+                    } else {
+                        let weight = site_weight(spec, &report);
+                        entry.weight = weight;
+                        fold_with(upload, &report, |bytes| {
+                            masked.add(bytes, weight).map_err(|e| e.to_string())
+                        })
+                    }
+                }
+                RoundSum::Plain(aggregator) => {
+                    if report.masked {
+                        Err("a masked update without secure aggregation".to_string())
+                    } else {
+                        let weight = site_weight(spec, &report);
+                        entry.weight = weight;
+                        fold_with(upload, &report, |bytes| {
+                            aggregator
+                                .add(bytes, weight.round().max(1.0) as u64)
+                                .map_err(|e| e.to_string())
+                        })
+                    }
+                }
+            };
+            match folded {
                 Ok(bytes) => {
                     bytes_up += bytes;
                     entry.status = SiteStatus::Reported;
@@ -221,7 +321,61 @@ impl Trainer {
                 }
             }
         }
+        if secure && !attempt.evaluation {
+            let complete = key_set
+                .as_ref()
+                .is_some_and(|set| set.iter().all(|s| accepted.contains(s)));
+            if !complete {
+                for entry in log
+                    .sites
+                    .iter_mut()
+                    .filter(|s| s.status == SiteStatus::Reported)
+                {
+                    entry.status = SiteStatus::Failed;
+                    entry.reason =
+                        "the masked sum is incomplete (a site of the key set did not report); discarded unopened".into();
+                }
+                accepted.clear();
+            }
+        }
         Collected { accepted, bytes_up }
+    }
+
+    /// Sends the key set to each site in it; sites without a key are dropped from the
+    /// attempt. Returns the set's sites.
+    fn send_key_set(
+        &self,
+        job: &JobDoc,
+        attempt: Attempt,
+        sites: &[(String, Outbound)],
+        keys: &BTreeMap<String, pb::MaskKey>,
+        log: &mut RoundDoc,
+    ) -> Vec<String> {
+        let all: Vec<pb::MaskKey> = keys.values().cloned().collect();
+        for (site, link) in sites.iter().filter(|(s, _)| keys.contains_key(s)) {
+            let message = pb::CoordinatorMessage {
+                kind: Some(pb::coordinator_message::Kind::MaskPeers(pb::MaskPeers {
+                    task_id: task_id(&job.job_id, attempt, site),
+                    keys: all.clone(),
+                })),
+            };
+            if link.try_send(Ok(message)).is_err() {
+                tracing::warn!(site, "cannot send the key set");
+            }
+        }
+        for entry in log.sites.iter_mut().filter(|s| !keys.contains_key(&s.site)) {
+            if entry.status == SiteStatus::Running {
+                entry.status = SiteStatus::Dropped;
+                entry.reason = "no round key before the key set was sent".into();
+            }
+        }
+        tracing::info!(
+            job_id = job.job_id.as_str(),
+            round = attempt.round,
+            sites = keys.len(),
+            "secure aggregation: key set sent"
+        );
+        keys.keys().cloned().collect()
     }
 
     /// One attempt of one round (or of the closing evaluation).
@@ -276,16 +430,22 @@ impl Trainer {
         } else {
             cxrfed_fl::tensor::layout(&global_bytes)?
         };
-        let mut aggregator = Aggregator::with_layout(layout, spec.differentially_private());
+        let mut sum = if spec.secure_aggregation && !attempt.evaluation {
+            RoundSum::Masked(MaskedSum::new(layout))
+        } else {
+            // Updates whose norm exceeds what clipping and the sites' noise allow are refused.
+            let max_norm = (spec.clip > 0.0).then(|| {
+                let params: usize = layout.values().map(|s| s.iter().product::<usize>()).sum();
+                spec.clip + spec.site_noise_std() * ((params as f64).sqrt() + 6.0)
+            });
+            RoundSum::Plain(
+                Aggregator::with_layout(layout, spec.differentially_private())
+                    .with_max_norm(max_norm),
+            )
+        };
         let collected = self
             .collect(
-                job,
-                attempt,
-                &mut log,
-                rx,
-                &mut aggregator,
-                deadline,
-                cancel,
+                job, attempt, &mut log, rx, &mut sum, &sites, deadline, cancel,
             )
             .await;
         // Stragglers are dropped; their chunks, if any, are removed.
@@ -345,7 +505,7 @@ impl Trainer {
             job,
             &global_doc,
             &mut global,
-            aggregator,
+            sum,
             &collected,
             &log,
             attempt,
@@ -416,7 +576,7 @@ impl Trainer {
         job: &mut JobDoc,
         global_doc: &ModelDoc,
         global: &mut Weights,
-        aggregator: Aggregator,
+        sum: RoundSum,
         collected: &Collected,
         log: &RoundDoc,
         attempt: Attempt,
@@ -429,8 +589,11 @@ impl Trainer {
             .iter()
             .filter_map(|s| log.sites.iter().find(|e| &e.site == s).map(|e| e.samples))
             .collect();
-        let noise_std = spec.noise_multiplier * spec.clip;
-        let mean = aggregator.mean(noise_std);
+        // The noise was added at the sites; the coordinator adds none.
+        let mean = match sum {
+            RoundSum::Plain(aggregator) => aggregator.mean(0.0),
+            RoundSum::Masked(masked) => masked.mean(),
+        };
         let mut moments = if job.adam_sha256.is_empty() {
             AdamMoments::default()
         } else {
@@ -488,6 +651,7 @@ impl Trainer {
             size_bytes: new_bytes.len() as u64,
             card,
             promoted_at: String::new(),
+            promotion: Default::default(),
         };
         if let Some(sha) = adam_sha256 {
             job.adam_sha256 = sha;
@@ -496,12 +660,35 @@ impl Trainer {
     }
 }
 
-/// Checks a site's complete update against its report (size, sha256) and folds it into the
-/// aggregator; returns its size. The spool file is removed either way.
-fn fold_update(
+/// A round's running sum of updates.
+pub(super) enum RoundSum {
+    /// Plain updates, weighted by capped sample counts (or equally under DP), norm-checked.
+    Plain(Aggregator),
+    /// Masked fixed-point updates (secure aggregation).
+    Masked(MaskedSum),
+}
+
+/// The aggregation weight of a site's update: equal under DP; otherwise its (noisy,
+/// self-reported) weight, capped at the job's `max_site_weight`, so that no site's claim
+/// dominates.
+fn site_weight(spec: &JobSpec, report: &pb::TrainReport) -> f64 {
+    if spec.differentially_private() {
+        return 1.0;
+    }
+    let claimed = if report.weight > 0.0 {
+        report.weight
+    } else {
+        report.samples as f64
+    };
+    claimed.clamp(1.0, spec.max_site_weight as f64)
+}
+
+/// Checks a site's complete update against its report (size, sha256) and folds it with
+/// `fold`; returns its size. The spool file is removed either way.
+fn fold_with(
     upload: Option<Upload>,
     report: &pb::TrainReport,
-    aggregator: &mut Aggregator,
+    fold: impl FnOnce(&[u8]) -> Result<(), String>,
 ) -> Result<u64, String> {
     let Some(upload) = upload else {
         return Err("the report came without an update".into());
@@ -522,41 +709,38 @@ fn fold_update(
             ));
         }
         let bytes = std::fs::read(&path).map_err(|e| format!("spooled update: {e}"))?;
-        aggregator
-            .add(&bytes, report.samples)
-            .map_err(|e| e.to_string())?;
+        fold(&bytes)?;
         Ok(bytes.len() as u64)
     });
     let _ = std::fs::remove_file(&path);
     result
 }
 
-/// Held-out-sample weighted mean of the sites' metrics (`head.metric`, weighted by the
-/// `head.n` each site evaluated).
+/// Pooled metrics from the sites' noisy counts: per head, the sum of the noisy held-out
+/// totals (`HEAD.n`) and the accuracy Σ noisy correct / Σ noisy total (`HEAD.accuracy`,
+/// clamped to [0, 1]). Nothing exact enters; the pool is post-processing of DP releases.
 pub fn pool_metrics<'a>(sites: impl IntoIterator<Item = &'a SiteDoc>) -> BTreeMap<String, f64> {
     let mut sums: BTreeMap<String, (f64, f64)> = BTreeMap::new();
     for site in sites {
         for (key, value) in &site.metrics {
-            let Some((head, metric)) = key.rsplit_once('.') else {
-                continue;
-            };
-            if metric == "n" {
-                continue;
+            if let Some(head) = key.strip_suffix(".total") {
+                sums.entry(head.to_string()).or_default().1 += value;
+            } else if let Some(head) = key.strip_suffix(".correct") {
+                sums.entry(head.to_string()).or_default().0 += value;
             }
-            let n = site
-                .metrics
-                .get(&format!("{head}.n"))
-                .copied()
-                .unwrap_or(1.0);
-            let entry = sums.entry(key.clone()).or_default();
-            entry.0 += n * value;
-            entry.1 += n;
         }
     }
-    sums.into_iter()
-        .filter(|(_, (_, w))| *w > 0.0)
-        .map(|(k, (s, w))| (k, s / w))
-        .collect()
+    let mut out = BTreeMap::new();
+    for (head, (correct, total)) in sums {
+        if total >= 1.0 {
+            out.insert(format!("{head}.n"), total);
+            out.insert(
+                format!("{head}.accuracy"),
+                (correct / total).clamp(0.0, 1.0),
+            );
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -565,15 +749,100 @@ mod tests {
 
     #[test]
     fn metrics_pool_by_evaluated_samples() {
-        let site = |n: f64, acc: f64| SiteDoc {
-            metrics: [("q.n".to_string(), n), ("q.accuracy".to_string(), acc)]
-                .into_iter()
-                .collect(),
+        let site = |total: f64, correct: f64| SiteDoc {
+            metrics: [
+                ("q.total".to_string(), total),
+                ("q.correct".to_string(), correct),
+            ]
+            .into_iter()
+            .collect(),
             ..Default::default()
         };
-        let pooled = pool_metrics(&[site(10.0, 0.5), site(30.0, 0.9)]);
+        let pooled = pool_metrics(&[site(10.0, 5.0), site(30.0, 27.0)]);
         assert!((pooled["q.accuracy"] - 0.8).abs() < 1e-12);
-        assert!(!pooled.contains_key("q.n"));
+        assert_eq!(pooled["q.n"], 40.0);
+        // Noise can push a count past its total: the pool stays a proportion.
+        let odd = pool_metrics(&[site(3.0, 5.0)]);
+        assert_eq!(odd["q.accuracy"], 1.0);
+    }
+
+    #[test]
+    fn a_self_reported_sample_count_cannot_buy_more_than_the_cap() {
+        let spec = JobSpec {
+            max_site_weight: 1000,
+            secure_aggregation: false,
+            ..JobSpec::default()
+        };
+        let liar = pb::TrainReport {
+            samples: 1_000_000_000,
+            weight: 1e9,
+            ..Default::default()
+        };
+        let honest = pb::TrainReport {
+            samples: 40,
+            weight: 40.0,
+            ..Default::default()
+        };
+        assert_eq!(site_weight(&spec, &liar), 1000.0);
+        assert_eq!(site_weight(&spec, &honest), 40.0);
+        // Folded into FedAvg, the liar's pull on the global model is bounded by its cap: the
+        // mean moves at most 1000 / 1040 of the way to its update, not 1e9 / (1e9 + 40).
+        let global = Weights::from([(
+            "x".to_string(),
+            cxrfed_fl::Tensor {
+                shape: vec![1],
+                data: vec![0.0],
+            },
+        )]);
+        let update = |v: f32| {
+            cxrfed_fl::tensor::encode(&Weights::from([(
+                "x".to_string(),
+                cxrfed_fl::Tensor {
+                    shape: vec![1],
+                    data: vec![v],
+                },
+            )]))
+            .expect("encode")
+        };
+        let mut aggregator = Aggregator::new(&global, false);
+        aggregator
+            .add(&update(1.0), site_weight(&spec, &liar) as u64)
+            .expect("liar");
+        aggregator
+            .add(&update(0.0), site_weight(&spec, &honest) as u64)
+            .expect("honest");
+        let mean = aggregator.mean(0.0)["x"].data[0];
+        assert!((f64::from(mean) - 1000.0 / 1040.0).abs() < 1e-6, "{mean}");
+        // Under DP every site weighs the same.
+        let dp = JobSpec {
+            clip: 1.0,
+            noise_multiplier: 1.0,
+            ..spec
+        };
+        assert_eq!(site_weight(&dp, &liar), 1.0);
+    }
+
+    #[test]
+    fn updates_beyond_the_clip_are_refused() {
+        let global = Weights::from([(
+            "x".to_string(),
+            cxrfed_fl::Tensor {
+                shape: vec![2],
+                data: vec![0.0, 0.0],
+            },
+        )]);
+        let big = cxrfed_fl::tensor::encode(&Weights::from([(
+            "x".to_string(),
+            cxrfed_fl::Tensor {
+                shape: vec![2],
+                data: vec![3.0, 4.0],
+            },
+        )]))
+        .expect("encode");
+        let mut aggregator = Aggregator::new(&global, true).with_max_norm(Some(1.0));
+        let err = aggregator.add(&big, 1).expect_err("norm 5 > 1");
+        assert!(err.to_string().contains("L2 norm"), "{err}");
+        assert_eq!(aggregator.sites(), 0);
     }
 
     #[test]
@@ -614,6 +883,11 @@ mod tests {
             ..Default::default()
         };
         let mut aggregator = Aggregator::new(&global, false);
+        let fold_update = |upload, report: &pb::TrainReport, aggregator: &mut Aggregator| {
+            fold_with(upload, report, |b| {
+                aggregator.add(b, report.samples).map_err(|e| e.to_string())
+            })
+        };
         assert!(fold_update(None, &report, &mut aggregator).is_err());
         let wrong_sha = pb::TrainReport {
             update_sha256: "00".into(),

@@ -1168,6 +1168,74 @@ impl NodeService for NodeApi {
         .await
     }
 
+    async fn get_training_policy(
+        &self,
+        request: Request<pb::GetTrainingPolicyRequest>,
+    ) -> Result<Response<pb::TrainingPolicy>, Status> {
+        let (rpc, _) = Rpc::of(&request);
+        rpc.observe(&self.state, |_| async {
+            let (policy, updated_at, updated_by) = crate::orders::policy(&self.state)?;
+            Ok(pb::TrainingPolicy {
+                policy_toml: policy.to_toml(),
+                updated_at,
+                updated_by,
+            })
+        })
+        .await
+    }
+
+    async fn set_training_policy(
+        &self,
+        request: Request<pb::TrainingPolicy>,
+    ) -> Result<Response<pb::TrainingPolicy>, Status> {
+        let (rpc, peer) = Rpc::of(&request);
+        let request = request.into_inner();
+        rpc.observe(&self.state, |_| async {
+            let policy = cxrfed_fl::SitePolicy::parse(&request.policy_toml)
+                .map_err(NodeError::InvalidRequest)?;
+            crate::orders::set_policy(&self.state, policy, peer.who.as_ref(), "SetTrainingPolicy")
+                .await?;
+            let (policy, updated_at, updated_by) = crate::orders::policy(&self.state)?;
+            tracing::info!(
+                by = updated_by.as_str(),
+                enabled = policy.enabled,
+                "training policy set"
+            );
+            Ok(pb::TrainingPolicy {
+                policy_toml: policy.to_toml(),
+                updated_at,
+                updated_by,
+            })
+        })
+        .await
+    }
+
+    async fn rollback_model(
+        &self,
+        request: Request<pb::RollbackModelRequest>,
+    ) -> Result<Response<pb::RollbackModelResponse>, Status> {
+        let (rpc, peer) = Rpc::of(&request);
+        rpc.observe(&self.state, |_| async {
+            if self.state.pipeline().model().is_none() {
+                return Err(NodeError::FailedPrecondition(
+                    "this node runs without a model".into(),
+                ));
+            }
+            let response = crate::training::rollback(&self.state).await?;
+            self.state
+                .store()
+                .audit(crate::privacy::event(
+                    peer.who.as_ref(),
+                    "RollbackModel",
+                    format!("{} -> {}", response.replaced, response.model_id),
+                    String::new(),
+                ))
+                .await?;
+            Ok(response)
+        })
+        .await
+    }
+
     async fn verify_audit(
         &self,
         request: Request<pb::VerifyAuditRequest>,
