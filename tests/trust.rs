@@ -106,21 +106,14 @@ async fn client_as(s: &Study, identity: &Path) -> CoordinatorServiceClient<Chann
 async fn wait_connected(s: &Study, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        if let Ok(sites) = client_as(s, &s.admin)
+        let connected = client_as(s, &s.admin)
             .await
             .sites(pb::SitesRequest {})
             .await
-        {
-            if sites
-                .into_inner()
-                .sites
-                .iter()
-                .filter(|s| s.connected)
-                .count()
-                >= n
-            {
-                return;
-            }
+            .map(|r| r.into_inner().sites.iter().filter(|s| s.connected).count())
+            .unwrap_or(0);
+        if connected >= n {
+            return;
         }
         assert!(Instant::now() < deadline, "fewer than {n} sites connected");
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -247,7 +240,7 @@ async fn only_signed_orders_within_each_sites_policy_train_and_only_noisy_number
         .import_model(tokio_stream::iter(vec![pb::ImportModelChunk {
             version: "x".into(),
             card_json: "{}".into(),
-            data: Vec::new().into(),
+            data: Vec::new(),
         }]))
         .await
         .expect_err("a site admin imports nothing");

@@ -285,7 +285,10 @@ mod tests {
         )
         .expect("spec");
         let off = SitePolicy::default();
-        assert_eq!(off.check(&spec, &task()).unwrap_err().rule, "enabled");
+        assert_eq!(
+            off.check(&spec, &task()).expect_err("refused").rule,
+            "enabled"
+        );
         let on = SitePolicy {
             enabled: true,
             ..SitePolicy::default()
@@ -357,7 +360,10 @@ mod tests {
             ),
         ];
         for (policy, rule) in cases {
-            assert_eq!(policy.check(&spec, &task()).unwrap_err().rule, rule);
+            assert_eq!(
+                policy.check(&spec, &task()).expect_err("refused").rule,
+                rule
+            );
         }
         // Allowed by name or by URI; a job asking more privacy than the floor is fine.
         let named = SitePolicy {
@@ -371,7 +377,10 @@ mod tests {
             jobs_last_day: 10,
             ..task()
         };
-        assert_eq!(on.check(&spec, &busy).unwrap_err().rule, "max_jobs_per_day");
+        assert_eq!(
+            on.check(&spec, &busy).expect_err("refused").rule,
+            "max_jobs_per_day"
+        );
         let evaluation = TaskContext {
             evaluate_only: true,
             ..task()
@@ -381,7 +390,7 @@ mod tests {
             ..on.clone()
         };
         assert_eq!(
-            no_eval.check(&spec, &evaluation).unwrap_err().rule,
+            no_eval.check(&spec, &evaluation).expect_err("refused").rule,
             "allow_evaluation_only"
         );
         // The policy reads back from its own TOML.

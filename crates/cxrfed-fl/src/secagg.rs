@@ -92,11 +92,11 @@ pub fn key_statement(
     out
 }
 
+/// A fixed-point update: per tensor name, its shape and its values mod 2^64.
+pub type Encoded = BTreeMap<String, (Vec<usize>, Vec<u64>)>;
+
 /// `update` scaled by `weight` in fixed point, tensors in name order.
-pub fn encode(
-    update: &Weights,
-    weight: f64,
-) -> Result<BTreeMap<String, (Vec<usize>, Vec<u64>)>, SecAggError> {
+pub fn encode(update: &Weights, weight: f64) -> Result<Encoded, SecAggError> {
     update
         .iter()
         .map(|(name, t)| {
@@ -120,7 +120,7 @@ pub fn encode(
 /// Adds this site's pair masks with every peer (site name, public key) to `encoded`. `context`
 /// binds the masks to one round attempt of one job.
 pub fn mask(
-    encoded: &mut BTreeMap<String, (Vec<usize>, Vec<u64>)>,
+    encoded: &mut Encoded,
     me: &str,
     keys: &KeyPair,
     peers: &[(String, Vec<u8>)],

@@ -258,9 +258,11 @@ impl NodeConfig {
         if !(self.dp_default_epsilon.is_finite() && self.dp_default_epsilon >= 0.0) {
             return bad("dp_default_epsilon must be a non-negative number".into());
         }
-        if !(self.dp_training_epsilon.is_finite() && self.dp_training_epsilon >= 0.0)
-            || !(self.dp_training_delta.is_finite() && (0.0..1.0).contains(&self.dp_training_delta))
-        {
+        let training_ok = self.dp_training_epsilon.is_finite()
+            && self.dp_training_epsilon >= 0.0
+            && self.dp_training_delta.is_finite()
+            && (0.0..1.0).contains(&self.dp_training_delta);
+        if !training_ok {
             return bad("dp_training_epsilon must be >= 0 and dp_training_delta in [0, 1)".into());
         }
         if !(self.dp_default_delta.is_finite() && (0.0..1.0).contains(&self.dp_default_delta)) {

@@ -276,7 +276,7 @@ mod tests {
             .expect_err("refused")
         };
         assert_eq!(
-            verify(None, &expect(now, pb::OrderKind::Job)).unwrap_err(),
+            verify(None, &expect(now, pb::OrderKind::Job)).expect_err("refused"),
             OrderError::Unsigned
         );
         assert!(matches!(
