@@ -623,40 +623,11 @@ async fn a_node_refuses_forged_and_replayed_requests_from_a_coordinator() {
         others: None,
     };
     // The rogue serves with a genuine coordinator certificate of the study.
-    let me = pki.identity(Role::Coordinator, "rogue", None);
-    let tls = cxrfed_auth::ReloadingTls::load(
-        cxrfed_auth::TlsPaths {
-            ca: pki.ca_pem(),
-            cert: me.join(pki::CERT),
-            key: me.join(pki::KEY),
-            crl: Some(pki.crl()),
-        },
-        &[Role::Coordinator],
-    )
-    .expect("tls");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let port = listener.local_addr().expect("addr").port();
     let shutdown = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(pb::coordinator_service_server::CoordinatorServiceServer::new(rogue))
-            .serve_with_incoming(cxrfed_auth::incoming(
-                listener,
-                cxrfed_auth::ServerTransport::Tls(tls),
-                shutdown.clone(),
-            )),
-    );
+    let url = serve_rogue(&pki, rogue, shutdown.clone()).await;
     let phantom_dir = root.join("phantoms");
     phantoms(&phantom_dir, "university", 6, 3);
-    let node = start_node(
-        root,
-        &pki,
-        "site-a",
-        free_port(),
-        &format!("https://127.0.0.1:{port}"),
-    );
+    let node = start_node(root, &pki, "site-a", free_port(), &url);
     let out = node.cli(&["ingest", phantom_dir.to_str().expect("path")]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let admin = node.profile();

@@ -117,35 +117,11 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 }
 
 async fn client(s: &Study) -> CoordinatorServiceClient<Channel> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match cxrfed_auth::client::connect(&s.coordinator.url(), Some(&s.pki.credentials(&s.admin)))
-            .await
-        {
-            Ok(channel) => return CoordinatorServiceClient::new(channel),
-            Err(e) => assert!(Instant::now() < deadline, "connect: {e}"),
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    cxrfed_e2e::coordinator_client(&s.coordinator.url(), &s.pki, &s.admin).await
 }
 
 async fn wait_connected(s: &Study, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(sites) = client(s).await.sites(pb::SitesRequest {}).await {
-            let connected = sites
-                .into_inner()
-                .sites
-                .iter()
-                .filter(|s| s.connected)
-                .count();
-            if connected >= n {
-                return;
-            }
-        }
-        assert!(Instant::now() < deadline, "fewer than {n} sites connected");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    cxrfed_e2e::wait_sites_connected(&s.coordinator.url(), &s.pki, &s.admin, n).await;
 }
 
 /// The base model's weights sha256 as the registry lists it.

@@ -91,33 +91,11 @@ async fn study() -> Study {
 }
 
 async fn client_as(s: &Study, identity: &Path) -> CoordinatorServiceClient<Channel> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match cxrfed_auth::client::connect(&s.coordinator.url(), Some(&s.pki.credentials(identity)))
-            .await
-        {
-            Ok(channel) => return CoordinatorServiceClient::new(channel),
-            Err(e) => assert!(Instant::now() < deadline, "connect: {e}"),
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    cxrfed_e2e::coordinator_client(&s.coordinator.url(), &s.pki, identity).await
 }
 
 async fn wait_connected(s: &Study, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let connected = client_as(s, &s.admin)
-            .await
-            .sites(pb::SitesRequest {})
-            .await
-            .map(|r| r.into_inner().sites.iter().filter(|s| s.connected).count())
-            .unwrap_or(0);
-        if connected >= n {
-            return;
-        }
-        assert!(Instant::now() < deadline, "fewer than {n} sites connected");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    cxrfed_e2e::wait_sites_connected(&s.coordinator.url(), &s.pki, &s.admin, n).await;
 }
 
 async fn base_sha(s: &Study) -> String {

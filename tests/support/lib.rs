@@ -832,3 +832,42 @@ pub fn labelled_phantoms(
     std::fs::write(&path, csv).expect("write csv");
     (path, labels)
 }
+
+/// A coordinator client as the identity in `dir`, retrying while the coordinator starts.
+pub async fn coordinator_client(
+    url: &str,
+    pki: &TestPki,
+    dir: &Path,
+) -> cxrfed_proto::v1::coordinator_service_client::CoordinatorServiceClient<tonic::transport::Channel>
+{
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match cxrfed_auth::client::connect(url, Some(&pki.credentials(dir))).await {
+            Ok(channel) => {
+                return cxrfed_proto::v1::coordinator_service_client::CoordinatorServiceClient::new(
+                    channel,
+                );
+            }
+            Err(e) => assert!(Instant::now() < deadline, "connect: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits until at least `n` sites are connected to the coordinator at `url`.
+pub async fn wait_sites_connected(url: &str, pki: &TestPki, dir: &Path, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let connected = coordinator_client(url, pki, dir)
+            .await
+            .sites(cxrfed_proto::v1::SitesRequest {})
+            .await
+            .map(|r| r.into_inner().sites.iter().filter(|s| s.connected).count())
+            .unwrap_or(0);
+        if connected >= n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "fewer than {n} sites connected");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

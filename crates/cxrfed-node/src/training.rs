@@ -1000,56 +1000,44 @@ pub async fn backfill(state: Arc<Node>, model: cxrfed_model::InferenceHandle) {
                 .rev()
                 .find(|o| o.model_sha256 == card.weights_sha256)
         });
-        if let Some(output) = earlier {
-            match state
-                .store()
-                .replace_model_output(&record_id, &output)
-                .await
-            {
-                Ok(Some(record)) => {
-                    state.columns().write().upsert(&record);
-                    done += 1;
+        let output = match earlier {
+            Some(output) => output,
+            None => {
+                let input = match state.store().input(&sha) {
+                    Ok(Some((s, pixels))) if s as usize == size => pixels,
+                    _ => {
+                        skipped += 1;
+                        continue;
+                    }
+                };
+                let array = ndarray::Array2::from_shape_vec(
+                    (size, size),
+                    crate::pipeline::dequantise(&input, mean, std),
+                );
+                let Ok(array) = array else {
+                    skipped += 1;
+                    continue;
+                };
+                let prediction = match model.infer(array).await {
+                    Ok(p) => p,
+                    Err(e) => {
+                        failed += 1;
+                        tracing::warn!(record_id = record_id.as_str(), error = %e, "back-fill: inference failed");
+                        continue;
+                    }
+                };
+                cxrfed_store::ModelOutput {
+                    model_id: card.model_id.clone(),
+                    model_sha256: card.weights_sha256.clone(),
+                    findings: Some(prediction.findings(&card.label_map)),
+                    model_fields: prediction.custom_values(&card.label_map),
+                    replaced_at: String::new(),
                 }
-                Ok(None) => skipped += 1,
-                Err(e) => {
-                    failed += 1;
-                    tracing::warn!(record_id = record_id.as_str(), error = %e, "back-fill: cannot restore");
-                }
-            }
-            continue;
-        }
-        let input = match state.store().input(&sha) {
-            Ok(Some((s, pixels))) if s as usize == size => pixels,
-            _ => {
-                skipped += 1;
-                continue;
-            }
-        };
-        let array = ndarray::Array2::from_shape_vec(
-            (size, size),
-            crate::pipeline::dequantise(&input, mean, std),
-        );
-        let Ok(array) = array else {
-            skipped += 1;
-            continue;
-        };
-        let prediction = match model.infer(array).await {
-            Ok(p) => p,
-            Err(e) => {
-                failed += 1;
-                tracing::warn!(record_id = record_id.as_str(), error = %e, "back-fill: inference failed");
-                continue;
             }
         };
         match state
             .store()
-            .set_model_output(
-                &record_id,
-                Some(prediction.findings(&card.label_map)),
-                prediction.custom_values(&card.label_map),
-                &card.model_id,
-                &card.weights_sha256,
-            )
+            .replace_model_output(&record_id, &output)
             .await
         {
             Ok(Some(record)) => {
