@@ -766,6 +766,168 @@ mod tests {
         assert_eq!(odd["q.accuracy"], 1.0);
     }
 
+    /// The deltas the three sites of `masked_round` send (already clipped and noised).
+    const DELTAS: [[f32; 2]; 3] = [[0.25, -0.5], [0.125, 0.75], [-0.0625, 0.3]];
+
+    /// One secure-aggregation attempt through `Trainer::collect` with three linked sites that
+    /// all send their round keys; the first `reporting` of them then send their masked
+    /// updates (real X25519 keys and masks).
+    async fn masked_round(reporting: usize) -> (Collected, RoundDoc, RoundSum) {
+        use cxrfed_fl::secagg;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = cxrfed_store::CoordinatorStore::open(&dir.path().join("db")).expect("store");
+        let links = Arc::new(crate::links::Links::default());
+        let trainer = Trainer::new(
+            super::super::registry::Registry::new(store, dir.path().join("models")),
+            super::super::hub::Hub::new(dir.path().join("spool")),
+            links.clone(),
+        );
+        let names = ["site-a", "site-b", "site-c"];
+        let mut inboxes = Vec::new();
+        for site in names {
+            let (tx, rx) = mpsc::channel(16);
+            links.attach(site, tx);
+            inboxes.push(rx);
+        }
+        let job = JobDoc {
+            job_id: "job-t".into(),
+            spec: JobSpec {
+                min_sites: 2,
+                secure_aggregation: true,
+                ..JobSpec::default()
+            },
+            ..Default::default()
+        };
+        let attempt = Attempt {
+            round: 1,
+            number: 1,
+            last: false,
+            evaluation: false,
+        };
+        let mut log = RoundDoc {
+            sites: names
+                .iter()
+                .map(|s| SiteDoc {
+                    site: s.to_string(),
+                    status: SiteStatus::Running,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let ids: Vec<String> = names.iter().map(|s| task_id("job-t", attempt, s)).collect();
+        let (tx, rx) = mpsc::unbounded_channel();
+        trainer.hub.expect(ids.clone(), &tx);
+        drop(tx);
+        let layout: BTreeMap<String, Vec<usize>> = [("heads.x.weight".to_string(), vec![2])]
+            .into_iter()
+            .collect();
+        let mut sum = RoundSum::Masked(MaskedSum::new(layout));
+        let sites = links.connected_sorted();
+        let keys: Vec<secagg::KeyPair> = names
+            .iter()
+            .map(|_| secagg::KeyPair::generate().expect("key"))
+            .collect();
+        for ((site, key), id) in names.iter().zip(&keys).zip(&ids) {
+            trainer.hub.on_key(
+                site,
+                pb::MaskKey {
+                    task_id: id.clone(),
+                    site: site.to_string(),
+                    public_key: key.public().to_vec(),
+                    ..Default::default()
+                },
+            );
+        }
+        let hub = &trainer.hub;
+        let sites_and_keys: Vec<(String, Vec<u8>)> = names
+            .iter()
+            .zip(&keys)
+            .map(|(s, k)| (s.to_string(), k.public().to_vec()))
+            .collect();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(4);
+        let cancel = CancellationToken::new();
+        let sites_a_b = async {
+            // Every site of the set gets the key set; a and b answer, c does not.
+            for inbox in inboxes.iter_mut() {
+                let message = inbox.recv().await.expect("key set").expect("ok");
+                assert!(matches!(
+                    message.kind,
+                    Some(pb::coordinator_message::Kind::MaskPeers(ref p)) if p.keys.len() == 3
+                ));
+            }
+            for i in 0..reporting {
+                let update = Weights::from([(
+                    "heads.x.weight".to_string(),
+                    cxrfed_fl::Tensor {
+                        shape: vec![2],
+                        data: DELTAS[i].to_vec(),
+                    },
+                )]);
+                let mut encoded = secagg::encode(&update, 1.0).expect("encode");
+                secagg::mask(&mut encoded, names[i], &keys[i], &sites_and_keys, b"ctx")
+                    .expect("mask");
+                let bytes = secagg::to_bytes(&encoded).expect("bytes");
+                for chunk in cxrfed_proto::chunks(&ids[i], prost::bytes::Bytes::from(bytes.clone()))
+                {
+                    hub.on_chunk(names[i], chunk);
+                }
+                hub.on_report(
+                    names[i],
+                    pb::TrainReport {
+                        task_id: ids[i].clone(),
+                        job_id: "job-t".into(),
+                        round: 1,
+                        ok: true,
+                        masked: true,
+                        weight: 1.0,
+                        update_bytes: bytes.len() as u64,
+                        update_sha256: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes)),
+                        ..Default::default()
+                    },
+                );
+            }
+        };
+        let (collected, ()) = tokio::join!(
+            trainer.collect(
+                &job, attempt, &mut log, rx, &mut sum, &sites, deadline, &cancel
+            ),
+            sites_a_b
+        );
+        (collected, log, sum)
+    }
+
+    /// Site-c sends its key and then never its masked update: the attempt ends with nothing
+    /// accepted — the partial sum is discarded unopened (a retry follows in the job loop), so
+    /// neither a's nor b's update is ever exposed.
+    #[tokio::test]
+    async fn a_site_missing_after_the_key_exchange_leaves_the_sum_unopened() {
+        let (collected, log, _) = masked_round(2).await;
+        assert!(collected.accepted.is_empty(), "{:?}", collected.accepted);
+        for entry in &log.sites[..2] {
+            assert_eq!(entry.status, SiteStatus::Failed, "{entry:?}");
+            assert!(entry.reason.contains("unopened"), "{}", entry.reason);
+        }
+        assert_eq!(log.sites[2].status, SiteStatus::Running, "c never reported");
+    }
+
+    /// All three report: the unmasked sum is the plain FedAvg of their updates to within the
+    /// fixed-point resolution (2^-20).
+    #[tokio::test]
+    async fn the_masked_sum_is_the_plain_mean_within_fixed_point_error() {
+        let (collected, _, sum) = masked_round(3).await;
+        assert_eq!(collected.accepted.len(), 3);
+        let RoundSum::Masked(masked) = sum else {
+            panic!("a masked round");
+        };
+        let mean = masked.mean();
+        for i in 0..2 {
+            let plain: f64 = DELTAS.iter().map(|d| f64::from(d[i])).sum::<f64>() / 3.0;
+            let got = f64::from(mean["heads.x.weight"].data[i]);
+            assert!((got - plain).abs() < 1e-6, "{got} vs {plain}");
+        }
+    }
+
     #[test]
     fn a_self_reported_sample_count_cannot_buy_more_than_the_cap() {
         let spec = JobSpec {
