@@ -208,7 +208,8 @@ impl Trainer {
                             .count();
                         let ready = awaited == 0 || tokio::time::Instant::now() >= key_deadline;
                         if ready && keys.len() >= (spec.min_sites as usize).max(2) {
-                            key_set = Some(self.send_key_set(job, attempt, sites, &keys, log));
+                            key_set =
+                                Some(self.send_key_set(job, attempt, sites, &keys, log).await);
                             pending.retain(|s| keys.contains_key(s));
                         }
                     }
@@ -343,7 +344,7 @@ impl Trainer {
 
     /// Sends the key set to each site in it; sites without a key are dropped from the
     /// attempt. Returns the set's sites.
-    fn send_key_set(
+    async fn send_key_set(
         &self,
         job: &JobDoc,
         attempt: Attempt,
@@ -359,7 +360,10 @@ impl Trainer {
                     keys: all.clone(),
                 })),
             };
-            if link.try_send(Ok(message)).is_err() {
+            // Behind at most a few queued messages: the sites' weights went down before they
+            // trained.
+            let sent = tokio::time::timeout(Duration::from_secs(10), link.send(Ok(message))).await;
+            if !matches!(sent, Ok(Ok(()))) {
                 tracing::warn!(site, "cannot send the key set");
             }
         }
