@@ -370,10 +370,12 @@ class Coordinator:
         return frame.set_index("job_id") if not frame.empty else frame
 
     def job(self, job_id: str) -> pd.DataFrame:
-        """A job's round log, one row per round attempt and site: status, samples, held-out
-        samples, loss, local seconds and the held-out metrics of the model entering the round
-        (`metric.FIELD.NAME`); the closing evaluation is state "evaluation". `df.attrs` holds
-        the job's state, reason and DP epsilon."""
+        """A job's round log, one row per round attempt and site (the study admin's view; a
+        researcher's has no per-site rows and the frame is empty): status, noisy samples and
+        held-out samples, the policy rule of a refusal, the ε the site charged, local seconds
+        and the site's noisy counts for the model entering the round (`metric.FIELD.total`,
+        `metric.FIELD.correct`); the closing evaluation is state "evaluation". `df.attrs`
+        holds the job's state, reason and DP epsilon."""
         try:
             j = self._stub.GetJob(coordinator_pb2.GetJobRequest(job_id=job_id))
         except grpc.RpcError as e:
@@ -386,7 +388,8 @@ class Coordinator:
                        "model_version": r.model_version, "site": site.site,
                        "status": self._word(coordinator_pb2.SiteRoundStatus, site.status),
                        "reason": site.reason, "samples": site.samples,
-                       "eval_samples": site.eval_samples, "train_loss": site.train_loss,
+                       "eval_samples": site.eval_samples, "refused_rule": site.refused_rule,
+                       "epsilon_charged": site.epsilon_charged,
                        "local_seconds": site.train_seconds}
                 for key, value in site.metrics.items():
                     row[f"metric.{key}"] = value

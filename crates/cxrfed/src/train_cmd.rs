@@ -220,7 +220,7 @@ async fn follow(c: &mut Client, job_id: &str) -> anyhow::Result<ExitCode> {
                     last.attempt,
                     s.status().label(),
                     if s.samples > 0 {
-                        format!(" ({} samples, loss {:.4})", s.samples, s.train_loss)
+                        format!(" (noisy samples {}, ε {:.3})", s.samples, s.epsilon_charged)
                     } else {
                         String::new()
                     }
@@ -285,7 +285,13 @@ fn print_summary(job: &pb::JobInfo) -> anyhow::Result<()> {
     }
     let metrics = headline_metrics(job);
     let mut header: Vec<String> = [
-        "round", "state", "site", "status", "samples", "held out", "loss",
+        "round",
+        "state",
+        "site",
+        "status",
+        "samples",
+        "held out",
+        "ε charged",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -326,19 +332,29 @@ fn print_summary(job: &pb::JobInfo) -> anyhow::Result<()> {
                 },
                 s.samples.to_string(),
                 s.eval_samples.to_string(),
-                if s.samples > 0 {
-                    format!("{:.4}", s.train_loss)
+                if s.epsilon_charged > 0.0 {
+                    format!("{:.3}", s.epsilon_charged)
                 } else {
                     "-".into()
                 },
             ];
-            row.extend(metrics.iter().map(|m| fmt(s.metrics.get(m))));
+            // A site reports noisy counts: "correct/total" under each pooled accuracy.
+            row.extend(metrics.iter().map(|m| {
+                let head = m.strip_suffix(".accuracy").unwrap_or(m);
+                match (
+                    s.metrics.get(&format!("{head}.correct")),
+                    s.metrics.get(&format!("{head}.total")),
+                ) {
+                    (Some(c), Some(t)) => format!("{c:.0}/{t:.0}"),
+                    _ => fmt(s.metrics.get(m)),
+                }
+            }));
             body.push(row);
         }
     }
     writeln!(
         out,
-        "held-out metrics of the model entering each round (final: the last model):"
+        "held-out metrics of the model entering each round (final: the last model), pooled from the sites' noisy counts (DP releases; samples are noisy too):"
     )?;
     print_table(&mut out, &header, &body)?;
     Ok(())
@@ -425,8 +441,10 @@ pub async fn job(command: JobCommand) -> anyhow::Result<ExitCode> {
                             "sites": r.sites.iter().map(|s| serde_json::json!({
                                 "site": s.site, "status": s.status().label(), "reason": s.reason,
                                 "samples": s.samples, "eval_samples": s.eval_samples,
-                                "train_loss": s.train_loss, "train_seconds": s.train_seconds,
+                                "train_seconds": s.train_seconds,
                                 "metrics": s.metrics, "update_bytes": s.update_bytes,
+                                "refused_rule": s.refused_rule,
+                                "epsilon_charged": s.epsilon_charged,
                             })).collect::<Vec<_>>(),
                         })
                     })
