@@ -187,19 +187,11 @@ impl Trainer {
         let key_deadline = started + (deadline - started) / 2;
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         while !pending.is_empty() {
-            let next = tokio::select! {
-                _ = cancel.cancelled() => break,
-                _ = tokio::time::sleep_until(deadline) => break,
-                _ = tick.tick() => None,
-                r = reports.recv() => match r {
-                    Some(r) => Some(r),
-                    None => break,
-                },
-            };
-            let Some((site, message)) = next else {
-                if !secure {
-                    continue;
-                }
+            // Secure aggregation, checked after every message and tick: send the key set as
+            // soon as every site still in the attempt has sent its key (or half the deadline
+            // has passed with enough keys); once it is out, a site of the set gone ends the
+            // attempt (the masked sum cannot complete).
+            if secure {
                 match &key_set {
                     None => {
                         let awaited = pending
@@ -213,7 +205,6 @@ impl Trainer {
                             pending.retain(|s| keys.contains_key(s));
                         }
                     }
-                    // A site of the key set gone: the masked sum cannot complete.
                     Some(set) => {
                         if let Some(gone) = set
                             .iter()
@@ -227,6 +218,17 @@ impl Trainer {
                         }
                     }
                 }
+            }
+            let next = tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tokio::time::sleep_until(deadline) => break,
+                _ = tick.tick() => None,
+                r = reports.recv() => match r {
+                    Some(r) => Some(r),
+                    None => break,
+                },
+            };
+            let Some((site, message)) = next else {
                 continue;
             };
             let report = match message {
