@@ -49,11 +49,19 @@ async fn study() -> Study {
         let images = root.join(format!("phantoms-{site}"));
         let (csv, site_labels) =
             cxrfed_e2e::labelled_phantoms(&images, profile, PER_SITE, 300 + i as u32, 96);
+        let publish = if i == 0 { "exact" } else { "none" };
         let node = NodeProcess::start_in(
             &root.join(site),
             free_port(),
             pki.clone(),
-            &["--site", site, "--coordinator", &coordinator.url()],
+            &[
+                "--site",
+                site,
+                "--coordinator",
+                &coordinator.url(),
+                "--publish-record-count",
+                publish,
+            ],
         );
         let out = node.cli(&["ingest", images.to_str().expect("path")]);
         assert!(out.status.success(), "{}", text(&out.stderr));
@@ -289,6 +297,42 @@ async fn only_signed_orders_within_each_sites_policy_train_and_only_noisy_number
 
     // The researcher's view: no per-site row, count or sample number; pooled noisy metrics.
     let rita = s.pki.identity(Role::Researcher, "rita", None);
+    // Sites publish no record count unless they choose to; site-a publishes its exact count,
+    // which only the study admin sees.
+    let counts = |sites: Vec<pb::SiteInfo>| -> BTreeMap<String, u64> {
+        sites
+            .into_iter()
+            .map(|s| (s.site, s.record_count))
+            .collect()
+    };
+    let as_researcher = counts(
+        client_as(&s, &rita)
+            .await
+            .sites(pb::SitesRequest {})
+            .await
+            .expect("sites")
+            .into_inner()
+            .sites,
+    );
+    assert!(as_researcher.values().all(|c| *c == 0), "{as_researcher:?}");
+    let as_study_admin = counts(
+        client_as(&s, &s.admin)
+            .await
+            .sites(pb::SitesRequest {})
+            .await
+            .expect("sites")
+            .into_inner()
+            .sites,
+    );
+    let site_a_records =
+        cxrfed_proto::v1::node_service_client::NodeServiceClient::new(s.nodes[0].channel().await)
+            .status(pb::StatusRequest {})
+            .await
+            .expect("status")
+            .into_inner()
+            .record_count;
+    assert_eq!(as_study_admin["site-a"], site_a_records);
+    assert_eq!(as_study_admin["site-b"], 0, "site-b publishes no count");
     let seen = finished(&s, &job.job_id, &rita).await;
     assert!(
         seen.round_log.iter().all(|r| r.sites.is_empty()),

@@ -75,6 +75,10 @@ pub struct NodeConfig {
     /// The study coordinator's URL (https://HOST:PORT). When set, the node dials out to it with
     /// its node certificate and answers federated DP queries over that link.
     pub coordinator: Option<String>,
+    /// What the node tells the coordinator of its record count (hello, heartbeats, back-fill
+    /// reports): "none" (the default: 0), "hundreds" (rounded down to a multiple of 100) or
+    /// "exact". The study admin sees what the site publishes; researchers never see counts.
+    pub publish_record_count: String,
     /// The site's federated training policy (a TOML file of `cxrfed_fl::SitePolicy`), applied
     /// and audited at start; `cxrfed node training-policy set` changes it at run time. Without
     /// either, the site takes part in no training.
@@ -121,6 +125,7 @@ impl Default for NodeConfig {
             dp_default_delta: 0.0,
             dp_unlinked: "exclude".to_string(),
             coordinator: None,
+            publish_record_count: "none".to_string(),
             training_policy: None,
             dp_training_epsilon: 20.0,
             dp_training_delta: 1e-4,
@@ -165,6 +170,7 @@ pub const KEYS: &[&str] = &[
     "dp_default_delta",
     "dp_unlinked",
     "coordinator",
+    "publish_record_count",
     "training_policy",
     "dp_training_epsilon",
     "dp_training_delta",
@@ -201,6 +207,16 @@ impl NodeConfig {
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// The record count as this site publishes it to the coordinator (see
+    /// `publish_record_count`).
+    pub fn published_count(&self, count: u64) -> u64 {
+        match self.publish_record_count.as_str() {
+            "exact" => count,
+            "hundreds" => count / 100 * 100,
+            _ => 0,
+        }
     }
 
     pub fn dp_unlinked_mode(&self) -> Option<cxrfed_stats::dp::Unlinked> {
@@ -267,6 +283,15 @@ impl NodeConfig {
         }
         if !(self.dp_default_delta.is_finite() && (0.0..1.0).contains(&self.dp_default_delta)) {
             return bad("dp_default_delta must be in [0, 1)".into());
+        }
+        if !matches!(
+            self.publish_record_count.as_str(),
+            "none" | "hundreds" | "exact"
+        ) {
+            return bad(format!(
+                "publish_record_count {:?} must be \"none\", \"hundreds\" or \"exact\"",
+                self.publish_record_count
+            ));
         }
         if self.dp_unlinked_mode().is_none() {
             return bad(format!(
@@ -346,6 +371,34 @@ impl NodeConfig {
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
+
+    #[test]
+    fn the_deployment_examples_parse() {
+        let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/config");
+        let config = NodeConfig::load(
+            Some(&deploy.join("node.toml")),
+            BTreeMap::<String, String>::new(),
+        )
+        .expect("deploy/config/node.toml");
+        assert_eq!(config.publish_record_count, "none");
+        let policy = std::fs::read_to_string(deploy.join("training-policy.toml")).expect("policy");
+        let policy =
+            cxrfed_fl::SitePolicy::parse(&policy).expect("deploy/config/training-policy.toml");
+        assert!(!policy.enabled, "the example opts in explicitly");
+    }
+
+    #[test]
+    fn a_site_publishes_no_finer_record_count_than_it_chose() {
+        let mut config = NodeConfig::default();
+        assert_eq!(config.published_count(1234), 0, "none by default");
+        config.publish_record_count = "hundreds".into();
+        assert_eq!(config.published_count(1234), 1200);
+        assert_eq!(config.published_count(99), 0);
+        config.publish_record_count = "exact".into();
+        assert_eq!(config.published_count(1234), 1234);
+        config.publish_record_count = "some".into();
+        assert!(config.validate().is_err());
+    }
 
     #[test]
     // figment's Jail API fixes the closure's error type.

@@ -3,7 +3,8 @@
 //! the node certificate, over which the coordinator sends tasks. The node keeps serving its
 //! local users whether or not the link is up.
 //!
-//! - Heartbeats every `heartbeat_secs` (from the coordinator's Welcome) carry the record count.
+//! - Heartbeats every `heartbeat_secs` (from the coordinator's Welcome) carry the model id and
+//!   the record count as the site publishes it (`publish_record_count`: none by default).
 //! - A dropped link is redialled with exponential backoff (1 s doubling to 60 s) and jitter
 //!   (`backon`).
 //! - A task's result that could not be sent is kept and sent after the next NodeHello; a task
@@ -109,7 +110,7 @@ async fn session(
             || cxrfed_schema::NO_MODEL.to_string(),
             |m| m.card().model_id.clone(),
         ),
-        record_count: state.store().count() as u64,
+        record_count: state.config().published_count(state.store().count() as u64),
     })))
     .await
     .map_err(|e| e.to_string())?;
@@ -134,7 +135,7 @@ async fn session(
             _ = shutdown.cancelled() => return Ok(()),
             _ = heartbeat.tick() => {
                 tx.send(send(pb::node_message::Kind::Heartbeat(pb::Heartbeat {
-                    record_count: state.store().count() as u64,
+                    record_count: state.config().published_count(state.store().count() as u64),
                     model_id: state.pipeline().model().map_or_else(
                         || cxrfed_schema::NO_MODEL.to_string(),
                         |m| m.card().model_id.clone(),

@@ -857,6 +857,7 @@ async fn install(
     let report = match outcome {
         Ok(handle) => {
             let records = state.store().count() as u64;
+            let published = state.config().published_count(records);
             tracing::info!(
                 version = rollout.version.as_str(),
                 sha256 = handle.card().weights_sha256.as_str(),
@@ -869,7 +870,7 @@ async fn install(
                 version: rollout.version.clone(),
                 ok: true,
                 reason: String::new(),
-                backfill_records: records,
+                backfill_records: published,
             }
         }
         Err(refusal) => {

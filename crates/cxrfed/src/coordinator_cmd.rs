@@ -148,7 +148,12 @@ async fn sites(args: SitesArgs) -> anyhow::Result<ExitCode> {
                 s.last_seen.clone(),
                 s.version.clone(),
                 s.model_id.clone(),
-                s.record_count.to_string(),
+                // 0: the site publishes no count, or the caller may not see it.
+                if s.record_count == 0 {
+                    "-".to_string()
+                } else {
+                    s.record_count.to_string()
+                },
                 s.identity.clone(),
             ]
         })

@@ -209,8 +209,10 @@ impl CoordinatorService for CoordinatorApi {
 
     async fn sites(
         &self,
-        _request: Request<pb::SitesRequest>,
+        request: Request<pb::SitesRequest>,
     ) -> Result<Response<pb::SitesResponse>, Status> {
+        // Record counts (as each site publishes them) are for the study admin only.
+        let counts = identity_of(&request)?.role == Role::StudyAdmin;
         let connected = self.state.links().connected();
         let sites = self
             .state
@@ -225,7 +227,7 @@ impl CoordinatorService for CoordinatorApi {
                 last_seen: s.last_seen,
                 version: s.version,
                 model_id: s.model_id,
-                record_count: s.record_count,
+                record_count: if counts { s.record_count } else { 0 },
                 connected_since: s.connected_since,
             })
             .collect();

@@ -122,6 +122,11 @@ pub struct ServeArgs {
     #[arg(long, env = "CXRFED_COORDINATOR")]
     #[serde(skip_serializing_if = "Option::is_none")]
     coordinator: Option<String>,
+    /// What the coordinator is told of the record count: none, hundreds or exact
+    /// [default: none].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    publish_record_count: Option<String>,
     /// Start in the background and return once the node accepts connections.
     #[arg(long)]
     #[serde(skip)]
