@@ -723,14 +723,25 @@ async fn serve_rogue(
     shutdown: tokio_util::sync::CancellationToken,
 ) -> String {
     let me = pki.identity(Role::Coordinator, "rogue", None);
+    serve_rogue_as(pki, rogue, shutdown, &me, Role::Coordinator).await
+}
+
+/// Serves a rogue coordinator with the certificate in `me` (of `role`).
+async fn serve_rogue_as(
+    pki: &TestPki,
+    rogue: rogue::Rogue,
+    shutdown: tokio_util::sync::CancellationToken,
+    me: &Path,
+    role: Role,
+) -> String {
     let tls = cxrfed_auth::ReloadingTls::load(
         cxrfed_auth::TlsPaths {
             ca: pki.ca_pem(),
             cert: me.join(pki::CERT),
             key: me.join(pki::KEY),
-            crl: Some(pki.crl()),
+            crl: None,
         },
-        &[Role::Coordinator],
+        &[role],
     )
     .expect("tls");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -923,4 +934,119 @@ async fn refused(others: &mut Others, rule: &str) -> pb::TrainReport {
     assert!(!r.ok, "{r:?}");
     assert_eq!(r.refused_rule, rule, "{r:?}");
     r
+}
+
+/// A rogue that only records whether a node linked.
+fn recording_rogue() -> (
+    rogue::Rogue,
+    std::sync::Arc<
+        std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<pb::CoordinatorMessage>>>,
+    >,
+) {
+    let (results, _) = tokio::sync::mpsc::unbounded_channel();
+    let outbound = std::sync::Arc::new(std::sync::Mutex::new(None));
+    (
+        rogue::Rogue {
+            outbound: outbound.clone(),
+            results,
+            others: None,
+        },
+        outbound,
+    )
+}
+
+/// Waits until the node's log holds `needle` (the node logs why its link failed).
+async fn log_says(node: &NodeProcess, needle: &str) {
+    let log = node.data_dir.join("logs").join("node.log");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains(needle) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the node's log never said {needle:?}: {}",
+            text.lines().rev().take(5).collect::<Vec<_>>().join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_links_only_to_an_unrevoked_coordinator_certificate_it_may_trust() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let pki = TestPki::at(&root.join("pki"));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let start = |name: &str, url: &str, extra: &[&str]| {
+        let mut args = vec!["--model", "none", "--site", name, "--coordinator", url];
+        args.extend(extra);
+        NodeProcess::start_in(&root.join(name), free_port(), pki.clone(), &args)
+    };
+
+    // A node certificate of the study presented as the coordinator.
+    let impostor = pki.identity(Role::Node, "node-impostor", Some("site-z"));
+    let (rogue, linked) = recording_rogue();
+    let url = serve_rogue_as(&pki, rogue, shutdown.clone(), &impostor, Role::Node).await;
+    let node = start("site-a", &url, &[]);
+    log_says(&node, "not a coordinator").await;
+    assert!(
+        linked.lock().expect("lock").is_none(),
+        "linked to a node certificate"
+    );
+    drop(node);
+
+    // A revoked coordinator certificate.
+    let revoked = pki.identity(Role::Coordinator, "old-coordinator", None);
+    let out = cxrfed(&[
+        "certs",
+        "revoke",
+        "--ca",
+        pki.root.join("ca").to_str().expect("path"),
+        revoked.join(pki::CERT).to_str().expect("path"),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let (rogue, linked) = recording_rogue();
+    let url = serve_rogue_as(&pki, rogue, shutdown.clone(), &revoked, Role::Coordinator).await;
+    let node = start("site-b", &url, &[]);
+    log_says(&node, "Revoked").await;
+    assert!(
+        linked.lock().expect("lock").is_none(),
+        "linked to a revoked certificate"
+    );
+    drop(node);
+
+    // A genuine coordinator certificate, but not the one pinned; then the pinned one.
+    let (rogue, linked) = recording_rogue();
+    let url = serve_rogue(&pki, rogue, shutdown.clone()).await;
+    let node = start(
+        "site-c",
+        &url,
+        &[
+            "--coordinator-identity",
+            "cxrfed://e2e/coordinator/-/coordinator",
+        ],
+    );
+    log_says(&node, "not the pinned").await;
+    assert!(
+        linked.lock().expect("lock").is_none(),
+        "linked to an unpinned coordinator"
+    );
+    drop(node);
+    let node = start(
+        "site-d",
+        &url,
+        &["--coordinator-identity", "cxrfed://e2e/coordinator/-/rogue"],
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while linked.lock().expect("lock").is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the pinned coordinator never got a link"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(node);
+    shutdown.cancel();
 }

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::AuthError;
-use crate::tls::ClientCredentials;
+use crate::tls::{ClientCredentials, ServerCheck};
 
 /// A client profile file (`certs issue` writes one next to each certificate). Relative paths
 /// are relative to the profile's directory.
@@ -103,4 +103,67 @@ pub async fn connect(
             message: format!("{message}{hint}"),
         }
     })
+}
+
+/// Connects to `https://HOST:PORT` with mutual TLS and a server certificate checked beyond its
+/// chain and host name (`check`: the role it must say, an optional pinned identity, the
+/// study's CRL). tonic's TLS has no such hook, so the TLS handshake is made here (tokio-rustls
+/// with [`ClientCredentials::checked_rustls_config`]) and tonic speaks HTTP/2 over it.
+pub async fn connect_checked(
+    url: &str,
+    credentials: &ClientCredentials,
+    check: &ServerCheck,
+) -> Result<Channel, AuthError> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| AuthError::Invalid(format!("invalid URL {url:?}: {e}")))?;
+    if uri.scheme_str() != Some("https") {
+        return Err(AuthError::Invalid(format!(
+            "{url}: a checked connection is https://HOST:PORT"
+        )));
+    }
+    let host = uri
+        .host()
+        .ok_or_else(|| AuthError::Invalid(format!("{url} names no host")))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let port = uri.port_u16().unwrap_or(443);
+    let server_name = rustls::pki_types::ServerName::try_from(host.clone())
+        .map_err(|e| AuthError::Invalid(format!("{url}: {e}")))?;
+    let config = credentials.checked_rustls_config(check)?;
+    let connector = tower::service_fn(move |_: http::Uri| {
+        let (config, host, server_name) = (config.clone(), host.clone(), server_name.clone());
+        async move {
+            let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+            tcp.set_nodelay(true)?;
+            let tls = tokio_rustls::TlsConnector::from(config)
+                .connect(server_name, tcp)
+                .await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+        }
+    });
+    // The scheme tonic sees is http: the TLS is the connector's.
+    let endpoint = Endpoint::from_shared(format!(
+        "http://{}",
+        uri.authority().map_or("", |a| a.as_str())
+    ))
+    .map_err(|e| AuthError::Invalid(format!("invalid URL {url:?}: {e}")))?
+    .connect_timeout(Duration::from_secs(10));
+    endpoint
+        .connect_with_connector(connector)
+        .await
+        .map_err(|e| {
+            let mut message = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                message.push_str(": ");
+                message.push_str(&s.to_string());
+                source = s.source();
+            }
+            AuthError::Connect {
+                url: url.to_string(),
+                message,
+            }
+        })
 }

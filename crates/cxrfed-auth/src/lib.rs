@@ -20,7 +20,7 @@ pub mod tls;
 pub use authz::{AuthLayer, Policy, RpcMethod, Rule};
 pub use identity::{Identity, Role};
 pub use listener::{PeerAuth, PeerInfo, ServerTransport, incoming};
-pub use tls::{ClientCredentials, ReloadingTls, TlsPaths};
+pub use tls::{ClientCredentials, ReloadingTls, ServerCheck, TlsPaths};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {

@@ -370,7 +370,143 @@ pub struct ClientCredentials {
     pub key: Option<PathBuf>,
 }
 
+/// What a client requires of a server's certificate beyond its chain and host name: its role
+/// in the study, optionally one pinned identity, and that the study's CRL does not revoke it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServerCheck {
+    /// The role the server's certificate must say (e.g. `coordinator` for a node's link).
+    pub role: Option<Role>,
+    /// The one server identity accepted: its identity URI (`cxrfed://STUDY/ROLE/-/NAME`) or its
+    /// certificate's SHA-256 fingerprint (hex).
+    pub pin: Option<String>,
+    /// The study CA's CRL (PEM); a revoked server certificate fails the handshake.
+    pub crl: Option<PathBuf>,
+}
+
+/// rustls' WebPKI server verification (chain, host name, validity, CRL) and then the study's
+/// own rules on the leaf: its role and, when pinned, its identity. rustls has no hook for
+/// that, hence this small wrapper.
+#[derive(Debug)]
+struct StudyServerVerifier {
+    webpki: Arc<rustls::client::WebPkiServerVerifier>,
+    role: Option<Role>,
+    pin: Option<String>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for StudyServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let verified = self.webpki.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        let identity = Identity::from_cert_der(end_entity)
+            .map_err(|e| rustls::Error::General(format!("the server's certificate: {e}")))?;
+        if let Some(role) = self.role
+            && identity.role != role
+        {
+            return Err(rustls::Error::General(format!(
+                "the server's certificate is {} (role {}), not a {role}",
+                identity.uri(),
+                identity.role
+            )));
+        }
+        if let Some(pin) = &self.pin
+            && *pin != identity.uri()
+            && !pin.eq_ignore_ascii_case(&identity.fingerprint)
+        {
+            return Err(rustls::Error::General(format!(
+                "the server's certificate is {} (sha256 {}), not the pinned {pin}",
+                identity.uri(),
+                identity.fingerprint
+            )));
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
+}
+
 impl ClientCredentials {
+    /// A rustls client configuration (TLS 1.3, ALPN h2, the client certificate when given)
+    /// whose server verification adds `check` to the chain and host name.
+    pub fn checked_rustls_config(
+        &self,
+        check: &ServerCheck,
+    ) -> Result<Arc<rustls::ClientConfig>, AuthError> {
+        let ca = std::fs::read(&self.ca).map_err(|e| AuthError::io(&self.ca, e))?;
+        let roots = read_roots(&self.ca, &ca)?;
+        let mut builder = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider(),
+        );
+        if let Some(path) = &check.crl {
+            let bytes = std::fs::read(path).map_err(|e| AuthError::io(path, e))?;
+            let crls: Vec<CertificateRevocationListDer<'static>> =
+                CertificateRevocationListDer::pem_slice_iter(&bytes)
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| pem_error(Some(path), e))?;
+            builder = builder.with_crls(crls).only_check_end_entity_revocation();
+        }
+        let webpki = builder
+            .build()
+            .map_err(|e| AuthError::Invalid(format!("server verifier: {e}")))?;
+        let verifier = Arc::new(StudyServerVerifier {
+            webpki,
+            role: check.role,
+            pin: check.pin.clone(),
+        });
+        let builder = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| AuthError::Invalid(format!("TLS: {e}")))?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier);
+        let mut config = match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => {
+                let cert_pem = std::fs::read(cert).map_err(|e| AuthError::io(cert, e))?;
+                let chain = read_chain(cert, &cert_pem)?;
+                let key_pem = files::read_private_key_pem(key)?;
+                let key = read_key(key, key_pem.as_bytes())?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| AuthError::Invalid(format!("client certificate: {e}")))?
+            }
+            (None, None) => builder.with_no_client_auth(),
+            _ => return Err(AuthError::Invalid("--cert and --key go together".into())),
+        };
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(config))
+    }
+
     /// The tonic client TLS configuration (TLS through rustls; the server name checked
     /// against the URL's host).
     pub fn tonic_config(&self) -> Result<tonic::transport::ClientTlsConfig, AuthError> {

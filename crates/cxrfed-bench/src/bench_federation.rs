@@ -57,6 +57,10 @@ impl Site {
             self.state.clone(),
             coordinator.to_string(),
             self.credentials.clone(),
+            cxrfed_auth::ServerCheck {
+                role: Some(cxrfed_auth::Role::Coordinator),
+                ..Default::default()
+            },
             shutdown.clone(),
         );
     }

@@ -75,6 +75,9 @@ pub struct NodeConfig {
     /// The study coordinator's URL (https://HOST:PORT). When set, the node dials out to it with
     /// its node certificate and answers federated DP queries over that link.
     pub coordinator: Option<String>,
+    /// Pin the coordinator: its identity URI (`cxrfed://STUDY/coordinator/-/NAME`) or its
+    /// certificate's SHA-256 fingerprint. Unset: any coordinator certificate of the study.
+    pub coordinator_identity: Option<String>,
     /// What the node tells the coordinator of its record count (hello, heartbeats, back-fill
     /// reports): "none" (the default: 0), "hundreds" (rounded down to a multiple of 100) or
     /// "exact". The study admin sees what the site publishes; researchers never see counts.
@@ -125,6 +128,7 @@ impl Default for NodeConfig {
             dp_default_delta: 0.0,
             dp_unlinked: "exclude".to_string(),
             coordinator: None,
+            coordinator_identity: None,
             publish_record_count: "none".to_string(),
             training_policy: None,
             dp_training_epsilon: 20.0,
@@ -170,6 +174,7 @@ pub const KEYS: &[&str] = &[
     "dp_default_delta",
     "dp_unlinked",
     "coordinator",
+    "coordinator_identity",
     "publish_record_count",
     "training_policy",
     "dp_training_epsilon",

@@ -1,6 +1,8 @@
 //! The node's link to the study coordinator. Hospital firewalls rarely accept inbound
 //! connections, so the node dials out: one long-lived bidirectional stream, authenticated with
-//! the node certificate, over which the coordinator sends tasks. The node keeps serving its
+//! the node certificate, over which the coordinator sends tasks. The coordinator's certificate
+//! must chain to the study CA, match the URL's host, say role `coordinator`, not be revoked by
+//! the study's CRL, and be the pinned identity when `coordinator_identity` is set. The node keeps serving its
 //! local users whether or not the link is up.
 //!
 //! - Heartbeats every `heartbeat_secs` (from the coordinator's Welcome) carry the model id and
@@ -49,6 +51,7 @@ pub fn spawn(
     state: Arc<Node>,
     url: String,
     credentials: ClientCredentials,
+    check: cxrfed_auth::ServerCheck,
     shutdown: CancellationToken,
 ) {
     tokio::spawn(async move {
@@ -59,7 +62,7 @@ pub fn spawn(
                 return;
             }
             let started = Instant::now();
-            match session(&state, &url, &credentials, &shutdown, &results).await {
+            match session(&state, &url, &credentials, &check, &shutdown, &results).await {
                 Ok(()) => return,
                 Err(e) => {
                     tracing::warn!(coordinator = url.as_str(), error = %e, "coordinator link down; retrying")
@@ -95,10 +98,11 @@ async fn session(
     state: &Arc<Node>,
     url: &str,
     credentials: &ClientCredentials,
+    check: &cxrfed_auth::ServerCheck,
     shutdown: &CancellationToken,
     results: &Arc<Mutex<Results>>,
 ) -> Result<(), String> {
-    let channel = cxrfed_auth::client::connect(url, Some(credentials))
+    let channel = cxrfed_auth::client::connect_checked(url, credentials, check)
         .await
         .map_err(|e| e.to_string())?;
     let mut client = CoordinatorServiceClient::new(channel);

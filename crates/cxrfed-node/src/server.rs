@@ -206,7 +206,14 @@ pub async fn serve(
             cert: Some(paths.cert),
             key: Some(paths.key),
         };
-        crate::federation::spawn(state.clone(), url, credentials, shutdown.clone());
+        // The coordinator must present a coordinator certificate of the study, not revoked,
+        // and the one pinned in the config when one is.
+        let check = cxrfed_auth::ServerCheck {
+            role: Some(cxrfed_auth::Role::Coordinator),
+            pin: state.config().coordinator_identity.clone(),
+            crl: paths.crl,
+        };
+        crate::federation::spawn(state.clone(), url, credentials, check, shutdown.clone());
     }
     let node = NodeServiceServer::new(NodeApi::new(state.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)

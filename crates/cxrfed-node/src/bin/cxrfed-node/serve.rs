@@ -122,6 +122,10 @@ pub struct ServeArgs {
     #[arg(long, env = "CXRFED_COORDINATOR")]
     #[serde(skip_serializing_if = "Option::is_none")]
     coordinator: Option<String>,
+    /// Accept only this coordinator: its identity URI or certificate SHA-256 fingerprint.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    coordinator_identity: Option<String>,
     /// What the coordinator is told of the record count: none, hundreds or exact
     /// [default: none].
     #[arg(long)]
