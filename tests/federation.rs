@@ -813,6 +813,17 @@ async fn a_node_obeys_only_a_study_admins_signed_orders_within_its_policy() {
         tampered.order = order.encode_to_vec();
     }
     let by_site_admin = cxrfed_e2e::signed_job(&node.admin, "e2e", spec, &sha);
+    // A task or rollout, then the bundled weights in chunks, as a coordinator sends them.
+    let send_with_weights = |id: &str, head: pb::coordinator_message::Kind| {
+        tx.send(pb::CoordinatorMessage { kind: Some(head) })
+            .expect("send");
+        for chunk in cxrfed_proto::chunks(id, prost::bytes::Bytes::from(weights.clone())) {
+            tx.send(pb::CoordinatorMessage {
+                kind: Some(pb::coordinator_message::Kind::Weights(chunk)),
+            })
+            .expect("send");
+        }
+    };
     let send_task = |id: &str, order: Option<pb::SignedOrder>, card: &str| {
         let task = pb::TrainTask {
             task_id: id.into(),
@@ -827,16 +838,7 @@ async fn a_node_obeys_only_a_study_admins_signed_orders_within_its_policy() {
             attempt: 1,
             secure_aggregation: false,
         };
-        tx.send(pb::CoordinatorMessage {
-            kind: Some(pb::coordinator_message::Kind::Train(task)),
-        })
-        .expect("send");
-        for chunk in cxrfed_proto::chunks(id, prost::bytes::Bytes::from(weights.clone())) {
-            tx.send(pb::CoordinatorMessage {
-                kind: Some(pb::coordinator_message::Kind::Weights(chunk)),
-            })
-            .expect("send");
-        }
+        send_with_weights(id, pb::coordinator_message::Kind::Train(task));
     };
     // Unsigned, tampered, signed by a site admin: refused before anything runs.
     send_task("unsigned", None, &card_json);
@@ -866,23 +868,17 @@ async fn a_node_obeys_only_a_study_admins_signed_orders_within_its_policy() {
     // Rollouts: unsigned, or a TorchScript card under a genuine promotion, are refused; the
     // node keeps its model.
     let send_rollout = |id: &str, order: Option<pb::SignedOrder>, card: &str| {
-        tx.send(pb::CoordinatorMessage {
-            kind: Some(pb::coordinator_message::Kind::Rollout(pb::ModelRollout {
+        send_with_weights(
+            id,
+            pb::coordinator_message::Kind::Rollout(pb::ModelRollout {
                 rollout_id: id.into(),
                 version: "v-evil".into(),
                 card_json: card.into(),
                 weights_sha256: sha.clone(),
                 weights_bytes: weights.len() as u64,
                 order,
-            })),
-        })
-        .expect("send");
-        for chunk in cxrfed_proto::chunks(id, prost::bytes::Bytes::from(weights.clone())) {
-            tx.send(pb::CoordinatorMessage {
-                kind: Some(pb::coordinator_message::Kind::Weights(chunk)),
-            })
-            .expect("send");
-        }
+            }),
+        );
     };
     send_rollout("r-unsigned", None, &card_json);
     let r = next_report(&mut others)

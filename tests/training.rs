@@ -124,30 +124,12 @@ async fn wait_connected(s: &Study, n: usize) {
     cxrfed_e2e::wait_sites_connected(&s.coordinator.url(), &s.pki, &s.admin, n).await;
 }
 
-/// The base model's weights sha256 as the registry lists it.
 async fn base_sha(s: &Study, spec: &str) -> String {
-    let base = cxrfed_fl::JobSpec::parse(spec).expect("job file").base;
-    client(s)
-        .await
-        .get_model(pb::GetModelRequest { version: base })
-        .await
-        .expect("base model")
-        .into_inner()
-        .sha256
+    cxrfed_e2e::base_sha(&s.coordinator.url(), &s.pki, &s.admin, spec).await
 }
 
-/// Starts a job as the study admin, with the order signed as `cxrfed job start` signs it.
 async fn start_job(s: &Study, spec: &str) -> pb::JobInfo {
-    let order = cxrfed_e2e::signed_job(&s.admin, "e2e", spec, &base_sha(s, spec).await);
-    client(s)
-        .await
-        .start_job(pb::StartJobRequest {
-            spec_toml: String::new(),
-            order: Some(order),
-        })
-        .await
-        .expect("start job")
-        .into_inner()
+    cxrfed_e2e::start_signed_job(&s.coordinator.url(), &s.pki, &s.admin, spec).await
 }
 
 async fn get_job(s: &Study, id: &str) -> pb::JobInfo {

@@ -107,28 +107,11 @@ async fn wait_connected(s: &Study, n: usize) {
 }
 
 async fn base_sha(s: &Study) -> String {
-    client_as(s, &s.admin)
-        .await
-        .get_model(pb::GetModelRequest {
-            version: "tiny-phantom-v1".into(),
-        })
-        .await
-        .expect("base")
-        .into_inner()
-        .sha256
+    cxrfed_e2e::base_sha(&s.coordinator.url(), &s.pki, &s.admin, "").await
 }
 
 async fn start(s: &Study, spec: &str) -> pb::JobInfo {
-    let order = cxrfed_e2e::signed_job(&s.admin, "e2e", spec, &base_sha(s).await);
-    client_as(s, &s.admin)
-        .await
-        .start_job(pb::StartJobRequest {
-            spec_toml: String::new(),
-            order: Some(order),
-        })
-        .await
-        .expect("start job")
-        .into_inner()
+    cxrfed_e2e::start_signed_job(&s.coordinator.url(), &s.pki, &s.admin, spec).await
 }
 
 async fn finished(s: &Study, id: &str, who: &Path) -> pb::JobInfo {

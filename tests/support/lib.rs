@@ -871,3 +871,36 @@ pub async fn wait_sites_connected(url: &str, pki: &TestPki, dir: &Path, n: usize
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// The registry's weights sha256 of the base model the job file `spec` names (what
+/// `cxrfed job start` signs).
+pub async fn base_sha(url: &str, pki: &TestPki, admin: &Path, spec: &str) -> String {
+    let base = cxrfed_fl::JobSpec::parse(spec).expect("job file").base;
+    coordinator_client(url, pki, admin)
+        .await
+        .get_model(cxrfed_proto::v1::GetModelRequest { version: base })
+        .await
+        .expect("base model")
+        .into_inner()
+        .sha256
+}
+
+/// Starts the job file `spec` as the study admin in `admin`, its order signed as `cxrfed job
+/// start` signs it.
+pub async fn start_signed_job(
+    url: &str,
+    pki: &TestPki,
+    admin: &Path,
+    spec: &str,
+) -> cxrfed_proto::v1::JobInfo {
+    let order = signed_job(admin, "e2e", spec, &base_sha(url, pki, admin, spec).await);
+    coordinator_client(url, pki, admin)
+        .await
+        .start_job(cxrfed_proto::v1::StartJobRequest {
+            spec_toml: String::new(),
+            order: Some(order),
+        })
+        .await
+        .expect("start job")
+        .into_inner()
+}

@@ -199,6 +199,20 @@ impl ServerMaterial {
         Ok(identity)
     }
 
+    /// A certificate carried inside a signed message (a query intent, an order, a round key)
+    /// rather than presented in a handshake: its chain to the study CA, the current revocation
+    /// list and clock, and the role it must say. The error says which check failed.
+    pub fn verify_signer(&self, der: &[u8], role: Role) -> Result<Identity, String> {
+        let identity = self
+            .verify_client(&[CertificateDer::from(der.to_vec())])
+            .map_err(|r| format!("the signer's certificate: {}", r.reason))?;
+        self.still_valid(&identity)?;
+        if identity.role != role {
+            return Err(format!("{} is not a {role} certificate", identity.uri()));
+        }
+        Ok(identity)
+    }
+
     /// Checks an identity verified earlier on a long-lived connection against the current
     /// revocation list and the clock.
     pub fn still_valid(&self, identity: &Identity) -> Result<(), String> {

@@ -28,7 +28,6 @@ use cxrfed_proto::Label;
 use cxrfed_proto::v1 as pb;
 use cxrfed_proto::v1::coordinator_service_client::CoordinatorServiceClient;
 use parking_lot::Mutex;
-use rustls::pki_types::CertificateDer;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -269,17 +268,10 @@ async fn execute(
             "this node runs --insecure-dev and cannot verify researchers' certificates",
         ));
     };
-    let material = tls.current();
-    let researcher = material
-        .verify_client(&[CertificateDer::from(signed.certificate.clone())])
-        .map_err(|r| refused(format!("the signer's certificate: {}", r.reason)))?;
-    material.still_valid(&researcher).map_err(refused)?;
-    if researcher.role != Role::Researcher {
-        return Err(refused(format!(
-            "{} is not a researcher certificate",
-            researcher.uri()
-        )));
-    }
+    let researcher = tls
+        .current()
+        .verify_signer(&signed.certificate, Role::Researcher)
+        .map_err(refused)?;
     // The one rule set of the coordinator and every node (cxrfed-server::intent).
     let expect = cxrfed_server::intent::Expect {
         study: state.study(),

@@ -10,7 +10,6 @@
 use cxrfed_auth::{Identity, Role};
 use cxrfed_fl::SitePolicy;
 use cxrfed_proto::v1 as pb;
-use rustls::pki_types::CertificateDer;
 
 use crate::error::NodeError;
 use crate::state::Node;
@@ -75,24 +74,10 @@ pub fn verify(
             "this node runs --insecure-dev and cannot verify a study admin's certificate",
         ));
     };
-    let material = tls.current();
-    let signer = material
-        .verify_client(&[CertificateDer::from(signed.certificate.clone())])
-        .map_err(|r| {
-            Refusal::new(
-                "order-signer",
-                format!("the signer's certificate: {}", r.reason),
-            )
-        })?;
-    material
-        .still_valid(&signer)
+    let signer = tls
+        .current()
+        .verify_signer(&signed.certificate, Role::StudyAdmin)
         .map_err(|e| Refusal::new("order-signer", e))?;
-    if signer.role != Role::StudyAdmin {
-        return Err(Refusal::new(
-            "order-signer",
-            format!("{} is not a study-admin certificate", signer.uri()),
-        ));
-    }
     let expect = cxrfed_server::order::Expect {
         study: state.study(),
         site: Some(&state.config().site),
