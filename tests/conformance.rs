@@ -50,6 +50,8 @@ fn decode_matches_pydicom() {
         max_rows: 16384,
         max_columns: 16384,
         max_file_bytes: 1 << 30,
+        // Decoding is what this test compares; the burned-in policy has its own tests.
+        burned_in: cxrfed_imaging::BurnedInPolicy::Accept,
     };
     let secret = SiteSecret::from_bytes([7; 32]);
     let mut passed = Vec::new();

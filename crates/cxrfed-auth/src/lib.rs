@@ -19,7 +19,9 @@ pub mod tls;
 
 pub use authz::{AuthLayer, Policy, RpcMethod, Rule};
 pub use identity::{Identity, Role};
-pub use listener::{PeerAuth, PeerInfo, ServerTransport, incoming};
+pub use listener::{
+    ConnectionLimits, PeerAuth, PeerInfo, ServerTransport, incoming, incoming_with,
+};
 pub use tls::{ClientCredentials, ReloadingTls, ServerCheck, TlsPaths};
 
 #[derive(Debug, thiserror::Error)]

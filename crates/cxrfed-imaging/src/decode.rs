@@ -16,9 +16,10 @@ use ndarray::Array2;
 use sha2::{Digest, Sha256};
 
 use crate::attr;
-use crate::deidentify::{self, SiteSecret};
+use crate::budget::{MemoryBudget, Reservation};
+use crate::deidentify::{self, BurnedInPolicy, SiteSecret};
 use crate::sniff::{Format, sniff};
-use crate::{ImagingError, syntax};
+use crate::{ImagingError, codestream, scan, syntax};
 
 /// Resource limits checked before any large allocation.
 #[derive(Debug, Clone, Copy)]
@@ -26,6 +27,8 @@ pub struct Limits {
     pub max_rows: u32,
     pub max_columns: u32,
     pub max_file_bytes: u64,
+    /// Which images that may show identifying text in their pixels are refused.
+    pub burned_in: BurnedInPolicy,
 }
 
 impl Default for Limits {
@@ -34,6 +37,7 @@ impl Default for Limits {
             max_rows: 8192,
             max_columns: 8192,
             max_file_bytes: 256 * 1024 * 1024,
+            burned_in: BurnedInPolicy::Refuse,
         }
     }
 }
@@ -381,6 +385,27 @@ pub fn contain<T>(work: impl FnOnce() -> Result<T, ImagingError>) -> Result<T, I
 
 /// Decodes `bytes` (DICOM Part 10, JPEG or PNG); the format is sniffed from the content.
 pub fn decode(bytes: &[u8], limits: &Limits, secret: &SiteSecret) -> Result<Decoded, ImagingError> {
+    decode_within(bytes, limits, secret, None).map(|(decoded, _)| decoded)
+}
+
+/// [`decode_contained`] under a shared memory budget: the estimated peak is reserved from
+/// `budget` once the header is checked and before any pixel is decoded; the reservation is
+/// returned so that the caller holds it for as long as it keeps the full-resolution samples.
+pub fn decode_reserving(
+    bytes: &[u8],
+    limits: &Limits,
+    secret: &SiteSecret,
+    budget: &MemoryBudget,
+) -> Result<(Decoded, Option<Reservation>), ImagingError> {
+    contain(|| decode_within(bytes, limits, secret, Some(budget)))
+}
+
+fn decode_within(
+    bytes: &[u8],
+    limits: &Limits,
+    secret: &SiteSecret,
+    budget: Option<&MemoryBudget>,
+) -> Result<(Decoded, Option<Reservation>), ImagingError> {
     if bytes.len() as u64 > limits.max_file_bytes {
         return Err(ImagingError::FileTooLarge {
             size: bytes.len() as u64,
@@ -388,11 +413,26 @@ pub fn decode(bytes: &[u8], limits: &Limits, secret: &SiteSecret) -> Result<Deco
         });
     }
     match sniff(bytes)? {
-        Format::Dicom => decode_dicom(&bytes[128..], limits, secret),
-        Format::DicomNoPreamble => decode_dicom(bytes, limits, secret),
-        Format::Png => decode_raster(bytes, image::ImageFormat::Png, limits),
-        Format::Jpeg => decode_raster(bytes, image::ImageFormat::Jpeg, limits),
+        Format::Dicom => decode_dicom(&bytes[128..], limits, secret, budget),
+        Format::DicomNoPreamble => decode_dicom(bytes, limits, secret, budget),
+        Format::Png => decode_raster(bytes, image::ImageFormat::Png, limits, budget),
+        Format::Jpeg => decode_raster(bytes, image::ImageFormat::Jpeg, limits, budget),
     }
+}
+
+/// Peak bytes a decode of `pixels` samples of `bytes_per_pixel` holds at once, beside the file:
+/// the codec's output, dicom-pixeldata's frame copy, the samples and preprocessing's
+/// full-resolution intermediate.
+fn decode_peak(file_bytes: usize, pixels: u64, bytes_per_pixel: u64) -> u64 {
+    file_bytes as u64 + 4 * pixels * bytes_per_pixel.max(2)
+}
+
+fn reserve(
+    budget: Option<&MemoryBudget>,
+    bytes: u64,
+    what: &str,
+) -> Result<Option<Reservation>, ImagingError> {
+    budget.map(|b| b.reserve(bytes, what)).transpose()
 }
 
 fn header_u32(
@@ -417,7 +457,11 @@ fn decode_dicom(
     bytes: &[u8],
     limits: &Limits,
     secret: &SiteSecret,
-) -> Result<Decoded, ImagingError> {
+    budget: Option<&MemoryBudget>,
+) -> Result<(Decoded, Option<Reservation>), ImagingError> {
+    // Declared lengths, inflation and nesting are checked before dicom-object allocates any.
+    let inflate_cap = limits.max_file_bytes.max(64 << 20);
+    scan::check(bytes, inflate_cap)?;
     let mut obj = OpenFileOptions::new()
         .read_preamble(ReadPreamble::Never)
         .from_reader(bytes)
@@ -436,6 +480,11 @@ fn decode_dicom(
             uid: ts_uid,
         });
     };
+
+    // Pixels that may show identifying text are refused before anything of them is decoded.
+    if let Some(reason) = deidentify::burned_in_refusal(&obj, limits.burned_in) {
+        return Err(ImagingError::Quarantined(reason));
+    }
 
     // Everything about the geometry is checked on the header, before pixel data is decoded.
     let rows = header_u32(&obj, tags::ROWS, "Rows")?;
@@ -495,6 +544,31 @@ fn decode_dicom(
         notes.push(format!("multi-frame: first of {frames} frames used"));
     }
 
+    let pixels_total = u64::from(rows) * u64::from(columns);
+    let reservation = reserve(
+        budget,
+        decode_peak(
+            bytes.len(),
+            pixels_total,
+            u64::from(samples_per_pixel) * u64::from(bits_allocated / 8),
+        ),
+        &format!("a {rows}x{columns} image"),
+    )?;
+    if !native {
+        let fragment = first_fragment(&obj)?;
+        codestream::check(
+            &header.ts_uid,
+            fragment,
+            &codestream::Expected {
+                rows,
+                columns,
+                samples_per_pixel,
+                bits_allocated,
+            },
+            limits,
+        )?;
+    }
+
     let shape = (rows as usize, columns as usize);
     let mask: u16 = if bits_stored >= 16 {
         u16::MAX
@@ -537,7 +611,10 @@ fn decode_dicom(
                 }
                 Samples::U16(Array2::from_shape_vec(shape, values).expect("length checked"))
             };
-            return Ok(finish_dicom(&obj, secret, &header, samples, notes, false));
+            return Ok((
+                finish_dicom(&obj, secret, &header, samples, notes, false),
+                reservation,
+            ));
         }
         obj.put(element);
     }
@@ -600,14 +677,31 @@ fn decode_dicom(
         color_to_gray(data, shape, bits_allocated, planar, luma_only)
     };
 
-    Ok(finish_dicom(
-        &obj,
-        secret,
-        &header,
-        samples,
-        notes,
-        spp != 1,
+    Ok((
+        finish_dicom(&obj, secret, &header, samples, notes, spp != 1),
+        reservation,
     ))
+}
+
+/// The first fragment of an encapsulated Pixel Data element (where frame 0's codestream
+/// header is).
+fn first_fragment(obj: &DefaultDicomObject) -> Result<&[u8], ImagingError> {
+    let element = obj
+        .get(tags::PIXEL_DATA)
+        .ok_or_else(|| ImagingError::Unsupported("the file has no Pixel Data".into()))?;
+    match element.value() {
+        dicom_core::DicomValue::PixelSequence(sequence) => sequence
+            .fragments()
+            .iter()
+            .find(|f| !f.is_empty())
+            .map(|f| f.as_slice())
+            .ok_or_else(|| {
+                ImagingError::Corrupt("the encapsulated Pixel Data has no fragments".into())
+            }),
+        _ => Err(ImagingError::Corrupt(
+            "a compressed transfer syntax with native (unencapsulated) Pixel Data".into(),
+        )),
+    }
 }
 
 /// What the header says about the pixels, read and checked before any pixel decoding.
@@ -808,8 +902,12 @@ fn decode_raster(
     bytes: &[u8],
     format: image::ImageFormat,
     limits: &Limits,
-) -> Result<Decoded, ImagingError> {
-    let corrupt = |e: image::ImageError| ImagingError::Corrupt(first_line(&e.to_string()));
+    budget: Option<&MemoryBudget>,
+) -> Result<(Decoded, Option<Reservation>), ImagingError> {
+    let corrupt = |e: image::ImageError| match e {
+        image::ImageError::Limits(l) => ImagingError::ResourceLimit(first_line(&l.to_string())),
+        e => ImagingError::Corrupt(first_line(&e.to_string())),
+    };
     let (width, height) = image::ImageReader::with_format(Cursor::new(bytes), format)
         .into_dimensions()
         .map_err(corrupt)?;
@@ -818,7 +916,15 @@ fn decode_raster(
     let mut image_limits = image::Limits::default();
     image_limits.max_image_width = Some(limits.max_columns);
     image_limits.max_image_height = Some(limits.max_rows);
+    // The decoder's own allocations, at most an RGBA16 image of the checked size.
+    let pixels = u64::from(width) * u64::from(height);
+    image_limits.max_alloc = Some(pixels * 8 + (1 << 20));
     reader.limits(image_limits);
+    let reservation = reserve(
+        budget,
+        decode_peak(bytes.len(), pixels, 8),
+        &format!("a {height}x{width} image"),
+    )?;
     let image = reader.decode().map_err(corrupt)?;
     let mut notes = Vec::new();
     let color = image.color();
@@ -844,34 +950,37 @@ fn decode_raster(
         image::ImageFormat::Png => (ImageFormat::Png, "PNG"),
         _ => (ImageFormat::Jpeg, "JPEG"),
     };
-    Ok(Decoded {
-        samples,
-        bits_stored: bits,
-        modality: Modality::Rescale {
-            slope: 1.0,
-            intercept: 0.0,
+    Ok((
+        Decoded {
+            samples,
+            bits_stored: bits,
+            modality: Modality::Rescale {
+                slope: 1.0,
+                intercept: 0.0,
+            },
+            voi: Voi::FullRange,
+            invert: false,
+            source: Source {
+                format: Some(image_format),
+                rows: height,
+                columns: width,
+                bits_stored: u32::from(bits),
+                photometric_interpretation: if color.has_color() {
+                    "RGB"
+                } else {
+                    "MONOCHROME2"
+                }
+                .to_string(),
+                number_of_frames: 1,
+                transfer_syntax_name: name.to_string(),
+                ..Source::default()
+            },
+            patient: Patient::default(),
+            acquisition: Acquisition::default(),
+            notes,
         },
-        voi: Voi::FullRange,
-        invert: false,
-        source: Source {
-            format: Some(image_format),
-            rows: height,
-            columns: width,
-            bits_stored: u32::from(bits),
-            photometric_interpretation: if color.has_color() {
-                "RGB"
-            } else {
-                "MONOCHROME2"
-            }
-            .to_string(),
-            number_of_frames: 1,
-            transfer_syntax_name: name.to_string(),
-            ..Source::default()
-        },
-        patient: Patient::default(),
-        acquisition: Acquisition::default(),
-        notes,
-    })
+        reservation,
+    ))
 }
 
 /// One line from an error and its sources, saying "truncated" when the data ran out. Decoder

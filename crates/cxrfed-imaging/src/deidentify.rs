@@ -8,13 +8,175 @@
 //! | age band (10 years) | PatientAge, else PatientBirthDate with StudyDate (then Acquisition/Series/ContentDate) | Retain Patient Characteristics (coarsened) |
 //! | sex | PatientSex | Retain Patient Characteristics |
 //! | acquisition month | AcquisitionDate, else StudyDate, SeriesDate, ContentDate | Retain Longitudinal Temporal Information with Modified Dates (coarsened to the month) |
-//! | view position, body part, modality, manufacturer | ViewPosition, BodyPartExamined, Modality, Manufacturer | not listed in Table E.1-1 (kept by the Basic Profile) |
+//! | view position, modality | ViewPosition, Modality | not listed in Table E.1-1 (kept by the Basic Profile) |
+//! | body part, manufacturer | BodyPartExamined, Manufacturer, mapped onto an allow-list of normalised values ([`BODY_PARTS`], [`MANUFACTURERS`]); free text becomes "OTHER" / "other" | Clean Descriptors (no free text kept) |
 //! | pseudonym | HMAC-SHA256(PatientID) under the per-site secret | replacement of PatientID by a consistent keyed hash |
 //!
 //! Every attribute of Table E.1-1 (PatientName, PatientID, PatientBirthDate, AccessionNumber,
 //! InstitutionName, StudyInstanceUID, dates and times, physicians, device serial numbers,
 //! free-text comments, ...) is therefore absent from the record by construction: nothing else
 //! is read into it. The birth date is used only to compute the age band and then dropped.
+//! Ages of 90 and over are one band, "90+" (HIPAA Safe Harbor).
+//!
+//! Pixel data can carry identifiers too: Burned In Annotation (0028,0301) and Recognizable
+//! Visual Features (0028,0302) are read, and [`burned_in_refusal`] decides, under the site's
+//! [`BurnedInPolicy`], which images are refused before anything of them is kept.
+
+/// What the node does with images that may show identifying text in their pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BurnedInPolicy {
+    /// Refuse Burned In Annotation YES and Recognizable Visual Features YES, and images that
+    /// do not say (attribute absent) when they are secondary captures or document-like
+    /// (Secondary Capture SOP classes, modality OT/SC/DOC, or a Conversion Type): screenshots
+    /// and scanned films are where burned-in text lives.
+    #[default]
+    Refuse,
+    /// Refuse only an explicit YES.
+    RefuseYes,
+    /// Keep everything (the site has its own pixel scrubbing upstream); a note is recorded.
+    Accept,
+}
+
+impl std::str::FromStr for BurnedInPolicy {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text.trim() {
+            "refuse" => Ok(BurnedInPolicy::Refuse),
+            "refuse-yes" => Ok(BurnedInPolicy::RefuseYes),
+            "accept" => Ok(BurnedInPolicy::Accept),
+            other => Err(format!(
+                "burned_in_annotation {other:?} must be refuse, refuse-yes or accept"
+            )),
+        }
+    }
+}
+
+/// Why an image is refused under `policy`, or `None` to keep it.
+pub fn burned_in_refusal(obj: &DefaultDicomObject, policy: BurnedInPolicy) -> Option<String> {
+    let flag = |tag| match text(obj, tag).trim().to_ascii_uppercase().as_str() {
+        "YES" => Some(true),
+        "NO" => Some(false),
+        _ => None,
+    };
+    let burned_in = flag(tags::BURNED_IN_ANNOTATION);
+    let recognizable = flag(tags::RECOGNIZABLE_VISUAL_FEATURES);
+    if policy == BurnedInPolicy::Accept {
+        return None;
+    }
+    if burned_in == Some(true) {
+        return Some(
+            "Burned In Annotation (0028,0301) is YES: the pixels carry identifying text".into(),
+        );
+    }
+    if recognizable == Some(true) {
+        return Some(
+            "Recognizable Visual Features (0028,0302) is YES: the pixels may identify the patient"
+                .into(),
+        );
+    }
+    if policy == BurnedInPolicy::Refuse && burned_in.is_none() {
+        let sop_class = text(obj, tags::SOP_CLASS_UID);
+        let modality = text(obj, tags::MODALITY).trim().to_ascii_uppercase();
+        let document_like = sop_class.starts_with("1.2.840.10008.5.1.4.1.1.7")
+            || matches!(modality.as_str(), "OT" | "SC" | "DOC")
+            || !text(obj, tags::CONVERSION_TYPE).trim().is_empty();
+        if document_like {
+            return Some(
+                "a secondary capture or document-like image without Burned In Annotation (0028,0301): it may carry identifying text (burned_in_annotation = refuse-yes accepts it)".into(),
+            );
+        }
+    }
+    None
+}
+
+/// Body parts kept (DICOM CID 4031 defined terms a chest X-ray service meets); anything else
+/// is "OTHER".
+pub const BODY_PARTS: &[&str] = &[
+    "CHEST",
+    "ABDOMEN",
+    "PELVIS",
+    "SKULL",
+    "HEAD",
+    "NECK",
+    "SPINE",
+    "CSPINE",
+    "TSPINE",
+    "LSPINE",
+    "SHOULDER",
+    "CLAVICLE",
+    "RIBS",
+    "ARM",
+    "ELBOW",
+    "HAND",
+    "HIP",
+    "LEG",
+    "KNEE",
+    "ANKLE",
+    "FOOT",
+    "EXTREMITY",
+    "WHOLEBODY",
+    "BREAST",
+];
+
+/// The normalised body part: upper case, letters only, synonyms mapped, else "OTHER".
+pub fn normalize_body_part(raw: &str) -> String {
+    let word: String = raw
+        .chars()
+        .filter(char::is_ascii_alphabetic)
+        .map(|c| c.to_ascii_uppercase())
+        .collect();
+    let word = match word.as_str() {
+        "" => return String::new(),
+        "THORAX" | "LUNG" | "LUNGS" | "CHESTPA" | "CHESTAP" | "CHESTLAT" | "TORAX" | "THORAKS" => {
+            "CHEST"
+        }
+        "RIB" => "RIBS",
+        "CERVICALSPINE" => "CSPINE",
+        "THORACICSPINE" => "TSPINE",
+        "LUMBARSPINE" => "LSPINE",
+        other => other,
+    };
+    if BODY_PARTS.contains(&word) {
+        word.to_string()
+    } else {
+        "OTHER".to_string()
+    }
+}
+
+/// Manufacturers kept, as (normalised name, lower-case markers any of which identifies it).
+pub const MANUFACTURERS: &[(&str, &[&str])] = &[
+    ("Agfa", &["agfa"]),
+    ("Canon", &["canon", "toshiba"]),
+    ("Carestream", &["carestream", "kodak"]),
+    ("Fujifilm", &["fuji"]),
+    (
+        "GE",
+        &["ge healthcare", "ge medical", "gems", "general electric"],
+    ),
+    ("Hologic", &["hologic"]),
+    ("Konica Minolta", &["konica", "minolta"]),
+    ("Philips", &["philips"]),
+    ("Samsung", &["samsung"]),
+    ("Shimadzu", &["shimadzu"]),
+    ("Siemens", &["siemens"]),
+    ("Varex", &["varex", "varian"]),
+];
+
+/// The normalised manufacturer, "other" for anything not in [`MANUFACTURERS`] (free text in
+/// this attribute sometimes names a hospital or a department).
+pub fn normalize_manufacturer(raw: &str) -> String {
+    let lower = raw.trim().to_ascii_lowercase();
+    if lower.is_empty() {
+        return String::new();
+    }
+    let padded = format!(" {lower} ");
+    MANUFACTURERS
+        .iter()
+        .find(|(_, markers)| markers.iter().any(|m| lower.contains(m)))
+        .map(|(name, _)| (*name).to_string())
+        .or_else(|| (padded.contains(" ge ") || lower == "ge").then(|| "GE".to_string()))
+        .unwrap_or_else(|| "other".to_string())
+}
 
 use chrono::{Datelike, NaiveDate};
 use cxrfed_schema::{Acquisition, Patient, Sex, View, age_group};
@@ -142,15 +304,42 @@ pub fn from_dicom(obj: &DefaultDicomObject, secret: &SiteSecret) -> Deidentified
                 .unwrap_or_default(),
             view: View::from_dicom(&text(obj, tags::VIEW_POSITION)),
         },
-        modality: text(obj, tags::MODALITY),
-        manufacturer: text(obj, tags::MANUFACTURER),
-        body_part: text(obj, tags::BODY_PART_EXAMINED),
+        modality: normalize_modality(&text(obj, tags::MODALITY)),
+        manufacturer: normalize_manufacturer(&text(obj, tags::MANUFACTURER)),
+        body_part: normalize_body_part(&text(obj, tags::BODY_PART_EXAMINED)),
+    }
+}
+
+/// The modality as a defined term (2–4 upper-case letters), else "OT".
+fn normalize_modality(raw: &str) -> String {
+    let value = raw.trim().to_ascii_uppercase();
+    if value.is_empty() {
+        String::new()
+    } else if (2..=4).contains(&value.len()) && value.chars().all(|c| c.is_ascii_uppercase()) {
+        value
+    } else {
+        "OT".to_string()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn descriptors_are_allow_listed() {
+        assert_eq!(normalize_body_part("Chest"), "CHEST");
+        assert_eq!(normalize_body_part("THORAX"), "CHEST");
+        assert_eq!(normalize_body_part("St. Mary's ward 3 chest"), "OTHER");
+        assert_eq!(normalize_body_part(""), "");
+        assert_eq!(normalize_manufacturer("SIEMENS"), "Siemens");
+        assert_eq!(normalize_manufacturer("GE Healthcare"), "GE");
+        assert_eq!(normalize_manufacturer("GE"), "GE");
+        assert_eq!(normalize_manufacturer("KODAK"), "Carestream");
+        assert_eq!(normalize_manufacturer("Dr. Smith's clinic"), "other");
+        assert_eq!(normalize_modality("CR"), "CR");
+        assert_eq!(normalize_modality("chest xray"), "OT");
+    }
 
     #[test]
     fn ages() {

@@ -24,6 +24,13 @@ pub enum ImagingError {
     Unsupported(String),
     #[error("corrupt or truncated pixel data: {0}")]
     Corrupt(String),
+    /// Refused under the site's de-identification policy (e.g. burned-in annotation).
+    #[error("quarantined: {0}; nothing was stored")]
+    Quarantined(String),
+    /// Decoding would need more memory than the limits allow (a decompression bomb, or a
+    /// busy node).
+    #[error("refused to decode: {0}")]
+    ResourceLimit(String),
     #[error("the decoder panicked on this image; it was refused and nothing was stored")]
     DecoderPanic,
 }
@@ -40,6 +47,8 @@ impl ImagingError {
             ImagingError::DimensionsTooLarge { .. } => "dimensions_too_large",
             ImagingError::Unsupported(_) => "unsupported_image",
             ImagingError::Corrupt(_) => "corrupt_pixel_data",
+            ImagingError::ResourceLimit(_) => "resource_limit",
+            ImagingError::Quarantined(_) => "quarantined",
             ImagingError::DecoderPanic => "decoder_panic",
         }
     }

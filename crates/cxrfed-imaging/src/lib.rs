@@ -20,18 +20,22 @@
 // expands to an `allow(unsafe_code)`, which `forbid` would reject.
 
 mod attr;
+pub mod budget;
+pub mod codestream;
 pub mod decode;
 pub mod deidentify;
 mod error;
 pub mod preprocess;
+pub mod scan;
 pub mod sniff;
 pub mod syntax;
 
+pub use budget::{MemoryBudget, Reservation};
 pub use decode::{
     Decoded, DisplayLut, Limits, Modality, Samples, Voi, VoiTable, contain, decode,
-    decode_contained,
+    decode_contained, decode_reserving,
 };
-pub use deidentify::{Deidentified, SiteSecret};
+pub use deidentify::{BurnedInPolicy, Deidentified, SiteSecret};
 pub use error::ImagingError;
 pub use preprocess::{Aspect, PreprocessOptions, preprocess};
 pub use sniff::{Format, sniff};

@@ -51,6 +51,7 @@ fn check(bytes: &[u8]) -> Result<(), TestCaseError> {
         max_rows: 4096,
         max_columns: 4096,
         max_file_bytes: 1 << 20,
+        ..Limits::default()
     };
     let result = decode_contained(bytes, &limits, &SiteSecret::from_bytes([3; 32]));
     prop_assert!(

@@ -25,12 +25,20 @@ pub struct NodeConfig {
     /// Largest accepted image dimensions (checked on the header, before decoding).
     pub max_rows: u32,
     pub max_columns: u32,
+    /// Images whose pixels may show identifying text: "refuse" (Burned In Annotation or
+    /// Recognizable Visual Features YES, and secondary captures / document-like images that do
+    /// not say), "refuse-yes" (only an explicit YES) or "accept". Refusals are audited.
+    pub burned_in_annotation: String,
     /// Model input side length in pixels.
     pub input_size: u32,
     /// "pad" or "center-crop".
     pub aspect: String,
     /// Images decoded at the same time (each holds one full-resolution image in memory).
     pub decode_workers: usize,
+    /// Bytes all decodes together may hold at once (each reserves its estimated peak from
+    /// the checked header before decoding; one that alone exceeds this is refused with
+    /// RESOURCE_EXHAUSTED, others wait up to 30 s).
+    pub decode_memory_bytes: u64,
     /// Seconds in-flight requests get to finish after SIGTERM before the node stops anyway.
     pub grace_period_secs: u64,
     /// tracing filter, e.g. "info" or "cxrfed_node=debug".
@@ -102,11 +110,13 @@ impl Default for NodeConfig {
             max_file_bytes: 256 * 1024 * 1024,
             max_rows: 8192,
             max_columns: 8192,
+            burned_in_annotation: "refuse".to_string(),
             input_size: 224,
             aspect: "pad".to_string(),
             decode_workers: std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(2),
+            decode_memory_bytes: 1 << 30,
             grace_period_secs: 20,
             // The JPEG 2000 codec logs every header at INFO.
             log_level: "info,jpeg2k=warn".to_string(),
@@ -151,9 +161,11 @@ pub const KEYS: &[&str] = &[
     "max_file_bytes",
     "max_rows",
     "max_columns",
+    "burned_in_annotation",
     "input_size",
     "aspect",
     "decode_workers",
+    "decode_memory_bytes",
     "grace_period_secs",
     "log_level",
     "model",
@@ -251,6 +263,15 @@ impl NodeConfig {
                 "aspect {:?} must be \"pad\" or \"center-crop\"",
                 self.aspect
             ));
+        }
+        if let Err(e) = self
+            .burned_in_annotation
+            .parse::<cxrfed_imaging::BurnedInPolicy>()
+        {
+            return bad(e);
+        }
+        if self.decode_memory_bytes < 16 << 20 {
+            return bad("decode_memory_bytes must be at least 16 MiB".into());
         }
         if self.decode_workers == 0 {
             return bad("decode_workers must be at least 1".into());

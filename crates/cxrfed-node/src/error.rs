@@ -24,6 +24,12 @@ pub enum NodeError {
     /// The request is valid but the node is not in a state to do it.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// A per-caller or per-node concurrency limit is reached; retry later.
+    #[error("busy: {0}")]
+    Busy(String),
+    /// The work did not finish within its deadline; nothing was released or charged.
+    #[error("deadline exceeded: {0}")]
+    Deadline(String),
     #[error("the node is shutting down; retry against a running node")]
     ShuttingDown,
     #[error("upload stream failed: {}", .0.message())]
@@ -44,9 +50,10 @@ impl NodeError {
                 | ImagingError::Unsupported(_)
                 | ImagingError::Corrupt(_) => Code::InvalidArgument,
                 ImagingError::UnsupportedTransferSyntax { .. } => Code::Unimplemented,
-                ImagingError::FileTooLarge { .. } | ImagingError::DimensionsTooLarge { .. } => {
-                    Code::ResourceExhausted
-                }
+                ImagingError::FileTooLarge { .. }
+                | ImagingError::DimensionsTooLarge { .. }
+                | ImagingError::ResourceLimit(_) => Code::ResourceExhausted,
+                ImagingError::Quarantined(_) => Code::FailedPrecondition,
                 ImagingError::DecoderPanic => Code::Internal,
             },
             NodeError::Store(e) => match e {
@@ -60,7 +67,8 @@ impl NodeError {
             },
             NodeError::InvalidRequest(_) => Code::InvalidArgument,
             NodeError::Refused(_) => Code::PermissionDenied,
-            NodeError::UploadTooLarge { .. } => Code::ResourceExhausted,
+            NodeError::UploadTooLarge { .. } | NodeError::Busy(_) => Code::ResourceExhausted,
+            NodeError::Deadline(_) => Code::DeadlineExceeded,
             NodeError::NotFound(_) => Code::NotFound,
             NodeError::FailedPrecondition(_) => Code::FailedPrecondition,
             NodeError::ShuttingDown => Code::Unavailable,
@@ -83,6 +91,8 @@ impl NodeError {
             NodeError::InvalidRequest(_) => "invalid_request",
             NodeError::Refused(_) => "refused",
             NodeError::UploadTooLarge { .. } => "file_too_large",
+            NodeError::Busy(_) => "busy",
+            NodeError::Deadline(_) => "deadline",
             NodeError::NotFound(_) => "not_found",
             NodeError::FailedPrecondition(_) => "failed_precondition",
             NodeError::ShuttingDown => "shutting_down",

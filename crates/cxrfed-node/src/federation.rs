@@ -131,8 +131,10 @@ async fn session(
     tracing::info!(coordinator = url, "connected to the coordinator");
     let mut heartbeat = tokio::time::interval(Duration::from_secs(10));
     heartbeat.tick().await;
-    // Training tasks whose weights are arriving, by task id.
-    let mut incoming: HashMap<String, crate::training::Incoming> = HashMap::new();
+    // The one transfer whose weights are arriving (task or rollout id): a node assembles one
+    // model at a time, so a coordinator cannot make it buffer many; a newer announcement
+    // replaces an unfinished one (the coordinator retries what it abandoned).
+    let mut incoming: Option<(String, crate::training::Incoming)> = None;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
@@ -178,30 +180,26 @@ async fn session(
                     }
                     Some(pb::coordinator_message::Kind::Train(task)) => {
                         tracing::info!(job_id = task.job_id.as_str(), round = task.round, bytes = task.weights_bytes, "training task received");
-                        incoming.insert(
-                            task.task_id.clone(),
-                            crate::training::Incoming::new(crate::training::Purpose::Train(task)),
-                        );
+                        let id = task.task_id.clone();
+                        replace_transfer(&mut incoming, id, crate::training::Incoming::new(crate::training::Purpose::Train(task)));
                     }
                     Some(pb::coordinator_message::Kind::Rollout(rollout)) => {
                         tracing::info!(version = rollout.version.as_str(), bytes = rollout.weights_bytes, "promoted model arriving");
-                        incoming.insert(
-                            rollout.rollout_id.clone(),
-                            crate::training::Incoming::new(crate::training::Purpose::Rollout(rollout)),
-                        );
+                        let id = rollout.rollout_id.clone();
+                        replace_transfer(&mut incoming, id, crate::training::Incoming::new(crate::training::Purpose::Rollout(rollout)));
                     }
                     Some(pb::coordinator_message::Kind::MaskPeers(peers)) => {
                         state.deliver_mask_peers(peers);
                     }
                     Some(pb::coordinator_message::Kind::Weights(chunk)) => {
-                        let complete = match incoming.get_mut(&chunk.task_id) {
-                            Some(transfer) => transfer.push(&chunk),
-                            None => {
-                                tracing::debug!(task_id = chunk.task_id.as_str(), "weights of an unknown task; ignored");
+                        let complete = match incoming.as_mut() {
+                            Some((id, transfer)) if *id == chunk.task_id => transfer.push(&chunk),
+                            _ => {
+                                tracing::debug!(task_id = chunk.task_id.as_str(), "weights of a task not being received; ignored");
                                 false
                             }
                         };
-                        if complete && let Some(transfer) = incoming.remove(&chunk.task_id) {
+                        if complete && let Some((_, transfer)) = incoming.take() {
                             tokio::spawn(crate::training::complete(state.clone(), transfer, tx.clone()));
                         }
                     }
@@ -209,6 +207,20 @@ async fn session(
                 }
             }
         }
+    }
+}
+
+/// Starts receiving `id`'s weights, dropping an unfinished transfer (logged).
+fn replace_transfer(
+    slot: &mut Option<(String, crate::training::Incoming)>,
+    id: String,
+    next: crate::training::Incoming,
+) {
+    if let Some((old, _)) = slot.replace((id, next)) {
+        tracing::warn!(
+            task_id = old.as_str(),
+            "an unfinished weight transfer was replaced by a newer one (one at a time)"
+        );
     }
 }
 

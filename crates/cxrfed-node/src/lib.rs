@@ -10,6 +10,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod columns;
 pub mod config;
 mod error;
 pub mod export;

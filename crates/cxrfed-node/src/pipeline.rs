@@ -8,9 +8,9 @@
 //! carries no findings and `model_id` "none" — never made-up values.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use cxrfed_imaging::{Decoded, ImagingError, Limits, PreprocessOptions, SiteSecret};
+use cxrfed_imaging::{Decoded, ImagingError, Limits, MemoryBudget, PreprocessOptions, SiteSecret};
 use cxrfed_model::InferenceHandle;
 use cxrfed_schema::{NO_MODEL, Record, SCHEMA_VERSION};
 use tokio::sync::Semaphore;
@@ -58,6 +58,8 @@ pub struct Pipeline {
     limits: Limits,
     secret: SiteSecret,
     permits: Arc<Semaphore>,
+    /// Bytes every decode together may hold (see `decode_memory_bytes`).
+    memory: MemoryBudget,
     /// Swapped atomically by [`Pipeline::switch_model`]: a request takes the current model at
     /// its start and finishes on it, so a switch fails no in-flight request.
     active: arc_swap::ArcSwap<Active>,
@@ -81,9 +83,11 @@ impl Pipeline {
                 max_rows: config.max_rows,
                 max_columns: config.max_columns,
                 max_file_bytes: config.max_file_bytes,
+                burned_in: config.burned_in_annotation.parse().unwrap_or_default(),
             },
             secret,
             permits: Arc::new(Semaphore::new(config.decode_workers)),
+            memory: MemoryBudget::new(config.decode_memory_bytes, Duration::from_secs(30)),
             active: arc_swap::ArcSwap::from_pointee(Active { model, preprocess }),
         }
     }
@@ -130,12 +134,18 @@ impl Pipeline {
             let limits = self.limits;
             let options = active.preprocess;
             let secret = self.secret.clone();
+            let memory = self.memory.clone();
             let task = tokio::task::spawn_blocking(move || {
-                let decoded = cxrfed_imaging::decode_contained(&bytes, &limits, &secret)?;
+                let (mut decoded, reservation) =
+                    cxrfed_imaging::decode_reserving(&bytes, &limits, &secret, &memory)?;
                 drop(bytes);
                 let hash = decoded.pixel_sha256();
                 let input =
                     cxrfed_imaging::contain(|| Ok(cxrfed_imaging::preprocess(&decoded, &options)))?;
+                // The full-resolution samples are not needed past this point: free them (and
+                // their share of the budget) before the request waits for inference.
+                decoded.samples = cxrfed_imaging::Samples::U8(ndarray::Array2::zeros((0, 0)));
+                drop(reservation);
                 let kept = quantise(&input, &options);
                 Ok::<(Decoded, String, ndarray::Array2<f32>, (u32, Vec<u8>)), ImagingError>((
                     decoded, hash, input, kept,

@@ -6,17 +6,19 @@
 //! entry in one store transaction. Only when that commits is the release returned: an exhausted
 //! budget releases nothing, and concurrent releases can never spend more than the budget.
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
-use parking_lot::RwLock;
+use parking_lot::Mutex;
 
 use cxrfed_auth::{Identity, Role};
 use cxrfed_proto::v1 as pb;
-use cxrfed_stats::Columns;
 use cxrfed_stats::dp::{self, DpError, DpParams, DpRelease, Mechanism, Unlinked};
 use cxrfed_store::{Account, AuditEntry, AuditEvent, Budget, Limit, RecordStore, StoreError};
 use sha2::{Digest, Sha256};
 
+use crate::columns::SharedColumns;
 use crate::config::NodeConfig;
 use crate::error::NodeError;
 
@@ -32,6 +34,53 @@ pub struct DpSettings {
     pub unlinked: Unlinked,
     /// Keys the per-query row selection (derived from the site secret).
     pub selection_secret: [u8; 32],
+    /// Releases being computed, by identity (at most [`MAX_RELEASES_PER_IDENTITY`] each).
+    pub in_flight: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+/// Releases one identity may have computing at once; more get RESOURCE_EXHAUSTED.
+pub const MAX_RELEASES_PER_IDENTITY: usize = 2;
+/// How long one release may compute before it is abandoned with DEADLINE_EXCEEDED (nothing
+/// released, nothing charged).
+pub const RELEASE_DEADLINE: Duration = Duration::from_secs(30);
+
+/// One identity's slot among its in-flight releases, freed when the computation ends (not when
+/// the caller gives up on it).
+struct Slot {
+    in_flight: Arc<Mutex<HashMap<String, usize>>>,
+    identity: String,
+}
+
+impl Slot {
+    fn take(
+        in_flight: &Arc<Mutex<HashMap<String, usize>>>,
+        identity: &str,
+    ) -> Result<Slot, NodeError> {
+        let mut map = in_flight.lock();
+        let running = map.entry(identity.to_string()).or_default();
+        if *running >= MAX_RELEASES_PER_IDENTITY {
+            return Err(NodeError::Busy(format!(
+                "{identity} already has {MAX_RELEASES_PER_IDENTITY} DP releases computing; wait for them"
+            )));
+        }
+        *running += 1;
+        Ok(Slot {
+            in_flight: in_flight.clone(),
+            identity: identity.to_string(),
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut map = self.in_flight.lock();
+        if let Some(running) = map.get_mut(&self.identity) {
+            *running -= 1;
+            if *running == 0 {
+                map.remove(&self.identity);
+            }
+        }
+    }
 }
 
 impl DpSettings {
@@ -49,6 +98,7 @@ impl DpSettings {
             },
             unlinked: config.dp_unlinked_mode().unwrap_or_default(),
             selection_secret,
+            in_flight: Arc::default(),
         }
     }
 }
@@ -172,7 +222,7 @@ fn dp_error(e: DpError) -> NodeError {
 /// Plans, computes, charges and records one DP release for `identity`.
 pub async fn release(
     store: &RecordStore,
-    columns: Arc<RwLock<Columns>>,
+    columns: SharedColumns,
     settings: &DpSettings,
     identity: &Identity,
     limit: Limit,
@@ -194,8 +244,10 @@ pub async fn release(
     let noise = request.mechanism;
     let precheck_store = store.clone();
     let precheck_uri = uri.clone();
-    let release = tokio::task::spawn_blocking(move || {
-        let columns = columns.read();
+    let slot = Slot::take(&settings.in_flight, &uri)?;
+    let task = tokio::task::spawn_blocking(move || {
+        let _slot = slot;
+        let columns = columns.snapshot();
         let plan = dp::plan(&columns, request.query, &params).map_err(dp_error)?;
         let cost = plan.cost();
         // Fail fast without computing anything; the charge below is the authoritative check.
@@ -214,9 +266,16 @@ pub async fn release(
             }
         }
         plan.release(&columns).map_err(dp_error)
-    })
-    .await
-    .map_err(|e| NodeError::Internal(format!("DP task: {e}")))??;
+    });
+    let release = tokio::time::timeout(RELEASE_DEADLINE, task)
+        .await
+        .map_err(|_| {
+            NodeError::Deadline(format!(
+                "the release did not finish within {} s; nothing was released or charged",
+                RELEASE_DEADLINE.as_secs()
+            ))
+        })?
+        .map_err(|e| NodeError::Internal(format!("DP task: {e}")))??;
     let event = AuditEvent {
         identity: uri.clone(),
         role: identity.role.as_str().to_string(),

@@ -16,6 +16,8 @@ use cxrfed_schema::lexicon::Lexicon;
 use cxrfed_stats::Columns;
 use cxrfed_store::{Inserted, RecordStore, StoreError};
 use parking_lot::{Mutex, RwLock};
+
+use crate::columns::SharedColumns;
 use tokio_util::sync::CancellationToken;
 use tracing::Span;
 
@@ -35,7 +37,7 @@ pub struct Node {
     started: Instant,
     in_flight: AtomicU32,
     shutdown: CancellationToken,
-    columns: Arc<RwLock<Columns>>,
+    columns: SharedColumns,
     study: String,
     dp: DpSettings,
     tls: Option<Arc<cxrfed_auth::ReloadingTls>>,
@@ -123,7 +125,7 @@ impl NodeBuilder {
             started: Instant::now(),
             in_flight: AtomicU32::new(0),
             shutdown: self.shutdown,
-            columns: Arc::new(RwLock::new(columns)),
+            columns: SharedColumns::new(columns),
             study: self.study,
             dp: self.dp,
             tls: self.tls,
@@ -215,7 +217,7 @@ impl Node {
     }
 
     /// The columnar form of the stored records, updated after every stored change.
-    pub fn columns(&self) -> &Arc<RwLock<Columns>> {
+    pub fn columns(&self) -> &SharedColumns {
         &self.columns
     }
 
@@ -295,7 +297,30 @@ impl Node {
         force: bool,
         request_id: String,
     ) -> Result<(cxrfed_schema::Record, bool), NodeError> {
-        let mut extraction = self.pipeline.extract(bytes, request_id).await?;
+        let mut extraction = match self.pipeline.extract(bytes, request_id).await {
+            Ok(extraction) => extraction,
+            Err(NodeError::Imaging(cxrfed_imaging::ImagingError::Quarantined(reason))) => {
+                // A refusal under the de-identification policy is audited (no file name: PACS
+                // exports often name files after the patient).
+                let event = crate::privacy::event(
+                    None,
+                    "Quarantine",
+                    format!("image refused: {reason}"),
+                    String::new(),
+                );
+                if let Err(e) = self.store.audit(event).await {
+                    tracing::warn!(error = %e, "cannot audit a quarantined image");
+                }
+                tracing::warn!(
+                    reason = reason.as_str(),
+                    "image quarantined; nothing stored"
+                );
+                return Err(NodeError::Imaging(
+                    cxrfed_imaging::ImagingError::Quarantined(reason),
+                ));
+            }
+            Err(e) => return Err(e),
+        };
         if let Some(note) = extension_note(filename, extraction.record.source.format) {
             extraction.record.processing_notes.push(note);
         }
@@ -308,7 +333,8 @@ impl Node {
             Inserted::Created(record) => {
                 // The store is the source of truth; the columns follow it (and are rebuilt from
                 // it at start-up, so a crash between the two loses nothing).
-                self.columns.write().upsert(&record);
+                let indexed = record.clone();
+                self.columns.update(move |c| c.upsert(&indexed)).await?;
                 (record, true)
             }
             Inserted::Existing(record) => (record, false),

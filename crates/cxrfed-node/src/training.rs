@@ -1037,7 +1037,10 @@ pub async fn backfill(state: Arc<Node>, model: cxrfed_model::InferenceHandle) {
             .await
         {
             Ok(Some(record)) => {
-                state.columns().write().upsert(&record);
+                if let Err(e) = state.columns().update(move |c| c.upsert(&record)).await {
+                    // The store holds it; the columns are rebuilt from the store at start.
+                    tracing::warn!(record_id = record_id.as_str(), error = %e, "back-fill: not indexed");
+                }
                 done += 1;
             }
             Ok(None) => skipped += 1,

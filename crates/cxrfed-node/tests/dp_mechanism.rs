@@ -5,9 +5,7 @@
 //! noise must match the discrete Laplace distribution at the configured scale (k / epsilon):
 //! its variance within a confidence band, and a chi-square goodness-of-fit test.
 
-use std::sync::Arc;
-
-use parking_lot::RwLock;
+use cxrfed_node::columns::SharedColumns;
 
 use chrono::Utc;
 use cxrfed_auth::{Identity, Role};
@@ -79,7 +77,7 @@ async fn dp_count_noise_matches_the_configured_scale_for_k_1_and_3() {
     let records: Vec<Record> = (0..600)
         .map(|i| record(i, &format!("p{}", i / 5)))
         .collect();
-    let columns = Arc::new(RwLock::new(Columns::from_records(&records)));
+    let columns = SharedColumns::new(Columns::from_records(&records));
     let identity = researcher();
     let epsilon = 0.5;
     let releases = 2000;
@@ -102,6 +100,7 @@ async fn dp_count_noise_matches_the_configured_scale_for_k_1_and_3() {
             training_budget: Budget::default(),
             unlinked: Unlinked::Exclude,
             selection_secret: [3; 32],
+            in_flight: Default::default(),
         };
         let truth = 120.0 * f64::from(k);
         let mut noise: Vec<i64> = Vec::with_capacity(releases);

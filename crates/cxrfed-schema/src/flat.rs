@@ -73,8 +73,7 @@ pub struct FlatField {
 }
 
 pub const AGE_GROUPS: &[&str] = &[
-    "0-9", "10-19", "20-29", "30-39", "40-49", "50-59", "60-69", "70-79", "80-89", "90-99",
-    "100-109", "110+",
+    "0-9", "10-19", "20-29", "30-39", "40-49", "50-59", "60-69", "70-79", "80-89", "90+",
 ];
 
 fn scored<T: Category>(value: Option<&Scored<T>>) -> Cell<'static> {
@@ -186,7 +185,9 @@ pub static FIELDS: &[FlatField] = &[
             if r.patient.age_group.is_empty() {
                 Cell::Missing
             } else {
-                Cell::Text(Cow::Borrowed(r.patient.age_group.as_str()))
+                Cell::Text(Cow::Borrowed(crate::normalized_age_group(
+                    r.patient.age_group.as_str(),
+                )))
             }
         },
         probability: None,

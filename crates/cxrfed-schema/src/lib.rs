@@ -173,7 +173,7 @@ impl Sex {
 pub struct Patient {
     /// HMAC-SHA256 (hex) of PatientID under the site secret; empty when no PatientID.
     pub pseudonym: String,
-    /// Ten-year band ("60-69", "110+"); empty when unknown.
+    /// Ten-year band ("60-69"), "90+" for every age from 90; empty when unknown.
     pub age_group: String,
     pub sex: Sex,
 }
@@ -230,13 +230,24 @@ pub struct Acquisition {
     pub view: View,
 }
 
-/// Builds the ten-year age band for an age in whole years: 0-9, 10-19, ..., 100-109, "110+".
+/// Builds the ten-year age band for an age in whole years: 0-9, 10-19, ..., 80-89, and "90+"
+/// for every age of 90 or more (HIPAA Safe Harbor, 45 CFR 164.514(b)(2)(i)(C): ages over 89
+/// are aggregated into one category, since very old ages are rare enough to identify).
 pub fn age_group(years: u32) -> String {
-    if years >= 110 {
-        "110+".to_string()
+    if years >= 90 {
+        "90+".to_string()
     } else {
         let lo = years / 10 * 10;
         format!("{lo}-{}", lo + 9)
+    }
+}
+
+/// The band a stored age group belongs to now: first-generation records kept "90-99",
+/// "100-109" and "110+", which read as "90+".
+pub fn normalized_age_group(band: &str) -> &str {
+    match band {
+        "90-99" | "100-109" | "110+" => "90+",
+        other => other,
     }
 }
 
@@ -296,8 +307,12 @@ mod tests {
         assert_eq!(age_group(61), "60-69");
         assert_eq!(age_group(69), "60-69");
         assert_eq!(age_group(70), "70-79");
-        assert_eq!(age_group(109), "100-109");
-        assert_eq!(age_group(110), "110+");
+        assert_eq!(age_group(89), "80-89");
+        assert_eq!(age_group(90), "90+");
+        assert_eq!(age_group(93), "90+");
+        assert_eq!(age_group(115), "90+");
+        assert_eq!(normalized_age_group("100-109"), "90+");
+        assert_eq!(normalized_age_group("60-69"), "60-69");
     }
 
     #[test]

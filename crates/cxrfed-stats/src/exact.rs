@@ -42,6 +42,8 @@ enum Pred {
     Numeric(NumTest),
 }
 
+/// A numeric test. `In`/`NotIn` hold their values sorted and deduplicated, so membership is a
+/// binary search: a query's cost is O(rows × log values), not O(rows × values).
 #[derive(Debug, Clone)]
 enum NumTest {
     In(Vec<f64>),
@@ -60,8 +62,8 @@ impl NumTest {
             return false;
         }
         match self {
-            NumTest::In(v) => v.contains(&x),
-            NumTest::NotIn(v) => !v.contains(&x),
+            NumTest::In(v) => member(v, x),
+            NumTest::NotIn(v) => !member(v, x),
             NumTest::Range {
                 lo,
                 lo_inclusive,
@@ -73,6 +75,23 @@ impl NumTest {
             }
         }
     }
+}
+
+fn member(sorted: &[f64], x: f64) -> bool {
+    let x = if x == 0.0 { 0.0 } else { x };
+    sorted.binary_search_by(|v| v.total_cmp(&x)).is_ok()
+}
+
+/// Values sorted and deduplicated for [`member`] (-0.0 and 0.0 are one value).
+fn value_set(mut values: Vec<f64>) -> Vec<f64> {
+    for v in &mut values {
+        if *v == 0.0 {
+            *v = 0.0;
+        }
+    }
+    values.sort_by(f64::total_cmp);
+    values.dedup();
+    values
 }
 
 /// A condition bound to a column.
@@ -192,18 +211,18 @@ fn bind_condition(columns: &Columns, condition: &Condition) -> Result<BoundFilte
     let name = col.name.as_str();
     let pred = match &col.data {
         ColumnData::Numeric(_) => Pred::Numeric(match &condition.op {
-            Op::Eq(v) => NumTest::In(vec![number(v, name)?]),
-            Op::Ne(v) => NumTest::NotIn(vec![number(v, name)?]),
-            Op::In(vs) => NumTest::In(
+            Op::Eq(v) => NumTest::In(value_set(vec![number(v, name)?])),
+            Op::Ne(v) => NumTest::NotIn(value_set(vec![number(v, name)?])),
+            Op::In(vs) => NumTest::In(value_set(
                 vs.iter()
                     .map(|v| number(v, name))
                     .collect::<Result<_, _>>()?,
-            ),
-            Op::NotIn(vs) => NumTest::NotIn(
+            )),
+            Op::NotIn(vs) => NumTest::NotIn(value_set(
                 vs.iter()
                     .map(|v| number(v, name))
                     .collect::<Result<_, _>>()?,
-            ),
+            )),
             Op::Lt(v) => range(f64::NEG_INFINITY, true, number(v, name)?, false),
             Op::Le(v) => range(f64::NEG_INFINITY, true, number(v, name)?, true),
             Op::Gt(v) => range(number(v, name)?, false, f64::INFINITY, true),

@@ -32,6 +32,53 @@ pub struct QueryError {
     pub message: String,
 }
 
+/// Longest query text accepted, in bytes (structured queries: the sum of their values).
+pub const MAX_QUERY_BYTES: usize = 256 * 1024;
+/// Most values in one `in (...)` / `not in (...)` list.
+pub const MAX_IN_LIST: usize = 10_000;
+/// Most conditions joined by `and`.
+pub const MAX_CONDITIONS: usize = 32;
+
+/// Checks a parsed query against [`MAX_IN_LIST`] and [`MAX_CONDITIONS`]; the errors name the cap.
+fn check_limits(query: Query) -> Result<Query, QueryError> {
+    if query.conditions.len() > MAX_CONDITIONS {
+        return err(
+            0,
+            format!(
+                "{} conditions, above the cap of {MAX_CONDITIONS} (MAX_CONDITIONS)",
+                query.conditions.len()
+            ),
+        );
+    }
+    for condition in &query.conditions {
+        if let Op::In(values) | Op::NotIn(values) = &condition.op
+            && values.len() > MAX_IN_LIST
+        {
+            return err(
+                condition.field.position,
+                format!(
+                    "{} values in the list for {}, above the cap of {MAX_IN_LIST} (MAX_IN_LIST)",
+                    values.len(),
+                    condition.field.value
+                ),
+            );
+        }
+    }
+    Ok(query)
+}
+
+fn check_bytes(bytes: usize) -> Result<(), QueryError> {
+    if bytes > MAX_QUERY_BYTES {
+        return err(
+            0,
+            format!(
+                "the query is {bytes} bytes, above the cap of {MAX_QUERY_BYTES} bytes (MAX_QUERY_BYTES)"
+            ),
+        );
+    }
+    Ok(())
+}
+
 fn err<T>(position: usize, message: impl Into<String>) -> Result<T, QueryError> {
     Err(QueryError {
         position,
@@ -426,6 +473,7 @@ fn is_reserved(word: &str) -> bool {
 
 /// Parses query text (syntax only; [`crate::Catalog::bind`] checks fields and values).
 pub fn parse(text: &str) -> Result<Query, QueryError> {
+    check_bytes(text.len())?;
     let mut p = Parser {
         toks: tokenize(text)?,
         at: 0,
@@ -490,7 +538,7 @@ pub fn parse(text: &str) -> Result<Query, QueryError> {
         }
     }
     match p.next() {
-        (Tok::End, _) => Ok(query),
+        (Tok::End, _) => check_limits(query),
         (t, pos) => err(
             pos,
             format!("unexpected {t}; expected 'where', 'and', 'by', 'normalize' or the end"),
@@ -507,6 +555,30 @@ pub fn structured(
     by: &str,
     normalize: &str,
 ) -> Result<Query, QueryError> {
+    check_bytes(
+        statistic.len()
+            + by.len()
+            + normalize.len()
+            + fields.iter().map(String::len).sum::<usize>()
+            + conditions
+                .iter()
+                .map(|(f, o, v)| f.len() + o.len() + v.iter().map(String::len).sum::<usize>())
+                .sum::<usize>(),
+    )?;
+    if let Some((i, _)) = conditions
+        .iter()
+        .enumerate()
+        .find(|(_, (_, _, v))| v.len() > MAX_IN_LIST)
+    {
+        // Refused before the values are converted.
+        return err(
+            i,
+            format!(
+                "{} values in condition {i}, above the cap of {MAX_IN_LIST} (MAX_IN_LIST)",
+                conditions[i].2.len()
+            ),
+        );
+    }
     let at = |position: usize, value: String| Spanned { value, position };
     let value = |text: &str, position: usize| Spanned {
         value: match text.trim() {
@@ -610,7 +682,7 @@ pub fn structured(
             op,
         });
     }
-    Ok(Query {
+    check_limits(Query {
         statistic,
         conditions: parsed,
         by: Some(by.trim())
@@ -643,6 +715,35 @@ pub fn parse_filter(text: &str) -> Result<Vec<Condition>, QueryError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn size_caps_are_named() {
+        let list = |n: usize| {
+            (0..n)
+                .map(|i| (i % 4096).to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        parse(&format!("count where rows in ({})", list(MAX_IN_LIST))).expect("at the cap");
+        let e =
+            parse(&format!("count where rows in ({})", list(MAX_IN_LIST + 1))).expect_err("over");
+        assert!(e.message.contains("MAX_IN_LIST"), "{}", e.message);
+        let e = parse(&format!("count where rows in ({})", list(200_000))).expect_err("bytes");
+        assert!(e.message.contains("MAX_QUERY_BYTES"), "{}", e.message);
+        let many = vec!["rows > 1"; MAX_CONDITIONS + 1].join(" and ");
+        let e = parse(&format!("count where {many}")).expect_err("conditions");
+        assert!(e.message.contains("MAX_CONDITIONS"), "{}", e.message);
+        let values: Vec<String> = (0..=MAX_IN_LIST).map(|i| i.to_string()).collect();
+        let e = structured(
+            "count",
+            &[],
+            &[("rows".into(), "in".into(), values)],
+            "",
+            "",
+        )
+        .expect_err("structured");
+        assert!(e.message.contains("MAX_IN_LIST"), "{}", e.message);
+    }
 
     #[test]
     fn the_seed_query_parses() {

@@ -617,7 +617,7 @@ impl NodeService for NodeApi {
             let canonical = query.canonical();
             let state = self.state.clone();
             let response = tokio::task::spawn_blocking(move || {
-                let columns = state.columns().read();
+                let columns = state.columns().snapshot();
                 let table = cxrfed_stats::exact_query(&columns, query).map_err(query_error)?;
                 tracing::info!(
                     statistic = table.statistic.as_str(),
@@ -677,7 +677,7 @@ impl NodeService for NodeApi {
             let conditions =
                 cxrfed_stats::query::parse_filter(&request.r#where).map_err(query_error)?;
             let images = {
-                let columns = self.state.columns().read();
+                let columns = self.state.columns().snapshot();
                 let bound = cxrfed_stats::exact::bind(
                     &columns,
                     cxrfed_stats::Query {
@@ -824,23 +824,27 @@ impl NodeService for NodeApi {
             };
             definition.validate().map_err(NodeError::InvalidRequest)?;
             let stored = self.state.store().define_field(definition).await?;
-            {
-                let mut columns = self.state.columns().write();
-                columns.define_custom(&stored);
-                // A redefinition keeps the labels that still fit the new definition.
-                for annotation in self.state.store().annotations() {
-                    let annotation = annotation?;
-                    if annotation.field == stored.name
-                        && stored.check_value(&annotation.value).is_ok()
-                    {
-                        columns.annotate(
-                            &annotation.image_sha256,
-                            &annotation.field,
-                            &annotation.value,
-                        );
+            // A redefinition keeps the labels that still fit the new definition.
+            let (store, definition) = (self.state.store().clone(), stored.clone());
+            self.state
+                .columns()
+                .update(move |columns| {
+                    columns.define_custom(&definition);
+                    for annotation in store.annotations() {
+                        let annotation = annotation?;
+                        if annotation.field == definition.name
+                            && definition.check_value(&annotation.value).is_ok()
+                        {
+                            columns.annotate(
+                                &annotation.image_sha256,
+                                &annotation.field,
+                                &annotation.value,
+                            );
+                        }
                     }
-                }
-            }
+                    Ok::<_, NodeError>(())
+                })
+                .await??;
             self.state
                 .custom_fields()
                 .write()
@@ -955,11 +959,11 @@ impl NodeService for NodeApi {
                     crate::privacy::digest_of(&annotation),
                 ))
                 .await?;
-            self.state.columns().write().annotate(
-                &annotation.image_sha256,
-                &annotation.field,
-                &annotation.value,
-            );
+            let indexed = annotation.clone();
+            self.state
+                .columns()
+                .update(move |c| c.annotate(&indexed.image_sha256, &indexed.field, &indexed.value))
+                .await?;
             Span::current().record("record_id", record.record_id.as_str());
             Ok(pb::AnnotateResponse {
                 annotation: Some(pb::Annotation::from(&annotation)),
