@@ -191,6 +191,30 @@ pub async fn serve(
     // The site admin's training policy from the config file, applied (and audited) at start.
     crate::orders::apply_config_policy(&state).await?;
 
+    // Replay hygiene: nonces older than anything signed can be valid are forgotten, at start
+    // and hourly (a replay of them is refused as expired).
+    {
+        let (store, shutdown) = (store.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(3600));
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    _ = every.tick() => {}
+                }
+                let before = chrono::Utc::now()
+                    - chrono::Duration::seconds(cxrfed_server::intent::NONCE_RETENTION_SECS);
+                let store = store.clone();
+                match tokio::task::spawn_blocking(move || store.prune_nonces(before)).await {
+                    Ok(Ok(0)) => {}
+                    Ok(Ok(pruned)) => tracing::info!(pruned, "expired signed nonces pruned"),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "pruning signed nonces failed"),
+                    Err(e) => tracing::warn!(error = %e, "pruning signed nonces failed"),
+                }
+            }
+        });
+    }
+
     let local = listener.local_addr().ok();
     tracing::info!(
         listen = ?local,

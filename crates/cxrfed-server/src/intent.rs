@@ -13,6 +13,16 @@ use prost::Message;
 pub const SKEW_SECS: i64 = 300;
 /// The shortest nonce accepted (16 hex digits = 64 bits; clients send 128).
 pub const MIN_NONCE_LEN: usize = 16;
+/// Longest validity window a signed query may ask for. It bounds how long a node must keep
+/// the query's nonce to refuse a replay ([`NONCE_RETENTION_SECS`]).
+pub const MAX_LIFETIME_SECS: i64 = 7 * 86_400;
+/// How long a charged nonce (query or training-order attempt) is kept: past the longest
+/// validity of anything signed, plus clock skew both ways, a replay is refused as expired.
+pub const NONCE_RETENTION_SECS: i64 = if MAX_LIFETIME_SECS > crate::order::MAX_VALIDITY_SECS {
+    MAX_LIFETIME_SECS
+} else {
+    crate::order::MAX_VALIDITY_SECS
+} + 2 * SKEW_SECS;
 
 /// An intent for `query` at `epsilon` per site in `study`, with a fresh 128-bit nonce, valid
 /// from now for `valid_for`; every site of the study unless `sites` is set after.
@@ -35,7 +45,7 @@ pub fn new(
         sites: Vec::new(),
         nonce: hex::encode(nonce),
         issued_at_unix: now,
-        expires_at_unix: now + valid_for.as_secs() as i64,
+        expires_at_unix: now + valid_for.as_secs().min(MAX_LIFETIME_SECS as u64) as i64,
     })
 }
 
@@ -94,6 +104,8 @@ pub enum IntentError {
     Expired,
     #[error("the researcher did not ask site {0}")]
     SiteNotAsked(String),
+    #[error("the signed query asks for more than {MAX_LIFETIME_SECS} s of validity")]
+    TooLong,
     #[error("the signed query has no nonce")]
     NoNonce,
     #[error("epsilon must be a positive number")]
@@ -114,6 +126,7 @@ impl IntentError {
             IntentError::Signature(_)
                 | IntentError::Study { .. }
                 | IntentError::Expired
+                | IntentError::TooLong
                 | IntentError::SiteNotAsked(_)
         )
     }
@@ -145,6 +158,9 @@ pub fn verify(signed: &pb::SignedQuery, expect: &Expect<'_>) -> Result<Verified,
         || intent.issued_at_unix > expect.now_unix + SKEW_SECS
     {
         return Err(IntentError::Expired);
+    }
+    if intent.expires_at_unix - intent.issued_at_unix > MAX_LIFETIME_SECS {
+        return Err(IntentError::TooLong);
     }
     if let Some(site) = expect.site
         && !intent.sites.is_empty()
@@ -236,6 +252,9 @@ mod tests {
             ..good.clone()
         };
         assert_eq!(check(short_nonce), IntentError::NoNonce);
+        let mut forever = good.clone();
+        forever.expires_at_unix = forever.issued_at_unix + MAX_LIFETIME_SECS + 1;
+        assert_eq!(check(forever), IntentError::TooLong);
         let free = pb::QueryIntent {
             epsilon: 0.0,
             ..good.clone()

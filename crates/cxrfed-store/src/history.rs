@@ -146,6 +146,28 @@ impl RecordStore {
         Ok(self.nonces.scan_prefix(prefix.as_bytes()).count())
     }
 
+    /// Removes the charged nonces older than `before` (past the longest validity of anything
+    /// signed, a replay of them is refused as expired anyway); returns how many went.
+    pub fn prune_nonces(&self, before: DateTime<Utc>) -> Result<usize> {
+        let mut pruned = 0;
+        for item in self.nonces.iter() {
+            let (key, value) = item?;
+            let at = DateTime::parse_from_rfc3339(&String::from_utf8_lossy(&value))
+                .map(|t| t.with_timezone(&Utc));
+            // An unreadable time is kept: never forget a nonce by accident.
+            if let Ok(at) = at
+                && at < before
+            {
+                self.nonces.remove(key)?;
+                pruned += 1;
+            }
+        }
+        if pruned > 0 {
+            self.nonces.flush()?;
+        }
+        Ok(pruned)
+    }
+
     /// The distinct signed training orders this site first charged at or after `since`.
     pub fn orders_since(&self, since: DateTime<Utc>) -> Result<usize> {
         let mut first: BTreeMap<String, DateTime<Utc>> = BTreeMap::new();

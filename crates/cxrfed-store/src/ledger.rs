@@ -268,4 +268,49 @@ mod tests {
         assert_eq!(charge_units(1e-6, DELTA_UNITS), 1_000_000_000_000);
         assert_eq!(charge_units(0.0, DELTA_UNITS), 0);
     }
+
+    #[tokio::test]
+    async fn old_nonces_are_pruned_and_recent_ones_still_refuse_a_replay() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = RecordStore::open(dir.path()).expect("store");
+        let event = || AuditEvent {
+            identity: "cxrfed://s/researcher/-/r".into(),
+            role: "researcher".into(),
+            method: "DpStats".into(),
+            query: "count".into(),
+            epsilon: 0.1,
+            delta: 0.0,
+            digest: String::new(),
+            via: String::new(),
+        };
+        for nonce in ["old-nonce-000000", "new-nonce-000000"] {
+            store
+                .charge("r", 0.1, 0.0, Limit::Unlimited, event(), Some(nonce))
+                .await
+                .expect("charge");
+        }
+        // Age the first one as if it had been charged 40 days ago.
+        let long_ago =
+            (Utc::now() - chrono::Duration::days(40)).to_rfc3339_opts(SecondsFormat::Millis, true);
+        store
+            .nonces
+            .insert("old-nonce-000000", long_ago.as_bytes())
+            .expect("age");
+        let pruned = store
+            .prune_nonces(Utc::now() - chrono::Duration::days(31))
+            .expect("prune");
+        assert_eq!(pruned, 1);
+        let replay = store
+            .charge(
+                "r",
+                0.1,
+                0.0,
+                Limit::Unlimited,
+                event(),
+                Some("new-nonce-000000"),
+            )
+            .await
+            .expect_err("a recent nonce still refuses");
+        assert!(matches!(replay, StoreError::Replay { .. }));
+    }
 }
