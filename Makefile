@@ -15,7 +15,7 @@ ifeq ($(CI),true)
 export CARGO_INCREMENTAL := 0
 endif
 
-.PHONY: demo test check-layers venv sdk build bench bench-imaging bench-model bench-tls bench-research bench-privacy bench-federation bench-training bench-footprint model lint clean-venv
+.PHONY: demo test fuzz fuzz-smoke check-layers venv sdk build bench bench-imaging bench-model bench-tls bench-research bench-privacy bench-federation bench-training bench-footprint model lint clean-venv
 
 $(STAMP): requirements-dev.txt
 	@test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -47,6 +47,16 @@ demo: build
 
 test: build check-layers
 	$(CARGO) test --locked --workspace --no-fail-fast
+	$(MAKE) fuzz-smoke
+
+# cargo-fuzz targets (fuzz/): the DICOM path, the query parser, every RPC's protobuf messages.
+# `make fuzz` runs each for FUZZ_SECONDS (default 600); the suite runs a short smoke.
+FUZZ_SECONDS ?= 600
+fuzz: build
+	bash scripts/fuzz.sh $(FUZZ_SECONDS)
+
+fuzz-smoke: build
+	bash scripts/fuzz.sh 5
 
 # Architecture invariants: the coordinator and the CLI never depend on tch/torch-sys, and their
 # binaries load no libtorch (cxrfed-fl links neither torch nor tonic).

@@ -260,7 +260,7 @@ fn j2k_siz(data: &[u8]) -> Result<Siz, ImagingError> {
 }
 
 /// Checks an RLE Lossless frame: its header's segment count and offsets, and that no segment's
-/// PackBits runs expand beyond one plane (rows × columns bytes).
+/// PackBits runs expand beyond one plane (rows × columns bytes) or fall short of it.
 fn rle(fragment: &[u8], expected: &Expected) -> Result<(), ImagingError> {
     let t = || truncated("RLE");
     let segments = le32(fragment, 0).ok_or_else(t)?;
@@ -293,6 +293,15 @@ fn rle(fragment: &[u8], expected: &Expected) -> Result<(), ImagingError> {
     let allowed = plane + 128;
     for (k, range) in offsets.windows(2).enumerate() {
         let expanded = packbits_len(&fragment[range[0]..range[1]], allowed);
+        if expanded < plane {
+            // dicom-pixeldata indexes past a short segment (found by fuzzing).
+            return Err(ImagingError::Corrupt(format!(
+                "RLE segment {} expands to {expanded} bytes, short of one {}x{} plane ({plane})",
+                k + 1,
+                expected.rows,
+                expected.columns
+            )));
+        }
         if expanded > allowed {
             return Err(ImagingError::ResourceLimit(format!(
                 "RLE segment {} expands beyond {plane} bytes, the size of one {}x{} plane",
@@ -311,11 +320,14 @@ fn packbits_len(segment: &[u8], stop: u64) -> u64 {
     while at < segment.len() && out <= stop {
         let header = segment[at] as i8;
         if header >= 0 {
-            let n = header as usize + 1;
+            // A literal run cut short by the segment's end yields only what is there.
+            let n = (header as usize + 1).min(segment.len() - at - 1);
             out += n as u64;
             at += 1 + n;
         } else if header != -128 {
-            out += (1 - i64::from(header)) as u64;
+            if at + 1 < segment.len() {
+                out += (1 - i64::from(header)) as u64;
+            }
             at += 2;
         } else {
             at += 1;
@@ -432,6 +444,10 @@ mod tests {
         good[4] = 64;
         good.extend([0xF1, 7]); // 16 bytes of 7
         check("1.2.840.10008.1.2.5", &good, &e, &Limits::default()).expect("fits");
+        let mut short = good[..64].to_vec();
+        short.extend([0xFD, 7]); // 4 bytes: short of the 16-byte plane
+        let err = check("1.2.840.10008.1.2.5", &short, &e, &Limits::default()).expect_err("short");
+        assert!(matches!(err, ImagingError::Corrupt(_)), "{err}");
         let mut bomb = good[..64].to_vec();
         for _ in 0..1000 {
             bomb.extend([0x81, 0]);

@@ -100,3 +100,28 @@ proptest! {
         check(&bytes)?;
     }
 }
+
+/// Inputs the fuzzer found (`make fuzz`), kept so that each stays a clean error, never a panic.
+#[test]
+fn fuzz_findings_are_clean_errors() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz-regressions");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).expect("regressions folder") {
+        let path = entry.expect("entry").path();
+        let bytes = std::fs::read(&path).expect("read");
+        let result = std::panic::catch_unwind(|| {
+            cxrfed_imaging::decode(&bytes, &Limits::default(), &SiteSecret::from_bytes([3; 32]))
+                .map(|_| ())
+        });
+        let outcome = result.unwrap_or_else(|_| panic!("{} panics the decoder", path.display()));
+        if let Err(e) = outcome {
+            assert!(
+                !matches!(e, ImagingError::DecoderPanic),
+                "{}",
+                path.display()
+            );
+        }
+        seen += 1;
+    }
+    assert!(seen > 0);
+}
