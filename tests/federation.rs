@@ -991,6 +991,21 @@ async fn a_node_links_only_to_an_unrevoked_coordinator_certificate_it_may_trust(
         linked.lock().expect("lock").is_none(),
         "linked to a node certificate"
     );
+    // `node status` says why too.
+    let profile = node.profile();
+    let out = cxrfed(&[
+        "node",
+        "status",
+        "--data-dir",
+        node.data_dir_str(),
+        "--profile",
+        &profile,
+    ]);
+    let shown = text(&out.stdout);
+    assert!(
+        shown.contains("NOT linked") && shown.contains("not a coordinator"),
+        "{shown}"
+    );
     drop(node);
 
     // A revoked coordinator certificate.

@@ -429,3 +429,39 @@ async fn burned_in_annotation_is_quarantined_and_old_ages_are_one_band() {
     assert_eq!(record.patient.expect("patient").age_group, "90+");
     assert_eq!(record.source.expect("source").manufacturer, "other");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn clients_refuse_a_server_whose_certificate_has_the_wrong_role() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = cxrfed_e2e::TestPki::at(&dir.path().join("pki"));
+    let coordinator = cxrfed_e2e::CoordinatorProcess::start(&dir.path().join("coordinator"), &pki);
+    let node = NodeProcess::start_in(
+        &dir.path().join("node"),
+        cxrfed_e2e::free_port(),
+        pki.clone(),
+        &["--model", "none"],
+    );
+    let profile = node.profile();
+    // Positive control: the node, as a node.
+    let out = cxrfed(&["records", "--node", &node.url(), "--profile", &profile]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // The coordinator answering where a node is expected.
+    let out = cxrfed(&["records", "--node", &coordinator.url(), "--profile", &profile]);
+    assert!(!out.status.success());
+    let said = text(&out.stderr);
+    println!("as a node: {said}");
+    assert!(said.contains("not a node"), "{said}");
+    // A node answering where the coordinator is expected.
+    let out = cxrfed(&[
+        "coordinator",
+        "sites",
+        "--coordinator",
+        &node.url(),
+        "--profile",
+        &profile,
+    ]);
+    assert!(!out.status.success());
+    let said = text(&out.stderr);
+    println!("as the coordinator: {said}");
+    assert!(said.contains("not a coordinator"), "{said}");
+}

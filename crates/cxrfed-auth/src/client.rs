@@ -7,8 +7,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::AuthError;
 use crate::tls::{ClientCredentials, ServerCheck};
+use crate::{AuthError, Role};
 
 /// A client profile file (`certs issue` writes one next to each certificate). Relative paths
 /// are relative to the profile's directory.
@@ -103,6 +103,33 @@ pub async fn connect(
             message: format!("{message}{hint}"),
         }
     })
+}
+
+/// [`connect`] to a server of `role`: over https the server's certificate must also say that
+/// role (a node's certificate for a node, a coordinator's for the coordinator) and must not be
+/// revoked by the CRL kept next to the study CA (`crl.pem`) when there is one. Plaintext
+/// (`--insecure-dev`) URLs connect as [`connect`] does.
+pub async fn connect_to(
+    url: &str,
+    credentials: Option<&ClientCredentials>,
+    role: Role,
+) -> Result<Channel, AuthError> {
+    match credentials {
+        Some(credentials) if url.starts_with("https://") => {
+            let crl = credentials
+                .ca
+                .parent()
+                .map(|dir| dir.join("crl.pem"))
+                .filter(|path| path.exists());
+            let check = ServerCheck {
+                role: Some(role),
+                pin: None,
+                crl,
+            };
+            connect_checked(url, credentials, &check).await
+        }
+        _ => connect(url, credentials).await,
+    }
 }
 
 /// Connects to `https://HOST:PORT` with mutual TLS and a server certificate checked beyond its

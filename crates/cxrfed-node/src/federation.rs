@@ -64,7 +64,8 @@ pub fn spawn(
             match session(&state, &url, &credentials, &check, &shutdown, &results).await {
                 Ok(()) => return,
                 Err(e) => {
-                    tracing::warn!(coordinator = url.as_str(), error = %e, "coordinator link down; retrying")
+                    tracing::warn!(coordinator = url.as_str(), error = %e, "coordinator link down; retrying");
+                    state.set_link(&url, false, e.to_string());
                 }
             }
             // A session that lasted resets the backoff.
@@ -129,6 +130,7 @@ async fn session(
         .map_err(|s| format!("{}: {}", s.code(), s.message()))?
         .into_inner();
     tracing::info!(coordinator = url, "connected to the coordinator");
+    state.set_link(url, true, String::new());
     let mut heartbeat = tokio::time::interval(Duration::from_secs(10));
     heartbeat.tick().await;
     // The one transfer whose weights are arriving (task or rollout id): a node assembles one

@@ -46,6 +46,8 @@ pub struct Node {
     custom_fields: RwLock<BTreeMap<String, FieldDefinition>>,
     /// The last back-fill's progress, for `Status`.
     backfill: Mutex<Option<pb::BackfillStatus>>,
+    /// The coordinator link's state and last error, for `Status`.
+    link: Mutex<Option<pb::CoordinatorLink>>,
     /// One federated round at a time: training takes the node's cores.
     training_turn: tokio::sync::Mutex<()>,
     /// Secure aggregation: rounds waiting for their key set, by task id.
@@ -133,6 +135,7 @@ impl NodeBuilder {
             jobs: Jobs::default(),
             custom_fields: RwLock::new(fields.into_iter().map(|f| (f.name.clone(), f)).collect()),
             backfill: Mutex::new(None),
+            link: Mutex::new(None),
             training_turn: tokio::sync::Mutex::new(()),
             mask_waiters: Mutex::default(),
         })
@@ -282,6 +285,29 @@ impl Node {
                 "a key set for no waiting round; ignored"
             ),
         }
+    }
+
+    /// Records the coordinator link's state (`error` empty when connected).
+    pub fn set_link(&self, url: &str, connected: bool, error: String) {
+        let mut link = self.link.lock();
+        let changed = link
+            .as_ref()
+            .is_none_or(|l| l.connected != connected || l.last_error != error);
+        if changed {
+            *link = Some(pb::CoordinatorLink {
+                url: url.to_string(),
+                connected,
+                last_error: error,
+                since: Some(prost_types::Timestamp {
+                    seconds: Utc::now().timestamp(),
+                    nanos: 0,
+                }),
+            });
+        }
+    }
+
+    pub fn link(&self) -> Option<pb::CoordinatorLink> {
+        self.link.lock().clone()
     }
 
     pub(crate) async fn training_turn(&self) -> tokio::sync::MutexGuard<'_, ()> {

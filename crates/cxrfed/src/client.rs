@@ -51,7 +51,8 @@ impl Credentials {
             self.cert.clone(),
             self.key.clone(),
         );
-        cxrfed_auth::client::connect(url, credentials.as_ref())
+        // This channel is the coordinator's: its certificate must say so.
+        cxrfed_auth::client::connect_to(url, credentials.as_ref(), cxrfed_auth::Role::Coordinator)
             .await
             .with_context(|| format!("cannot reach {url}; is it running?"))
     }
@@ -91,11 +92,13 @@ impl Credentials {
             self.cert.clone(),
             self.key.clone(),
         );
-        let channel = cxrfed_auth::client::connect(&url, credentials.as_ref())
-            .await
-            .with_context(|| {
-                format!("cannot reach the node at {url}; is it running? (`cxrfed node status`)")
-            })?;
+        // A node's certificate must say `node` (not a coordinator's, or another role's).
+        let channel =
+            cxrfed_auth::client::connect_to(&url, credentials.as_ref(), cxrfed_auth::Role::Node)
+                .await
+                .with_context(|| {
+                    format!("cannot reach the node at {url}; is it running? (`cxrfed node status`)")
+                })?;
         if url.starts_with("http://") {
             // Plaintext against a TLS node fails below gRPC with an unhelpful h2 error: probe
             // with a health check first and say what is wrong.

@@ -204,6 +204,16 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
                     b.state, b.model_id, b.done, b.total, b.skipped, b.failed
                 );
             }
+            if let Some(link) = &s.coordinator_link {
+                if link.connected {
+                    println!("  coordinator:    linked to {}", link.url);
+                } else {
+                    println!(
+                        "  coordinator:    NOT linked to {}: {}",
+                        link.url, link.last_error
+                    );
+                }
+            }
             for job in &s.ingest_jobs {
                 println!("  ingest {}", describe_job(job));
             }
