@@ -18,7 +18,7 @@ mkdir -p "$corpus"/dicom_path "$corpus"/query_parser "$corpus"/proto_messages
 
 # DICOM: pydicom's own test files (the small ones) and phantoms of every transfer syntax.
 testfiles=$(.venv/bin/python -c 'import pydicom, os; print(os.path.join(os.path.dirname(pydicom.__file__), "data", "test_files"))')
-find "$testfiles" -maxdepth 1 -name '*.dcm' -size -128k -exec cp -n {} "$corpus"/dicom_path/ \;
+find "$testfiles" -maxdepth 1 -name '*.dcm' -size -64k -exec cp -n {} "$corpus"/dicom_path/ \;
 for ts in explicit implicit rle jpeg-lossless j2k; do
   if [ ! -e "$corpus/dicom_path/phantom-$ts-0.dcm" ]; then
     tmp=$(mktemp -d)

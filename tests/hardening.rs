@@ -446,7 +446,13 @@ async fn clients_refuse_a_server_whose_certificate_has_the_wrong_role() {
     let out = cxrfed(&["records", "--node", &node.url(), "--profile", &profile]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     // The coordinator answering where a node is expected.
-    let out = cxrfed(&["records", "--node", &coordinator.url(), "--profile", &profile]);
+    let out = cxrfed(&[
+        "records",
+        "--node",
+        &coordinator.url(),
+        "--profile",
+        &profile,
+    ]);
     assert!(!out.status.success());
     let said = text(&out.stderr);
     println!("as a node: {said}");

@@ -8,9 +8,9 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|bytes: &[u8]| {
     // Limits small enough that every accepted image decodes quickly under the fuzzer.
     let limits = Limits {
-        max_rows: 1024,
-        max_columns: 1024,
-        max_file_bytes: 8 << 20,
+        max_rows: 512,
+        max_columns: 512,
+        max_file_bytes: 4 << 20,
         ..Limits::default()
     };
     let secret = SiteSecret::from_bytes([7; 32]);

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use cxrfed_auth::{Identity, Role};
 use cxrfed_proto::v1 as pb;
@@ -34,52 +35,35 @@ pub struct DpSettings {
     pub unlinked: Unlinked,
     /// Keys the per-query row selection (derived from the site secret).
     pub selection_secret: [u8; 32],
-    /// Releases being computed, by identity (at most [`MAX_RELEASES_PER_IDENTITY`] each).
-    pub in_flight: Arc<Mutex<HashMap<String, usize>>>,
+    /// Release slots by identity ([`MAX_RELEASES_PER_IDENTITY`] each).
+    pub in_flight: Arc<Mutex<HashMap<String, Arc<Semaphore>>>>,
 }
 
-/// Releases one identity may have computing at once; more get RESOURCE_EXHAUSTED.
+/// Releases one identity may have computing at once; more wait for a slot.
 pub const MAX_RELEASES_PER_IDENTITY: usize = 2;
 /// How long one release may compute before it is abandoned with DEADLINE_EXCEEDED (nothing
 /// released, nothing charged).
 pub const RELEASE_DEADLINE: Duration = Duration::from_secs(30);
 
-/// One identity's slot among its in-flight releases, freed when the computation ends (not when
-/// the caller gives up on it).
-struct Slot {
-    in_flight: Arc<Mutex<HashMap<String, usize>>>,
-    identity: String,
-}
-
-impl Slot {
-    fn take(
-        in_flight: &Arc<Mutex<HashMap<String, usize>>>,
-        identity: &str,
-    ) -> Result<Slot, NodeError> {
-        let mut map = in_flight.lock();
-        let running = map.entry(identity.to_string()).or_default();
-        if *running >= MAX_RELEASES_PER_IDENTITY {
-            return Err(NodeError::Busy(format!(
-                "{identity} already has {MAX_RELEASES_PER_IDENTITY} DP releases computing; wait for them"
-            )));
-        }
-        *running += 1;
-        Ok(Slot {
-            in_flight: in_flight.clone(),
-            identity: identity.to_string(),
-        })
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut map = self.in_flight.lock();
-        if let Some(running) = map.get_mut(&self.identity) {
-            *running -= 1;
-            if *running == 0 {
-                map.remove(&self.identity);
-            }
-        }
+/// Waits (up to [`RELEASE_DEADLINE`]) for one of `identity`'s [`MAX_RELEASES_PER_IDENTITY`]
+/// release slots; the permit is held until the computation ends (not when the caller gives
+/// up on it). A researcher's parallel calls run two at a time; a flood waits, then gets
+/// RESOURCE_EXHAUSTED.
+async fn take_slot(
+    in_flight: &Mutex<HashMap<String, Arc<Semaphore>>>,
+    identity: &str,
+) -> Result<OwnedSemaphorePermit, NodeError> {
+    let slots = in_flight
+        .lock()
+        .entry(identity.to_string())
+        .or_insert_with(|| Arc::new(Semaphore::new(MAX_RELEASES_PER_IDENTITY)))
+        .clone();
+    match tokio::time::timeout(RELEASE_DEADLINE, slots.acquire_owned()).await {
+        Ok(Ok(permit)) => Ok(permit),
+        _ => Err(NodeError::Busy(format!(
+            "{identity} kept {MAX_RELEASES_PER_IDENTITY} DP releases computing for {} s; retry later",
+            RELEASE_DEADLINE.as_secs()
+        ))),
     }
 }
 
@@ -244,7 +228,7 @@ pub async fn release(
     let noise = request.mechanism;
     let precheck_store = store.clone();
     let precheck_uri = uri.clone();
-    let slot = Slot::take(&settings.in_flight, &uri)?;
+    let slot = take_slot(&settings.in_flight, &uri).await?;
     let task = tokio::task::spawn_blocking(move || {
         let _slot = slot;
         let columns = columns.snapshot();
