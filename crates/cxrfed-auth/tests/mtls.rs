@@ -81,6 +81,10 @@ impl Drop for Server {
 }
 
 async fn start(pki: &Pki) -> Server {
+    start_with(pki, cxrfed_auth::ConnectionLimits::default()).await
+}
+
+async fn start_with(pki: &Pki, limits: cxrfed_auth::ConnectionLimits) -> Server {
     let node = pki.issue(Role::Node, "node-a", Some("site-a"));
     let tls = ReloadingTls::load(pki.server_paths(&node), &[Role::Node]).expect("load TLS");
     let policy = Policy::new(Some("site-a")).service(
@@ -99,7 +103,12 @@ async fn start(pki: &Pki) -> Server {
     );
     let stop = CancellationToken::new();
     let (_, health) = tonic_health::server::health_reporter();
-    let incoming = cxrfed_auth::incoming(listener, ServerTransport::Tls(tls.clone()), stop.clone());
+    let incoming = cxrfed_auth::incoming_with(
+        listener,
+        ServerTransport::Tls(tls.clone()),
+        stop.clone(),
+        limits,
+    );
     let server = tonic::transport::Server::builder()
         .layer(AuthLayer::new(policy, Some(tls.clone())))
         .add_service(health)
@@ -420,4 +429,112 @@ fn certificates_carry_role_identity_and_site() {
         )
         .expect_err("admin without site");
     assert!(err.to_string().contains("--site"), "{err}");
+}
+
+/// Reads until the server closes the connection; `None` if it is still open after `wait`.
+async fn closed_within<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+    wait: Duration,
+) -> Option<()> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(wait, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .ok()
+}
+
+#[tokio::test]
+async fn a_connection_with_a_rejected_certificate_is_closed_after_its_answers() {
+    use rustls::pki_types::ServerName;
+    use rustls::pki_types::pem::PemObject;
+    let pki = Pki::new("trial");
+    let server = start(&pki).await;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(pki.ca_pem()).expect("ca") {
+        roots.add(cert.expect("ca cert")).expect("add root");
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(server.url.trim_start_matches("https://"))
+        .await
+        .expect("tcp");
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("127.0.0.1").expect("name"), tcp)
+        .await
+        .expect("the handshake itself succeeds");
+    // Without the close, an h2 server keeps an idle connection open indefinitely.
+    assert!(
+        closed_within(&mut tls, cxrfed_auth::listener::REJECTED_LINGER * 10)
+            .await
+            .is_some(),
+        "the server kept a rejected connection open"
+    );
+}
+
+#[tokio::test]
+async fn pending_handshakes_are_capped_by_evicting_the_oldest_and_connections_are_capped() {
+    let pki = Pki::new("trial");
+    let limits = cxrfed_auth::ConnectionLimits {
+        max_handshakes: 8,
+        max_handshakes_per_peer: 2,
+        max_connections: 2,
+        max_connections_per_peer: 2,
+    };
+    let server = start_with(&pki, limits).await;
+    let addr = server.url.trim_start_matches("https://").to_string();
+    let mut first = tokio::net::TcpStream::connect(&addr).await.expect("tcp");
+    let mut second = tokio::net::TcpStream::connect(&addr).await.expect("tcp");
+    let _third = tokio::net::TcpStream::connect(&addr).await.expect("tcp");
+    // The third evicts the oldest pending handshake long before its 10 s deadline.
+    assert!(
+        closed_within(&mut first, Duration::from_secs(5))
+            .await
+            .is_some(),
+        "the oldest idle connection was not evicted"
+    );
+    assert!(
+        closed_within(&mut second, Duration::from_millis(300))
+            .await
+            .is_none(),
+        "a newer pending handshake was evicted too"
+    );
+    drop(second);
+    drop(_third);
+
+    // Two authenticated connections are the cap; a third client is turned away.
+    let admin = pki.issue(Role::Admin, "alice", Some("site-a"));
+    let a = cxrfed_auth::client::connect(&server.url, Some(&pki.client(&admin)))
+        .await
+        .expect("first");
+    check_on(&a).await.expect("served");
+    let b = cxrfed_auth::client::connect(&server.url, Some(&pki.client(&admin)))
+        .await
+        .expect("second");
+    check_on(&b).await.expect("served");
+    let third = check(&server.url, Some(&pki.client(&admin))).await;
+    assert!(third.is_err(), "a connection beyond the cap was served");
+    drop(a);
+    // Once one closes, a new client is served again.
+    let mut served = false;
+    for _ in 0..50 {
+        if check(&server.url, Some(&pki.client(&admin))).await.is_ok() {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(served, "no room after a connection closed");
+    drop(b);
 }
