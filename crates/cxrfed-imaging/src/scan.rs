@@ -11,7 +11,8 @@
 //! * an element, item or fragment whose declared length runs past the end of the file (for a
 //!   deflated data set, past the end of what it inflates to),
 //! * a deflated data set that inflates beyond the cap (it is inflated once, counting, first),
-//! * sequences nested deeper than [`MAX_DEPTH`].
+//! * sequences nested deeper than [`MAX_DEPTH`],
+//! * more than [`MAX_ELEMENTS`] elements and items.
 //!
 //! It also returns the transfer syntax and where the data set starts.
 
@@ -29,6 +30,10 @@ use crate::ImagingError;
 
 /// Deepest nesting of sequences (and their items) accepted; real chest X-rays nest 3–4 deep.
 pub const MAX_DEPTH: usize = 16;
+/// Most elements and items in one file. An empty element is 8 bytes on disk but a few hundred
+/// in dicom-object's tree, so a file of nothing else is a memory bomb (found by fuzzing: 37 KB
+/// deflated took 2.3 GB); real radiographs carry hundreds to a few thousand.
+pub const MAX_ELEMENTS: u64 = 100_000;
 
 const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
 const DEFLATED: &str = "1.2.840.10008.1.2.1.99";
@@ -37,6 +42,7 @@ const ITEM_END: Tag = Tag(0xFFFE, 0xE00D);
 const SEQUENCE_END: Tag = Tag(0xFFFE, 0xE0DD);
 const PIXEL_DATA: Tag = Tag(0x7FE0, 0x0010);
 const TRANSFER_SYNTAX: Tag = Tag(0x0002, 0x0010);
+const GROUP_LENGTH: Tag = Tag(0x0002, 0x0000);
 
 /// What the walk learned.
 #[derive(Debug)]
@@ -53,11 +59,25 @@ pub fn check(bytes: &[u8], inflate_cap: u64) -> Result<Layout, ImagingError> {
     let explicit = TransferSyntaxRegistry
         .get(EXPLICIT_LE)
         .expect("Explicit VR Little Endian is always registered");
-    // The meta group: explicit VR little endian, elements of group 0002 only.
+    // The meta group, read as dicom-object reads it (so that both agree on where the data set
+    // starts; found by fuzzing): explicit VR little endian, File Meta Information Group Length
+    // first, then elements until that many bytes are consumed.
     let mut meta = StatefulDecoder::new_with_ts(&bytes[4..], explicit, 4).map_err(malformed)?;
+    let group_length = meta.decode_header().map_err(malformed)?;
+    if group_length.tag() != GROUP_LENGTH || group_length.length().get() != Some(4) {
+        return Err(ImagingError::MalformedDicom(
+            "the file meta group does not start with its group length (0002,0000)".into(),
+        ));
+    }
+    let group_bytes = u64::from(
+        meta.read_value(&group_length)
+            .map_err(malformed)?
+            .to_int::<u32>()
+            .map_err(malformed)?,
+    );
+    let start = meta.position();
     let mut transfer_syntax = None;
-    let mut end = 4usize;
-    while bytes.len() >= end + 2 && u16::from_le_bytes([bytes[end], bytes[end + 1]]) == 0x0002 {
+    while meta.position() - start < group_bytes {
         let header = meta.decode_header().map_err(malformed)?;
         let len = defined(header.length(), header.tag())?;
         let at = meta.position();
@@ -70,8 +90,8 @@ pub fn check(bytes: &[u8], inflate_cap: u64) -> Result<Layout, ImagingError> {
         } else {
             meta.skip_bytes(len).map_err(malformed)?;
         }
-        end = meta.position() as usize;
     }
+    let end = meta.position() as usize;
     let transfer_syntax = transfer_syntax.ok_or_else(|| {
         ImagingError::MalformedDicom("the file meta group has no Transfer Syntax UID".into())
     })?;
@@ -129,6 +149,7 @@ fn walk<R: Read>(
     };
     let mut decoder = StatefulDecoder::new_with_ts(reader, ts_for_reading, 0).map_err(malformed)?;
     let mut open: Vec<Open> = Vec::new();
+    let mut elements = 0u64;
     loop {
         let at = decoder.position();
         // Defined-length sequences and items close by position, without delimiters.
@@ -147,6 +168,12 @@ fn walk<R: Read>(
             break;
         }
         let header = decoder.decode_header().map_err(malformed)?;
+        elements += 1;
+        if elements > MAX_ELEMENTS {
+            return Err(ImagingError::ResourceLimit(format!(
+                "the file holds more than {MAX_ELEMENTS} elements and items"
+            )));
+        }
         let tag = header.tag();
         let at = decoder.position();
         let room = total.saturating_sub(at);
@@ -335,6 +362,21 @@ mod tests {
         let err = check(&bytes, 1 << 20).expect_err("bomb");
         assert!(matches!(err, ImagingError::ResourceLimit(_)), "{err}");
         check(&bytes, 8 << 20).expect("within a larger cap");
+    }
+
+    #[test]
+    fn a_file_of_empty_elements_is_refused() {
+        let mut bytes = file(EXPLICIT_LE, vec![]);
+        // (0029,xxxx) LO with length 0, over and over: 8 bytes each.
+        for element in 0..=u16::try_from(MAX_ELEMENTS / 2).expect("fits") {
+            for group in [0x0029u16, 0x0031] {
+                bytes.extend(group.to_le_bytes());
+                bytes.extend(element.max(0x1000).to_le_bytes());
+                bytes.extend(b"LO\0\0");
+            }
+        }
+        let err = check(&bytes, 1 << 20).expect_err("element bomb");
+        assert!(err.to_string().contains("elements"), "{err}");
     }
 
     #[test]
