@@ -70,7 +70,7 @@ impl MemoryBudget {
         while *in_use + bytes > self.total {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(ImagingError::ResourceLimit(format!(
+                return Err(ImagingError::DecodeBudgetBusy(format!(
                     "the node's decode memory budget ({} MiB) stayed busy for {} s; retry later",
                     self.total >> 20,
                     self.wait.as_secs()
@@ -114,6 +114,7 @@ mod tests {
         assert_eq!(budget.in_use(), 80);
         let err = budget.reserve(30, "b").expect_err("busy");
         assert!(err.to_string().contains("stayed busy"), "{err}");
+        assert!(err.is_transient() && matches!(err, ImagingError::DecodeBudgetBusy(_)));
         drop(held);
         assert_eq!(budget.in_use(), 0);
         budget.reserve(100, "c").expect("free again");

@@ -27,15 +27,25 @@ pub enum ImagingError {
     /// Refused under the site's de-identification policy (e.g. burned-in annotation).
     #[error("quarantined: {0}; nothing was stored")]
     Quarantined(String),
-    /// Decoding would need more memory than the limits allow (a decompression bomb, or a
-    /// busy node).
+    /// Decoding would need more memory than the limits allow (a decompression bomb, an
+    /// image above the decode budget): retrying the same file cannot succeed.
     #[error("refused to decode: {0}")]
     ResourceLimit(String),
+    /// The decode memory budget stayed taken by other decodes: the same file may succeed
+    /// later.
+    #[error("refused to decode now: {0}")]
+    DecodeBudgetBusy(String),
     #[error("the decoder panicked on this image; it was refused and nothing was stored")]
     DecoderPanic,
 }
 
 impl ImagingError {
+    /// Whether the same input may succeed later (the node was busy), as opposed to an input
+    /// that will always be refused.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, ImagingError::DecodeBudgetBusy(_))
+    }
+
     /// A stable, machine-readable kind for logs, metrics and API error details.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -48,6 +58,7 @@ impl ImagingError {
             ImagingError::Unsupported(_) => "unsupported_image",
             ImagingError::Corrupt(_) => "corrupt_pixel_data",
             ImagingError::ResourceLimit(_) => "resource_limit",
+            ImagingError::DecodeBudgetBusy(_) => "decode_budget_busy",
             ImagingError::Quarantined(_) => "quarantined",
             ImagingError::DecoderPanic => "decoder_panic",
         }

@@ -41,7 +41,7 @@ pub enum NodeError {
 }
 
 impl NodeError {
-    fn code(&self) -> Code {
+    pub(crate) fn code(&self) -> Code {
         match self {
             NodeError::Imaging(e) => match e {
                 ImagingError::Empty
@@ -52,7 +52,8 @@ impl NodeError {
                 ImagingError::UnsupportedTransferSyntax { .. } => Code::Unimplemented,
                 ImagingError::FileTooLarge { .. }
                 | ImagingError::DimensionsTooLarge { .. }
-                | ImagingError::ResourceLimit(_) => Code::ResourceExhausted,
+                | ImagingError::ResourceLimit(_)
+                | ImagingError::DecodeBudgetBusy(_) => Code::ResourceExhausted,
                 ImagingError::Quarantined(_) => Code::FailedPrecondition,
                 ImagingError::DecoderPanic => Code::Internal,
             },
