@@ -72,6 +72,30 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// A server configuration for DICOM TLS (PS3.15 Annex B, the BCP 195 profiles): the server's
+/// own certificate chain and key, TLS 1.2 or 1.3, and no client certificate. DICOM peers (a
+/// hospital's PACS, a router) hold no study certificate: they are admitted by AE title and
+/// address, and TLS protects the images in transit and proves the node to them. The gRPC
+/// listeners stay TLS 1.3 with mutual authentication.
+pub fn dicom_server_config(paths: &TlsPaths) -> Result<Arc<rustls::ServerConfig>, AuthError> {
+    let files = read_files(paths)?;
+    let chain = read_chain(&paths.cert, &files.cert)?;
+    let key = read_key(&paths.key, &files.key)?;
+    let config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| AuthError::Invalid(format!("TLS: {e}")))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| {
+            AuthError::Invalid(format!(
+                "{} and {} do not form a usable pair: {e}",
+                paths.cert.display(),
+                paths.key.display()
+            ))
+        })?;
+    Ok(Arc::new(config))
+}
+
 /// Everything a server needs for one version of its TLS files.
 #[derive(Debug)]
 pub struct ServerMaterial {

@@ -94,6 +94,24 @@ pub struct NodeConfig {
     /// and audited at start; `cxrfed node training-policy set` changes it at run time. Without
     /// either, the site takes part in no training.
     pub training_policy: Option<PathBuf>,
+    /// Address of the DICOM receiver (C-ECHO and C-STORE SCP), e.g. "0.0.0.0:11112". Unset:
+    /// no receiver.
+    pub dicom_listen: Option<SocketAddr>,
+    /// The receiver's AE title: associations must call it.
+    pub dicom_ae: String,
+    /// Calling AE titles allowed to associate: "AE", "AE@IP" (only from that address), or "*"
+    /// (any). Required with `dicom_listen`.
+    pub dicom_allow: Vec<String>,
+    /// DICOM TLS on the receiver with the node's certificate (TLS 1.2/1.3, no client
+    /// certificate: callers are admitted by AE title and address).
+    pub dicom_tls: bool,
+    /// Concurrent associations; beyond them a new one is rejected as transient.
+    pub dicom_max_associations: usize,
+    /// Received instances in processing at once; beyond them C-STORE answers A700 (out of
+    /// resources) and the sender retries.
+    pub dicom_queue: usize,
+    /// Bytes of received data sets held in memory across associations.
+    pub dicom_buffer_bytes: u64,
     /// The ε budget of the study's training account (every round's update and metrics are
     /// charged to it) until the site admin sets one.
     pub dp_training_epsilon: f64,
@@ -141,6 +159,13 @@ impl Default for NodeConfig {
             coordinator_identity: None,
             publish_record_count: "none".to_string(),
             training_policy: None,
+            dicom_listen: None,
+            dicom_ae: "CXRFED".to_string(),
+            dicom_allow: Vec::new(),
+            dicom_tls: false,
+            dicom_max_associations: 16,
+            dicom_queue: 16,
+            dicom_buffer_bytes: 512 << 20,
             dp_training_epsilon: 20.0,
             dp_training_delta: 1e-4,
         }
@@ -189,6 +214,13 @@ pub const KEYS: &[&str] = &[
     "coordinator_identity",
     "publish_record_count",
     "training_policy",
+    "dicom_listen",
+    "dicom_ae",
+    "dicom_allow",
+    "dicom_tls",
+    "dicom_max_associations",
+    "dicom_queue",
+    "dicom_buffer_bytes",
     "dp_training_epsilon",
     "dp_training_delta",
 ];
@@ -325,6 +357,38 @@ impl NodeConfig {
                 self.dp_unlinked
             ));
         }
+        if self.dicom_listen.is_some() {
+            crate::receiver::validate_ae_title(&self.dicom_ae)
+                .map_err(|e| ConfigError::Invalid(format!("dicom_ae: {e}")))?;
+            if self.dicom_allow.is_empty() {
+                return bad(
+                    "dicom_listen needs dicom_allow: the calling AE titles (AE or AE@IP) that may \
+                     send, or \"*\" for any"
+                        .into(),
+                );
+            }
+            for entry in &self.dicom_allow {
+                entry
+                    .parse::<crate::receiver::Caller>()
+                    .map_err(ConfigError::Invalid)?;
+            }
+            if self.dicom_max_associations == 0 || self.dicom_queue == 0 {
+                return bad("dicom_max_associations and dicom_queue must be at least 1".into());
+            }
+            if self.dicom_buffer_bytes < self.max_file_bytes {
+                // Otherwise an instance of allowed size could never fit and would be refused
+                // as "retry later" for ever.
+                return bad(format!(
+                    "dicom_buffer_bytes ({}) must be at least max_file_bytes ({})",
+                    self.dicom_buffer_bytes, self.max_file_bytes
+                ));
+            }
+            if self.dicom_tls && self.insecure_dev {
+                return bad(
+                    "dicom_tls needs the node's certificate; not with --insecure-dev".into(),
+                );
+            }
+        }
         if let Some(url) = &self.coordinator
             && !url.starts_with("https://")
         {
@@ -407,6 +471,11 @@ mod tests {
         )
         .expect("deploy/config/node.toml");
         assert_eq!(config.publish_record_count, "none");
+        assert_eq!(
+            config.dicom_listen,
+            Some("0.0.0.0:11112".parse().expect("address"))
+        );
+        assert!(config.dicom_tls);
         let policy = std::fs::read_to_string(deploy.join("training-policy.toml")).expect("policy");
         let policy =
             cxrfed_fl::SitePolicy::parse(&policy).expect("deploy/config/training-policy.toml");
@@ -479,6 +548,33 @@ mod tests {
         flags.insert("aspect", "stretch");
         let err = NodeConfig::load(None, &flags).expect_err("invalid");
         assert!(err.to_string().contains("aspect"), "{err}");
+    }
+
+    #[test]
+    fn the_dicom_receiver_needs_an_allow_list_and_valid_titles() {
+        let mut config = NodeConfig {
+            insecure_dev: true,
+            dicom_listen: Some("127.0.0.1:11112".parse().expect("address")),
+            ..NodeConfig::default()
+        };
+        let err = config.validate().expect_err("no allow-list");
+        assert!(err.to_string().contains("dicom_allow"), "{err}");
+        config.dicom_allow = vec!["PACS@10.0.0.5".into(), "*".into()];
+        config.validate().expect("valid");
+        config.dicom_allow = vec!["PACS@pacs.example".into()];
+        let err = config.validate().expect_err("a host name, not an address");
+        assert!(err.to_string().contains("not an IP address"), "{err}");
+        config.dicom_allow = vec!["PACS".into()];
+        config.dicom_ae = "A-TITLE-LONGER-THAN-16".into();
+        assert!(config.validate().is_err());
+        config.dicom_ae = "CXRFED".into();
+        config.dicom_buffer_bytes = config.max_file_bytes - 1;
+        let err = config.validate().expect_err("buffers below one file");
+        assert!(err.to_string().contains("max_file_bytes"), "{err}");
+        config.dicom_buffer_bytes = config.max_file_bytes;
+        config.dicom_tls = true;
+        let err = config.validate().expect_err("TLS without certificates");
+        assert!(err.to_string().contains("insecure-dev"), "{err}");
     }
 
     #[test]

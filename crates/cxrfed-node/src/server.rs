@@ -43,6 +43,35 @@ pub enum ServeError {
     Lexicon(String),
     #[error(transparent)]
     Node(#[from] crate::error::NodeError),
+    #[error("DICOM receiver on {address}: {source}")]
+    DicomListen {
+        address: String,
+        source: std::io::Error,
+    },
+}
+
+/// The DICOM receiver's settings from the (validated) configuration.
+fn receiver_settings(config: &NodeConfig) -> Result<crate::receiver::ReceiverSettings, ServeError> {
+    let allow = config
+        .dicom_allow
+        .iter()
+        .map(|entry| entry.parse())
+        .collect::<Result<Vec<_>, String>>()
+        .map_err(|e| ServeError::Config(crate::config::ConfigError::Invalid(e)))?;
+    let tls = if config.dicom_tls {
+        Some(cxrfed_auth::dicom_server_config(&config.tls_paths()?)?)
+    } else {
+        None
+    };
+    Ok(crate::receiver::ReceiverSettings {
+        ae_title: config.dicom_ae.clone(),
+        allow,
+        max_associations: config.dicom_max_associations,
+        queue: config.dicom_queue,
+        buffer_bytes: config.dicom_buffer_bytes,
+        max_instance_bytes: config.max_file_bytes,
+        tls,
+    })
 }
 
 /// The node's transport: mutual TLS with its node certificate, or `--insecure-dev`. With TLS the
@@ -213,6 +242,24 @@ pub async fn serve(
                 }
             }
         });
+    }
+
+    if let Some(address) = state.config().dicom_listen {
+        let settings = receiver_settings(state.config())?;
+        let dicom = TcpListener::bind(address)
+            .await
+            .map_err(|source| ServeError::DicomListen {
+                address: address.to_string(),
+                source,
+            })?;
+        if !address.ip().is_loopback() && settings.tls.is_none() {
+            tracing::warn!(
+                listen = %address,
+                "the DICOM receiver is plaintext on a non-loopback address: keep it on the \
+                 hospital's imaging network, or set dicom_tls"
+            );
+        }
+        crate::receiver::spawn(state.clone(), dicom, settings, shutdown.clone());
     }
 
     let local = listener.local_addr().ok();

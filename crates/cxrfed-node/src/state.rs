@@ -53,6 +53,8 @@ pub struct Node {
     /// Secure aggregation: rounds waiting for their key set, by task id.
     mask_waiters:
         Mutex<std::collections::HashMap<String, tokio::sync::oneshot::Sender<pb::MaskPeers>>>,
+    /// The DICOM receiver's counters (reported once it runs).
+    receiver: Arc<crate::receiver::ReceiverStats>,
 }
 
 /// Builds a [`Node`]; see [`Node::builder`].
@@ -138,6 +140,7 @@ impl NodeBuilder {
             link: Mutex::new(None),
             training_turn: tokio::sync::Mutex::new(()),
             mask_waiters: Mutex::default(),
+            receiver: Arc::default(),
         })
     }
 }
@@ -304,6 +307,10 @@ impl Node {
                 }),
             });
         }
+    }
+
+    pub fn receiver_stats(&self) -> &Arc<crate::receiver::ReceiverStats> {
+        &self.receiver
     }
 
     pub fn link(&self) -> Option<pb::CoordinatorLink> {

@@ -214,6 +214,27 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
                     );
                 }
             }
+            if let Some(d) = &s.dicom_receiver {
+                println!(
+                    "  DICOM:          {} on {}{}: {} associations ({} active), {} echoes; \
+                     {} instances received, {} stored, {} already present",
+                    d.ae_title,
+                    d.listen,
+                    if d.tls { " (TLS)" } else { "" },
+                    d.associations_total,
+                    d.associations_active,
+                    d.echoes,
+                    d.instances_received,
+                    d.instances_stored,
+                    d.instances_duplicate
+                );
+                if !d.associations_rejected.is_empty() {
+                    println!("  DICOM rejected: {}", counts(&d.associations_rejected));
+                }
+                if !d.instances_refused.is_empty() {
+                    println!("  DICOM refused:  {}", counts(&d.instances_refused));
+                }
+            }
             for job in &s.ingest_jobs {
                 println!("  ingest {}", describe_job(job));
             }
@@ -222,6 +243,16 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     }
     print_logs(&logs);
     Ok(ExitCode::SUCCESS)
+}
+
+/// "reason: n, reason: n" in the map's order.
+fn counts(map: &std::collections::HashMap<String, u64>) -> String {
+    let sorted: std::collections::BTreeMap<_, _> = map.iter().collect();
+    sorted
+        .into_iter()
+        .map(|(reason, n)| format!("{reason}: {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn print_logs(lines: &[String]) {

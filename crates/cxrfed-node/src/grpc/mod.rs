@@ -1296,6 +1296,7 @@ impl NodeService for NodeApi {
                 }),
                 store_size_bytes: state.store().size_on_disk(),
                 coordinator_link: state.link(),
+                dicom_receiver: state.receiver_stats().to_pb(),
                 pid: std::process::id(),
                 // This request itself is not counted.
                 in_flight: state.in_flight().load(Ordering::SeqCst).saturating_sub(1),

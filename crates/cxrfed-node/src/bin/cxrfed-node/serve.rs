@@ -131,6 +131,28 @@ pub struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     publish_record_count: Option<String>,
+    /// Run a DICOM receiver (C-ECHO, C-STORE SCP) on this address, e.g. 0.0.0.0:11112.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dicom_listen: Option<SocketAddr>,
+    /// The DICOM receiver's AE title [default: CXRFED].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dicom_ae: Option<String>,
+    /// A calling AE title allowed to send: AE, AE@IP or * (repeatable; required with
+    /// --dicom-listen).
+    #[arg(long = "dicom-allow")]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    dicom_allow: Vec<String>,
+    /// DICOM TLS on the receiver with the node's certificate.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    dicom_tls: bool,
+    /// Received DICOM instances in processing at once before A700 (out of resources)
+    /// [default: 16].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dicom_queue: Option<usize>,
     /// Start in the background and return once the node accepts connections.
     #[arg(long)]
     #[serde(skip)]
