@@ -15,7 +15,7 @@ ifeq ($(CI),true)
 export CARGO_INCREMENTAL := 0
 endif
 
-.PHONY: demo test fuzz fuzz-smoke check-layers venv sdk build bench bench-imaging bench-model bench-tls bench-research bench-privacy bench-federation bench-training bench-footprint model lint clean-venv
+.PHONY: test-deps demo test fuzz fuzz-smoke check-layers venv sdk build bench bench-imaging bench-model bench-tls bench-research bench-privacy bench-federation bench-training bench-footprint model lint clean-venv
 
 $(STAMP): requirements-dev.txt
 	@test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -45,7 +45,11 @@ build: venv sdk
 demo: build
 	bash scripts/demo.sh
 
-test: build check-layers
+# Debian packages of the real clients the suite drives (dcmtk), installed when missing.
+test-deps:
+	bash scripts/test-deps.sh
+
+test: build check-layers test-deps
 	$(CARGO) test --locked --workspace --no-fail-fast
 	$(MAKE) fuzz-smoke
 
