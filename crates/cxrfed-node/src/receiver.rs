@@ -30,9 +30,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use cxrfed_proto::v1 as pb;
-use dicom_core::{DataElement, PrimitiveValue, Tag, VR};
-use dicom_dictionary_std::tags;
-use dicom_object::InMemDicomObject;
 use dicom_ul::association::Association;
 use dicom_ul::association::server::AccessControl;
 use dicom_ul::pdu::{
@@ -73,22 +70,8 @@ pub const STORAGE_CLASSES: &[(&str, &str)] = &[
     ),
 ];
 
-/// DIMSE status codes the receiver answers with (PS3.4 Annex B, PS3.7 Annex C).
-pub mod status {
-    pub const SUCCESS: u16 = 0x0000;
-    pub const OUT_OF_RESOURCES: u16 = 0xA700;
-    pub const CANNOT_UNDERSTAND: u16 = 0xC000;
-    pub const PROCESSING_FAILURE: u16 = 0x0110;
-    pub const SOP_CLASS_NOT_SUPPORTED: u16 = 0x0122;
-    pub const UNRECOGNIZED_OPERATION: u16 = 0x0211;
-}
+use cxrfed_dicom::dimse::{self, C_ECHO_RQ, C_ECHO_RSP, C_STORE_RQ, C_STORE_RSP, status};
 
-const COMMAND_C_STORE_RQ: u16 = 0x0001;
-const COMMAND_C_STORE_RSP: u16 = 0x8001;
-const COMMAND_C_ECHO_RQ: u16 = 0x0030;
-const COMMAND_C_ECHO_RSP: u16 = 0x8030;
-/// Command Data Set Type (0000,0800): no data set follows.
-const NO_DATA_SET: u16 = 0x0101;
 /// A command set is a few hundred bytes; more is not a command.
 const MAX_COMMAND_BYTES: usize = 64 * 1024;
 /// The largest P-DATA PDU accepted: 256 KiB with its 6-byte header (what dicom-ul calls a
@@ -351,6 +334,18 @@ async fn reject_transient(mut socket: TcpStream) {
     let _ = socket.shutdown().await;
 }
 
+/// A response command set to `request`.
+fn response(field: u16, request: &Pending, code: u16, comment: Option<&str>) -> Vec<u8> {
+    let command = dimse::Command {
+        field: request.command_field,
+        message_id: request.message_id,
+        sop_class: request.sop_class.clone(),
+        sop_instance: request.sop_instance.clone(),
+        ..dimse::Command::default()
+    };
+    dimse::response(field, &command, code, comment)
+}
+
 /// The command of one DIMSE message being received.
 struct Pending {
     command_field: u16,
@@ -533,8 +528,15 @@ impl Receiver {
                     return Ok(None);
                 }
                 let bytes = std::mem::take(command);
-                let parsed = parse_command(&bytes)?;
-                let (field, message_id, sop_class, sop_instance, data_follows) = parsed;
+                let parsed = dimse::parse(&bytes)?;
+                let dimse::Command {
+                    field,
+                    message_id,
+                    sop_class,
+                    sop_instance,
+                    data_set_follows: data_follows,
+                    ..
+                } = parsed;
                 let next = Pending {
                     command_field: field,
                     message_id,
@@ -546,13 +548,13 @@ impl Receiver {
                     refusal: None,
                 };
                 match (field, data_follows) {
-                    (COMMAND_C_ECHO_RQ, false) => {
+                    (C_ECHO_RQ, false) => {
                         self.stats.echoes.fetch_add(1, Ordering::SeqCst);
-                        let response = response(COMMAND_C_ECHO_RSP, &next, status::SUCCESS, None);
+                        let response = response(C_ECHO_RSP, &next, status::SUCCESS, None);
                         send_command(association, next.presentation_context, &response).await?;
                         Ok(None)
                     }
-                    (COMMAND_C_STORE_RQ, true) => {
+                    (C_STORE_RQ, true) => {
                         *pending = Some(next);
                         Ok(None)
                     }
@@ -661,7 +663,7 @@ impl Receiver {
                     && pc.reason == dicom_ul::pdu::PresentationContextResultReason::Acceptance
             })
             .map(|pc| pc.transfer_syntax.clone());
-        if current.command_field == COMMAND_C_STORE_RQ {
+        if current.command_field == C_STORE_RQ {
             self.stats.received.fetch_add(1, Ordering::SeqCst);
         }
         let outcome: Result<(String, bool), (u16, String, &'static str)> =
@@ -673,7 +675,7 @@ impl Receiver {
                     "no_presentation_context",
                 )),
                 (None, Some(ts)) => {
-                    let file = part10(
+                    let file = dimse::part10(
                         &current.sop_class,
                         &current.sop_instance,
                         &ts,
@@ -740,8 +742,8 @@ impl Receiver {
                 (*code, Some(reason.as_str()))
             }
         };
-        let rsp_field = if current.command_field == COMMAND_C_STORE_RQ {
-            COMMAND_C_STORE_RSP
+        let rsp_field = if current.command_field == C_STORE_RQ {
+            C_STORE_RSP
         } else {
             current.command_field | 0x8000
         };
@@ -783,99 +785,6 @@ fn dimse_status(error: &NodeError) -> (u16, &'static str) {
     (code, kind)
 }
 
-/// Command Field, Message ID, Affected SOP Class and Instance UIDs, whether a data set follows.
-type Command = (u16, u16, String, String, bool);
-
-fn parse_command(bytes: &[u8]) -> Result<Command, String> {
-    let ts = dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN.erased();
-    let object = InMemDicomObject::read_dataset_with_ts(bytes, &ts)
-        .map_err(|e| format!("unreadable command set: {e}"))?;
-    let uint = |tag: Tag| -> Option<u16> { object.element(tag).ok()?.uint16().ok() };
-    let text = |tag: Tag| -> String {
-        object
-            .element(tag)
-            .ok()
-            .and_then(|e| e.to_str().ok())
-            .map(|s| s.trim_end_matches(['\0', ' ']).to_string())
-            .unwrap_or_default()
-    };
-    let field = uint(tags::COMMAND_FIELD).ok_or("the command set has no Command Field")?;
-    let message_id = uint(tags::MESSAGE_ID).unwrap_or(0);
-    let data_follows = uint(tags::COMMAND_DATA_SET_TYPE).is_some_and(|t| t != NO_DATA_SET);
-    Ok((
-        field,
-        message_id,
-        text(tags::AFFECTED_SOP_CLASS_UID),
-        text(tags::AFFECTED_SOP_INSTANCE_UID),
-        data_follows,
-    ))
-}
-
-/// A response command set (with its group length) for `request`.
-fn response(field: u16, request: &Pending, code: u16, comment: Option<&str>) -> Vec<u8> {
-    let mut elements = vec![
-        DataElement::new(
-            tags::AFFECTED_SOP_CLASS_UID,
-            VR::UI,
-            PrimitiveValue::from(even_uid(&request.sop_class)),
-        ),
-        DataElement::new(tags::COMMAND_FIELD, VR::US, PrimitiveValue::from(field)),
-        DataElement::new(
-            tags::MESSAGE_ID_BEING_RESPONDED_TO,
-            VR::US,
-            PrimitiveValue::from(request.message_id),
-        ),
-        DataElement::new(
-            tags::COMMAND_DATA_SET_TYPE,
-            VR::US,
-            PrimitiveValue::from(NO_DATA_SET),
-        ),
-        DataElement::new(tags::STATUS, VR::US, PrimitiveValue::from(code)),
-    ];
-    if !request.sop_instance.is_empty() {
-        elements.push(DataElement::new(
-            tags::AFFECTED_SOP_INSTANCE_UID,
-            VR::UI,
-            PrimitiveValue::from(even_uid(&request.sop_instance)),
-        ));
-    }
-    if let Some(comment) = comment {
-        // Error Comment is LO: at most 64 characters.
-        let mut text: String = comment
-            .chars()
-            .filter(|c| c.is_ascii() && !c.is_ascii_control() && *c != '\\')
-            .take(64)
-            .collect();
-        if text.len() % 2 == 1 {
-            text.push(' ');
-        }
-        elements.push(DataElement::new(
-            tags::ERROR_COMMENT,
-            VR::LO,
-            PrimitiveValue::from(text),
-        ));
-    }
-    let ts = dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN.erased();
-    let body = InMemDicomObject::from_element_iter(elements);
-    let mut encoded = Vec::new();
-    body.write_dataset_with_ts(&mut encoded, &ts)
-        .expect("writing a command set to memory cannot fail");
-    // Command Group Length (0000,0000) UL: the bytes of the group after it.
-    let mut out = Vec::with_capacity(encoded.len() + 12);
-    out.extend_from_slice(&[0, 0, 0, 0, 4, 0, 0, 0]);
-    out.extend_from_slice(&(encoded.len() as u32).to_le_bytes());
-    out.extend_from_slice(&encoded);
-    out
-}
-
-fn even_uid(uid: &str) -> String {
-    let mut uid = uid.to_string();
-    if uid.len() % 2 == 1 {
-        uid.push('\0');
-    }
-    uid
-}
-
 async fn send_command<S>(
     association: &mut dicom_ul::association::AsyncServerAssociation<S>,
     context: u8,
@@ -895,34 +804,6 @@ where
         })
         .await
         .map_err(|e| format!("sending a response: {e}"))
-}
-
-/// The received data set framed as a DICOM Part 10 file: preamble, "DICM", the File Meta
-/// Information (from the command's SOP class and instance and the negotiated transfer
-/// syntax), then the data set bytes exactly as received.
-pub fn part10(
-    sop_class: &str,
-    sop_instance: &str,
-    transfer_syntax: &str,
-    data_set: &[u8],
-) -> Result<Vec<u8>, String> {
-    if sop_class.is_empty() || sop_instance.is_empty() {
-        return Err("the C-STORE request names no SOP class or instance".into());
-    }
-    let meta = dicom_object::FileMetaTableBuilder::new()
-        .media_storage_sop_class_uid(sop_class)
-        .media_storage_sop_instance_uid(sop_instance)
-        .transfer_syntax(transfer_syntax)
-        .implementation_class_uid(dicom_ul::IMPLEMENTATION_CLASS_UID)
-        .build()
-        .map_err(|e| format!("file meta information: {e}"))?;
-    let mut file = Vec::with_capacity(data_set.len() + 512);
-    file.extend_from_slice(&[0u8; 128]);
-    file.extend_from_slice(b"DICM");
-    meta.write(&mut file)
-        .map_err(|e| format!("file meta information: {e}"))?;
-    file.extend_from_slice(data_set);
-    Ok(file)
 }
 
 #[cfg(test)]
@@ -992,96 +873,5 @@ mod tests {
                 .check_access("CXRFED", "ROUTER", "CXRFED", None)
                 .is_ok()
         );
-    }
-
-    #[test]
-    fn responses_carry_group_length_status_and_comment() {
-        let request = Pending {
-            command_field: COMMAND_C_STORE_RQ,
-            message_id: 7,
-            sop_class: "1.2.840.10008.5.1.4.1.1.1".into(),
-            sop_instance: "1.2.3".into(),
-            presentation_context: 1,
-            data: Vec::new(),
-            reserved: None,
-            refusal: None,
-        };
-        let bytes = response(
-            COMMAND_C_STORE_RSP,
-            &request,
-            status::OUT_OF_RESOURCES,
-            Some("queue full"),
-        );
-        let ts = dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN.erased();
-        let object = InMemDicomObject::read_dataset_with_ts(&bytes[..], &ts).expect("test value");
-        let length = object
-            .element(tags::COMMAND_GROUP_LENGTH)
-            .expect("test value")
-            .to_int::<u32>()
-            .expect("test value");
-        assert_eq!(length as usize, bytes.len() - 12);
-        assert_eq!(
-            object
-                .element(tags::STATUS)
-                .expect("test value")
-                .uint16()
-                .expect("test value"),
-            0xA700
-        );
-        assert_eq!(
-            object
-                .element(tags::MESSAGE_ID_BEING_RESPONDED_TO)
-                .expect("test value")
-                .uint16()
-                .expect("test value"),
-            7
-        );
-        assert_eq!(
-            object
-                .element(tags::ERROR_COMMENT)
-                .expect("test value")
-                .to_str()
-                .expect("test value")
-                .trim(),
-            "queue full"
-        );
-        let parsed = parse_command(&bytes).expect("test value");
-        assert_eq!(parsed.0, COMMAND_C_STORE_RSP);
-        assert!(!parsed.4);
-    }
-
-    #[test]
-    fn part10_framing_is_read_back_with_its_transfer_syntax() {
-        let data_set = {
-            let object = InMemDicomObject::from_element_iter([DataElement::new(
-                tags::MODALITY,
-                VR::CS,
-                PrimitiveValue::from("CR"),
-            )]);
-            let ts = dicom_transfer_syntax_registry::entries::EXPLICIT_VR_LITTLE_ENDIAN.erased();
-            let mut bytes = Vec::new();
-            object
-                .write_dataset_with_ts(&mut bytes, &ts)
-                .expect("test value");
-            bytes
-        };
-        let file = part10(
-            "1.2.840.10008.5.1.4.1.1.1",
-            "1.2.3.4",
-            "1.2.840.10008.1.2.1",
-            &data_set,
-        )
-        .expect("test value");
-        let object = dicom_object::from_reader(&file[128..]).expect("test value");
-        assert_eq!(object.meta().transfer_syntax(), "1.2.840.10008.1.2.1");
-        assert_eq!(
-            object
-                .element(tags::MODALITY)
-                .expect("test value")
-                .to_str()
-                .expect("test value"),
-            "CR"
-        );
-        assert!(part10("", "1.2", "1.2.840.10008.1.2.1", &data_set).is_err());
     }
 }
