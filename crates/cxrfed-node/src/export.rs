@@ -17,6 +17,9 @@ pub enum Format {
     Csv,
     Jsonl,
     Parquet,
+    /// Whole schema-v1 records as JSON lines (what `ListRecords` returns, with annotations):
+    /// what the client builds DICOM SR and FHIR documents from.
+    Records,
 }
 
 impl Format {
@@ -25,6 +28,7 @@ impl Format {
             "" | "csv" => Some(Format::Csv),
             "jsonl" | "ndjson" | "json" => Some(Format::Jsonl),
             "parquet" => Some(Format::Parquet),
+            "records" => Some(Format::Records),
             _ => None,
         }
     }
@@ -34,6 +38,7 @@ impl Format {
             Format::Csv => "csv",
             Format::Jsonl => "jsonl",
             Format::Parquet => "parquet",
+            Format::Records => "records",
         }
     }
 }
@@ -310,6 +315,25 @@ pub fn produce(
         if !images.contains(&record.image_sha256) {
             continue;
         }
+        if format == Format::Records {
+            let mut record = record;
+            record.annotations = match store.annotations_of(&record.image_sha256) {
+                Ok(list) => list,
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(Status::internal(format!("store: {e}"))));
+                    return;
+                }
+            };
+            if serde_json::to_writer(&mut buffer, &record).is_err() {
+                return;
+            }
+            buffer.push(b'\n');
+            exported += 1;
+            if buffer.len() >= CHUNK && !send(std::mem::take(&mut buffer), 0) {
+                return;
+            }
+            continue;
+        }
         let labels: std::collections::HashMap<String, String> =
             match store.annotations_of(&record.image_sha256) {
                 Ok(list) => list.into_iter().map(|a| (a.field, a.value)).collect(),
@@ -327,7 +351,7 @@ pub fn produce(
                     return;
                 }
             }
-            Format::Parquet => return,
+            Format::Parquet | Format::Records => return,
             Format::Jsonl => {
                 let object: serde_json::Map<String, serde_json::Value> = names
                     .iter()

@@ -19,6 +19,7 @@ mod node_cmd;
 mod phantom_cmd;
 mod plot;
 mod privacy_cmd;
+mod sr_export;
 mod stats_cmd;
 mod train_cmd;
 
@@ -89,7 +90,8 @@ enum Command {
     Stats(stats_cmd::StatsArgs),
     /// Your own privacy budget at a node: granted, spent, remaining.
     Budget(privacy_cmd::BudgetArgs),
-    /// Export a node's records, flattened, as CSV or JSON lines (site admin).
+    /// Export a node's records (site admin): flattened as CSV, JSON lines or Parquet, or as
+    /// DICOM SR documents (TID 1500), optionally sent to a research PACS.
     Export(stats_cmd::ExportArgs),
     /// Custom fields: define (a new version when redefined), list.
     Field {

@@ -50,15 +50,22 @@ pub struct ExportArgs {
     node: Option<String>,
     #[command(flatten)]
     credentials: Credentials,
-    /// csv, jsonl or parquet.
+    /// csv, jsonl, parquet, or dicom-sr: one DICOM SR (TID 1500) per record into the
+    /// directory `--out` (docs/sr-codes.md).
     #[arg(long, default_value = "csv")]
     format: String,
     /// Only records matching this condition, e.g. 'view = PA and month >= 2020-01'.
     #[arg(long = "where")]
     filter: Option<String>,
-    /// Write to this file instead of standard output.
+    /// Write to this file (a directory for dicom-sr) instead of standard output.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// dicom-sr: also send the SRs to this PACS by C-STORE (AE@HOST:PORT).
+    #[arg(long, value_name = "AE@HOST:PORT")]
+    send: Option<cxrfed_dicom::scu::Peer>,
+    /// dicom-sr: the calling AE title for --send.
+    #[arg(long, default_value = "CXRFED", value_name = "AE")]
+    calling_ae: String,
 }
 
 fn cell_text(cell: &pb::StatsCell, fraction: bool) -> String {
@@ -234,6 +241,25 @@ pub fn print_table(
 }
 
 pub async fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
+    if args.format == "dicom-sr" {
+        let out = args
+            .out
+            .clone()
+            .context("--format dicom-sr writes one file per record: give --out DIR")?;
+        let client = args.credentials.connect_node(args.node.as_deref()).await?;
+        return crate::sr_export::export(
+            client,
+            args.filter.clone().unwrap_or_default(),
+            out,
+            args.send.clone(),
+            args.calling_ae.clone(),
+        )
+        .await;
+    }
+    anyhow::ensure!(
+        args.send.is_none(),
+        "--send sends DICOM SRs: use it with --format dicom-sr"
+    );
     let mut client = args.credentials.connect_node(args.node.as_deref()).await?;
     let mut stream = client
         .export(pb::ExportRequest {

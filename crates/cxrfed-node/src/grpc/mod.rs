@@ -670,7 +670,7 @@ impl NodeService for NodeApi {
         rpc.observe(&self.state, |_| async {
             let format = crate::export::Format::parse(&request.format).ok_or_else(|| {
                 NodeError::InvalidRequest(format!(
-                    "export format {:?} must be csv, jsonl or parquet",
+                    "export format {:?} must be csv, jsonl, parquet or records",
                     request.format
                 ))
             })?;
