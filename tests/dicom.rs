@@ -574,3 +574,181 @@ fn pynetdicom_200_instances_on_4_associations_survive_sigkill_exactly_once() {
     );
     node.kill();
 }
+
+#[test]
+fn records_export_as_tid_1500_sr_read_by_highdicom_and_dcmtk_and_sent_to_a_pacs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (node, port) = start(dir.path(), &["--dicom-allow", "PACS"]);
+    let phantoms = tempfile::tempdir().expect("tempdir");
+    write_phantoms(phantoms.path(), 3, 11, 128);
+    let mut files: Vec<String> = std::fs::read_dir(phantoms.path())
+        .expect("phantoms")
+        .flatten()
+        .map(|e| e.path().to_str().expect("utf-8 path").to_string())
+        .filter(|p| p.ends_with(".dcm"))
+        .collect();
+    files.push(rg1("RG1_UNCR.dcm"));
+    let refs: Vec<&str> = files.iter().map(String::as_str).collect();
+    let sent = storescu(port, "PACS", &[], &refs);
+    assert_eq!(sent.stored, files.len(), "{}", sent.output);
+    let out = node.cli(&["records", "--limit", "100"]);
+    let record_ids: Vec<String> = text(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|r| r["record_id"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(record_ids.len(), files.len());
+
+    // One SR per record, named by its SOP Instance UID; a second export writes the same
+    // files (the UIDs derive from the record ids).
+    let srs = tempfile::tempdir().expect("tempdir");
+    let sr_dir = srs.path().to_str().expect("utf-8 path");
+    let out = node.cli(&["export", "--format", "dicom-sr", "--out", sr_dir]);
+    assert!(out.status.success(), "export: {}", text(&out.stderr));
+    let listing = |dir: &Path| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .expect("dir")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let first = listing(srs.path());
+    assert_eq!(first.len(), files.len(), "{first:?}");
+    let out = node.cli(&["export", "--format", "dicom-sr", "--out", sr_dir]);
+    assert!(out.status.success());
+    assert_eq!(
+        listing(srs.path()),
+        first,
+        "a re-export gives the same SR instances"
+    );
+
+    // highdicom reads every file as a TID 1500 report with one image-level group.
+    let paths: Vec<String> = first
+        .iter()
+        .map(|n| srs.path().join(n).to_str().expect("utf-8 path").to_string())
+        .collect();
+    let out = Command::new(venv_python())
+        .arg(workspace_root().join("tests/helpers/check_sr.py"))
+        .args(&paths)
+        .output()
+        .expect("python");
+    let reports: Vec<serde_json::Value> =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", both(&out)));
+    assert_eq!(reports.len(), files.len());
+    for report in &reports {
+        assert_eq!(
+            report["sop_class"], "1.2.840.10008.5.1.4.1.1.88.33",
+            "{report}"
+        );
+        assert_eq!(report["template"], "1500");
+        assert_eq!(report["groups"], 1);
+        let tracking = report["tracking_identifier"].as_str().unwrap_or_default();
+        assert!(record_ids.iter().any(|id| id == tracking), "{report}");
+        assert_eq!(
+            report["algorithm"],
+            serde_json::json!(["cxrfed-tiny-phantom-v1"])
+        );
+        assert_eq!(report["observers"], 1, "the device observer");
+        let quals = report["qualitative"].as_object().expect("qualitative");
+        assert!(quals.len() >= 20, "every categorical finding: {report}");
+        let cpa = &quals["Costophrenic angles"];
+        assert!(
+            cpa[1] == "99CXRFED" || cpa[1] == "SCT",
+            "coded in a scheme: {cpa}"
+        );
+        let ctr = &report["measurements"]["Cardiothoracic ratio"];
+        assert_eq!(ctr[1], "{ratio}", "UCUM units: {report}");
+        let ratio = ctr[0].as_f64().expect("a number");
+        assert!((0.0..=1.0).contains(&ratio), "{report}");
+        for uid in ["sop_instance", "study", "tracking_uid"] {
+            assert!(
+                report[uid]
+                    .as_str()
+                    .unwrap_or_default()
+                    .starts_with("2.25.")
+            );
+        }
+        assert_eq!(report["patient_name"], "");
+        assert_eq!(report["patient_birth_date"], "");
+    }
+
+    // dcmtk's SR parser reads them without an error; none carries an RG1 identifier or UID.
+    for path in &paths {
+        let out = dcmtk("dsrdump", &[path.as_str()]);
+        assert!(out.status.success(), "dsrdump {path}: {}", both(&out));
+        let stderr = text(&out.stderr);
+        let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("E:")).collect();
+        assert!(errors.is_empty(), "{path}: {errors:?}");
+    }
+    let mut all = Vec::new();
+    for path in &paths {
+        all.extend(std::fs::read(path).expect("sr"));
+    }
+    for id in rg1_identifiers() {
+        assert!(!contains(&all, &id), "an SR carries {id:?}");
+    }
+
+    // --send stores them in a research PACS: dcmtk's storescp.
+    let pacs_dir = tempfile::tempdir().expect("tempdir");
+    let pacs_port = free_port().to_string();
+    let mut pacs = Command::new(dcmtk_bin("storescp"))
+        .args(["-aet", "RESEARCH", "-od"])
+        .arg(pacs_dir.path())
+        .arg(&pacs_port)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("storescp");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", pacs_port.parse::<u16>().expect("port")))
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "storescp did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let target = format!("RESEARCH@127.0.0.1:{pacs_port}");
+    let out = node.cli(&[
+        "export", "--format", "dicom-sr", "--out", sr_dir, "--send", &target,
+    ]);
+    let _ = pacs.kill();
+    let _ = pacs.wait();
+    assert!(out.status.success(), "--send: {}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains(&format!("sent {} of {}", files.len(), files.len())),
+        "{}",
+        text(&out.stderr)
+    );
+    let received = listing(pacs_dir.path());
+    assert_eq!(received.len(), files.len(), "{received:?}");
+    for name in &first {
+        let uid = name.trim_end_matches(".dcm");
+        assert!(
+            received.iter().any(|r| r.ends_with(uid)),
+            "{uid} not in {received:?}"
+        );
+    }
+
+    // A PACS that is not there: a clear error and a failing exit status.
+    let out = node.cli(&[
+        "export",
+        "--format",
+        "dicom-sr",
+        "--out",
+        sr_dir,
+        "--send",
+        "RESEARCH@127.0.0.1:1",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("could not connect"),
+        "{}",
+        text(&out.stderr)
+    );
+    // --send without dicom-sr is refused.
+    let out = node.cli(&["export", "--format", "csv", "--send", &target]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("--format dicom-sr"));
+}
