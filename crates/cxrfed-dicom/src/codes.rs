@@ -33,6 +33,7 @@ pub const DEVICE_OBSERVER_MANUFACTURER: Code =
     code("121014", "DCM", "Device Observer Manufacturer");
 pub const DEVICE_OBSERVER_MODEL_NAME: Code = code("121015", "DCM", "Device Observer Model Name");
 pub const PROCEDURE_REPORTED: Code = code("121058", "DCM", "Procedure reported");
+pub const THORAX: Code = code("51185008", "SCT", "Thoracic structure");
 pub const CHEST_X_RAY: Code = code("399208008", "SCT", "Plain chest X-ray");
 pub const IMAGE_LIBRARY: Code = code("111028", "DCM", "Image Library");
 pub const IMAGE_LIBRARY_GROUP: Code = code("126200", "DCM", "Image Library Group");

@@ -6,6 +6,8 @@
 //!   framing of a received data set. dicom-ul 0.10 negotiates associations and moves PDUs but
 //!   has no DIMSE layer, so the node's receiver and the CLI's sender build and read command
 //!   sets here, with dicom-object doing the encoding.
+//! * [`fhir`] — the same records as FHIR R4 (`DiagnosticReport`, `Observation`, `Device`,
+//!   `Patient`) following the HL7 mapping of TID 1500 to FHIR.
 //! * [`scu`] — a C-STORE SCU (`cxrfed export --send`): files to a PACS over one association.
 //!
 //! Architecture invariant: cxrfed-dicom depends on cxrfed-schema and dicom-rs only: no gRPC
@@ -15,6 +17,7 @@
 
 pub mod codes;
 pub mod dimse;
+pub mod fhir;
 pub mod scu;
 pub mod sr;
 

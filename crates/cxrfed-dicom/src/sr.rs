@@ -48,8 +48,8 @@ pub struct Uids {
     pub device: String,
 }
 
-/// `2.25.` + a UUID v8 from SHA-256 of `parts` (RFC 9562 §5.8; DICOM PS3.5 B.2).
-pub fn derived_uid(parts: &[&str]) -> String {
+/// The 16 bytes of a UUID v8 (RFC 9562 §5.8) from SHA-256 of `parts`.
+pub(crate) fn derived_bytes(parts: &[&str]) -> [u8; 16] {
     let mut hash = Sha256::new();
     hash.update(b"cxrfed-uid-v1");
     for part in parts {
@@ -61,7 +61,12 @@ pub fn derived_uid(parts: &[&str]) -> String {
     bytes.copy_from_slice(&digest[..16]);
     bytes[6] = (bytes[6] & 0x0f) | 0x80; // version 8
     bytes[8] = (bytes[8] & 0x3f) | 0x80; // RFC 9562 variant
-    format!("2.25.{}", u128::from_be_bytes(bytes))
+    bytes
+}
+
+/// `2.25.` + a UUID v8 from SHA-256 of `parts` (DICOM PS3.5 B.2).
+pub fn derived_uid(parts: &[&str]) -> String {
+    format!("2.25.{}", u128::from_be_bytes(derived_bytes(parts)))
 }
 
 impl Uids {

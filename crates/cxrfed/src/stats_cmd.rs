@@ -50,8 +50,8 @@ pub struct ExportArgs {
     node: Option<String>,
     #[command(flatten)]
     credentials: Credentials,
-    /// csv, jsonl, parquet, or dicom-sr: one DICOM SR (TID 1500) per record into the
-    /// directory `--out` (docs/sr-codes.md).
+    /// csv, jsonl, parquet; dicom-sr: one DICOM SR (TID 1500) per record into the directory
+    /// `--out` (docs/sr-codes.md); fhir: one FHIR R4 Bundle (DiagnosticReport, Observations).
     #[arg(long, default_value = "csv")]
     format: String,
     /// Only records matching this condition, e.g. 'view = PA and month >= 2020-01'.
@@ -253,6 +253,19 @@ pub async fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
             out,
             args.send.clone(),
             args.calling_ae.clone(),
+        )
+        .await;
+    }
+    if args.format == "fhir" {
+        anyhow::ensure!(
+            args.send.is_none(),
+            "--send sends DICOM SRs: use it with --format dicom-sr"
+        );
+        let client = args.credentials.connect_node(args.node.as_deref()).await?;
+        return crate::sr_export::export_fhir(
+            client,
+            args.filter.clone().unwrap_or_default(),
+            args.out.clone(),
         )
         .await;
     }
