@@ -576,7 +576,8 @@ fn pynetdicom_200_instances_on_4_associations_survive_sigkill_exactly_once() {
 }
 
 #[test]
-fn records_export_as_tid_1500_sr_read_by_highdicom_and_dcmtk_and_sent_to_a_pacs() {
+fn records_export_as_tid_1500_sr_and_fhir_r4_read_by_highdicom_dcmtk_and_fhirclient_and_sent_to_a_pacs()
+ {
     let dir = tempfile::tempdir().expect("tempdir");
     let (node, port) = start(dir.path(), &["--dicom-allow", "PACS"]);
     let phantoms = tempfile::tempdir().expect("tempdir");
@@ -688,6 +689,40 @@ fn records_export_as_tid_1500_sr_read_by_highdicom_and_dcmtk_and_sent_to_a_pacs(
     }
     for id in rg1_identifiers() {
         assert!(!contains(&all, &id), "an SR carries {id:?}");
+    }
+
+    // The same records as one FHIR R4 Bundle, validated by fhirclient's R4 models (strict):
+    // a DiagnosticReport per record, its measurement group's members one Observation per
+    // finding with the model's probability, every reference resolved inside the bundle.
+    let fhir_dir = tempfile::tempdir().expect("tempdir");
+    let bundle = fhir_dir.path().join("bundle.json");
+    let bundle_path = bundle.to_str().expect("utf-8 path");
+    let out = node.cli(&["export", "--format", "fhir", "--out", bundle_path]);
+    assert!(out.status.success(), "fhir export: {}", text(&out.stderr));
+    let out = Command::new(venv_python())
+        .arg(workspace_root().join("tests/helpers/check_fhir.py"))
+        .arg(&bundle)
+        .output()
+        .expect("python");
+    let fhir: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", both(&out)));
+    assert_eq!(fhir["type"], "collection");
+    assert_eq!(fhir["counts"]["DiagnosticReport"], files.len(), "{fhir}");
+    assert_eq!(fhir["counts"]["Device"], 1, "one model: {fhir}");
+    for report in fhir["reports"].as_array().expect("reports") {
+        assert_eq!(report["status"], "final");
+        assert_eq!(report["performer"], "Device");
+        let id = report["record_id"].as_str().unwrap_or_default();
+        assert!(record_ids.iter().any(|r| r == id), "{report}");
+        let findings = report["findings"].as_object().expect("findings");
+        assert!(findings.len() >= 20, "{report}");
+        assert_eq!(
+            report["probabilities"].as_u64(),
+            Some(findings.len() as u64)
+        );
+        let ctr = &findings["Cardiothoracic ratio"];
+        assert_eq!(ctr[0], "http://unitsofmeasure.org");
+        assert_eq!(ctr[1], "{ratio}");
     }
 
     // --send stores them in a research PACS: dcmtk's storescp.
