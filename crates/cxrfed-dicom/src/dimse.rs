@@ -23,6 +23,8 @@ pub mod status {
 
 pub const C_STORE_RQ: u16 = 0x0001;
 pub const C_STORE_RSP: u16 = 0x8001;
+pub const C_FIND_RQ: u16 = 0x0020;
+pub const C_MOVE_RQ: u16 = 0x0021;
 pub const C_ECHO_RQ: u16 = 0x0030;
 pub const C_ECHO_RSP: u16 = 0x8030;
 /// Command Data Set Type (0000,0800): no data set follows.
@@ -41,6 +43,11 @@ pub struct Command {
     pub data_set_follows: bool,
     pub status: Option<u16>,
     pub error_comment: String,
+    /// C-MOVE responses: sub-operations remaining, completed, failed, with warnings.
+    pub remaining: Option<u16>,
+    pub completed: Option<u16>,
+    pub failed: Option<u16>,
+    pub warnings: Option<u16>,
 }
 
 fn implicit_le() -> dicom_encoding::TransferSyntax {
@@ -69,6 +76,10 @@ pub fn parse(bytes: &[u8]) -> Result<Command, String> {
         data_set_follows: uint(tags::COMMAND_DATA_SET_TYPE).is_some_and(|t| t != NO_DATA_SET),
         status: uint(tags::STATUS),
         error_comment: text(tags::ERROR_COMMENT),
+        remaining: uint(tags::NUMBER_OF_REMAINING_SUBOPERATIONS),
+        completed: uint(tags::NUMBER_OF_COMPLETED_SUBOPERATIONS),
+        failed: uint(tags::NUMBER_OF_FAILED_SUBOPERATIONS),
+        warnings: uint(tags::NUMBER_OF_WARNING_SUBOPERATIONS),
     })
 }
 
@@ -142,6 +153,72 @@ pub fn store_request(message_id: u16, sop_class: &str, sop_instance: &str) -> Ve
         us(tags::COMMAND_DATA_SET_TYPE, DATA_SET_FOLLOWS),
         uid(tags::AFFECTED_SOP_INSTANCE_UID, sop_instance),
     ])
+}
+
+/// A C-FIND-RQ (priority medium) on the information model `sop_class`; the identifier (the
+/// query keys) follows as a data set.
+pub fn find_request(message_id: u16, sop_class: &str) -> Vec<u8> {
+    encode(vec![
+        uid(tags::AFFECTED_SOP_CLASS_UID, sop_class),
+        us(tags::COMMAND_FIELD, C_FIND_RQ),
+        us(tags::MESSAGE_ID, message_id),
+        us(tags::PRIORITY, 0),
+        us(tags::COMMAND_DATA_SET_TYPE, DATA_SET_FOLLOWS),
+    ])
+}
+
+/// A C-MOVE-RQ (priority medium) sending what the identifier selects to `destination`.
+pub fn move_request(message_id: u16, sop_class: &str, destination: &str) -> Vec<u8> {
+    let mut destination = destination.to_string();
+    if destination.len() % 2 == 1 {
+        destination.push(' ');
+    }
+    encode(vec![
+        uid(tags::AFFECTED_SOP_CLASS_UID, sop_class),
+        us(tags::COMMAND_FIELD, C_MOVE_RQ),
+        us(tags::MESSAGE_ID, message_id),
+        us(tags::PRIORITY, 0),
+        us(tags::COMMAND_DATA_SET_TYPE, DATA_SET_FOLLOWS),
+        DataElement::new(
+            tags::MOVE_DESTINATION,
+            VR::AE,
+            PrimitiveValue::from(destination),
+        ),
+    ])
+}
+
+/// A query identifier (implicit VR little endian, as negotiated for queries): each
+/// (keyword, value) pair, an empty value asking for the attribute to be returned.
+pub fn identifier(keys: &[(Tag, VR, &str)]) -> Vec<u8> {
+    let object = InMemDicomObject::from_element_iter(keys.iter().map(|(tag, vr, value)| {
+        if value.is_empty() {
+            DataElement::new(*tag, *vr, PrimitiveValue::Empty)
+        } else {
+            DataElement::new(*tag, *vr, PrimitiveValue::from(*value))
+        }
+    }));
+    let mut bytes = Vec::new();
+    object
+        .write_dataset_with_ts(&mut bytes, &implicit_le())
+        .expect("writing an identifier to memory cannot fail");
+    bytes
+}
+
+/// Reads a response identifier (implicit VR little endian): the text of each tag asked for.
+pub fn read_identifier(bytes: &[u8], wanted: &[Tag]) -> Result<Vec<String>, String> {
+    let object = InMemDicomObject::read_dataset_with_ts(bytes, &implicit_le())
+        .map_err(|e| format!("unreadable identifier: {e}"))?;
+    Ok(wanted
+        .iter()
+        .map(|tag| {
+            object
+                .element(*tag)
+                .ok()
+                .and_then(|e| e.to_str().ok())
+                .map(|s| s.trim_end_matches(['\0', ' ']).trim().to_string())
+                .unwrap_or_default()
+        })
+        .collect())
 }
 
 /// The received data set framed as a DICOM Part 10 file: preamble, "DICM", the File Meta
@@ -220,6 +297,34 @@ mod tests {
         assert_eq!(parsed.sop_class, "1.2.840.10008.5.1.4.1.1.88.33");
         assert_eq!(parsed.sop_instance, "2.25.1");
         assert!(status::is_stored(0) && status::is_stored(0xB000) && !status::is_stored(0xA700));
+    }
+
+    #[test]
+    fn query_identifiers_round_trip() {
+        let bytes = identifier(&[
+            (tags::QUERY_RETRIEVE_LEVEL, VR::CS, "STUDY"),
+            (tags::STUDY_INSTANCE_UID, VR::UI, ""),
+            (tags::STUDY_DATE, VR::DA, "20240101-20241231"),
+        ]);
+        let values = read_identifier(
+            &bytes,
+            &[
+                tags::QUERY_RETRIEVE_LEVEL,
+                tags::STUDY_INSTANCE_UID,
+                tags::STUDY_DATE,
+            ],
+        )
+        .expect("read");
+        assert_eq!(values, ["STUDY", "", "20240101-20241231"]);
+        let rq = parse(&move_request(9, "1.2.840.10008.5.1.4.1.2.2.2", "CXRFED")).expect("parse");
+        assert_eq!(
+            (rq.field, rq.message_id, rq.data_set_follows),
+            (C_MOVE_RQ, 9, true)
+        );
+        assert_eq!(
+            parse(&find_request(2, "1.2")).expect("parse").field,
+            C_FIND_RQ
+        );
     }
 
     #[test]

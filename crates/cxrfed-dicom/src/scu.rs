@@ -1,13 +1,20 @@
-//! A C-STORE SCU: DICOM files sent to a PACS over one association (dicom-ul, blocking; run it
-//! on a blocking thread). Each file is proposed in its own transfer syntax; its data set is
-//! sent as stored (no re-encoding), fragmented to the PACS's maximum PDU length.
+//! DICOM service users (dicom-ul, blocking; run them on a blocking thread):
+//!
+//! * [`store`] — C-STORE of files to a PACS over one association. Each file is proposed in its
+//!   own transfer syntax; its data set is sent as stored (no re-encoding), fragmented to the
+//!   PACS's maximum PDU length.
+//! * [`QueryRetrieve`] — study root C-FIND and C-MOVE (`cxrfed node pull`).
 
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::net::TcpStream;
+
+use dicom_core::{Tag, VR};
 use dicom_ul::ClientAssociationOptions;
+use dicom_ul::association::ClientAssociation;
 use dicom_ul::pdu::{PDataValue, PDataValueType, Pdu, PresentationContextResultReason};
 
 use crate::dimse;
@@ -170,36 +177,224 @@ pub fn store(peer: &Peer, calling_ae: &str, files: &[PathBuf]) -> Result<Vec<Sen
 }
 
 fn receive_command(
-    association: &mut dicom_ul::association::ClientAssociation<std::net::TcpStream>,
+    association: &mut ClientAssociation<TcpStream>,
 ) -> Result<dimse::Command, String> {
-    let mut bytes = Vec::new();
+    receive_message(association).map(|(command, _)| command)
+}
+
+/// The largest identifier accepted in a C-FIND response.
+const MAX_IDENTIFIER_BYTES: usize = 1 << 20;
+
+/// One DIMSE message from the peer: its command set and, when one follows, its data set.
+fn receive_message(
+    association: &mut ClientAssociation<TcpStream>,
+) -> Result<(dimse::Command, Option<Vec<u8>>), String> {
+    let mut command_bytes = Vec::new();
+    let mut command: Option<dimse::Command> = None;
+    let mut data = Vec::new();
     loop {
         match association
             .receive()
-            .map_err(|e| format!("waiting for the C-STORE response: {e}"))?
+            .map_err(|e| format!("waiting for a response: {e}"))?
         {
-            Pdu::PData { data } => {
-                for value in data {
-                    if value.value_type != PDataValueType::Command {
-                        return Err("the peer sent a data set instead of a response".into());
-                    }
-                    bytes.extend_from_slice(&value.data);
-                    if bytes.len() > 64 * 1024 {
-                        return Err("the peer's response is larger than 64 KiB".into());
-                    }
-                    if value.is_last {
-                        return dimse::parse(&bytes);
+            Pdu::PData { data: values } => {
+                for value in values {
+                    match (value.value_type, &command) {
+                        (PDataValueType::Command, None) => {
+                            command_bytes.extend_from_slice(&value.data);
+                            if command_bytes.len() > 64 * 1024 {
+                                return Err("a response command set larger than 64 KiB".into());
+                            }
+                            if value.is_last {
+                                let parsed = dimse::parse(&command_bytes)?;
+                                if !parsed.data_set_follows {
+                                    return Ok((parsed, None));
+                                }
+                                command = Some(parsed);
+                            }
+                        }
+                        (PDataValueType::Data, Some(_)) => {
+                            data.extend_from_slice(&value.data);
+                            if data.len() > MAX_IDENTIFIER_BYTES {
+                                return Err("a response data set larger than 1 MiB".into());
+                            }
+                            if value.is_last {
+                                let parsed = command.take().expect("matched Some");
+                                return Ok((parsed, Some(data)));
+                            }
+                        }
+                        _ => return Err("the peer's response fragments are out of order".into()),
                     }
                 }
             }
             Pdu::AbortRQ { .. } => return Err("the peer aborted the association".into()),
             other => {
                 return Err(format!(
-                    "unexpected {} while waiting for the C-STORE response",
+                    "unexpected {} while waiting for a response",
                     other.short_description()
                 ));
             }
         }
+    }
+}
+
+/// Pending statuses of C-FIND and C-MOVE (FF00, FF01).
+fn is_pending(status: Option<u16>) -> bool {
+    matches!(status, Some(0xFF00) | Some(0xFF01))
+}
+
+/// Study Root Query/Retrieve Information Model – FIND and – MOVE.
+pub const STUDY_ROOT_FIND: &str = "1.2.840.10008.5.1.4.1.2.2.1";
+pub const STUDY_ROOT_MOVE: &str = "1.2.840.10008.5.1.4.1.2.2.2";
+const IMPLICIT_VR_LE: &str = "1.2.840.10008.1.2";
+
+/// How a C-MOVE ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Moved {
+    pub status: u16,
+    pub completed: u16,
+    pub failed: u16,
+    pub warnings: u16,
+    pub comment: String,
+}
+
+/// A query/retrieve association (study root C-FIND and C-MOVE, implicit VR little endian).
+pub struct QueryRetrieve {
+    association: ClientAssociation<TcpStream>,
+    find: u8,
+    retrieve: u8,
+    next_id: u16,
+}
+
+impl std::fmt::Debug for QueryRetrieve {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueryRetrieve").finish_non_exhaustive()
+    }
+}
+
+impl QueryRetrieve {
+    pub fn connect(peer: &Peer, calling_ae: &str) -> Result<QueryRetrieve, String> {
+        let association = ClientAssociationOptions::new()
+            .calling_ae_title(calling_ae)
+            .called_ae_title(peer.ae_title.as_str())
+            .with_presentation_context(STUDY_ROOT_FIND, vec![IMPLICIT_VR_LE])
+            .with_presentation_context(STUDY_ROOT_MOVE, vec![IMPLICIT_VR_LE])
+            .read_timeout(Duration::from_secs(120))
+            .write_timeout(Duration::from_secs(60))
+            .connection_timeout(Duration::from_secs(15))
+            .establish(peer.address.as_str())
+            .map_err(|e| format!("association with {}@{}: {e}", peer.ae_title, peer.address))?;
+        let context = |uid: &str| {
+            association
+                .presentation_contexts()
+                .iter()
+                .find(|pc| {
+                    pc.reason == PresentationContextResultReason::Acceptance
+                        && pc.abstract_syntax.trim_end_matches('\0') == uid
+                })
+                .map(|pc| pc.id)
+        };
+        let find = context(STUDY_ROOT_FIND).ok_or("the PACS does not accept study root C-FIND")?;
+        let retrieve =
+            context(STUDY_ROOT_MOVE).ok_or("the PACS does not accept study root C-MOVE")?;
+        Ok(QueryRetrieve {
+            association,
+            find,
+            retrieve,
+            next_id: 1,
+        })
+    }
+
+    fn send(&mut self, context: u8, command: Vec<u8>, identifier: Vec<u8>) -> Result<(), String> {
+        for (value_type, data) in [
+            (PDataValueType::Command, command),
+            (PDataValueType::Data, identifier),
+        ] {
+            self.association
+                .send(&Pdu::PData {
+                    data: vec![PDataValue {
+                        presentation_context_id: context,
+                        value_type,
+                        is_last: true,
+                        data,
+                    }],
+                })
+                .map_err(|e| format!("sending a request: {e}"))?;
+        }
+        Ok(())
+    }
+
+    fn message_id(&mut self) -> u16 {
+        let id = self.next_id;
+        self.next_id = self.next_id.checked_add(1).unwrap_or(1);
+        id
+    }
+
+    /// C-FIND with `keys`; returns, per match, the text of each `wanted` tag.
+    pub fn find(
+        &mut self,
+        keys: &[(Tag, VR, &str)],
+        wanted: &[Tag],
+    ) -> Result<Vec<Vec<String>>, String> {
+        let id = self.message_id();
+        self.send(
+            self.find,
+            dimse::find_request(id, STUDY_ROOT_FIND),
+            dimse::identifier(keys),
+        )?;
+        let mut matches = Vec::new();
+        loop {
+            let (command, data) = receive_message(&mut self.association)?;
+            if is_pending(command.status) {
+                if let Some(data) = data {
+                    matches.push(dimse::read_identifier(&data, wanted)?);
+                }
+                continue;
+            }
+            return match command.status {
+                Some(dimse::status::SUCCESS) => Ok(matches),
+                other => Err(format!(
+                    "C-FIND failed: status {:04X}{}",
+                    other.unwrap_or(0xFFFF),
+                    if command.error_comment.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", command.error_comment)
+                    }
+                )),
+            };
+        }
+    }
+
+    /// C-MOVE of what `keys` select to the AE `destination`; waits for the final response.
+    pub fn move_to(
+        &mut self,
+        keys: &[(Tag, VR, &str)],
+        destination: &str,
+    ) -> Result<Moved, String> {
+        let id = self.message_id();
+        self.send(
+            self.retrieve,
+            dimse::move_request(id, STUDY_ROOT_MOVE, destination),
+            dimse::identifier(keys),
+        )?;
+        loop {
+            let (command, _) = receive_message(&mut self.association)?;
+            if is_pending(command.status) {
+                continue;
+            }
+            return Ok(Moved {
+                status: command.status.unwrap_or(0xFFFF),
+                completed: command.completed.unwrap_or(0),
+                failed: command.failed.unwrap_or(0),
+                warnings: command.warnings.unwrap_or(0),
+                comment: command.error_comment,
+            });
+        }
+    }
+
+    pub fn release(self) {
+        let _ = self.association.release();
     }
 }
 
