@@ -212,6 +212,16 @@ impl SiteSecret {
         mac.finalize().into_bytes().into()
     }
 
+    /// A keyed reference to `value` for `purpose` (HMAC-SHA256 under a key derived for that
+    /// purpose), hex encoded: lets the node recognise a value it has seen (e.g. an instance
+    /// already pulled from a PACS) without keeping the value.
+    pub fn keyed(&self, purpose: &str, value: &str) -> String {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.derive(purpose))
+            .expect("HMAC-SHA256 accepts keys of any length");
+        mac.update(value.as_bytes());
+        hex::encode(mac.finalize().into_bytes())
+    }
+
     /// HMAC-SHA256 of the patient ID, hex encoded; empty when there is no ID.
     pub fn pseudonym(&self, patient_id: &str) -> String {
         let id = patient_id.trim_matches(|c: char| c.is_whitespace() || c == '\0');

@@ -24,6 +24,8 @@ pub enum FileOutcome {
 pub struct Job {
     pub id: String,
     pub folder: PathBuf,
+    /// Where the images come from: "folder", or "pacs AE@HOST:PORT" for a pull.
+    pub source: String,
     pub started_at: DateTime<Utc>,
     total: AtomicU64,
     done: AtomicU64,
@@ -38,6 +40,7 @@ impl Job {
         Job {
             id: uuid::Uuid::now_v7().to_string(),
             folder,
+            source: "folder".into(),
             started_at: Utc::now(),
             total: AtomicU64::new(0),
             done: AtomicU64::new(0),
@@ -45,6 +48,14 @@ impl Job {
             present: AtomicU64::new(0),
             rejected: Mutex::new(BTreeMap::new()),
             finished: Mutex::new(None),
+        }
+    }
+
+    /// A job that pulls from the PACS `pacs` (`AE@HOST:PORT`).
+    pub fn pull(pacs: &str) -> Job {
+        Job {
+            source: format!("pacs {pacs}"),
+            ..Job::new(PathBuf::new())
         }
     }
 
@@ -95,6 +106,7 @@ impl Job {
             started_at: Some(cxrfed_proto::timestamp(self.started_at)),
             finished_at: finished.map(|(t, _)| cxrfed_proto::timestamp(t)),
             files_per_second: done as f64 / seconds,
+            source: self.source.clone(),
         }
     }
 

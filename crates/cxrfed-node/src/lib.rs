@@ -22,6 +22,7 @@ pub mod models;
 pub mod orders;
 pub mod pipeline;
 pub mod privacy;
+pub mod pull;
 pub mod receiver;
 pub mod secret;
 mod server;

@@ -68,6 +68,11 @@ pub struct Pipeline {
 impl Pipeline {
     /// With a model, the model card's input contract (size, aspect, normalisation) replaces
     /// the configured size and aspect.
+    /// The site's keyed reference to an original UID it must recognise but not keep.
+    pub fn keyed_reference(&self, purpose: &str, value: &str) -> String {
+        self.secret.keyed(purpose, value)
+    }
+
     pub fn new(config: &NodeConfig, secret: SiteSecret, model: Option<InferenceHandle>) -> Self {
         let fallback = PreprocessOptions {
             size: config.input_size,

@@ -134,6 +134,7 @@ pub const NODE_RULES: &[(&str, Rule)] = &[
     ("ListFields", Rule::SiteAdmin),
     ("Annotate", Rule::SiteAdmin),
     ("StartIngest", Rule::SiteAdmin),
+    ("StartPull", Rule::SiteAdmin),
     ("IngestJobs", Rule::SiteAdmin),
     // Differentially private statistics, charged to the caller's own budget: researchers and
     // the coordinator (on a study's behalf); the site admin too.

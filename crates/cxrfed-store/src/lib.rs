@@ -174,6 +174,9 @@ pub struct RecordStore {
     history: sled::Tree,
     /// The site admin's settings ([`history`]).
     settings: sled::Tree,
+    /// Instances pulled from a PACS, by the site's keyed reference to their SOP Instance UID
+    /// (never the UID itself) → when.
+    pulled: sled::Tree,
     commits: std::sync::Arc<GroupCommit>,
 }
 
@@ -252,6 +255,7 @@ impl RecordStore {
             inputs: db.open_tree("model_inputs")?,
             history: db.open_tree(history::HISTORY)?,
             settings: db.open_tree(history::SETTINGS)?,
+            pulled: db.open_tree("pulled_instances")?,
             meta,
             commits: Default::default(),
             db,
@@ -337,6 +341,22 @@ impl RecordStore {
     }
 
     /// The kept model input of an image: `(size, size² bytes)`.
+    /// Whether the instance with this keyed reference was pulled and stored before.
+    pub fn is_pulled(&self, reference: &str) -> Result<bool> {
+        Ok(self.pulled.contains_key(reference.as_bytes())?)
+    }
+
+    /// Notes that the instance with this keyed reference was pulled and stored. Not flushed
+    /// on its own: a mark lost in a crash makes a rerun retrieve the instance again, which the
+    /// image-hash de-duplication then stores nothing for.
+    pub fn mark_pulled(&self, reference: &str) -> Result<()> {
+        self.pulled.insert(
+            reference.as_bytes(),
+            chrono::Utc::now().to_rfc3339().as_bytes(),
+        )?;
+        Ok(())
+    }
+
     pub fn input(&self, image_sha256: &str) -> Result<Option<(u32, Vec<u8>)>> {
         let Some(value) = self.inputs.get(image_sha256.as_bytes())? else {
             return Ok(None);

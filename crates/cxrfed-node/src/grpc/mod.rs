@@ -993,6 +993,49 @@ impl NodeService for NodeApi {
         .await
     }
 
+    async fn start_pull(
+        &self,
+        request: Request<pb::StartPullRequest>,
+    ) -> Result<Response<pb::IngestJob>, Status> {
+        let (rpc, _) = Rpc::of(&request);
+        let request = request.into_inner();
+        rpc.observe(&self.state, |_| async {
+            if self.state.shutdown().is_cancelled() {
+                return Err(NodeError::ShuttingDown);
+            }
+            let pacs = request
+                .pacs
+                .parse::<cxrfed_dicom::scu::Peer>()
+                .map_err(NodeError::InvalidRequest)?;
+            let query =
+                crate::pull::PullQuery::parse(&request.query).map_err(NodeError::InvalidRequest)?;
+            if !(request.rate.is_finite() && request.rate >= 0.0) {
+                return Err(NodeError::InvalidRequest(
+                    "rate must be a non-negative number of instances per second".into(),
+                ));
+            }
+            let calling_ae = if request.calling_ae.is_empty() {
+                self.state.config().dicom_ae.clone()
+            } else {
+                crate::receiver::validate_ae_title(&request.calling_ae)
+                    .map_err(NodeError::InvalidRequest)?;
+                request.calling_ae
+            };
+            let job = crate::pull::start(
+                self.state.clone(),
+                crate::pull::PullRequest {
+                    pacs,
+                    query,
+                    limit: request.limit,
+                    rate: request.rate,
+                    calling_ae,
+                },
+            )?;
+            Ok(job.to_pb())
+        })
+        .await
+    }
+
     async fn ingest_jobs(
         &self,
         request: Request<pb::IngestJobsRequest>,
