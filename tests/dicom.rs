@@ -787,3 +787,208 @@ fn records_export_as_tid_1500_sr_and_fhir_r4_read_by_highdicom_dcmtk_and_fhircli
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("--format dicom-sr"));
 }
+
+/// dcmtk's dcmqrscp as the hospital PACS: an index of `files` (dcmqridx), AE `PACS` on
+/// `port`, which knows the node's AE `CXRFED` at `node_dicom_port` as a move destination.
+fn start_pacs(
+    dir: &Path,
+    port: u16,
+    node_dicom_port: u16,
+    files: &[PathBuf],
+) -> std::process::Child {
+    let db = dir.join("db");
+    std::fs::create_dir_all(&db).expect("db");
+    let config = dir.join("dcmqrscp.cfg");
+    std::fs::write(
+        &config,
+        format!(
+            "NetworkTCPPort = {port}\nMaxPDUSize = 16384\nMaxAssociations = 16\n\n\
+             HostTable BEGIN\ncxrfed = ({AE}, 127.0.0.1, {node_dicom_port})\nHostTable END\n\n\
+             VendorTable BEGIN\nVendorTable END\n\n\
+             AETable BEGIN\nPACS {} RW (200, 1024mb) ANY\nAETable END\n",
+            db.display()
+        ),
+    )
+    .expect("config");
+    let mut args: Vec<String> = vec![db.display().to_string()];
+    args.extend(files.iter().map(|f| f.display().to_string()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = dcmtk("dcmqridx", &refs);
+    assert!(out.status.success(), "dcmqridx: {}", both(&out));
+    let child = Command::new(dcmtk_bin("dcmqrscp"))
+        .arg("-c")
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("dcmqrscp");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "dcmqrscp did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child
+}
+
+fn pull(node: &NodeProcess, pacs_port: u16, extra: &[&str]) -> Output {
+    let pacs = format!("PACS@127.0.0.1:{pacs_port}");
+    let profile = node.profile();
+    let mut args = vec![
+        "node",
+        "pull",
+        "--data-dir",
+        node.data_dir_str(),
+        "--profile",
+        &profile,
+        "--pacs",
+        &pacs,
+        "--rate",
+        "50",
+    ];
+    args.extend_from_slice(extra);
+    cxrfed(&args)
+}
+
+#[test]
+fn node_pull_finds_and_moves_from_dcmqrscp_resumes_and_reruns_pull_nothing_new() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (node, dicom_port) = start(dir.path(), &["--dicom-allow", "PACS@127.0.0.1"]);
+    // The PACS holds phantoms (uncompressed: dcmqrscp's move SCU proposes those).
+    let work = tempfile::tempdir().expect("tempdir");
+    let phantoms = work.path().join("phantoms");
+    let out = cxrfed(&[
+        "phantom",
+        "--out",
+        phantoms.to_str().expect("utf-8 path"),
+        "--count",
+        "8",
+        "--seed",
+        "31",
+        "--max-size",
+        "128",
+        "--transfer-syntax",
+        "explicit",
+    ]);
+    assert!(out.status.success(), "phantom: {}", text(&out.stderr));
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&phantoms)
+        .expect("phantoms")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "dcm"))
+        .collect();
+    files.sort();
+    let dx = files
+        .iter()
+        .filter(|f| {
+            let object = dicom_object::open_file(f).expect("phantom");
+            object
+                .element(dicom_dictionary_std::tags::MODALITY)
+                .ok()
+                .and_then(|e| e.to_str().ok())
+                .is_some_and(|m| m.trim() == "DX")
+        })
+        .count();
+    assert!(dx >= 2 && dx < files.len(), "{dx} DX of {}", files.len());
+    let pacs_port = free_port();
+    let mut pacs = start_pacs(work.path(), pacs_port, dicom_port, &files);
+
+    // Two DX instances, then the rest of the DX ones (the first two are not moved again),
+    // then a rerun that moves nothing.
+    let out = pull(
+        &node,
+        pacs_port,
+        &[
+            "--query",
+            "Modality=DX BodyPartExamined=CHEST",
+            "--limit",
+            "2",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "pull: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stdout).contains("retrieved 2, pulled before 0, failed 0"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert_eq!(record_count(&node), 2);
+    let out = pull(
+        &node,
+        pacs_port,
+        &["--query", "Modality=DX BodyPartExamined=CHEST"],
+    );
+    assert!(out.status.success(), "pull: {}", text(&out.stderr));
+    let expected = format!(
+        "{dx}/{dx} instances, retrieved {}, pulled before 2, failed 0",
+        dx - 2
+    );
+    assert!(
+        text(&out.stdout).contains(&expected),
+        "{expected}: {}",
+        text(&out.stdout)
+    );
+    assert_eq!(record_count(&node), dx);
+    let out = pull(&node, pacs_port, &["--query", "Modality=DX"]);
+    assert!(
+        text(&out.stdout).contains(&format!("retrieved 0, pulled before {dx}")),
+        "{}",
+        text(&out.stdout)
+    );
+    assert_eq!(record_count(&node), dx, "a rerun pulls nothing new");
+
+    // Everything: the other modality's instances arrive, each once.
+    let out = pull(&node, pacs_port, &[]);
+    assert!(out.status.success(), "pull: {}", text(&out.stderr));
+    assert_eq!(record_count(&node), files.len());
+    let status = node_status(&node);
+    assert!(status.contains("pull job"), "{status}");
+
+    // Bad requests get a clear refusal; no UID of the PACS's instances is in the store or log.
+    let out = pull(&node, pacs_port, &["--query", "PatientName=DOE"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("StudyDate, Modality and BodyPartExamined"),
+        "{}",
+        text(&out.stderr)
+    );
+    let _ = pacs.kill();
+    let _ = pacs.wait();
+    let out = pull(&node, pacs_port, &[]);
+    assert!(!out.status.success(), "a PACS that is gone fails the job");
+    let out = cxrfed(&["node", "stop", "--data-dir", node.data_dir_str()]);
+    assert!(out.status.success());
+    let mut node = node;
+    node.wait_exit(Duration::from_secs(30)).expect("stopped");
+    let stored = all_bytes(dir.path());
+    for file in &files {
+        let object = dicom_object::open_file(file).expect("phantom");
+        for tag in [
+            dicom_dictionary_std::tags::SOP_INSTANCE_UID,
+            dicom_dictionary_std::tags::STUDY_INSTANCE_UID,
+        ] {
+            let uid = object.element(tag).expect("uid").to_str().expect("text");
+            assert!(
+                !contains(&stored, uid.trim_end_matches('\0')),
+                "{uid} is stored"
+            );
+        }
+    }
+}
+
+#[test]
+fn node_pull_needs_the_receiver() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = NodeProcess::start(dir.path(), &[]);
+    let out = pull(&node, 1, &[]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("DICOM receiver"),
+        "{}",
+        text(&out.stderr)
+    );
+}

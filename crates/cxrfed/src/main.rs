@@ -125,6 +125,9 @@ enum NodeCommand {
     /// Ingest a folder on this machine's disk inside the running node (a background job);
     /// shows progress until it finishes.
     Ingest(node_cmd::NodeIngestArgs),
+    /// Pull studies from a PACS into the running node (C-FIND, then C-MOVE of each new
+    /// instance to the node's DICOM receiver; a background job, resumable, rate-limited).
+    Pull(node_cmd::NodePullArgs),
     /// Stop the node of a data directory gracefully (SIGTERM, drain, flush; forced after a grace period).
     Stop(node_cmd::StopArgs),
     /// Privacy budgets per identity (site admin, through the running node).
@@ -180,6 +183,9 @@ fn main() -> ExitCode {
         Command::Node {
             command: NodeCommand::Ingest(args),
         } => node_cmd::ingest(args),
+        Command::Node {
+            command: NodeCommand::Pull(args),
+        } => node_cmd::pull(args),
         Command::Node {
             command: NodeCommand::Budget { command },
         } => client::run(privacy_cmd::node_budget(command)),

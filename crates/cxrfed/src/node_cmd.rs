@@ -1,4 +1,4 @@
-//! `cxrfed node status | stop | ingest` (`cxrfed node serve` runs the `cxrfed-node` binary).
+//! `cxrfed node status | stop | ingest | pull` (`cxrfed node serve` runs the `cxrfed-node` binary).
 //! They read the node's PID file and talk to it over gRPC; none links node code.
 
 use std::path::{Path, PathBuf};
@@ -30,6 +30,36 @@ pub struct NodeIngestArgs {
     /// Re-extract images the node already has.
     #[arg(long)]
     force: bool,
+    /// Start the job and return (follow it with `cxrfed node status`).
+    #[arg(long)]
+    no_wait: bool,
+    /// Credentials (the site admin).
+    #[command(flatten)]
+    credentials: crate::client::Credentials,
+}
+
+#[derive(Debug, Args)]
+pub struct NodePullArgs {
+    /// The PACS to query and retrieve from: AE@HOST:PORT. It must know the node's AE title
+    /// and DICOM address (it sends the images there), and be on the node's dicom_allow.
+    #[arg(long, value_name = "AE@HOST:PORT")]
+    pacs: String,
+    /// Query keys: StudyDate (YYYYMMDD or a range), Modality, BodyPartExamined, e.g.
+    /// 'Modality=CR StudyDate=20240101-20241231 BodyPartExamined=CHEST'.
+    #[arg(long, default_value = "")]
+    query: String,
+    /// At most this many instances.
+    #[arg(long)]
+    limit: Option<u64>,
+    /// At most this many instances per second (default 5), so a clinical PACS is not flooded.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// The AE title the node calls the PACS as [default: the node's own, dicom_ae].
+    #[arg(long, value_name = "AE")]
+    calling_ae: Option<String>,
+    /// Node data directory [default: the embedded default].
+    #[arg(long, env = "CXRFED_NODE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
     /// Start the job and return (follow it with `cxrfed node status`).
     #[arg(long)]
     no_wait: bool,
@@ -84,55 +114,116 @@ pub fn ingest(args: NodeIngestArgs) -> anyhow::Result<ExitCode> {
         if args.no_wait {
             return Ok(ExitCode::SUCCESS);
         }
-        let bar = indicatif::ProgressBar::new(0);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} files  {msg}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        loop {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            let jobs = client
-                .ingest_jobs(pb::IngestJobsRequest {
-                    job_id: job.job_id.clone(),
-                })
-                .await
-                .map_err(crate::client::status_error)?
-                .into_inner()
-                .jobs;
-            let Some(now) = jobs.into_iter().next() else {
-                bail!("the node lost job {}", job.job_id);
-            };
-            bar.set_length(now.files_total);
-            bar.set_position(now.files_done);
-            bar.set_message(format!(
-                "{:.1} files/s, {} rejected",
-                now.files_per_second, now.rejected
-            ));
-            if now.state != "running" {
-                bar.finish_and_clear();
-                println!("{}", describe_job(&now));
-                return Ok(if now.state == "done" {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::FAILURE
-                });
-            }
-        }
+        follow(&mut client, job, "files").await
     })
 }
 
-fn describe_job(job: &cxrfed_proto::v1::IngestJob) -> String {
-    let mut text = format!(
-        "job {} {}: {}/{} files, ingested {}, already present {}, rejected {} ({:.1} files/s)",
-        job.job_id,
-        job.state,
-        job.files_done,
-        job.files_total,
-        job.ingested,
-        job.already_present,
-        job.rejected,
-        job.files_per_second
+/// `cxrfed node pull --pacs AE@HOST:PORT`: a pull job inside the running node.
+pub fn pull(args: NodePullArgs) -> anyhow::Result<ExitCode> {
+    use cxrfed_proto::v1 as pb;
+    let layout = layout(args.data_dir.clone());
+    let Some(pid) = process::running(&layout) else {
+        bail!(
+            "no node is running on {}; start one with `cxrfed node serve`",
+            layout.data_dir().display()
+        );
+    };
+    let url = pid.local_url();
+    crate::client::run(async move {
+        let mut client = args.credentials.connect_node(Some(&url)).await?;
+        let job = client
+            .start_pull(pb::StartPullRequest {
+                pacs: args.pacs.clone(),
+                query: args.query.clone(),
+                limit: args.limit.unwrap_or(0),
+                rate: args.rate.unwrap_or(0.0),
+                calling_ae: args.calling_ae.clone().unwrap_or_default(),
+            })
+            .await
+            .map_err(crate::client::status_error)?
+            .into_inner();
+        println!("pull job {} started from {}", job.job_id, args.pacs);
+        if args.no_wait {
+            return Ok(ExitCode::SUCCESS);
+        }
+        follow(&mut client, job, "instances").await
+    })
+}
+
+/// Follows a job with a progress bar until it ends; prints its summary.
+async fn follow(
+    client: &mut cxrfed_proto::v1::node_service_client::NodeServiceClient<
+        tonic::transport::Channel,
+    >,
+    job: cxrfed_proto::v1::IngestJob,
+    unit: &str,
+) -> anyhow::Result<ExitCode> {
+    use cxrfed_proto::v1 as pb;
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{{bar:30}} {{pos}}/{{len}} {unit}  {{msg}}"
+        ))
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let jobs = client
+            .ingest_jobs(pb::IngestJobsRequest {
+                job_id: job.job_id.clone(),
+            })
+            .await
+            .map_err(crate::client::status_error)?
+            .into_inner()
+            .jobs;
+        let Some(now) = jobs.into_iter().next() else {
+            bail!("the node lost job {}", job.job_id);
+        };
+        bar.set_length(now.files_total);
+        bar.set_position(now.files_done);
+        bar.set_message(format!(
+            "{:.1} {unit}/s, {} rejected",
+            now.files_per_second, now.rejected
+        ));
+        if now.state != "running" {
+            bar.finish_and_clear();
+            println!("{}", describe_job(&now));
+            return Ok(if now.state == "done" {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
+        }
+    }
+}
+
+fn describe_job(job: &cxrfed_proto::v1::IngestJob) -> String {
+    let mut text = if job.source.starts_with("pacs ") {
+        format!(
+            "pull job {} from {} {}: {}/{} instances, retrieved {}, pulled before {}, failed {} ({:.1} instances/s)",
+            job.job_id,
+            job.source.trim_start_matches("pacs "),
+            job.state,
+            job.files_done,
+            job.files_total,
+            job.ingested,
+            job.already_present,
+            job.rejected,
+            job.files_per_second
+        )
+    } else {
+        format!(
+            "job {} {}: {}/{} files, ingested {}, already present {}, rejected {} ({:.1} files/s)",
+            job.job_id,
+            job.state,
+            job.files_done,
+            job.files_total,
+            job.ingested,
+            job.already_present,
+            job.rejected,
+            job.files_per_second
+        )
+    };
     for (reason, n) in &job.rejected_by_reason {
         text.push_str(&format!("\n    rejected {reason}: {n}"));
     }
@@ -236,7 +327,11 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
                 }
             }
             for job in &s.ingest_jobs {
-                println!("  ingest {}", describe_job(job));
+                if job.source.starts_with("pacs ") {
+                    println!("  {}", describe_job(job));
+                } else {
+                    println!("  ingest {}", describe_job(job));
+                }
             }
         }
         Err(e) => println!("  status RPC:     unavailable ({e:#})"),
