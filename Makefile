@@ -68,12 +68,13 @@ check-layers: build
 	@for p in cxrfed-coordinator cxrfed cxrfed-fl; do \
 	  if $(CARGO) tree --locked -p $$p -e normal --prefix none | grep -Eq '^(tch|torch-sys) '; then \
 	    echo "error: $$p depends on tch/torch-sys"; exit 1; fi; done
-	@if $(CARGO) tree --locked -p cxrfed-fl -e normal --prefix none | grep -Eq '^(tonic|prost) '; then \
-	  echo "error: cxrfed-fl depends on tonic/prost"; exit 1; fi
+	@for p in cxrfed-fl cxrfed-dicom; do \
+	  if $(CARGO) tree --locked -p $$p -e normal --prefix none | grep -Eq '^(tonic|prost|tch|torch-sys|sled) '; then \
+	    echo "error: $$p depends on tonic/prost/tch/sled"; exit 1; fi; done
 	@for b in cxrfed cxrfed-coordinator; do \
 	  if readelf -d target/debug/$$b | grep -q torch; then \
 	    echo "error: target/debug/$$b links libtorch"; exit 1; fi; done
-	@echo "layers: cxrfed, cxrfed-coordinator and cxrfed-fl are torch-free; cxrfed-fl is tonic-free"
+	@echo "layers: cxrfed, cxrfed-coordinator and cxrfed-fl are torch-free; cxrfed-fl and cxrfed-dicom are tonic-, torch- and sled-free"
 
 bench: bench-imaging bench-model bench-tls bench-research bench-privacy bench-federation bench-training bench-footprint
 
