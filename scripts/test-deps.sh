@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Debian packages whose programs the suite uses as real clients, installed when missing:
-# dcmtk (echoscu, storescu, dcmcjpls) for the DICOM receiver's tests. Runs as root, or
+# dcmtk (echoscu, storescu, storescp, dcmqrscp, dsrdump) for the DICOM receiver's, pull's and
+# SR export's tests, and dicom3tools (dciodvfy) for the SR export's. Runs as root, or
 # through sudo when it is available.
 set -euo pipefail
 missing=()
-command -v storescu >/dev/null 2>&1 || missing+=(dcmtk)
+command -v dcmqrscp >/dev/null 2>&1 || missing+=(dcmtk)
+command -v dciodvfy >/dev/null 2>&1 || missing+=(dicom3tools)
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi

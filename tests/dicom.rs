@@ -13,7 +13,7 @@ use cxrfed_e2e::{
 
 const AE: &str = "CXRFED";
 
-/// A dcmtk program: the first on PATH outside a Python virtualenv (pynetdicom installs its
+/// A dcmtk (or dicom3tools) program: the first on PATH outside a Python virtualenv (pynetdicom installs its
 /// own `echoscu`/`storescu` apps into the venv's bin, which the suite puts first).
 fn dcmtk_bin(program: &str) -> PathBuf {
     let path = std::env::var_os("PATH").unwrap_or_default();
@@ -593,9 +593,12 @@ fn records_export_as_tid_1500_sr_and_fhir_r4_read_by_highdicom_dcmtk_and_fhircli
     let sent = storescu(port, "PACS", &[], &refs);
     assert_eq!(sent.stored, files.len(), "{}", sent.output);
     let out = node.cli(&["records", "--limit", "100"]);
-    let record_ids: Vec<String> = text(&out.stdout)
+    let records: Vec<serde_json::Value> = text(&out.stdout)
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .collect();
+    let record_ids: Vec<String> = records
+        .iter()
         .map(|r| r["record_id"].as_str().unwrap_or_default().to_string())
         .collect();
     assert_eq!(record_ids.len(), files.len());
@@ -662,7 +665,59 @@ fn records_export_as_tid_1500_sr_and_fhir_r4_read_by_highdicom_dcmtk_and_fhircli
         let ctr = &report["measurements"]["Cardiothoracic ratio"];
         assert_eq!(ctr[1], "{ratio}", "UCUM units: {report}");
         let ratio = ctr[0].as_f64().expect("a number");
-        assert!((0.0..=1.0).contains(&ratio), "{report}");
+        // The findings read back are the record's.
+        let record = records
+            .iter()
+            .find(|r| r["record_id"] == tracking)
+            .expect("the record");
+        let findings = &record["findings"];
+        let stored_ratio = findings["mediastinum"]["cardiothoracic_ratio"]["value"]
+            .as_f64()
+            .expect("ratio");
+        assert!(
+            (ratio - stored_ratio).abs() < 1e-5,
+            "{ratio} vs {stored_ratio}"
+        );
+        let code_of = |value: &serde_json::Value| -> String {
+            match value {
+                serde_json::Value::Bool(true) => "373066001".into(),
+                serde_json::Value::Bool(false) => "373067005".into(),
+                v => match v.as_str().unwrap_or_default() {
+                    "normal" => "17621005".into(),
+                    "mild" => "255604002".into(),
+                    "moderate" => "6736007".into(),
+                    "severe" => "24484000".into(),
+                    other => other.to_string(),
+                },
+            }
+        };
+        for (meaning, finding) in [
+            ("Image quality", &findings["image_quality"]),
+            (
+                "Costophrenic angles",
+                &findings["diaphragm"]["costophrenic_angle"],
+            ),
+            ("Rib fracture", &findings["thorax"]["rib_fracture"]),
+            (
+                "Cardiac silhouette",
+                &findings["mediastinum"]["cardiac_contour"],
+            ),
+            (
+                "Lung opacity severity",
+                &findings["lungs"]["opacity_severity"],
+            ),
+        ] {
+            assert_eq!(
+                quals[meaning][0].as_str().unwrap_or_default(),
+                code_of(&finding["value"]),
+                "{meaning}: {report} vs {finding}"
+            );
+            let p = report["probabilities"][meaning]
+                .as_f64()
+                .expect("probability");
+            let stored = finding["probability"].as_f64().expect("probability");
+            assert!((p - stored).abs() < 1e-5, "{meaning}: {p} vs {stored}");
+        }
         for uid in ["sop_instance", "study", "tracking_uid"] {
             assert!(
                 report[uid]
@@ -682,6 +737,13 @@ fn records_export_as_tid_1500_sr_and_fhir_r4_read_by_highdicom_dcmtk_and_fhircli
         let stderr = text(&out.stderr);
         let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("E:")).collect();
         assert!(errors.is_empty(), "{path}: {errors:?}");
+    }
+    // dicom3tools' dciodvfy (the IOD and its modules) reports no error.
+    for path in &paths {
+        let out = dcmtk("dciodvfy", &[path.as_str()]);
+        let report = both(&out);
+        let errors: Vec<&str> = report.lines().filter(|l| l.starts_with("Error")).collect();
+        assert!(errors.is_empty(), "dciodvfy {path}: {errors:?}\n{report}");
     }
     let mut all = Vec::new();
     for path in &paths {

@@ -16,6 +16,19 @@ def walk(items):
         yield from walk(getattr(item, "ContentSequence", []))
 
 
+def probabilities(sr):
+    """The model's probability of each finding: the NUM (CXR-PROB) each CODE or NUM item of the
+    report has as its property, read from the data set as written."""
+    found = {}
+    for item in walk(sr.ContentSequence):
+        for child in getattr(item, "ContentSequence", []):
+            concept = child.ConceptNameCodeSequence[0]
+            if child.ValueType == "NUM" and concept.CodeValue == "CXR-PROB":
+                meaning = item.ConceptNameCodeSequence[0].CodeMeaning
+                found[meaning] = float(child.MeasuredValueSequence[0].NumericValue)
+    return found
+
+
 out = []
 for path in sys.argv[1:]:
     sr = hd.sr.srread(path)
@@ -42,6 +55,7 @@ for path in sys.argv[1:]:
                 q.name.meaning: [q.value.value, q.value.scheme_designator]
                 for q in group.get_qualitative_evaluations()
             },
+            "probabilities": probabilities(sr),
             "measurements": {
                 m.name.meaning: [m.value, m.unit.value] for m in group.get_measurements()
             },
