@@ -15,7 +15,7 @@ ifeq ($(CI),true)
 export CARGO_INCREMENTAL := 0
 endif
 
-.PHONY: test-deps demo test fuzz fuzz-smoke check-layers venv sdk build bench bench-imaging bench-model bench-tls bench-research bench-privacy bench-federation bench-training bench-footprint model lint clean-venv
+.PHONY: test-deps demo test fuzz fuzz-smoke check-layers venv sdk build bench bench-imaging bench-model bench-tls bench-dicom bench-research bench-privacy bench-federation bench-training bench-footprint model lint clean-venv
 
 $(STAMP): requirements-dev.txt
 	@test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -76,7 +76,7 @@ check-layers: build
 	    echo "error: target/debug/$$b links libtorch"; exit 1; fi; done
 	@echo "layers: cxrfed, cxrfed-coordinator and cxrfed-fl are torch-free; cxrfed-fl and cxrfed-dicom are tonic-, torch- and sled-free"
 
-bench: bench-imaging bench-model bench-tls bench-research bench-privacy bench-federation bench-training bench-footprint
+bench: bench-imaging bench-model bench-tls bench-dicom bench-research bench-privacy bench-federation bench-training bench-footprint
 
 bench-imaging: venv
 	$(CARGO) build --locked --release $(BINS) --bins
@@ -113,6 +113,10 @@ bench-training: venv
 bench-footprint: venv
 	$(CARGO) build --locked --release $(BINS) --bins
 	$(PYTHON) bench/footprint.py --after target/release $(if $(BEFORE),--before $(BEFORE)) --out docs/bench/footprint.md
+
+bench-dicom: venv test-deps
+	$(CARGO) build --locked --release $(BINS) --bins
+	$(PYTHON) bench/dicom.py --cxrfed target/release/cxrfed --out docs/bench/dicom.md
 
 bench-research: venv
 	$(CARGO) build --locked --release $(BINS) --bins
