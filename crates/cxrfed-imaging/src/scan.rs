@@ -213,6 +213,7 @@ fn walk<R: Read>(
                 if u64::from(len) > room {
                     return Err(past_end(tag, len, room));
                 }
+                whole_values(header.vr(), len, tag)?;
                 decoder.skip_bytes(len).map_err(malformed)?;
             }
         }
@@ -221,6 +222,27 @@ fn walk<R: Read>(
         return Err(ImagingError::MalformedDicom(
             "the file ends inside a sequence (truncated)".into(),
         ));
+    }
+    Ok(())
+}
+
+/// A binary value must hold whole values of its VR. dicom-parser reads `len / size` values
+/// but counts `len` bytes as read, so a ragged length leaves its reader a few bytes behind its
+/// own position: every element after it is then parsed from the wrong offset, past what this
+/// walk checked (found by fuzzing: a 38 KB deflated file whose odd-length SS element made
+/// dicom-parser read a 1.4 GB length and allocate it).
+fn whole_values(vr: VR, len: u32, tag: Tag) -> Result<(), ImagingError> {
+    let size = match vr {
+        VR::US | VR::SS | VR::OW => 2,
+        VR::UL | VR::SL | VR::FL | VR::OF | VR::OL | VR::AT => 4,
+        VR::FD | VR::OD | VR::SV | VR::UV | VR::OV => 8,
+        _ => 1,
+    };
+    if len % size != 0 {
+        return Err(ImagingError::MalformedDicom(format!(
+            "element {tag} ({vr:?}) has {len} bytes, not a whole number of {size}-byte values \
+             (corrupt file)"
+        )));
     }
     Ok(())
 }
@@ -350,6 +372,28 @@ mod tests {
         let err = check(&bytes, 1 << 20).expect_err("hostile");
         assert!(
             err.to_string().contains("declares 4294967280 bytes"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_binary_value_of_ragged_length_is_refused() {
+        let ss = DataElement::new(
+            Tag(0x0029, 0x1011),
+            VR::SS,
+            PrimitiveValue::I16([1i16, 2].into_iter().collect()),
+        );
+        let mut bytes = file(EXPLICIT_LE, vec![ss]);
+        check(&bytes, 1 << 20).expect("whole values pass");
+        let at = bytes
+            .windows(4)
+            .position(|w| w == b"SS\x04\0")
+            .expect("SS header");
+        bytes[at + 2] = 3;
+        let err = check(&bytes, 1 << 20).expect_err("ragged");
+        assert!(
+            err.to_string()
+                .contains("not a whole number of 2-byte values"),
             "{err}"
         );
     }
