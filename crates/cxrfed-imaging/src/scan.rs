@@ -238,7 +238,7 @@ fn whole_values(vr: VR, len: u32, tag: Tag) -> Result<(), ImagingError> {
         VR::FD | VR::OD | VR::SV | VR::UV | VR::OV => 8,
         _ => 1,
     };
-    if len % size != 0 {
+    if !len.is_multiple_of(size) {
         return Err(ImagingError::MalformedDicom(format!(
             "element {tag} ({vr:?}) has {len} bytes, not a whole number of {size}-byte values \
              (corrupt file)"
