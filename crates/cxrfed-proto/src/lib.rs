@@ -46,6 +46,20 @@ pub fn chunks(task_id: &str, data: prost::bytes::Bytes) -> impl Iterator<Item = 
 
 #[cfg(test)]
 mod tests {
+    /// Found by fuzzing (proto_messages): a NodeMessage whose report has two metrics. With
+    /// HashMap maps its re-encoding changed order from one encode to the next.
+    #[test]
+    fn messages_with_maps_encode_deterministically() {
+        use prost::Message;
+        let bytes = [42u8, 5, 83, 3, 10, 1, 96, 42, 5, 83, 3, 10, 1, 64];
+        let message = super::v1::NodeMessage::decode(&bytes[..]).expect("decodes");
+        let encoded = message.encode_to_vec();
+        for _ in 0..16 {
+            let again = super::v1::NodeMessage::decode(encoded.as_slice()).expect("decodes");
+            assert_eq!(again.encode_to_vec(), encoded);
+        }
+    }
+
     #[test]
     fn chunks_cover_the_buffer_in_order() {
         let data = prost::bytes::Bytes::from(vec![7u8; 2 * super::CHUNK_BYTES + 5]);

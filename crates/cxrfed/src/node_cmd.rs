@@ -341,10 +341,8 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// "reason: n, reason: n" in the map's order.
-fn counts(map: &std::collections::HashMap<String, u64>) -> String {
-    let sorted: std::collections::BTreeMap<_, _> = map.iter().collect();
-    sorted
-        .into_iter()
+fn counts(map: &std::collections::BTreeMap<String, u64>) -> String {
+    map.iter()
         .map(|(reason, n)| format!("{reason}: {n}"))
         .collect::<Vec<_>>()
         .join(", ")
