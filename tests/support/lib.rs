@@ -496,6 +496,11 @@ pub async fn try_every_node_rpc(channel: tonic::transport::Channel) -> Vec<Strin
                     .await
                     .map(drop),
             ),
+            "StartPull" => denied(
+                c.start_pull(pb::StartPullRequest::default())
+                    .await
+                    .map(drop),
+            ),
             "IngestJobs" => denied(
                 c.ingest_jobs(pb::IngestJobsRequest::default())
                     .await
