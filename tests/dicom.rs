@@ -421,6 +421,77 @@ fn dicom_tls_with_the_node_certificate() {
     let out = storescu(port, "PACS", &["+tla", "+cf", ca], &[&rg1("RG1_UNCR.dcm")]);
     assert_eq!(out.stored, 1, "storescu over TLS: {}", out.output);
     assert_eq!(record_count(&node), 1);
+    // The DICOM port follows a rotation of the node's certificate, as the gRPC port does:
+    // the certificate a new TLS connection gets is the new one.
+    let served = || -> String {
+        let out = Command::new(venv_python())
+            .args([
+                "-c",
+                "import ssl, sys, hashlib; pem = ssl.get_server_certificate(('127.0.0.1', int(sys.argv[1]))); \
+                 print(hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem)).hexdigest())",
+                &port.to_string(),
+            ])
+            .output()
+            .expect("python");
+        text(&out.stdout).trim().to_string()
+    };
+    let node_dir = node.pki.root.join("node-local");
+    let fingerprint = |dir: &Path| -> String {
+        let pem = std::fs::read_to_string(dir.join("cert.pem")).expect("cert");
+        let der = pem
+            .lines()
+            .filter(|l| !l.starts_with("-----"))
+            .collect::<String>();
+        let out = Command::new(venv_python())
+            .args([
+                "-c",
+                "import base64, hashlib, sys; print(hashlib.sha256(base64.b64decode(sys.argv[1])).hexdigest())",
+                &der,
+            ])
+            .output()
+            .expect("python");
+        text(&out.stdout).trim().to_string()
+    };
+    let before = fingerprint(&node_dir);
+    assert_eq!(
+        served(),
+        before,
+        "the DICOM port serves the node's certificate"
+    );
+    let ca_dir = node.pki.root.join("ca");
+    let out = cxrfed(&[
+        "certs",
+        "issue",
+        "--ca",
+        ca_dir.to_str().expect("path"),
+        "--role",
+        "node",
+        "--name",
+        "node-local",
+        "--site",
+        "local",
+        "--force",
+        "--out",
+        node_dir.to_str().expect("path"),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let after = fingerprint(&node_dir);
+    assert_ne!(before, after);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while served() != after {
+        assert!(
+            Instant::now() < deadline,
+            "the DICOM port kept the old certificate"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = echoscu(port, "PACS", &["+tla", "+cf", ca]);
+    assert!(
+        out.status.success(),
+        "echoscu after rotation: {}",
+        both(&out)
+    );
+
     // Plaintext to the TLS port gets nowhere.
     let out = echoscu(port, "PACS", &[]);
     assert!(

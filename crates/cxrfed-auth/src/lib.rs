@@ -22,7 +22,7 @@ pub use identity::{Identity, Role};
 pub use listener::{
     ConnectionLimits, PeerAuth, PeerInfo, ServerTransport, incoming, incoming_with,
 };
-pub use tls::{ClientCredentials, ReloadingTls, ServerCheck, TlsPaths, dicom_server_config};
+pub use tls::{ClientCredentials, ReloadingTls, ServerCheck, TlsPaths};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {

@@ -77,22 +77,14 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// hospital's PACS, a router) hold no study certificate: they are admitted by AE title and
 /// address, and TLS protects the images in transit and proves the node to them. The gRPC
 /// listeners stay TLS 1.3 with mutual authentication.
-pub fn dicom_server_config(paths: &TlsPaths) -> Result<Arc<rustls::ServerConfig>, AuthError> {
-    let files = read_files(paths)?;
-    let chain = read_chain(&paths.cert, &files.cert)?;
-    let key = read_key(&paths.key, &files.key)?;
+fn dicom_config(
+    chain: Vec<CertificateDer<'static>>,
+    key: rustls::pki_types::PrivateKeyDer<'static>,
+) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
     let config = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| AuthError::Invalid(format!("TLS: {e}")))?
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .map_err(|e| {
-            AuthError::Invalid(format!(
-                "{} and {} do not form a usable pair: {e}",
-                paths.cert.display(),
-                paths.key.display()
-            ))
-        })?;
+        .with_single_cert(chain, key)?;
     Ok(Arc::new(config))
 }
 
@@ -100,6 +92,9 @@ pub fn dicom_server_config(paths: &TlsPaths) -> Result<Arc<rustls::ServerConfig>
 #[derive(Debug)]
 pub struct ServerMaterial {
     pub config: Arc<rustls::ServerConfig>,
+    /// The same certificate for DICOM TLS (TLS 1.2/1.3, no client certificate): the node's
+    /// DICOM receiver takes it per association, so it follows reloads like the gRPC port.
+    pub dicom: Arc<rustls::ServerConfig>,
     /// The server's own identity (from its certificate).
     pub own: Identity,
     strict: Arc<dyn ClientCertVerifier>,
@@ -172,6 +167,14 @@ impl ServerMaterial {
         let deferred = Arc::new(DeferredClientVerifier {
             strict: strict.clone(),
         });
+        let pair_error = |e: rustls::Error| {
+            AuthError::Invalid(format!(
+                "{} and {} do not form a usable pair: {e}",
+                paths.cert.display(),
+                paths.key.display()
+            ))
+        };
+        let dicom = dicom_config(chain.clone(), key.clone_key()).map_err(pair_error)?;
         let mut config = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| AuthError::Invalid(format!("TLS: {e}")))?
@@ -187,6 +190,7 @@ impl ServerMaterial {
         config.alpn_protocols = vec![b"h2".to_vec()];
         Ok(ServerMaterial {
             config: Arc::new(config),
+            dicom,
             own,
             strict,
             revoked,

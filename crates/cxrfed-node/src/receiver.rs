@@ -142,7 +142,8 @@ pub struct ReceiverSettings {
     pub queue: usize,
     pub buffer_bytes: u64,
     pub max_instance_bytes: u64,
-    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// DICOM TLS with the node's certificate, as currently loaded (it follows reloads).
+    pub tls: Option<Arc<cxrfed_auth::ReloadingTls>>,
 }
 
 /// Counters for `node status` (the site admin's view; never an identifier).
@@ -381,8 +382,8 @@ impl Receiver {
             options = options.with_transfer_syntax(*uid);
         }
         match &self.settings.tls {
-            Some(config) => {
-                let options = options.tls_config(config.clone());
+            Some(tls) => {
+                let options = options.tls_config(tls.current().dicom.clone());
                 match options.establish_tls_async(socket).await {
                     Ok(association) => self.serve(association, peer).await,
                     Err(e) => self.rejected(&e, peer),

@@ -51,18 +51,18 @@ pub enum ServeError {
 }
 
 /// The DICOM receiver's settings from the (validated) configuration.
-fn receiver_settings(config: &NodeConfig) -> Result<crate::receiver::ReceiverSettings, ServeError> {
+fn receiver_settings(
+    config: &NodeConfig,
+    tls: Option<&Arc<ReloadingTls>>,
+) -> Result<crate::receiver::ReceiverSettings, ServeError> {
     let allow = config
         .dicom_allow
         .iter()
         .map(|entry| entry.parse())
         .collect::<Result<Vec<_>, String>>()
         .map_err(|e| ServeError::Config(crate::config::ConfigError::Invalid(e)))?;
-    let tls = if config.dicom_tls {
-        Some(cxrfed_auth::dicom_server_config(&config.tls_paths()?)?)
-    } else {
-        None
-    };
+    // The node's own reloading TLS material: the DICOM port serves its current certificate.
+    let tls = if config.dicom_tls { tls.cloned() } else { None };
     Ok(crate::receiver::ReceiverSettings {
         ae_title: config.dicom_ae.clone(),
         allow,
@@ -246,7 +246,7 @@ pub async fn serve(
     }
 
     if let Some(address) = state.config().dicom_listen {
-        let settings = receiver_settings(state.config())?;
+        let settings = receiver_settings(state.config(), state.tls())?;
         let dicom = TcpListener::bind(address)
             .await
             .map_err(|source| ServeError::DicomListen {
