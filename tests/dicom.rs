@@ -7,8 +7,8 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use cxrfed_e2e::{
-    NodeProcess, cxrfed, free_port, pydicom_data_dir, text, venv_python, workspace_root,
-    write_phantoms,
+    NodeProcess, all_bytes, contains, cxrfed, free_port, pydicom_data_dir, text, venv_python,
+    workspace_root, write_phantoms,
 };
 
 const AE: &str = "CXRFED";
@@ -163,29 +163,6 @@ fn start(dir: &Path, extra: &[&str]) -> (NodeProcess, u16) {
     let node = NodeProcess::start(dir, &args);
     let port = dicom_port(&node);
     (node, port)
-}
-
-/// Every file below `dir`, concatenated (sled files, logs).
-fn all_bytes(dir: &Path) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).expect("read dir").flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else if let Ok(bytes) = std::fs::read(&path) {
-                out.extend(bytes);
-            }
-        }
-    }
-    out
-}
-
-fn contains(haystack: &[u8], needle: &str) -> bool {
-    haystack
-        .windows(needle.len())
-        .any(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
 }
 
 /// RG1's identifiers and original UIDs, read with pydicom.
@@ -437,20 +414,9 @@ fn dicom_tls_with_the_node_certificate() {
     };
     let node_dir = node.pki.root.join("node-local");
     let fingerprint = |dir: &Path| -> String {
-        let pem = std::fs::read_to_string(dir.join("cert.pem")).expect("cert");
-        let der = pem
-            .lines()
-            .filter(|l| !l.starts_with("-----"))
-            .collect::<String>();
-        let out = Command::new(venv_python())
-            .args([
-                "-c",
-                "import base64, hashlib, sys; print(hashlib.sha256(base64.b64decode(sys.argv[1])).hexdigest())",
-                &der,
-            ])
-            .output()
-            .expect("python");
-        text(&out.stdout).trim().to_string()
+        cxrfed_auth::pki::inspect(&dir.join(cxrfed_auth::pki::CERT))
+            .expect("inspect")
+            .fingerprint_sha256
     };
     let before = fingerprint(&node_dir);
     assert_eq!(

@@ -1,12 +1,11 @@
 //! End-to-end tests of the node: the real `cxrfed` binary serving on a loopback port, talked to
 //! through the generated gRPC client and through the CLI, with real files and a real sled store.
 
-use std::path::Path;
 use std::time::Duration;
 
 use cxrfed_e2e::{
-    NodeProcess, TestDicom, cxrfed, pydicom_data_dir, pydicom_test_files_dir, venv_python,
-    write_phantoms,
+    NodeProcess, TestDicom, all_bytes, contains, cxrfed, pydicom_data_dir, pydicom_test_files_dir,
+    venv_python, write_phantoms,
 };
 use cxrfed_proto::v1 as pb;
 use cxrfed_proto::v1::node_service_client::NodeServiceClient;
@@ -86,29 +85,6 @@ async fn list_all(
 
 fn rg1(name: &str) -> Vec<u8> {
     std::fs::read(pydicom_data_dir().join(name)).expect("RG1 file from pydicom-data")
-}
-
-/// Every file below `dir`, concatenated, for byte searches over sled files and logs.
-fn all_bytes(dir: &Path) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).expect("read dir").flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else if let Ok(bytes) = std::fs::read(&path) {
-                out.extend(bytes);
-            }
-        }
-    }
-    out
-}
-
-fn contains(haystack: &[u8], needle: &str) -> bool {
-    haystack
-        .windows(needle.len())
-        .any(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
 }
 
 #[tokio::test(flavor = "multi_thread")]

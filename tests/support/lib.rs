@@ -115,6 +115,30 @@ pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// Every file below `dir`, concatenated, for byte searches over sled files and logs.
+pub fn all_bytes(dir: &Path) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).expect("read dir").flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if let Ok(bytes) = std::fs::read(&path) {
+                out.extend(bytes);
+            }
+        }
+    }
+    out
+}
+
+/// Whether `needle` occurs in `haystack`, ASCII case-insensitively.
+pub fn contains(haystack: &[u8], needle: &str) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
+}
+
 /// `cxrfed phantom --out DIR --count N --seed S --max-size PX`: phantoms with their labels.
 pub fn write_phantoms(dir: &Path, count: u32, seed: u32, max_size: u32) {
     let out = cxrfed(&[
