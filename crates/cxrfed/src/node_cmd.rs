@@ -87,19 +87,24 @@ pub fn running_node_url(data_dir: &Path) -> Option<String> {
     process::running(&ServerKind::Node.layout(data_dir)).map(|p| p.local_url())
 }
 
+/// The local URL of the node running on a data directory, or why there is none.
+fn local_url(data_dir: Option<PathBuf>) -> anyhow::Result<String> {
+    let layout = layout(data_dir);
+    match process::running(&layout) {
+        Some(pid) => Ok(pid.local_url()),
+        None => bail!(
+            "no node is running on {}; start one with `cxrfed node serve`",
+            layout.data_dir().display()
+        ),
+    }
+}
+
 /// `cxrfed node ingest FOLDER`: an ingest job inside the running node of a data directory.
 pub fn ingest(args: NodeIngestArgs) -> anyhow::Result<ExitCode> {
     use cxrfed_proto::v1 as pb;
-    let layout = layout(args.data_dir.clone());
-    let Some(pid) = process::running(&layout) else {
-        bail!(
-            "no node is running on {}; start one with `cxrfed node serve`",
-            layout.data_dir().display()
-        );
-    };
+    let url = local_url(args.data_dir.clone())?;
     let folder = std::fs::canonicalize(&args.folder)
         .with_context(|| format!("{} is not a folder", args.folder.display()))?;
-    let url = pid.local_url();
     crate::client::run(async move {
         let mut client = args.credentials.connect_node(Some(&url)).await?;
         let job = client
@@ -121,14 +126,7 @@ pub fn ingest(args: NodeIngestArgs) -> anyhow::Result<ExitCode> {
 /// `cxrfed node pull --pacs AE@HOST:PORT`: a pull job inside the running node.
 pub fn pull(args: NodePullArgs) -> anyhow::Result<ExitCode> {
     use cxrfed_proto::v1 as pb;
-    let layout = layout(args.data_dir.clone());
-    let Some(pid) = process::running(&layout) else {
-        bail!(
-            "no node is running on {}; start one with `cxrfed node serve`",
-            layout.data_dir().display()
-        );
-    };
-    let url = pid.local_url();
+    let url = local_url(args.data_dir.clone())?;
     crate::client::run(async move {
         let mut client = args.credentials.connect_node(Some(&url)).await?;
         let job = client
@@ -252,7 +250,6 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     println!("  pid:            {}", pid.pid);
     println!("  listen:         {}", pid.listen);
     println!("  data directory: {}", data_dir.display());
-    let url = pid.local_url();
     println!(
         "  transport:      {}",
         if pid.tls {
@@ -261,6 +258,7 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
             "PLAINTEXT (--insecure-dev)"
         }
     );
+    let url = pid.local_url();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
