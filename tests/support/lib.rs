@@ -485,6 +485,13 @@ pub async fn try_every_node_rpc(channel: tonic::transport::Channel) -> Vec<Strin
                 .await
                 .map(drop),
             ),
+            "GetRecordInput" => denied(
+                c.get_record_input(pb::GetRecordRequest {
+                    record_id: record_id.clone(),
+                })
+                .await
+                .map(drop),
+            ),
             "ListRecords" => denied(
                 c.list_records(pb::ListRecordsRequest::default())
                     .await

@@ -37,5 +37,5 @@ pub use decode::{
 };
 pub use deidentify::{BurnedInPolicy, Deidentified, SiteSecret};
 pub use error::ImagingError;
-pub use preprocess::{Aspect, PreprocessOptions, preprocess};
+pub use preprocess::{Aspect, PreprocessOptions, input_png, preprocess};
 pub use sniff::{Format, sniff};

@@ -320,3 +320,25 @@ mod tests {
         }
     }
 }
+
+/// A square 8-bit model input (`size²` bytes, row-major) as a grayscale PNG, for people to
+/// look at (the console's thumbnail). None when the length does not match the size.
+pub fn input_png(size: u32, pixels: &[u8]) -> Option<Vec<u8>> {
+    let image = image::GrayImage::from_raw(size, size, pixels.to_vec())?;
+    let mut out = std::io::Cursor::new(Vec::new());
+    image.write_to(&mut out, image::ImageFormat::Png).ok()?;
+    Some(out.into_inner())
+}
+
+#[cfg(test)]
+mod input_png_tests {
+    #[test]
+    fn an_input_round_trips_through_png() {
+        let pixels: Vec<u8> = (0..16u32 * 16).map(|i| (i % 251) as u8).collect();
+        let png = super::input_png(16, &pixels).expect("encodes");
+        let back = image::load_from_memory(&png).expect("decodes").to_luma8();
+        assert_eq!(back.dimensions(), (16, 16));
+        assert_eq!(back.into_raw(), pixels);
+        assert!(super::input_png(16, &pixels[1..]).is_none());
+    }
+}

@@ -121,6 +121,7 @@ pub const NODE_RULES: &[(&str, Rule)] = &[
     // Records and images are the hospital's: its own admins only.
     ("Extract", Rule::SiteAdmin),
     ("GetRecord", Rule::SiteAdmin),
+    ("GetRecordInput", Rule::SiteAdmin),
     ("ListRecords", Rule::SiteAdmin),
     ("Status", Rule::SiteAdmin),
     // Exact aggregates and row-level exports: the site admin only. Remote researchers get

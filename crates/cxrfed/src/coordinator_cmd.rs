@@ -197,19 +197,48 @@ pub struct QueryArgs {
     plot: Option<PathBuf>,
 }
 
-/// Builds and signs the intent of a federated query (valid until the query's timeout has
-/// passed, plus five minutes).
 fn signed_query(
     signer: &cxrfed_auth::signing::Signer,
     study: &str,
     args: &QueryArgs,
 ) -> anyhow::Result<pb::SignedQuery> {
-    let valid_for = Duration::from_secs(args.timeout + 300);
+    sign_query(
+        signer,
+        study,
+        &QuerySpec {
+            query: args.query.clone(),
+            epsilon: args.epsilon,
+            delta: args.delta,
+            mechanism: args.mechanism.into(),
+            sites: args.sites.clone(),
+            timeout_secs: args.timeout,
+        },
+    )
+}
+
+/// What a researcher asks of the study (the CLI's `query` flags, or the console's form).
+pub(crate) struct QuerySpec {
+    pub query: String,
+    pub epsilon: f64,
+    pub delta: f64,
+    pub mechanism: pb::Mechanism,
+    pub sites: Vec<String>,
+    pub timeout_secs: u64,
+}
+
+/// Builds and signs the intent of a federated query (valid until the timeout has passed, plus
+/// five minutes).
+pub(crate) fn sign_query(
+    signer: &cxrfed_auth::signing::Signer,
+    study: &str,
+    spec: &QuerySpec,
+) -> anyhow::Result<pb::SignedQuery> {
+    let valid_for = Duration::from_secs(spec.timeout_secs + 300);
     let intent = pb::QueryIntent {
-        delta: args.delta,
-        mechanism: pb::Mechanism::from(args.mechanism).into(),
-        sites: args.sites.clone(),
-        ..cxrfed_server::intent::new(study, &args.query, args.epsilon, valid_for)?
+        delta: spec.delta,
+        mechanism: spec.mechanism.into(),
+        sites: spec.sites.clone(),
+        ..cxrfed_server::intent::new(study, &spec.query, spec.epsilon, valid_for)?
     };
     Ok(cxrfed_server::intent::sign(signer, &intent)?)
 }

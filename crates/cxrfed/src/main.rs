@@ -22,6 +22,7 @@ mod privacy_cmd;
 mod sr_export;
 mod stats_cmd;
 mod train_cmd;
+mod ui;
 
 use std::process::ExitCode;
 
@@ -48,6 +49,10 @@ enum Command {
     /// A federated, differentially private query through the coordinator: every site charges
     /// your budget there, the coordinator pools the noisy answers.
     Query(coordinator_cmd::QueryArgs),
+    /// The web console: a local web server for a node (site admin, or a researcher's DP
+    /// statistics) or the coordinator (sites, federated queries, jobs, registry), with your
+    /// certificate. Prints a one-time login URL; loopback only unless given TLS.
+    Ui(ui::UiArgs),
     /// Federated fine-tuning jobs on the coordinator: start (study admin), list, status
     /// (round log, live with --follow), cancel.
     Job {
@@ -201,6 +206,7 @@ fn main() -> ExitCode {
         Command::Budget(args) => client::run(privacy_cmd::budget(args)),
         Command::Coordinator { command } => coordinator_cmd::run(command),
         Command::Query(args) => client::run(coordinator_cmd::query(args)),
+        Command::Ui(args) => client::run(ui::run(args)),
         Command::Train(args) => {
             renamed("cxrfed train", "cxrfed job start");
             client::run(train_cmd::train(args))

@@ -30,10 +30,47 @@ fn text(cell: &pb::StatsCell) -> String {
     }
 }
 
+/// A bar chart: one bar per label, stacked by `stacks` (`values[bar][stack]`).
+pub struct Bars {
+    pub labels: Vec<String>,
+    pub stacks: Vec<String>,
+    pub values: Vec<Vec<f64>>,
+    pub x_title: String,
+    pub y_title: String,
+}
+
 /// Draws `response` (a crosstab or histogram) into a PNG at `path`.
 pub fn draw(response: &pb::StatsResponse, query: &str, path: &Path) -> anyhow::Result<()> {
+    let bars = bars(response, query)?;
+    register_font()?;
+    render(
+        BitMapBackend::new(path, (960, 560)).into_drawing_area(),
+        &bars,
+        query,
+    )
+    .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// The same chart as SVG text (the console embeds it).
+pub fn svg(bars: &Bars, caption: &str) -> anyhow::Result<String> {
+    register_font()?;
+    let mut out = String::new();
+    render(
+        SVGBackend::with_string(&mut out, (960, 560)).into_drawing_area(),
+        bars,
+        caption,
+    )?;
+    Ok(out)
+}
+
+/// Text is measured with the built-in font (SVG text too), so it must be registered first.
+pub fn register_font() -> anyhow::Result<()> {
     plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
-        .map_err(|_| anyhow::anyhow!("the built-in font does not load"))?;
+        .map_err(|_| anyhow::anyhow!("the built-in font does not load"))
+}
+
+/// A crosstab or histogram laid out as bars.
+pub fn bars(response: &pb::StatsResponse, query: &str) -> anyhow::Result<Bars> {
     // Bars: one per row; stacks: the value columns.
     let (labels, stacks, values, x_title, y_title): (
         Vec<String>,
@@ -112,6 +149,30 @@ pub fn draw(response: &pb::StatsResponse, query: &str, path: &Path) -> anyhow::R
     if labels.is_empty() {
         bail!("nothing to plot");
     }
+    Ok(Bars {
+        labels,
+        stacks,
+        values,
+        x_title,
+        y_title,
+    })
+}
+
+fn render<DB: DrawingBackend>(
+    root: DrawingArea<DB, plotters::coord::Shift>,
+    bars: &Bars,
+    query: &str,
+) -> anyhow::Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    let Bars {
+        labels,
+        stacks,
+        values,
+        x_title,
+        y_title,
+    } = bars;
     let top = values
         .iter()
         .map(|v| v.iter().sum::<f64>())
@@ -119,7 +180,6 @@ pub fn draw(response: &pb::StatsResponse, query: &str, path: &Path) -> anyhow::R
         .max(1e-9)
         // Head room for the legend above the bars.
         * if stacks.len() > 1 { 1.25 } else { 1.05 };
-    let root = BitMapBackend::new(path, (960, 560)).into_drawing_area();
     root.fill(&WHITE)?;
     let n = labels.len();
     let mut chart = ChartBuilder::on(&root)
@@ -141,8 +201,8 @@ pub fn draw(response: &pb::StatsResponse, query: &str, path: &Path) -> anyhow::R
                 String::new()
             }
         })
-        .x_desc(x_title)
-        .y_desc(y_title)
+        .x_desc(x_title.as_str())
+        .y_desc(y_title.as_str())
         .label_style(("sans-serif", 14))
         .draw()?;
     let palette = |j: usize| -> RGBColor {
@@ -181,7 +241,6 @@ pub fn draw(response: &pb::StatsResponse, query: &str, path: &Path) -> anyhow::R
             .label_font(("sans-serif", 14))
             .draw()?;
     }
-    root.present()
-        .with_context(|| format!("cannot write {}", path.display()))?;
+    root.present()?;
     Ok(())
 }

@@ -121,7 +121,14 @@ pub struct ModelShowArgs {
 
 /// The study admin's key and certificate, and the study they are of.
 fn study_signer(target: &Target) -> anyhow::Result<(cxrfed_auth::signing::Signer, String)> {
-    let signer = target.credentials.signer()?;
+    study_signer_of(&target.credentials)
+}
+
+/// The study admin's signer from these credentials (the console signs with it too).
+pub(crate) fn study_signer_of(
+    credentials: &crate::client::Credentials,
+) -> anyhow::Result<(cxrfed_auth::signing::Signer, String)> {
+    let signer = credentials.signer()?;
     let me = cxrfed_auth::Identity::from_cert_der(signer.certificate())?;
     if me.role != cxrfed_auth::Role::StudyAdmin {
         anyhow::bail!(
@@ -136,31 +143,9 @@ fn study_signer(target: &Target) -> anyhow::Result<(cxrfed_auth::signing::Signer
 pub async fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
     let spec_toml = std::fs::read_to_string(&args.job)
         .with_context(|| format!("reading {}", args.job.display()))?;
-    let spec = cxrfed_fl::JobSpec::parse(&spec_toml).map_err(|e| anyhow::anyhow!(e))?;
     let (signer, study) = study_signer(&args.target)?;
     let mut c = client(args.target.coordinator.as_deref(), &args.target.credentials).await?;
-    // The admin signs the base model's weights as the registry lists them.
-    let base = c
-        .get_model(pb::GetModelRequest {
-            version: spec.base.clone(),
-        })
-        .await
-        .map_err(status_error)?
-        .into_inner();
-    let order = cxrfed_server::order::job(
-        &study,
-        &spec,
-        &base.sha256,
-        Duration::from_secs(args.valid_hours.min(720) * 3600),
-    )?;
-    let job = c
-        .start_job(pb::StartJobRequest {
-            spec_toml: String::new(),
-            order: Some(cxrfed_server::order::sign(&signer, &order)?),
-        })
-        .await
-        .map_err(status_error)?
-        .into_inner();
+    let job = start_job(&mut c, &signer, &study, &spec_toml, args.valid_hours).await?;
     eprintln!(
         "job {} started: {} rounds of {} from {}",
         job.job_id,
@@ -178,6 +163,68 @@ pub async fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
 type Client = cxrfed_proto::v1::coordinator_service_client::CoordinatorServiceClient<
     tonic::transport::Channel,
 >;
+
+/// Parses a job file, signs it as a JOB order over the base model's weights as the registry
+/// lists them (valid `valid_hours`, at most 720), and starts it.
+pub(crate) async fn start_job(
+    c: &mut Client,
+    signer: &cxrfed_auth::signing::Signer,
+    study: &str,
+    spec_toml: &str,
+    valid_hours: u64,
+) -> anyhow::Result<pb::JobInfo> {
+    let spec = cxrfed_fl::JobSpec::parse(spec_toml).map_err(|e| anyhow::anyhow!(e))?;
+    let base = c
+        .get_model(pb::GetModelRequest {
+            version: spec.base.clone(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let order = cxrfed_server::order::job(
+        study,
+        &spec,
+        &base.sha256,
+        Duration::from_secs(valid_hours.min(720) * 3600),
+    )?;
+    Ok(c.start_job(pb::StartJobRequest {
+        spec_toml: String::new(),
+        order: Some(cxrfed_server::order::sign(signer, &order)?),
+    })
+    .await
+    .map_err(status_error)?
+    .into_inner())
+}
+
+/// Signs a PROMOTE order for `version` (its sha256 as the registry lists it, valid 7 days)
+/// and sends it.
+pub(crate) async fn promote(
+    c: &mut Client,
+    signer: &cxrfed_auth::signing::Signer,
+    study: &str,
+    version: &str,
+) -> anyhow::Result<pb::PromoteModelResponse> {
+    let model = c
+        .get_model(pb::GetModelRequest {
+            version: version.to_string(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let order = cxrfed_server::order::promotion(
+        study,
+        &model.version,
+        &model.sha256,
+        Duration::from_secs(7 * 86_400),
+    )?;
+    Ok(c.promote_model(pb::PromoteModelRequest {
+        version: model.version.clone(),
+        order: Some(cxrfed_server::order::sign(signer, &order)?),
+    })
+    .await
+    .map_err(status_error)?
+    .into_inner())
+}
 
 async fn get(c: &mut Client, job_id: &str) -> anyhow::Result<pb::JobInfo> {
     Ok(c.get_job(pb::GetJobRequest {
@@ -596,27 +643,7 @@ pub async fn models(command: ModelsCommand) -> anyhow::Result<ExitCode> {
             let (signer, study) = study_signer(&args.target)?;
             let mut c =
                 client(args.target.coordinator.as_deref(), &args.target.credentials).await?;
-            let model = c
-                .get_model(pb::GetModelRequest {
-                    version: args.version.clone(),
-                })
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            let order = cxrfed_server::order::promotion(
-                &study,
-                &model.version,
-                &model.sha256,
-                Duration::from_secs(7 * 86_400),
-            )?;
-            let promoted = c
-                .promote_model(pb::PromoteModelRequest {
-                    version: args.version,
-                    order: Some(cxrfed_server::order::sign(&signer, &order)?),
-                })
-                .await
-                .map_err(status_error)?
-                .into_inner();
+            let promoted = promote(&mut c, &signer, &study, &args.version).await?;
             let m = promoted.model.unwrap_or_default();
             if args.json {
                 let mut doc = model_json(&m);

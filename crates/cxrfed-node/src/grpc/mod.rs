@@ -587,6 +587,40 @@ impl NodeService for NodeApi {
         .await
     }
 
+    async fn get_record_input(
+        &self,
+        request: Request<pb::GetRecordRequest>,
+    ) -> Result<Response<pb::RecordInput>, Status> {
+        let (rpc, _) = Rpc::of(&request);
+        let id = request.into_inner().record_id;
+        rpc.observe(&self.state, |_| async {
+            uuid::Uuid::parse_str(&id).map_err(|_| {
+                NodeError::InvalidRequest(format!("record_id {id:?} is not a UUID"))
+            })?;
+            Span::current().record("record_id", id.as_str());
+            let store = self.state.store().clone();
+            let lookup = id.clone();
+            let input = tokio::task::spawn_blocking(move || {
+                let record = store
+                    .get(&lookup)?
+                    .ok_or_else(|| NodeError::NotFound(lookup.clone()))?;
+                store
+                    .input(&record.image_sha256)?
+                    .and_then(|(size, pixels)| {
+                        cxrfed_imaging::input_png(size, &pixels).map(|png| (size, png))
+                    })
+                    .ok_or_else(|| NodeError::NotFound(format!("{lookup}'s model input")))
+            })
+            .await
+            .map_err(|_| NodeError::InvalidRequest("lookup was cancelled".into()))??;
+            Ok(pb::RecordInput {
+                size: input.0,
+                png: input.1,
+            })
+        })
+        .await
+    }
+
     type ListRecordsStream = RecordStream;
 
     async fn list_records(
