@@ -80,6 +80,24 @@ fn browser(scenario: &str, config: serde_json::Value, work: &Path) -> serde_json
     serde_json::from_str(stdout.lines().last().unwrap_or("{}")).expect("findings JSON")
 }
 
+/// `cxrfed node budget set` as the node's site admin.
+fn set_budget(node: &NodeProcess, identity: &str, epsilon: &str) {
+    let out = cxrfed_e2e::cxrfed(&[
+        "node",
+        "budget",
+        "set",
+        "--data-dir",
+        node.data_dir_str(),
+        "--identity",
+        identity,
+        "--epsilon",
+        epsilon,
+        "--profile",
+        &node.profile(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
 fn profile(dir: &Path) -> String {
     dir.join(pki::PROFILE)
         .to_str()
@@ -138,20 +156,7 @@ fn a_site_admin_and_a_researcher_use_the_console_in_chromium() {
 
     // A researcher with a budget at this node: DP statistics only.
     let researcher = node.pki.identity(Role::Researcher, "rita", None);
-    let out = cxrfed_e2e::cxrfed(&[
-        "node",
-        "budget",
-        "set",
-        "--data-dir",
-        node.data_dir_str(),
-        "--identity",
-        "rita",
-        "--epsilon",
-        "3",
-        "--profile",
-        &node.profile(),
-    ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    set_budget(&node, "rita", "3");
     let console = Console::start(&["--node", &node.url(), "--profile", &profile(&researcher)]);
     let found = browser(
         "researcher",
@@ -228,5 +233,94 @@ metrics_epsilon = 10
     );
     assert_eq!(found["job"]["state"], "completed", "{found}");
     drop(console);
-    drop(nodes);
+
+    // A researcher with a budget at every site asks a federated question.
+    let researcher = pki.identity(Role::Researcher, "rita", None);
+    for node in &nodes {
+        set_budget(node, "rita", "3");
+    }
+    let console = Console::start(&[
+        "--coordinator",
+        &coordinator.url(),
+        "--profile",
+        &profile(&researcher),
+    ]);
+    let found = browser(
+        "federated",
+        serde_json::json!({ "url": console.url, "shots": shots("federated") }),
+        root,
+    );
+    assert!(
+        found["pooled"]
+            .as_str()
+            .is_some_and(|p| p.contains("3 site(s)")),
+        "{found}"
+    );
+}
+
+#[test]
+fn the_console_listens_beyond_loopback_only_with_tls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = NodeProcess::start(&dir.path().join("node"), &[]);
+    // Without TLS for the browser side, a non-loopback address is refused at start-up.
+    let out = cxrfed_e2e::cxrfed(&[
+        "ui",
+        "--node",
+        &node.url(),
+        "--profile",
+        &node.profile(),
+        "--listen",
+        "0.0.0.0:0",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("needs TLS"),
+        "{}",
+        text(&out.stderr)
+    );
+    // With a certificate (here one of the study CA's), it serves HTTPS and the cookie is
+    // Secure.
+    let web = node.pki.identity(Role::Node, "console-web", Some("local"));
+    let (cert, key) = (web.join(pki::CERT), web.join(pki::KEY));
+    let mut child = Command::new(cxrfed_bin())
+        .args(["ui", "--node", &node.url(), "--profile", &node.profile()])
+        .args(["--listen", "0.0.0.0:0"])
+        .arg("--tls-cert")
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&key)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn cxrfed ui");
+    let mut url = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut url)
+        .expect("login URL");
+    let console = Console {
+        child,
+        url: url.trim().to_string(),
+    };
+    assert!(console.url.starts_with("https://"), "{}", console.url);
+    let out = Command::new(venv_python())
+        .args([
+            "-c",
+            "import http.client, ssl, sys, urllib.parse\n\
+             u = urllib.parse.urlsplit(sys.argv[1])\n\
+             ctx = ssl.create_default_context(cafile=sys.argv[2]); ctx.check_hostname = False\n\
+             c = http.client.HTTPSConnection(u.hostname, u.port, context=ctx)\n\
+             c.request('GET', u.path + '?' + u.query); r = c.getresponse()\n\
+             print(r.status, r.getheader('Set-Cookie'))",
+            &console.url,
+            node.pki.ca_pem().to_str().expect("path"),
+        ])
+        .output()
+        .expect("python");
+    let said = text(&out.stdout);
+    assert!(out.status.success(), "{said}{}", text(&out.stderr));
+    assert!(said.starts_with("303 "), "{said}");
+    assert!(
+        said.contains("HttpOnly") && said.contains("SameSite=Strict") && said.contains("Secure"),
+        "{said}"
+    );
 }

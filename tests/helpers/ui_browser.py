@@ -420,9 +420,41 @@ def scenario_study(config):
         ui.quit()
 
 
+def scenario_federated(config):
+    """A researcher's console of the coordinator: a signed federated DP query."""
+    ui = Console(config["url"], config["shots"])
+    try:
+        token = login_security(ui)
+        open_console(ui, token)
+        nav = ui.driver.find_element(By.CSS_SELECTOR, "nav").text
+        check("Federated query" in nav and "Jobs" not in nav, f"a researcher's navigation: {nav!r}")
+        ui.get("/query")
+        ui.axe("query")
+        area = ui.driver.find_element(By.ID, "fq")
+        area.clear()
+        area.send_keys("histogram image_quality")
+        ui.driver.find_element(By.CSS_SELECTOR, "form[hx-post='/query'] button").click()
+        pooled = ui.wait_text("[data-testid=federated-result]", "pooled from")
+        findings["pooled"] = pooled
+        check("pooled from 3 site(s)" in pooled, pooled)
+        ui.wait_css("#query-result svg")
+        ui.shot("31-federated-query")
+        ui.axe("query-result")
+        # A researcher cannot sign orders: the console refuses before anything is sent.
+        status, _, body = ui.http("POST", "/models/tiny-phantom-v1/promote",
+                                  {"Cookie": ui.cookie_header(), "X-CSRF-Token": ui.csrf(), "Origin": ui.base})
+        check(status == 400 and b"study admin" in body, f"a researcher's promotion: {status} {body[:200]!r}")
+        check(not ui.csp_errors(), "no CSP violations")
+        findings["axe_violations"] = ui.violations
+        check(not ui.violations, f"axe-core: {ui.violations}")
+    finally:
+        ui.quit()
+
+
 def main():
     scenario, config = sys.argv[1], json.loads(Path(sys.argv[2]).read_text())
-    {"admin": scenario_admin, "researcher": scenario_researcher, "study": scenario_study}[scenario](config)
+    {"admin": scenario_admin, "researcher": scenario_researcher, "study": scenario_study,
+     "federated": scenario_federated}[scenario](config)
     print(json.dumps(findings), flush=True)
 
 

@@ -268,10 +268,29 @@ fn round_charts(job: &pb::JobInfo) -> anyhow::Result<String> {
         // Pooled metrics, one line per metric.
         let mut series: BTreeMap<&str, Vec<(f64, f64)>> = BTreeMap::new();
         for (i, r) in rounds.iter().enumerate() {
-            for (k, v) in &r.pooled_metrics {
+            // Rates only; the pooled sample counts (`.n`) are in the table.
+            for (k, v) in r.pooled_metrics.iter().filter(|(k, _)| !k.ends_with(".n")) {
                 series.entry(k.as_str()).or_default().push((i as f64, *v));
             }
         }
+        // Attempts are labelled by round ("2", "2 (retry 2)", "eval").
+        let names: Vec<String> = rounds
+            .iter()
+            .map(|r| match (r.state(), r.attempt) {
+                (pb::RoundState::Evaluation, _) => "eval".to_string(),
+                (_, a) if a > 1 => format!("{} (attempt {a})", r.round),
+                _ => r.round.to_string(),
+            })
+            .collect();
+        let x_label = |x: &f64| {
+            let i = x.round();
+            if (x - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < names.len() {
+                names[i as usize].clone()
+            } else {
+                String::new()
+            }
+        };
+        let ticks = rounds.len().max(1);
         let top = series
             .values()
             .flatten()
@@ -286,7 +305,12 @@ fn round_charts(job: &pb::JobInfo) -> anyhow::Result<String> {
             .x_label_area_size(24)
             .y_label_area_size(48)
             .build_cartesian_2d(-0.5f64..(n - 0.5), 0f64..top * 1.05)?;
-        chart.configure_mesh().disable_x_mesh().draw()?;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(ticks)
+            .x_label_formatter(&x_label)
+            .draw()?;
         for (j, (name, points)) in series.iter().enumerate() {
             let color = Palette99::pick(j).to_rgba();
             chart
@@ -340,7 +364,12 @@ fn round_charts(job: &pb::JobInfo) -> anyhow::Result<String> {
             .x_label_area_size(24)
             .y_label_area_size(48)
             .build_cartesian_2d(-0.5f64..(n - 0.5), 0f64..most as f64 + 0.5)?;
-        chart.configure_mesh().disable_x_mesh().draw()?;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(ticks)
+            .x_label_formatter(&x_label)
+            .draw()?;
         chart.draw_series(answered.iter().map(|&(i, ok, _)| {
             Rectangle::new(
                 [(i as f64 - 0.3, 0.0), (i as f64 + 0.3, ok as f64)],
@@ -364,7 +393,12 @@ fn round_charts(job: &pb::JobInfo) -> anyhow::Result<String> {
             .x_label_area_size(24)
             .y_label_area_size(48)
             .build_cartesian_2d(-0.5f64..(n - 0.5), 0f64..longest * 1.05)?;
-        chart.configure_mesh().disable_x_mesh().draw()?;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(ticks)
+            .x_label_formatter(&x_label)
+            .draw()?;
         chart.draw_series(rounds.iter().enumerate().map(|(i, r)| {
             Rectangle::new(
                 [(i as f64 - 0.3, 0.0), (i as f64 + 0.3, r.seconds)],

@@ -187,14 +187,18 @@ fn router(ui: Shared) -> Router {
         Backend::Node(_) => node::routes(),
         Backend::Coordinator(_) => coordinator::routes(),
     };
-    pages
-        .route_layer(axum::middleware::from_fn_with_state(
+    // Everything but the login and the static files needs a session, unknown paths too (so
+    // nothing about the console is learnt without one).
+    let protected = pages
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
             ui.clone(),
             security::require_session,
-        ))
+        ));
+    Router::new()
         .route("/login", get(security::login))
         .route("/static/{file}", get(asset))
-        .fallback(not_found)
+        .merge(protected)
         .layer(axum::middleware::from_fn(security::headers))
         .layer(axum::extract::DefaultBodyLimit::max(
             node::MAX_UPLOAD_BYTES as usize,

@@ -305,7 +305,7 @@ fn findings_table(record: &pb::Record) -> Markup {
                     @for f in cxrfed_schema::flat::FIELDS.iter().filter(|f| f.probability.is_some()) {
                         tr {
                             th scope="row" { (f.name) }
-                            td { ((f.get)(&r).to_text()) }
+                            td { (match (f.get)(&r) { cxrfed_schema::flat::Cell::Number(x) => format!("{x:.3}"), cell => cell.to_text() }) }
                             td { (f.probability.and_then(|p| p(&r)).map_or(String::new(), |p| format!("{p:.3}"))) }
                         }
                     }
@@ -843,10 +843,13 @@ async fn schema_fields(ui: &Ui) -> Vec<pb::FieldInfo> {
 fn field_list(fields: &[pb::FieldInfo]) -> Markup {
     html! {
         details class="fields" open {
-            summary { "Fields" }
+            summary { "Fields (click to insert)" }
             ul {
                 @for f in fields {
-                    li { code { (f.name) } " " span class="muted" { (f.kind) @if !f.categories.is_empty() { ": " (f.categories.join(", ")) } } }
+                    li {
+                        button type="button" class="field" data-field=(f.name) aria-label={ "Insert " (f.name) " into the query" } { code { (f.name) } }
+                        " " span class="muted" { (f.kind) @if !f.categories.is_empty() { ": " (f.categories.join(", ")) } }
+                    }
                 }
             }
         }

@@ -46,3 +46,18 @@ document.addEventListener("htmx:afterSwap", () => {
   const first = document.querySelector("form.labelling input[autofocus]");
   if (first) first.focus();
 });
+
+// The query editor's field list: a click inserts the field's name at the cursor.
+document.addEventListener("click", (e) => {
+  const button = e.target instanceof Element ? e.target.closest("button.field") : null;
+  if (!button) return;
+  const editor = button.closest(".editor");
+  const area = editor ? editor.querySelector("textarea") : null;
+  if (!area) return;
+  const name = button.dataset.field;
+  const start = area.selectionStart ?? area.value.length;
+  const end = area.selectionEnd ?? start;
+  area.value = area.value.slice(0, start) + name + area.value.slice(end);
+  area.focus();
+  area.selectionStart = area.selectionEnd = start + name.length;
+});
