@@ -15,7 +15,7 @@ ifeq ($(CI),true)
 export CARGO_INCREMENTAL := 0
 endif
 
-.PHONY: test-deps demo test fuzz fuzz-smoke check-layers venv sdk build bench bench-imaging bench-model bench-tls bench-dicom bench-research bench-privacy bench-federation bench-training bench-footprint model lint clean-venv
+.PHONY: ui-assets test-deps demo test fuzz fuzz-smoke check-layers venv sdk build bench bench-imaging bench-model bench-tls bench-dicom bench-research bench-privacy bench-federation bench-training bench-footprint model lint clean-venv
 
 $(STAMP): requirements-dev.txt
 	@test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -130,6 +130,13 @@ model: build
 	target/debug/cxrfed phantom --out $(MODEL_DATA) --count 3000 --seed 1 --site university,community,icu --max-size 768
 	target/debug/cxrfed model train --data $(MODEL_DATA) --arch tiny --epochs 50 --batch-size 32 --lr 0.002 \
 		--validation 0.1 --seed 1 --device cpu --model-id cxrfed-tiny-phantom-v1 --out models/tiny-phantom-v1
+
+# The console's front-end dependency (htmx), from npm against crates/cxrfed/ui's lockfile,
+# copied into the assets the binary embeds. Run after changing its version; commit the result.
+ui-assets:
+	npm ci --prefix crates/cxrfed/ui --no-audit --no-fund --loglevel=error
+	cp crates/cxrfed/ui/node_modules/htmx.org/dist/htmx.min.js crates/cxrfed/ui/assets/htmx.min.js
+	cp crates/cxrfed/ui/node_modules/htmx.org/LICENSE crates/cxrfed/ui/assets/htmx.LICENSE
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -102,13 +102,14 @@ async fn query_page(State(ui): State<Shared>, Extension(csrf): Extension<Csrf>) 
 }
 
 async fn query(State(ui): State<Shared>, axum::Form(form): axum::Form<DpForm>) -> Response {
-    let epsilon = match parse_number(&form.epsilon, "ε") {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
-    let delta = match parse_number(&form.delta, "δ") {
-        Ok(x) => x,
-        Err(r) => return r,
+    let (epsilon, delta) = match (
+        parse_number(&form.epsilon, "ε"),
+        parse_number(&form.delta, "δ"),
+    ) {
+        (Ok(e), Ok(d)) => (e, d),
+        (Err(m), _) | (_, Err(m)) => {
+            return local_error(StatusCode::BAD_REQUEST, "Not a number", &m);
+        }
     };
     let signed = ui.credentials.signer().and_then(|signer| {
         let me = cxrfed_auth::Identity::from_cert_der(signer.certificate())?;

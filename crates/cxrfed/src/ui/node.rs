@@ -994,7 +994,7 @@ pub(crate) fn mechanism_of(text: &str) -> pb::Mechanism {
     }
 }
 
-pub(crate) fn parse_number(text: &str, what: &str) -> Result<f64, Response> {
+pub(crate) fn parse_number(text: &str, what: &str) -> Result<f64, String> {
     let t = text.trim();
     if t.is_empty() {
         return Ok(0.0);
@@ -1002,13 +1002,7 @@ pub(crate) fn parse_number(text: &str, what: &str) -> Result<f64, Response> {
     t.parse::<f64>()
         .ok()
         .filter(|x| x.is_finite())
-        .ok_or_else(|| {
-            local_error(
-                StatusCode::BAD_REQUEST,
-                &format!("{what} is not a number"),
-                &format!("{t:?}"),
-            )
-        })
+        .ok_or_else(|| format!("{what} is not a number: {t:?}"))
 }
 
 /// DP rows as a table and bars (withheld cells are empty and drawn as 0).
@@ -1060,13 +1054,14 @@ pub(crate) fn dp_result(
 }
 
 async fn dp_release(State(ui): State<Shared>, axum::Form(form): axum::Form<DpForm>) -> Response {
-    let epsilon = match parse_number(&form.epsilon, "ε") {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
-    let delta = match parse_number(&form.delta, "δ") {
-        Ok(x) => x,
-        Err(r) => return r,
+    let (epsilon, delta) = match (
+        parse_number(&form.epsilon, "ε"),
+        parse_number(&form.delta, "δ"),
+    ) {
+        (Ok(e), Ok(d)) => (e, d),
+        (Err(m), _) | (_, Err(m)) => {
+            return local_error(StatusCode::BAD_REQUEST, "Not a number", &m);
+        }
     };
     let r = match node(&ui)
         .dp_stats(pb::DpStatsRequest {
@@ -1209,13 +1204,14 @@ async fn set_budget(
     State(ui): State<Shared>,
     axum::Form(form): axum::Form<BudgetForm>,
 ) -> Response {
-    let epsilon = match parse_number(&form.epsilon, "ε") {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
-    let delta = match parse_number(&form.delta, "δ") {
-        Ok(x) => x,
-        Err(r) => return r,
+    let (epsilon, delta) = match (
+        parse_number(&form.epsilon, "ε"),
+        parse_number(&form.delta, "δ"),
+    ) {
+        (Ok(e), Ok(d)) => (e, d),
+        (Err(m), _) | (_, Err(m)) => {
+            return local_error(StatusCode::BAD_REQUEST, "Not a number", &m);
+        }
     };
     match node(&ui)
         .set_budget(pb::SetBudgetRequest {
