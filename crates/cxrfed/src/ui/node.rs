@@ -444,11 +444,12 @@ async fn upload_page(State(ui): State<Shared>, Extension(csrf): Extension<Csrf>)
     let body = html! {
         p { "DICOM Part 10, JPEG or PNG. Each file is de-identified and read at the node; only its record is kept." }
         form id="upload" hx-post="/upload" hx-encoding="multipart/form-data" hx-target="#upload-result" {
+            // `force` comes first: the upload is read, and sent on, in form order.
+            label { input name="force" type="checkbox" value="true"; " Re-extract images already stored" }
             div class="dropzone" id="dropzone" {
                 label for="files" { "Choose files, or drop them here" }
                 input id="files" name="files" type="file" multiple required;
             }
-            label { input name="force" type="checkbox" value="true"; " Re-extract images already stored" }
             button type="submit" { "Extract" }
         }
         div id="upload-result" aria-live="polite" {}
@@ -456,51 +457,99 @@ async fn upload_page(State(ui): State<Shared>, Extension(csrf): Extension<Csrf>)
     frame(&ui, &csrf, "/upload", "Upload", body)
 }
 
-async fn extract_bytes(
+/// Streams one multipart file to the node's Extract as it arrives, in chunks of at most
+/// `CHUNK_BYTES`: the console holds one chunk per upload, not the file.
+async fn extract_field(
     ui: &Ui,
-    filename: &str,
-    bytes: Vec<u8>,
+    field: &mut axum::extract::multipart::Field<'_>,
     force: bool,
-) -> Result<pb::ExtractResponse, tonic::Status> {
-    let mut messages = vec![pb::ExtractRequest {
+) -> Result<Result<pb::ExtractResponse, tonic::Status>, String> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::ExtractRequest>(4);
+    let mut client = node(ui);
+    let call = tokio::spawn(async move {
+        client
+            .extract(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    let header = pb::ExtractRequest {
         header: Some(pb::ExtractHeader {
-            filename: filename.to_string(),
+            filename: field.file_name().unwrap_or("upload").to_string(),
             force,
-            size_hint: bytes.len() as u64,
+            size_hint: 0,
         }),
         chunk: Vec::new(),
-    }];
-    messages.extend(bytes.chunks(CHUNK_BYTES).map(|c| pb::ExtractRequest {
-        header: None,
-        chunk: c.to_vec(),
-    }));
-    Ok(node(ui)
-        .extract(tokio_stream::iter(messages))
-        .await?
-        .into_inner())
+    };
+    let mut sent_any = tx.send(header).await.is_ok();
+    let mut buffer = Vec::with_capacity(CHUNK_BYTES);
+    let mut failure = None;
+    loop {
+        match field.chunk().await {
+            Ok(Some(bytes)) => {
+                buffer.extend_from_slice(&bytes);
+                while buffer.len() >= CHUNK_BYTES {
+                    let rest = buffer.split_off(CHUNK_BYTES);
+                    let chunk = std::mem::replace(&mut buffer, rest);
+                    // A send fails once the node has answered (a refusal): drain the rest.
+                    sent_any &= tx
+                        .send(pb::ExtractRequest {
+                            header: None,
+                            chunk,
+                        })
+                        .await
+                        .is_ok();
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                failure = Some(e.body_text());
+                break;
+            }
+        }
+    }
+    if failure.is_none() && !buffer.is_empty() && sent_any {
+        let _ = tx
+            .send(pb::ExtractRequest {
+                header: None,
+                chunk: buffer,
+            })
+            .await;
+    }
+    if let Some(why) = failure {
+        // Cancel the call: the node gets a broken stream and stores nothing.
+        call.abort();
+        return Err(why);
+    }
+    drop(tx);
+    match call.await {
+        Ok(outcome) => Ok(outcome.map(|r| r.into_inner())),
+        Err(_) => Err("the upload was cancelled".into()),
+    }
 }
 
 async fn upload(State(ui): State<Shared>, mut form: Multipart) -> Response {
-    let mut files = Vec::new();
+    let mut rows = Vec::new();
     let mut force = false;
     loop {
         match form.next_field().await {
-            Ok(Some(field)) => {
-                let name = field.name().unwrap_or("").to_string();
-                let filename = field.file_name().unwrap_or("upload").to_string();
-                match field.bytes().await {
-                    Ok(bytes) if name == "files" => files.push((filename, bytes.to_vec())),
-                    Ok(bytes) if name == "force" => force = &bytes[..] == b"true",
-                    Ok(_) => {}
-                    Err(e) => {
-                        return local_error(
-                            StatusCode::BAD_REQUEST,
-                            "The upload did not arrive whole",
-                            &e.body_text(),
-                        );
+            Ok(Some(mut field)) => match field.name().unwrap_or("") {
+                "force" => force = field.bytes().await.is_ok_and(|b| &b[..] == b"true"),
+                "files" if field.file_name().is_some_and(|f| !f.is_empty()) => {
+                    // The file name is the user's own (on their machine) and is shown back only
+                    // to them; the node neither stores nor logs it.
+                    let filename = field.file_name().unwrap_or("upload").to_string();
+                    match extract_field(&ui, &mut field, force).await {
+                        Ok(outcome) => rows.push((filename, outcome)),
+                        Err(why) => {
+                            return local_error(
+                                StatusCode::BAD_REQUEST,
+                                "The upload did not arrive whole",
+                                &why,
+                            );
+                        }
                     }
                 }
-            }
+                _ => {}
+            },
             Ok(None) => break,
             Err(e) => {
                 return local_error(
@@ -511,19 +560,12 @@ async fn upload(State(ui): State<Shared>, mut form: Multipart) -> Response {
             }
         }
     }
-    if files.is_empty() || files.iter().all(|(_, b)| b.is_empty()) {
+    if rows.is_empty() {
         return local_error(
             StatusCode::BAD_REQUEST,
             "No file",
             "choose at least one file",
         );
-    }
-    let mut rows = Vec::new();
-    for (filename, bytes) in files {
-        // The file name is the user's own (on their machine) and is shown back only to them;
-        // the node neither stores nor logs it.
-        let outcome = extract_bytes(&ui, &filename, bytes, force).await;
-        rows.push((filename, outcome));
     }
     let body = html! {
         ul class="results" {
