@@ -112,7 +112,16 @@ fn a_site_admin_and_a_researcher_use_the_console_in_chromium() {
     // A few phantoms so statistics have something to count, and labelling something to label.
     let phantoms = dir.path().join("phantoms");
     write_phantoms(&phantoms, 6, 31, 256);
-    let out = node.cli(&["ingest", phantoms.to_str().expect("path")]);
+    // As a node-side ingest job, which the status page lists with its progress.
+    let out = cxrfed_e2e::cxrfed(&[
+        "node",
+        "ingest",
+        phantoms.to_str().expect("path"),
+        "--data-dir",
+        node.data_dir_str(),
+        "--profile",
+        &node.profile(),
+    ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
 
     // RG1 (a real adult PA chest CR, DICOM) and a PNG of a real radiograph.

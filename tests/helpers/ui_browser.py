@@ -226,6 +226,10 @@ def scenario_admin(config):
         open_console(ui, token)
         ui.shot("01-status")
         check("Records" in ui.text(), "status shows the record count")
+        status = ui.driver.find_element(By.ID, "status")
+        check("done" in status.text and status.find_elements(By.TAG_NAME, "progress"),
+              f"status lists the ingest job with its progress: {status.text[:400]}")
+        check(status.get_attribute("hx-trigger") == "every 2s", "status refreshes itself")
         ui.axe("status")
 
         # Keyboard: the first Tab reaches the skip link, then the navigation.
