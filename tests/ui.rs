@@ -11,8 +11,8 @@ use std::process::{Child, Command, Stdio};
 use cxrfed_auth::Role;
 use cxrfed_auth::pki;
 use cxrfed_e2e::{
-    CoordinatorProcess, NodeProcess, TestPki, cxrfed_bin, free_port, pydicom_data_dir, text,
-    venv_python, workspace_root, write_phantoms,
+    CoordinatorProcess, NodeProcess, TestPki, cxrfed_bin, free_port, metric, pydicom_data_dir,
+    scrape_metrics, text, venv_python, workspace_root, write_phantoms,
 };
 
 /// A running `cxrfed ui` and the login URL it printed.
@@ -180,7 +180,18 @@ fn a_study_admin_starts_and_watches_a_federated_job_in_the_console() {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path();
     let pki = TestPki::at(&root.join("pki"));
-    let coordinator = CoordinatorProcess::start(&root.join("coordinator"), &pki);
+    // The operators' /metrics of the coordinator and of site-a are scraped at the end.
+    let (coordinator_metrics, node_metrics) = (free_port(), free_port());
+    let coordinator = CoordinatorProcess::start_with(
+        &root.join("coordinator"),
+        &pki,
+        free_port(),
+        &[
+            "--metrics-listen",
+            &format!("127.0.0.1:{coordinator_metrics}"),
+        ],
+    );
+    let node_metrics_listen = format!("127.0.0.1:{node_metrics}");
     let mut nodes = Vec::new();
     for (i, (site, profile)) in [
         ("site-a", "university"),
@@ -192,12 +203,12 @@ fn a_study_admin_starts_and_watches_a_federated_job_in_the_console() {
     {
         let images = root.join(format!("phantoms-{site}"));
         let (labels, _) = cxrfed_e2e::labelled_phantoms(&images, profile, 16, 90 + i as u32, 160);
-        let node = NodeProcess::start_in(
-            &root.join(site),
-            free_port(),
-            pki.clone(),
-            &["--site", site, "--coordinator", &coordinator.url()],
-        );
+        let url = coordinator.url();
+        let mut args = vec!["--site", *site, "--coordinator", &url];
+        if i == 0 {
+            args.extend(["--metrics-listen", &node_metrics_listen]);
+        }
+        let node = NodeProcess::start_in(&root.join(site), free_port(), pki.clone(), &args);
         for args in [
             vec!["ingest", images.to_str().expect("path")],
             vec!["field", "define", "cardiomegaly", "--type", "bool"],
@@ -265,6 +276,85 @@ metrics_epsilon = 10
             .is_some_and(|p| p.contains("3 site(s)")),
         "{found}"
     );
+
+    // What the operators see: the coordinator's rounds, links and the query; site-a's stages,
+    // inference and the federated release, by role. Never an identity.
+    let (families, raw) = scrape_metrics(coordinator_metrics);
+    let at_least = |name: &str, sample: &str, labels: &[(&str, &str)], floor: f64| {
+        let value = metric(&families, name, sample, labels);
+        assert!(
+            value.is_some_and(|v| v >= floor),
+            "{name} {labels:?}: {value:?}\n{raw}"
+        );
+    };
+    at_least(
+        "cxrfed_round_seconds",
+        "cxrfed_round_seconds_count",
+        &[],
+        2.0,
+    );
+    at_least("cxrfed_sites_connected", "cxrfed_sites_connected", &[], 3.0);
+    at_least(
+        "cxrfed_rpc_seconds",
+        "cxrfed_rpc_seconds_count",
+        &[("method", "Query"), ("outcome", "ok")],
+        1.0,
+    );
+    at_least(
+        "cxrfed_dp_epsilon_spent",
+        "cxrfed_dp_epsilon_spent_total",
+        &[("class", "researcher")],
+        0.5,
+    );
+    for name in ["cxrfed://", "rita", "sam"] {
+        assert!(
+            !raw.contains(name),
+            "{name} in the coordinator's /metrics:\n{raw}"
+        );
+    }
+    let (families, raw) = scrape_metrics(node_metrics);
+    let at_least = |name: &str, sample: &str, labels: &[(&str, &str)], floor: f64| {
+        let value = metric(&families, name, sample, labels);
+        assert!(
+            value.is_some_and(|v| v >= floor),
+            "{name} {labels:?}: {value:?}\n{raw}"
+        );
+    };
+    for stage in ["permit_wait", "decode", "preprocess", "inference", "store"] {
+        at_least(
+            "cxrfed_stage_seconds",
+            "cxrfed_stage_seconds_count",
+            &[("stage", stage)],
+            16.0,
+        );
+    }
+    at_least(
+        "cxrfed_inference_images",
+        "cxrfed_inference_images_total",
+        &[],
+        16.0,
+    );
+    at_least(
+        "cxrfed_coordinator_link_up",
+        "cxrfed_coordinator_link_up",
+        &[],
+        1.0,
+    );
+    at_least(
+        "cxrfed_dp_releases",
+        "cxrfed_dp_releases_total",
+        &[("class", "researcher")],
+        1.0,
+    );
+    at_least(
+        "cxrfed_rpc_seconds",
+        "cxrfed_rpc_seconds_count",
+        &[("method", "Extract"), ("outcome", "ok")],
+        16.0,
+    );
+    for name in ["cxrfed://", "rita", "admin-site-a"] {
+        assert!(!raw.contains(name), "{name} in the node's /metrics:\n{raw}");
+    }
 }
 
 #[test]

@@ -621,6 +621,16 @@ impl CoordinatorProcess {
 
     /// Starts (or restarts) a coordinator on a chosen port.
     pub fn start_on(data_dir: &Path, pki: &TestPki, port: u16) -> CoordinatorProcess {
+        Self::start_with(data_dir, pki, port, &[])
+    }
+
+    /// Starts a coordinator with extra `coordinator serve` flags.
+    pub fn start_with(
+        data_dir: &Path,
+        pki: &TestPki,
+        port: u16,
+        extra: &[&str],
+    ) -> CoordinatorProcess {
         let me = pki.identity(Role::Coordinator, "coordinator", None);
         let listen = format!("127.0.0.1:{port}");
         let (ca, crl) = (pki.ca_pem(), pki.crl());
@@ -644,6 +654,7 @@ impl CoordinatorProcess {
                 "--heartbeat-secs",
                 "1",
             ])
+            .args(extra)
             .env_remove("CXRFED_NODE_CONFIG")
             .env_remove("CXRFED_COORDINATOR_CONFIG")
             // Received site updates are kept under spool/kept/ so tests can inspect them.
@@ -867,6 +878,47 @@ pub fn labelled_phantoms(
     let path = dir.join("cardiomegaly.csv");
     std::fs::write(&path, csv).expect("write csv");
     (path, labels)
+}
+
+/// `/metrics` of a server on a loopback port, parsed by Python's prometheus_client (the
+/// OpenMetrics parser Prometheus' own client library ships): `{family: {type, samples:
+/// [[name, labels, value]]}}`, and the raw text.
+pub fn scrape_metrics(port: u16) -> (serde_json::Value, String) {
+    let script = "import json, sys, urllib.request\n\
+        from prometheus_client.openmetrics.parser import text_string_to_metric_families\n\
+        r = urllib.request.urlopen(f'http://127.0.0.1:{sys.argv[1]}/metrics', timeout=30)\n\
+        assert r.headers['Content-Type'].startswith('application/openmetrics-text'), r.headers['Content-Type']\n\
+        text = r.read().decode()\n\
+        out = {f.name: {'type': f.type, 'samples': [[s.name, s.labels, s.value] for s in f.samples]}\n\
+               for f in text_string_to_metric_families(text)}\n\
+        print(json.dumps({'families': out, 'text': text}))";
+    let out = Command::new(venv_python())
+        .args(["-c", script, &port.to_string()])
+        .output()
+        .expect("python");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    (
+        doc["families"].clone(),
+        doc["text"].as_str().unwrap_or_default().to_string(),
+    )
+}
+
+/// The value of the first sample of `family` named `sample` whose labels include `labels`.
+pub fn metric(
+    families: &serde_json::Value,
+    family: &str,
+    sample: &str,
+    labels: &[(&str, &str)],
+) -> Option<f64> {
+    families[family]["samples"]
+        .as_array()?
+        .iter()
+        .find_map(|s| {
+            let matches =
+                s[0] == sample && labels.iter().all(|(k, v)| s[1][*k].as_str() == Some(*v));
+            matches.then(|| s[2].as_f64()).flatten()
+        })
 }
 
 /// A coordinator client as the identity in `dir`, retrying while the coordinator starts.

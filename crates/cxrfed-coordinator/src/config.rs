@@ -35,6 +35,10 @@ pub struct CoordinatorConfig {
     /// Keep every site update as received under `spool/kept/` (an auditor checks that none
     /// arrived unmasked); off by default.
     pub keep_updates: bool,
+    /// Address of `/metrics` (Prometheus text for operators), e.g. "127.0.0.1:9465". Unset:
+    /// none. A non-loopback address needs `metrics_public = true`.
+    pub metrics_listen: Option<SocketAddr>,
+    pub metrics_public: bool,
 }
 
 impl Default for CoordinatorConfig {
@@ -53,6 +57,8 @@ impl Default for CoordinatorConfig {
             query_timeout_ms: 30_000,
             grace_period_secs: 10,
             keep_updates: false,
+            metrics_listen: None,
+            metrics_public: false,
         }
     }
 }
@@ -76,6 +82,8 @@ pub const KEYS: &[&str] = &[
     "query_timeout_ms",
     "grace_period_secs",
     "keep_updates",
+    "metrics_listen",
+    "metrics_public",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +114,9 @@ impl CoordinatorConfig {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(addr) = &self.metrics_listen {
+            cxrfed_server::metrics::check_listen(addr, self.metrics_public).map_err(ConfigError)?;
+        }
         if !(1..=3600).contains(&self.heartbeat_secs) {
             return Err(ConfigError("heartbeat_secs must be in 1..=3600".into()));
         }

@@ -36,6 +36,11 @@ pub enum ServeError {
     Server(#[from] cxrfed_server::BootstrapError),
     #[error("server task failed: {0}")]
     Join(String),
+    #[error("/metrics on {address}: {source}")]
+    MetricsListen {
+        address: String,
+        source: std::io::Error,
+    },
 }
 
 /// Who may call what on the coordinator. Nodes hold links; researchers ask; everyone of the
@@ -86,6 +91,33 @@ pub fn coordinator_policy() -> Policy {
         .with_health_and_reflection()
 }
 
+/// The coordinator's `/metrics` values read at scrape time: links and jobs (no identities; a
+/// site's name is the study's public roster).
+fn snapshot(state: &Coordinator, r: &mut prometheus_client::registry::Registry) {
+    use cxrfed_server::metrics::gauge;
+    let connected = state.links().connected();
+    gauge(
+        r,
+        "sites_connected",
+        "Sites with a live link",
+        connected.len() as f64,
+    );
+    let known = state.store().sites().map(|s| s.len()).unwrap_or(0);
+    gauge(
+        r,
+        "sites_known",
+        "Sites that have ever linked",
+        known as f64,
+    );
+    let jobs = state.trainer().registry().jobs().unwrap_or_default();
+    let running = jobs
+        .iter()
+        .filter(|j| j.state == cxrfed_fl::JobState::Running)
+        .count();
+    gauge(r, "jobs_running", "Federated jobs running", running as f64);
+    gauge(r, "jobs", "Federated jobs, any state", jobs.len() as f64);
+}
+
 pub async fn serve(
     config: CoordinatorConfig,
     listener: TcpListener,
@@ -108,6 +140,24 @@ pub async fn serve(
     ));
     state.trainer().registry().ensure_bundled().await?;
     state.trainer().resume_all();
+    if let Some(address) = config.metrics_listen {
+        let metrics =
+            TcpListener::bind(address)
+                .await
+                .map_err(|source| ServeError::MetricsListen {
+                    address: address.to_string(),
+                    source,
+                })?;
+        let coordinator = state.clone();
+        let render: Arc<dyn Fn() -> String + Send + Sync> =
+            Arc::new(move || coordinator.metrics().render(&|r| snapshot(&coordinator, r)));
+        tracing::info!(listen = %address, "serving /metrics");
+        tokio::spawn(cxrfed_server::metrics::serve(
+            metrics,
+            render,
+            shutdown.clone(),
+        ));
+    }
     tracing::info!(
         listen = ?listener.local_addr().ok(),
         study = study.as_str(),

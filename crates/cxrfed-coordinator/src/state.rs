@@ -57,4 +57,9 @@ impl Coordinator {
     pub fn trainer(&self) -> &Arc<Trainer> {
         &self.trainer
     }
+
+    /// The operators' metrics (`/metrics`).
+    pub fn metrics(&self) -> &Arc<cxrfed_server::metrics::Metrics> {
+        self.trainer.metrics()
+    }
 }

@@ -94,6 +94,12 @@ pub struct NodeConfig {
     /// and audited at start; `cxrfed node training-policy set` changes it at run time. Without
     /// either, the site takes part in no training.
     pub training_policy: Option<PathBuf>,
+    /// Address of `/metrics` (Prometheus text for the site's operators), e.g.
+    /// "127.0.0.1:9464". Unset: none. Plain HTTP without authentication: a non-loopback
+    /// address needs `metrics_public = true`.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Serve `/metrics` on a non-loopback `metrics_listen` (behind the site's own firewall).
+    pub metrics_public: bool,
     /// Address of the DICOM receiver (C-ECHO and C-STORE SCP), e.g. "0.0.0.0:11112". Unset:
     /// no receiver.
     pub dicom_listen: Option<SocketAddr>,
@@ -159,6 +165,8 @@ impl Default for NodeConfig {
             coordinator_identity: None,
             publish_record_count: "none".to_string(),
             training_policy: None,
+            metrics_listen: None,
+            metrics_public: false,
             dicom_listen: None,
             dicom_ae: "CXRFED".to_string(),
             dicom_allow: Vec::new(),
@@ -214,6 +222,8 @@ pub const KEYS: &[&str] = &[
     "coordinator_identity",
     "publish_record_count",
     "training_policy",
+    "metrics_listen",
+    "metrics_public",
     "dicom_listen",
     "dicom_ae",
     "dicom_allow",
@@ -356,6 +366,10 @@ impl NodeConfig {
                 "dp_unlinked {:?} must be \"exclude\" or \"per-image\"",
                 self.dp_unlinked
             ));
+        }
+        if let Some(addr) = &self.metrics_listen {
+            cxrfed_server::metrics::check_listen(addr, self.metrics_public)
+                .map_err(ConfigError::Invalid)?;
         }
         if self.dicom_listen.is_some() {
             crate::receiver::validate_ae_title(&self.dicom_ae)

@@ -322,5 +322,8 @@ async fn execute(
         "FederatedQuery",
     )
     .await?;
+    state
+        .metrics()
+        .dp_release(researcher.role.as_str(), released.release.cost.epsilon);
     Ok(crate::privacy::dp_response(released))
 }

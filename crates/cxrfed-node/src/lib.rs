@@ -18,6 +18,7 @@ pub mod federation;
 mod grpc;
 pub mod ingest;
 pub mod jobs;
+mod metrics;
 pub mod models;
 pub mod orders;
 pub mod pipeline;

@@ -63,6 +63,9 @@ pub struct Pipeline {
     /// Swapped atomically by [`Pipeline::switch_model`]: a request takes the current model at
     /// its start and finishes on it, so a switch fails no in-flight request.
     active: arc_swap::ArcSwap<Active>,
+    decode_workers: usize,
+    /// Stage timings and the other operator metrics (`/metrics`).
+    metrics: Arc<cxrfed_server::metrics::Metrics>,
 }
 
 impl Pipeline {
@@ -94,7 +97,19 @@ impl Pipeline {
             permits: Arc::new(Semaphore::new(config.decode_workers)),
             memory: MemoryBudget::new(config.decode_memory_bytes, Duration::from_secs(30)),
             active: arc_swap::ArcSwap::from_pointee(Active { model, preprocess }),
+            decode_workers: config.decode_workers,
+            metrics: Arc::default(),
         }
+    }
+
+    pub fn metrics(&self) -> &Arc<cxrfed_server::metrics::Metrics> {
+        &self.metrics
+    }
+
+    /// Decode workers holding a slot now.
+    pub fn decode_slots_busy(&self) -> usize {
+        self.decode_workers
+            .saturating_sub(self.permits.available_permits())
     }
 
     /// Switches to another model: requests already running finish on the model they started
@@ -130,23 +145,30 @@ impl Pipeline {
     ) -> Result<Extraction, NodeError> {
         let started = Instant::now();
         let active = self.active.load_full();
+        let metrics = self.metrics.clone();
         let (decoded, image_sha256, input, kept) = {
             let _permit = self
                 .permits
                 .acquire()
                 .await
                 .expect("the semaphore is never closed");
+            metrics.observe_stage("permit_wait", started.elapsed().as_secs_f64());
             let limits = self.limits;
             let options = active.preprocess;
             let secret = self.secret.clone();
             let memory = self.memory.clone();
+            let stages = metrics.clone();
             let task = tokio::task::spawn_blocking(move || {
+                let decoding = Instant::now();
                 let (mut decoded, reservation) =
                     cxrfed_imaging::decode_reserving(&bytes, &limits, &secret, &memory)?;
                 drop(bytes);
                 let hash = decoded.pixel_sha256();
+                stages.observe_stage("decode", decoding.elapsed().as_secs_f64());
+                let preprocessing = Instant::now();
                 let input =
                     cxrfed_imaging::contain(|| Ok(cxrfed_imaging::preprocess(&decoded, &options)))?;
+                stages.observe_stage("preprocess", preprocessing.elapsed().as_secs_f64());
                 // The full-resolution samples are not needed past this point: free them (and
                 // their share of the budget) before the request waits for inference.
                 decoded.samples = cxrfed_imaging::Samples::U8(ndarray::Array2::zeros((0, 0)));
@@ -160,7 +182,9 @@ impl Pipeline {
         };
         let (findings, model_fields, model_id, model_sha256) = match &active.model {
             Some(handle) => {
+                let inferring = Instant::now();
                 let prediction = handle.infer(input).await?;
+                metrics.observe_stage("inference", inferring.elapsed().as_secs_f64());
                 let card = handle.card();
                 (
                     Some(prediction.findings(&card.label_map)),

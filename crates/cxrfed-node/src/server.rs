@@ -48,6 +48,11 @@ pub enum ServeError {
         address: String,
         source: std::io::Error,
     },
+    #[error("/metrics on {address}: {source}")]
+    MetricsListen {
+        address: String,
+        source: std::io::Error,
+    },
 }
 
 /// The DICOM receiver's settings from the (validated) configuration.
@@ -244,6 +249,27 @@ pub async fn serve(
                 }
             }
         });
+    }
+
+    if let Some(address) = state.config().metrics_listen {
+        let metrics =
+            TcpListener::bind(address)
+                .await
+                .map_err(|source| ServeError::MetricsListen {
+                    address: address.to_string(),
+                    source,
+                })?;
+        let node = state.clone();
+        let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || {
+            node.metrics()
+                .render(&|r| crate::metrics::snapshot(&node, r))
+        });
+        tracing::info!(listen = %address, "serving /metrics");
+        tokio::spawn(cxrfed_server::metrics::serve(
+            metrics,
+            render,
+            shutdown.clone(),
+        ));
     }
 
     if let Some(address) = state.config().dicom_listen {

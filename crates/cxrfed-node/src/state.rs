@@ -214,6 +214,11 @@ impl Node {
     }
 
     /// Requests being served now.
+    /// The operators' metrics (`/metrics`).
+    pub fn metrics(&self) -> &Arc<cxrfed_server::metrics::Metrics> {
+        self.pipeline.metrics()
+    }
+
     pub fn in_flight(&self) -> &AtomicU32 {
         &self.in_flight
     }
@@ -360,9 +365,13 @@ impl Node {
         let span = Span::current();
         span.record("image_sha256", extraction.record.image_sha256.as_str());
         let (size, pixels) = &extraction.input;
+        let storing = std::time::Instant::now();
         self.store
             .put_input(&extraction.record.image_sha256, *size, pixels)?;
-        let (record, created) = match self.store.insert(extraction.record, force).await? {
+        let inserted = self.store.insert(extraction.record, force).await?;
+        self.metrics()
+            .observe_stage("store", storing.elapsed().as_secs_f64());
+        let (record, created) = match inserted {
             Inserted::Created(record) => {
                 // The store is the source of truth; the columns follow it (and are rebuilt from
                 // it at start-up, so a crash between the two loses nothing).

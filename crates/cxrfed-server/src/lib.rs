@@ -15,6 +15,7 @@ pub mod bootstrap;
 pub mod intent;
 pub mod layout;
 pub mod logging;
+pub mod metrics;
 pub mod order;
 pub mod process;
 

@@ -200,11 +200,24 @@ impl CoordinatorService for CoordinatorApi {
         request: Request<pb::FederatedQueryRequest>,
     ) -> Result<Response<pb::FederatedQueryResponse>, Status> {
         let caller = identity_of(&request)?;
+        let started = std::time::Instant::now();
         let answer = self
             .federation()
             .query(&caller, request.into_inner())
-            .await?;
-        Ok(Response::new(answer))
+            .await
+            .map_err(Status::from);
+        let outcome = match &answer {
+            Ok(_) => "ok".to_string(),
+            Err(status) => format!("{:?}", status.code()).to_lowercase(),
+        };
+        let metrics = self.state.metrics();
+        metrics.observe_rpc("Query", &outcome, started.elapsed().as_secs_f64());
+        if let Ok(a) = &answer {
+            // What the researcher's query charged across the sites that answered.
+            let epsilon: f64 = a.sites.iter().map(|s| s.epsilon).sum();
+            metrics.dp_release(caller.role.as_str(), epsilon);
+        }
+        Ok(Response::new(answer?))
     }
 
     async fn sites(

@@ -46,6 +46,8 @@ pub struct Trainer {
     registry: Registry,
     hub: Hub,
     links: Arc<Links>,
+    /// Round durations and the other operator metrics (`/metrics`).
+    metrics: Arc<cxrfed_server::metrics::Metrics>,
 }
 
 impl Trainer {
@@ -54,7 +56,12 @@ impl Trainer {
             registry,
             hub,
             links,
+            metrics: Arc::default(),
         }
+    }
+
+    pub fn metrics(&self) -> &Arc<cxrfed_server::metrics::Metrics> {
+        &self.metrics
     }
 
     pub fn registry(&self) -> &Registry {

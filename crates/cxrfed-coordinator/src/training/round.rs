@@ -472,6 +472,7 @@ impl Trainer {
             };
         }
         log.seconds = started.elapsed().as_secs_f64();
+        self.metrics.round_seconds.observe(log.seconds);
         log.bytes_down = bytes_down;
         log.bytes_up = collected.bytes_up;
         log.pooled_metrics = pool_metrics(

@@ -148,6 +148,11 @@ impl Rpc {
         let started = Instant::now();
         let result = handler(request_id.clone()).instrument(span.clone()).await;
         let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+        state.metrics().observe_rpc(
+            &method,
+            result.as_ref().map_or_else(|e| e.kind(), |_| "ok"),
+            elapsed_ms / 1000.0,
+        );
         span.in_scope(|| match &result {
             Ok(_) => tracing::info!(outcome = "ok", elapsed_ms, "request finished"),
             Err(e) => tracing::warn!(outcome = e.kind(), elapsed_ms, error = %e, "request failed"),
@@ -1123,6 +1128,9 @@ impl NodeService for NodeApi {
                 "DpStats",
             )
             .await?;
+            state
+                .metrics()
+                .dp_release(identity.role.as_str(), released.release.cost.epsilon);
             Ok(dp_response(released))
         })
         .await

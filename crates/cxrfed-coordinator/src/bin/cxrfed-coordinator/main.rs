@@ -68,6 +68,10 @@ pub struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     suppress_below: Option<u64>,
+    /// Serve /metrics (Prometheus text for operators) on this address, e.g. 127.0.0.1:9465.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Seconds between node heartbeats [default: 10].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]

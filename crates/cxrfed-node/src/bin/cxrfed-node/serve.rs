@@ -131,6 +131,10 @@ pub struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     publish_record_count: Option<String>,
+    /// Serve /metrics (Prometheus text for operators) on this address, e.g. 127.0.0.1:9464.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metrics_listen: Option<SocketAddr>,
     /// Run a DICOM receiver (C-ECHO, C-STORE SCP) on this address, e.g. 0.0.0.0:11112.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
