@@ -355,6 +355,43 @@ metrics_epsilon = 10
     for name in ["cxrfed://", "rita", "admin-site-a"] {
         assert!(!raw.contains(name), "{name} in the node's /metrics:\n{raw}");
     }
+
+    // The Grafana dashboard asks only for metrics the servers serve (the DICOM receiver's
+    // appear only where it runs, refusals after the first).
+    let (coordinator_families, _) = scrape_metrics(coordinator_metrics);
+    let served: Vec<String> = families
+        .as_object()
+        .into_iter()
+        .chain(coordinator_families.as_object())
+        .flat_map(|f| f.keys().cloned())
+        .collect();
+    let dashboard =
+        std::fs::read_to_string(workspace_root().join("deploy/grafana/cxrfed-dashboard.json"))
+            .expect("dashboard");
+    let dashboard: serde_json::Value = serde_json::from_str(&dashboard).expect("dashboard JSON");
+    let mut asked = Vec::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("expr");
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if word.starts_with("cxrfed_") {
+                    asked.push(word.to_string());
+                }
+            }
+        }
+    }
+    for name in asked {
+        let family = ["_bucket", "_count", "_sum", "_total"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix))
+            .unwrap_or(&name);
+        assert!(
+            served.iter().any(|s| s == family)
+                || family.starts_with("cxrfed_dicom_")
+                || family == "cxrfed_refusals",
+            "the dashboard asks for {name}, which no server serves ({served:?})"
+        );
+    }
 }
 
 #[test]

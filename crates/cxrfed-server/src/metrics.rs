@@ -52,7 +52,6 @@ pub struct Metrics {
     pub refusals: Family<Reason, Counter>,
     pub dp_releases: Family<IdentityClass, Counter>,
     pub dp_epsilon: Family<IdentityClass, Counter<f64, AtomicU64>>,
-    pub batch_size: Histogram,
     pub round_seconds: Histogram,
 }
 
@@ -76,7 +75,6 @@ impl Metrics {
         let refusals = Family::default();
         let dp_releases = Family::default();
         let dp_epsilon = Family::default();
-        let batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 8));
         let round_seconds = Histogram::new(exponential_buckets(0.5, 2.0, 14));
         registry.register(
             "rpc_seconds",
@@ -104,11 +102,6 @@ impl Metrics {
             dp_epsilon.clone(),
         );
         registry.register(
-            "inference_batch_size",
-            "Images per inference batch",
-            batch_size.clone(),
-        );
-        registry.register(
             "round_seconds",
             "Federated round durations (coordinator)",
             round_seconds.clone(),
@@ -120,7 +113,6 @@ impl Metrics {
             refusals,
             dp_releases,
             dp_epsilon,
-            batch_size,
             round_seconds,
         }
     }
