@@ -565,6 +565,22 @@ mod tests {
     }
 
     #[test]
+    fn metrics_stay_on_loopback_unless_made_public() {
+        let mut config = NodeConfig {
+            insecure_dev: true,
+            metrics_listen: Some("0.0.0.0:9464".parse().expect("address")),
+            ..NodeConfig::default()
+        };
+        let err = config.validate().expect_err("not loopback");
+        assert!(err.to_string().contains("metrics_public"), "{err}");
+        config.metrics_public = true;
+        config.validate().expect("public on purpose");
+        config.metrics_public = false;
+        config.metrics_listen = Some("127.0.0.1:9464".parse().expect("address"));
+        config.validate().expect("loopback");
+    }
+
+    #[test]
     fn the_dicom_receiver_needs_an_allow_list_and_valid_titles() {
         let mut config = NodeConfig {
             insecure_dev: true,
