@@ -245,7 +245,7 @@ mod tests {
         assert!(text.contains("cxrfed_in_flight 3"));
         assert_eq!(text.matches("# EOF").count(), 1, "{text}");
         assert!(text.trim_end().ends_with("# EOF"));
-        assert!(check_listen(&"127.0.0.1:9464".parse().unwrap(), false).is_ok());
-        assert!(check_listen(&"0.0.0.0:9464".parse().unwrap(), false).is_err());
+        assert!(check_listen(&"127.0.0.1:9464".parse().expect("address"), false).is_ok());
+        assert!(check_listen(&"0.0.0.0:9464".parse().expect("address"), false).is_err());
     }
 }
