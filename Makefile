@@ -119,6 +119,7 @@ bench-dicom: venv test-deps
 	$(PYTHON) bench/dicom.py --cxrfed target/release/cxrfed --out docs/bench/dicom.md
 
 bench-research: venv
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check polars==2.1.0 duckdb==2.0.0
 	$(CARGO) build --locked --release $(BINS) --bins
 	$(PYTHON) bench/research.py --cxrfed target/release/cxrfed --bin target/release/cxrfed-bench --out docs/bench/research.md
 

@@ -231,3 +231,42 @@ fn custom_fields_take_labels_first_then_the_model() {
     let table = cxrfed_stats::exact(&columns, "count where cardiomegaly = false").expect("count");
     assert_eq!(table.rows[0][0], TableCell::Count(3));
 }
+
+#[test]
+fn large_tables_count_the_same_fused_and_split_over_threads() {
+    // Enough rows that counting is split over threads (more than 2 × 65,536), with missing
+    // values, coded and numeric filters, one, two and three tabulated fields.
+    let records: Vec<Record> = (0..140_000usize)
+        .map(|i| {
+            record(
+                i,
+                &Spec {
+                    quality: (i % 5 < 4).then_some(i % 4),
+                    confidence: i % 4,
+                    age: (i % 7 != 0).then_some(4 + i % 5),
+                    view: i % 3,
+                    month: 1 + (i % 12) as u32,
+                    ctr: (i % 3 != 0).then_some(0.3 + (i % 40) as f64 / 100.0),
+                    patient: (i % 20) as u8,
+                },
+            )
+        })
+        .collect();
+    let columns = Columns::from_records(&records);
+    for text in [
+        r#"crosstab image_quality, analysis_confidence where age_group in ("60-69", "70-79")"#,
+        "crosstab image_quality, analysis_confidence where cardiothoracic_ratio > 0.5",
+        "crosstab view, image_quality, analysis_confidence where month between 2020-03 and 2020-09",
+        "histogram analysis_confidence by view",
+        "histogram image_quality",
+    ] {
+        let query = cxrfed_stats::query::parse(text).expect("query");
+        let bound = cxrfed_stats::exact::bind(&columns, query).expect("bind");
+        let fused = cxrfed_stats::exact::count_matching(&columns, &bound);
+        let cohort = bound.cohort(&columns);
+        let direct = cxrfed_stats::exact::count_cells(&columns, bound.tabulated(), &cohort);
+        assert_eq!(fused, direct, "{text}");
+        assert_eq!(fused.iter().sum::<u64>(), cohort.len() as u64, "{text}");
+        assert!(!cohort.is_empty(), "{text}");
+    }
+}
