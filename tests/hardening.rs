@@ -225,24 +225,6 @@ async fn decompression_bombs_are_refused_before_decoding_and_memory_stays_bounde
     assert!(record.source.expect("source").columns <= 512);
 }
 
-fn set_budget(node: &NodeProcess, identity: &str, epsilon: &str) {
-    let profile = node.profile();
-    let out = cxrfed(&[
-        "node",
-        "budget",
-        "set",
-        "--data-dir",
-        node.data_dir_str(),
-        "--identity",
-        identity,
-        "--epsilon",
-        epsilon,
-        "--profile",
-        &profile,
-    ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-}
-
 fn in_list(n: usize) -> String {
     let values: Vec<String> = (0..n).map(|i| (i % 5000).to_string()).collect();
     format!("count where rows in ({})", values.join(","))
@@ -257,7 +239,7 @@ async fn query_cost_is_capped_and_a_release_never_stalls_extraction() {
     let out = node.cli(&["ingest", phantoms.to_str().expect("path")]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let researcher = node.pki.identity(Role::Researcher, "quinn", None);
-    set_budget(&node, "quinn", "10");
+    node.set_budget("quinn", "10");
     let mut client = NodeServiceClient::new(node.channel_as(&researcher).await);
     let request = |query: String| pb::DpStatsRequest {
         query,

@@ -25,25 +25,6 @@ fn profile_of(dir: &Path) -> String {
     dir.join(pki::PROFILE).to_str().expect("path").to_string()
 }
 
-/// `cxrfed node budget set` as the site admin.
-fn set_budget(node: &NodeProcess, identity: &str, epsilon: &str) {
-    let profile = node.profile();
-    let out = cxrfed(&[
-        "node",
-        "budget",
-        "set",
-        "--data-dir",
-        node.data_dir_str(),
-        "--identity",
-        identity,
-        "--epsilon",
-        epsilon,
-        "--profile",
-        &profile,
-    ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-}
-
 fn dp_request(query: &str, epsilon: f64) -> pb::DpStatsRequest {
     pb::DpStatsRequest {
         query: query.into(),
@@ -68,7 +49,7 @@ async fn budgets_run_out_exactly_survive_restarts_and_are_listed() {
         .expect_err("no budget yet");
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
 
-    set_budget(&node, "rita", "1.0");
+    node.set_budget("rita", "1.0");
     for i in 0..4 {
         let r = client
             .dp_stats(dp_request("histogram view", 0.25))
@@ -96,7 +77,7 @@ async fn budgets_run_out_exactly_survive_restarts_and_are_listed() {
     );
 
     // The CLI shows the researcher's DP release and own budget; the admin lists everyone.
-    set_budget(&node, "rita", "1.5");
+    node.set_budget("rita", "1.5");
     let url = node.url();
     let rita = profile_of(&researcher);
     let out = cxrfed(&[
@@ -166,7 +147,7 @@ async fn fifty_concurrent_queries_never_overspend() {
     let dir = tempfile::tempdir().expect("tempdir");
     let node = node_with_phantoms(dir.path(), 8);
     let researcher = node.pki.identity(Role::Researcher, "carl", None);
-    set_budget(&node, "carl", "1.0");
+    node.set_budget("carl", "1.0");
     let channel = node.channel_as(&researcher).await;
     let tasks: Vec<_> = (0..50)
         .map(|_| {
@@ -207,7 +188,7 @@ async fn the_audit_chain_records_every_release_and_names_a_rewritten_entry() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut node = node_with_phantoms(dir.path(), 6);
     let researcher = node.pki.identity(Role::Researcher, "ada", None);
-    set_budget(&node, "ada", "5");
+    node.set_budget("ada", "5");
     let mut client = NodeServiceClient::new(node.channel_as(&researcher).await);
     client
         .dp_stats(dp_request("count where view = PA", 0.5))
@@ -295,7 +276,7 @@ async fn a_researcher_gets_nothing_exact_from_any_rpc() {
     let mut c = NodeServiceClient::new(channel.clone());
 
     // With a budget, what comes back is noisy with bounds, and carries no cohort size.
-    set_budget(&node, "eve", "2");
+    node.set_budget("eve", "2");
     let r = c
         .dp_stats(dp_request("crosstab view, sex", 1.0))
         .await

@@ -80,24 +80,6 @@ fn browser(scenario: &str, config: serde_json::Value, work: &Path) -> serde_json
     serde_json::from_str(stdout.lines().last().unwrap_or("{}")).expect("findings JSON")
 }
 
-/// `cxrfed node budget set` as the node's site admin.
-fn set_budget(node: &NodeProcess, identity: &str, epsilon: &str) {
-    let out = cxrfed_e2e::cxrfed(&[
-        "node",
-        "budget",
-        "set",
-        "--data-dir",
-        node.data_dir_str(),
-        "--identity",
-        identity,
-        "--epsilon",
-        epsilon,
-        "--profile",
-        &node.profile(),
-    ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-}
-
 fn profile(dir: &Path) -> String {
     dir.join(pki::PROFILE)
         .to_str()
@@ -165,7 +147,7 @@ fn a_site_admin_and_a_researcher_use_the_console_in_chromium() {
 
     // A researcher with a budget at this node: DP statistics only.
     let researcher = node.pki.identity(Role::Researcher, "rita", None);
-    set_budget(&node, "rita", "3");
+    node.set_budget("rita", "3");
     let console = Console::start(&["--node", &node.url(), "--profile", &profile(&researcher)]);
     let found = browser(
         "researcher",
@@ -257,7 +239,7 @@ metrics_epsilon = 10
     // A researcher with a budget at every site asks a federated question.
     let researcher = pki.identity(Role::Researcher, "rita", None);
     for node in &nodes {
-        set_budget(node, "rita", "3");
+        node.set_budget("rita", "3");
     }
     let console = Console::start(&[
         "--coordinator",

@@ -415,6 +415,25 @@ impl NodeProcess {
         assert!(out.status.success(), "{}", text(&out.stderr));
     }
 
+    /// `cxrfed node budget set` as the site admin: `identity`'s total epsilon at this node.
+    pub fn set_budget(&self, identity: &str, epsilon: &str) {
+        let profile = self.profile();
+        let out = cxrfed(&[
+            "node",
+            "budget",
+            "set",
+            "--data-dir",
+            self.data_dir_str(),
+            "--identity",
+            identity,
+            "--epsilon",
+            epsilon,
+            "--profile",
+            &profile,
+        ]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+
     pub fn data_dir_str(&self) -> &str {
         self.data_dir.to_str().expect("utf-8 path")
     }

@@ -141,22 +141,15 @@ pub async fn serve(
     state.trainer().registry().ensure_bundled().await?;
     state.trainer().resume_all();
     if let Some(address) = config.metrics_listen {
-        let metrics =
-            TcpListener::bind(address)
-                .await
-                .map_err(|source| ServeError::MetricsListen {
-                    address: address.to_string(),
-                    source,
-                })?;
         let coordinator = state.clone();
         let render: Arc<dyn Fn() -> String + Send + Sync> =
             Arc::new(move || coordinator.metrics().render(&|r| snapshot(&coordinator, r)));
-        tracing::info!(listen = %address, "serving /metrics");
-        tokio::spawn(cxrfed_server::metrics::serve(
-            metrics,
-            render,
-            shutdown.clone(),
-        ));
+        cxrfed_server::metrics::spawn(address, render, shutdown.clone())
+            .await
+            .map_err(|source| ServeError::MetricsListen {
+                address: address.to_string(),
+                source,
+            })?;
     }
     tracing::info!(
         listen = ?listener.local_addr().ok(),

@@ -252,24 +252,17 @@ pub async fn serve(
     }
 
     if let Some(address) = state.config().metrics_listen {
-        let metrics =
-            TcpListener::bind(address)
-                .await
-                .map_err(|source| ServeError::MetricsListen {
-                    address: address.to_string(),
-                    source,
-                })?;
         let node = state.clone();
         let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || {
             node.metrics()
                 .render(&|r| crate::metrics::snapshot(&node, r))
         });
-        tracing::info!(listen = %address, "serving /metrics");
-        tokio::spawn(cxrfed_server::metrics::serve(
-            metrics,
-            render,
-            shutdown.clone(),
-        ));
+        cxrfed_server::metrics::spawn(address, render, shutdown.clone())
+            .await
+            .map_err(|source| ServeError::MetricsListen {
+                address: address.to_string(),
+                source,
+            })?;
     }
 
     if let Some(address) = state.config().dicom_listen {

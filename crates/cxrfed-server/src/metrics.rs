@@ -185,6 +185,18 @@ pub fn counter(registry: &mut Registry, name: &str, help: &str, value: u64) {
     registry.register(name, help, c);
 }
 
+/// Binds `address` and serves `GET /metrics` there in the background until `shutdown`.
+pub async fn spawn(
+    address: SocketAddr,
+    render: Arc<dyn Fn() -> String + Send + Sync>,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(address).await?;
+    tracing::info!(listen = %address, "serving /metrics");
+    tokio::spawn(serve(listener, render, shutdown));
+    Ok(())
+}
+
 /// Serves `GET /metrics` on `listener` until `shutdown`: `render` produces the text.
 pub async fn serve(
     listener: tokio::net::TcpListener,
