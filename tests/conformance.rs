@@ -207,3 +207,117 @@ fn decode_matches_pydicom() {
         "no JPEG-LS file was refused"
     );
 }
+
+/// The node's reduced-resolution JPEG 2000 decode (`j2k_reduced_decode`): the samples are the
+/// image at 1/2^f of its size (the shorter side still covering the 224 px model input), the
+/// model input made from them is close to the full decode's, and the identity is the
+/// codestream's — the same on every decode of the same file, and never the pixel hash.
+#[test]
+fn reduced_jpeg2000_decode_covers_the_model_input() {
+    use cxrfed_imaging::{
+        MemoryBudget, PreprocessOptions, Reduction, decode_for_model, preprocess,
+    };
+    let limits = Limits {
+        burned_in: cxrfed_imaging::BurnedInPolicy::Accept,
+        ..Limits::default()
+    };
+    let secret = SiteSecret::from_bytes([7; 32]);
+    let budget = MemoryBudget::new(1 << 30, std::time::Duration::from_secs(5));
+    let all = Reduction {
+        min_side: 224,
+        lossless: true,
+    };
+    let lossy_only = Reduction {
+        min_side: 224,
+        lossless: false,
+    };
+    let phantom = cxrfed_phantom::Generator::new(5, None)
+        .expect("generator")
+        .with_encoding(Some(cxrfed_phantom::Encoding::Jpeg2000Lossless))
+        .with_max_columns(Some(1024))
+        .generate(0)
+        .to_dicom()
+        .expect("phantom");
+    let data = cxrfed_e2e::pydicom_data_dir();
+    let files: Vec<(&str, Vec<u8>, bool)> = vec![
+        (
+            "RG1_J2KR",
+            std::fs::read(data.join("RG1_J2KR.dcm")).expect("RG1_J2KR"),
+            true,
+        ),
+        (
+            "RG1_J2KI",
+            std::fs::read(data.join("RG1_J2KI.dcm")).expect("RG1_J2KI"),
+            false,
+        ),
+        ("phantom", phantom, true),
+    ];
+    let options = PreprocessOptions::default();
+    for (name, bytes, lossless) in &files {
+        let full = decode_contained(bytes, &limits, &secret).expect("full decode");
+        let (reduced, _) =
+            decode_for_model(bytes, &limits, &secret, &budget, all).expect("reduced");
+        let (rows, cols) = full.samples.dim();
+        let (r, c) = reduced.samples.dim();
+        let factor = (rows as f64 / r as f64).log2().round() as u32;
+        assert!(factor >= 1, "{name}: {rows}x{cols} was not reduced");
+        assert_eq!(
+            (r, c),
+            (rows.div_ceil(1 << factor), cols.div_ceil(1 << factor)),
+            "{name}"
+        );
+        assert!(
+            r.min(c) >= 224,
+            "{name}: {r}x{c} no longer covers the model input"
+        );
+        assert!(
+            reduced
+                .notes
+                .iter()
+                .any(|n| n.contains(&format!("1/{}", 1 << factor))),
+            "{name}: {:?}",
+            reduced.notes
+        );
+        // Identity: the codestream's, stable, and not the full decode's pixel hash.
+        let identity = reduced.pixel_sha256();
+        assert_eq!(reduced.identity.as_deref(), Some(identity.as_str()));
+        assert_eq!(full.identity, None);
+        assert_ne!(identity, full.pixel_sha256(), "{name}");
+        let (again, _) = decode_for_model(bytes, &limits, &secret, &budget, all).expect("again");
+        assert_eq!(
+            again.pixel_sha256(),
+            identity,
+            "{name}: re-ingest is idempotent"
+        );
+        // The same facts (de-identified) as the full decode.
+        assert_eq!(reduced.acquisition, full.acquisition, "{name}");
+        assert_eq!(reduced.patient, full.patient, "{name}");
+        // The model input: the wavelet's low band against the full image's area average.
+        let a = preprocess(&full, &options);
+        let b = preprocess(&reduced, &options);
+        let mut diffs: Vec<f32> = a.iter().zip(b.iter()).map(|(x, y)| (x - y).abs()).collect();
+        diffs.sort_by(f32::total_cmp);
+        let mean = diffs.iter().sum::<f32>() / diffs.len() as f32;
+        let p99 = diffs[diffs.len() * 99 / 100];
+        let max = diffs[diffs.len() - 1];
+        println!(
+            "{name}: 1/{} decode, model input |diff| mean {mean:.4}, p99 {p99:.4}, max {max:.4} \
+             (normalised units: display value / 0.25)",
+            1 << factor
+        );
+        assert!(
+            mean < 0.05 && p99 < 0.4,
+            "{name}: mean {mean} p99 {p99} max {max}"
+        );
+        // By default (lossy only) a lossless frame keeps its full decode and pixel identity.
+        let (kept, _) =
+            decode_for_model(bytes, &limits, &secret, &budget, lossy_only).expect("default");
+        assert_eq!(kept.identity.is_none(), *lossless, "{name}");
+    }
+    // Uncompressed files are never reduced.
+    let uncompressed = std::fs::read(data.join("RG1_UNCR.dcm")).expect("RG1_UNCR");
+    let (decoded, _) =
+        decode_for_model(&uncompressed, &limits, &secret, &budget, all).expect("UNCR");
+    assert_eq!(decoded.identity, None);
+    assert_eq!(decoded.samples.dim(), (1955, 1841));
+}

@@ -13,19 +13,7 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 fn upload(bytes: &[u8], filename: &str) -> Vec<pb::ExtractRequest> {
-    let mut messages: Vec<pb::ExtractRequest> = bytes
-        .chunks(256 * 1024)
-        .map(|chunk| pb::ExtractRequest {
-            header: None,
-            chunk: chunk.to_vec(),
-        })
-        .collect();
-    messages[0].header = Some(pb::ExtractHeader {
-        filename: filename.into(),
-        force: false,
-        size_hint: bytes.len() as u64,
-    });
-    messages
+    cxrfed_proto::upload(bytes.to_vec().into(), filename, false, 256 * 1024)
 }
 
 async fn extract(

@@ -17,22 +17,7 @@ async fn client(node: &NodeProcess) -> NodeServiceClient<Channel> {
 }
 
 fn upload(bytes: &[u8], filename: &str, force: bool) -> Vec<pb::ExtractRequest> {
-    let mut messages: Vec<pb::ExtractRequest> = bytes
-        .chunks(256 * 1024)
-        .map(|chunk| pb::ExtractRequest {
-            header: None,
-            chunk: chunk.to_vec(),
-        })
-        .collect();
-    if messages.is_empty() {
-        messages.push(pb::ExtractRequest::default());
-    }
-    messages[0].header = Some(pb::ExtractHeader {
-        filename: filename.into(),
-        force,
-        size_hint: bytes.len() as u64,
-    });
-    messages
+    cxrfed_proto::upload(bytes.to_vec().into(), filename, force, 256 * 1024)
 }
 
 async fn extract(
@@ -360,7 +345,7 @@ async fn bad_input_gets_the_right_status_and_nothing_is_stored() {
     let err = c
         .extract(tokio_stream::iter(vec![pb::ExtractRequest {
             header: None,
-            chunk: vec![1, 2, 3],
+            chunk: vec![1, 2, 3].into(),
         }]))
         .await
         .expect_err("no header");
@@ -1102,4 +1087,53 @@ async fn force_re_extracts_with_the_current_model() {
     assert_eq!(record.model_id, "cxrfed-tiny-phantom-v1");
     assert!(record.findings.is_some());
     assert_eq!(status(&mut c).await.record_count, 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reduced_jpeg2000_decode_is_noted_and_re_ingest_stays_idempotent() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("refused");
+    let err = NodeProcess::start_failure(&[
+        "node",
+        "serve",
+        "--data-dir",
+        data.to_str().expect("path"),
+        "--insecure-dev",
+        "--j2k-reduced-decode",
+        "sometimes",
+    ]);
+    assert!(err.contains("j2k_reduced_decode"), "{err}");
+
+    let node = NodeProcess::start(dir.path(), &["--j2k-reduced-decode", "all"]);
+    let mut c = client(&node).await;
+    let j2k = rg1("RG1_J2KR.dcm");
+    let first = extract(&mut c, &j2k, "rg1.dcm", false)
+        .await
+        .expect("extract");
+    assert!(first.created);
+    let record = first.record.expect("record");
+    assert!(
+        record
+            .processing_notes
+            .iter()
+            .any(|n| n.contains("JPEG 2000 decoded at 1/8 resolution")),
+        "{:?}",
+        record.processing_notes
+    );
+    assert!(record.findings.is_some(), "the model still ran");
+    // The same file again: the same codestream identity, nothing stored twice.
+    let again = extract(&mut c, &j2k, "rg1-again.dcm", false)
+        .await
+        .expect("again");
+    assert!(!again.created);
+    assert_eq!(again.record.expect("record").record_id, record.record_id);
+    // The documented trade-off of `all`: the uncompressed copy is a record of its own.
+    let uncompressed = extract(&mut c, &rg1("RG1_UNCR.dcm"), "rg1-unc.dcm", false)
+        .await
+        .expect("uncompressed");
+    assert!(uncompressed.created);
+    assert_ne!(
+        uncompressed.record.expect("record").image_sha256,
+        record.image_sha256
+    );
 }

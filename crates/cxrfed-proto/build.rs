@@ -26,6 +26,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Weights chunks are slices of one shared buffer: sending a model to many sites
         // copies nothing.
         .bytes(".cxrfed.v1.Chunk.data")
+        // Upload chunks are slices of the receive buffer on the node (no copy per message)
+        // and of one file buffer on a client (a retry or a benchmark resends without copying).
+        .bytes(".cxrfed.v1.ExtractRequest.chunk")
         // Maps as BTreeMap: a message encodes to the same bytes every time (found by fuzzing:
         // with HashMap, re-encoding a decoded message reordered its map entries), which
         // anything that hashes, compares or signs an encoding relies on.

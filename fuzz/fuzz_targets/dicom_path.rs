@@ -1,5 +1,7 @@
 //! The node's path for a file: sniff -> decode (structure walk, codestream checks, pixel
-//! decoding) -> de-identify -> hash -> preprocess. Not contained: a panic is a finding.
+//! decoding) -> de-identify -> hash -> preprocess. Not contained: a panic is a finding. Then
+//! the node's decode for the model, which reduces JPEG 2000 through OpenJPEG's reduce factor:
+//! it is contained, so a panic there shows as `DecoderPanic`, also a finding.
 #![no_main]
 
 use cxrfed_imaging::{Limits, PreprocessOptions, SiteSecret};
@@ -23,5 +25,21 @@ fuzz_target!(|bytes: &[u8]| {
         let input = cxrfed_imaging::preprocess(&decoded, &options);
         assert_eq!(input.dim(), (32, 32));
         assert!(input.iter().all(|v| v.is_finite()));
+    }
+    let budget = cxrfed_imaging::MemoryBudget::new(64 << 20, std::time::Duration::from_millis(1));
+    let reduction = cxrfed_imaging::Reduction {
+        min_side: 32,
+        lossless: true,
+    };
+    match cxrfed_imaging::decode_for_model(bytes, &limits, &secret, &budget, reduction) {
+        Ok((decoded, _)) => {
+            assert_eq!(decoded.pixel_sha256().len(), 64);
+            let (rows, columns) = decoded.samples.dim();
+            assert!(rows >= 1 && columns >= 1);
+        }
+        Err(e) => assert!(
+            !matches!(e, cxrfed_imaging::ImagingError::DecoderPanic),
+            "a decoder panicked"
+        ),
     }
 });

@@ -101,6 +101,30 @@ enum Mode {
         #[arg(long)]
         profile: Option<PathBuf>,
     },
+    /// The ceiling `node` is measured against: the node's own extraction pipeline (decode,
+    /// de-identify, hash, preprocess on the blocking pool, batched inference), in process, with
+    /// the node's worker settings and `concurrency` requests in flight, on files already in
+    /// memory. No transport, no store: what the node could do if upload and storage were free.
+    Limit {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, num_args = 1..)]
+        files: Vec<PathBuf>,
+        #[arg(long, default_value_t = 128)]
+        images: usize,
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 32)]
+        max_batch: usize,
+        #[arg(long, default_value_t = 50)]
+        max_wait_ms: u64,
+        /// The node's decode workers (default: the node's, one per core).
+        #[arg(long)]
+        decode_workers: Option<usize>,
+        /// The node's `j2k_reduced_decode` (lossy, all or off).
+        #[arg(long, default_value = "lossy")]
+        j2k_reduced_decode: String,
+    },
     /// Exact statistics over synthetic records held in the node's columnar form: builds
     /// `records` records (deterministic), writes them as CSV for pandas when `--csv` is given,
     /// and times the query (parse + bind + one pass) `repeats` times.
@@ -440,35 +464,26 @@ async fn node_bench(
         );
     }
     let client = connections[0].clone();
-    let upload = |bytes: &[u8]| -> Vec<pb::ExtractRequest> {
-        let mut messages: Vec<pb::ExtractRequest> = bytes
-            .chunks(1024 * 1024)
-            .map(|c| pb::ExtractRequest {
-                header: None,
-                chunk: c.to_vec(),
-            })
-            .collect();
-        messages[0].header = Some(pb::ExtractHeader {
-            filename: "bench.dcm".into(),
-            force: true,
-            size_hint: bytes.len() as u64,
-        });
-        messages
-    };
+    // Every upload is slices of one buffer per file, built before the clock starts: a request
+    // copies nothing on the client, so the client's share of the 2 cores is the transport's.
+    let messages: Vec<Vec<pb::ExtractRequest>> = payloads
+        .into_iter()
+        .map(|bytes| cxrfed_proto::upload(bytes.into(), "bench.dcm", true, 1024 * 1024))
+        .collect();
     // Warm-up: one image per file.
-    for bytes in &payloads {
+    for upload in &messages {
         client
             .clone()
-            .extract(tokio_stream::iter(upload(bytes)))
+            .extract(tokio_stream::iter(upload.clone()))
             .await?;
     }
     let next = std::sync::Arc::new(AtomicUsize::new(0));
-    let payloads = std::sync::Arc::new(payloads);
+    let messages = std::sync::Arc::new(messages);
     let start = Instant::now();
+    let cpu_start = cpu_seconds();
     let mut tasks = Vec::new();
     for mut client in connections {
-        let (next, payloads) = (next.clone(), payloads.clone());
-        let messages: Vec<Vec<pb::ExtractRequest>> = payloads.iter().map(|b| upload(b)).collect();
+        let (next, messages) = (next.clone(), messages.clone());
         tasks.push(tokio::spawn(async move {
             let mut refused = 0usize;
             let mut latencies = Vec::new();
@@ -501,11 +516,80 @@ async fn node_bench(
         latencies.extend(l);
     }
     let seconds = start.elapsed().as_secs_f64();
+    // The client shares the machine with the node: its CPU over the timed window says how much
+    // of the cores the node did not have.
+    let client_cpu = cpu_seconds() - cpu_start;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     latencies.sort_by(f64::total_cmp);
     Ok(serde_json::json!({
         "images_per_s": (images - refused) as f64 / seconds, "seconds": seconds, "refused": refused,
         "clients": clients, "images": images,
+        "client_cpu_s": client_cpu, "client_share": client_cpu / (seconds * cores),
         "p50_ms": percentile(&latencies, 50.0), "p99_ms": percentile(&latencies, 99.0),
+    }))
+}
+
+/// Settings of [`Mode::Limit`].
+struct LimitRun {
+    model: PathBuf,
+    files: Vec<PathBuf>,
+    images: usize,
+    concurrency: usize,
+    config: cxrfed_node::NodeConfig,
+}
+
+async fn limit_bench(run: LimitRun) -> anyhow::Result<serde_json::Value> {
+    use std::sync::Arc;
+    let config = run.config;
+    let model = cxrfed_model::Model::load(&run.model, cxrfed_model::parse_device("cpu")?)?;
+    let handle =
+        cxrfed_model::InferenceHandle::spawn(model, cxrfed_node::models::worker_config(&config))?;
+    let pipeline = Arc::new(cxrfed_node::pipeline::Pipeline::new(
+        &config,
+        SiteSecret::from_bytes([42; 32]),
+        Some(handle.clone()),
+    ));
+    let files: Vec<tonic::codegen::Bytes> = run
+        .files
+        .iter()
+        .map(|f| std::fs::read(f).map(Into::into))
+        .collect::<Result<_, _>>()?;
+    anyhow::ensure!(!files.is_empty(), "no files");
+    // Warm-up: one image per file.
+    for bytes in &files {
+        pipeline.extract(bytes.clone(), String::new()).await?;
+    }
+    let before = handle.stats();
+    let next = Arc::new(AtomicUsize::new(0));
+    let files = Arc::new(files);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..run.concurrency {
+        let (next, files, pipeline) = (next.clone(), files.clone(), pipeline.clone());
+        let images = run.images;
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= images {
+                    return Ok::<(), cxrfed_node::NodeError>(());
+                }
+                pipeline
+                    .extract(files[i % files.len()].clone(), String::new())
+                    .await?;
+            }
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let after = handle.stats();
+    let batches = after.batches - before.batches;
+    Ok(serde_json::json!({
+        "images_per_s": run.images as f64 / seconds, "seconds": seconds, "images": run.images,
+        "concurrency": run.concurrency, "decode_workers": config.decode_workers,
+        "mean_batch": (after.images - before.images) as f64 / batches.max(1) as f64,
+        "threads": cxrfed_model::torch_threads(),
     }))
 }
 
@@ -519,6 +603,22 @@ fn process(path: &Path, secret: &SiteSecret) -> anyhow::Result<ndarray::Array2<f
         &decoded,
         &PreprocessOptions::default(),
     ))
+}
+
+/// CPU seconds (user + system) this process has used so far, from /proc/self/stat (whose times
+/// are in USER_HZ, 100 per second on Linux whatever the kernel's tick).
+fn cpu_seconds() -> f64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+            let rest = s.rsplit_once(')')?.1;
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let ticks =
+                fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+            Some(ticks / 100.0)
+        })
+        .unwrap_or(f64::NAN)
 }
 
 /// Peak resident set size of this process in MiB (VmHWM).
@@ -652,6 +752,37 @@ fn main() -> anyhow::Result<()> {
                 "{}",
                 runtime.block_on(node_bench(url, files, images, clients, profile))?
             );
+        }
+        Mode::Limit {
+            model,
+            files,
+            images,
+            concurrency,
+            max_batch,
+            max_wait_ms,
+            decode_workers,
+            j2k_reduced_decode,
+        } => {
+            let defaults = cxrfed_node::NodeConfig::default();
+            let config = cxrfed_node::NodeConfig {
+                max_batch,
+                max_wait_ms,
+                inference_queue: 512,
+                j2k_reduced_decode,
+                decode_workers: decode_workers.unwrap_or(defaults.decode_workers),
+                ..defaults
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            let run = LimitRun {
+                model,
+                files,
+                images,
+                concurrency,
+                config,
+            };
+            println!("{}", runtime.block_on(limit_bench(run))?);
         }
         Mode::Latency {
             file,

@@ -198,6 +198,44 @@ struct Siz {
     max_depth: u8,
 }
 
+/// The fewest wavelet decomposition levels the main header of a J2K codestream gives any
+/// component (COD, and COC where one overrides it): the most resolution levels a reduced
+/// decode may discard. `None` if the main header cannot be walked to its first tile-part.
+pub fn j2k_levels(data: &[u8]) -> Option<u8> {
+    let soc = data
+        .windows(4)
+        .position(|w| w == [0xFF, 0x4F, 0xFF, 0x51])?;
+    let mut at = soc + 2;
+    let mut levels: Option<u8> = None;
+    // Marker segments of the main header, up to the first SOT (at most a few hundred).
+    for _ in 0..1024 {
+        let marker = be16(data, at)?;
+        if marker == 0xFF90 {
+            return levels;
+        }
+        let length = usize::from(be16(data, at + 2)?);
+        if length < 2 {
+            return None;
+        }
+        let segment = data.get(at + 4..at + 2 + length)?;
+        match marker {
+            // COD: Scod, progression, layers (2), MCT, then the number of levels.
+            0xFF52 => {
+                let cod = *segment.get(5)?;
+                levels = Some(levels.map_or(cod, |l| l.min(cod)));
+            }
+            // COC: the component index (1 or 2 bytes by Csiz; one here), Scoc, then levels.
+            0xFF53 => {
+                let coc = *segment.get(2)?;
+                levels = Some(levels.map_or(coc, |l| l.min(coc)));
+            }
+            _ => {}
+        }
+        at += 2 + length;
+    }
+    None
+}
+
 /// The SIZ marker segment of a J2K codestream (raw, or inside a JP2 file's codestream box).
 fn j2k_siz(data: &[u8]) -> Result<Siz, ImagingError> {
     let start = data

@@ -147,6 +147,23 @@ pub struct Decoded {
     pub patient: Patient,
     pub acquisition: Acquisition,
     pub notes: Vec<String>,
+    /// Set when `samples` are not the full-resolution pixels (a reduced decode): the image's
+    /// identity, then a hash of its codestream, which [`Decoded::pixel_sha256`] returns.
+    pub identity: Option<String>,
+}
+
+/// What a decode for the model may skip. A JPEG 2000 frame is decoded with as many resolution
+/// levels discarded as keep its shorter side at least `min_side` (the model input); the
+/// identity of such a decode is the SHA-256 of its codestream, because the full-resolution
+/// pixels are never made. Lossy JPEG 2000 is reduced whenever `min_side` is set (its pixels
+/// never matched another syntax's copy anyway); lossless JPEG 2000 only with `lossless`, since
+/// it then no longer de-duplicates against an uncompressed copy of the same image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Reduction {
+    /// Shorter side the decoded samples must keep; 0 decodes at full resolution.
+    pub min_side: u32,
+    /// Also reduce JPEG 2000 lossless frames.
+    pub lossless: bool,
 }
 
 /// Display value in [0, 1] for every possible stored sample value (256 or 65536 entries).
@@ -215,7 +232,12 @@ impl Decoded {
 
     /// SHA-256 (hex) over the decoded stored samples of the frame, with its shape and sample
     /// type, so that equal pixels give equal hashes whatever the container or header says.
+    ///
+    /// For a reduced decode ([`Reduction`]) it is the codestream's identity instead.
     pub fn pixel_sha256(&self) -> String {
+        if let Some(identity) = &self.identity {
+            return identity.clone();
+        }
         let mut hasher = Sha256::new();
         let (rows, cols) = self.samples.dim();
         let kind: &[u8] = match self.samples {
@@ -385,7 +407,7 @@ pub fn contain<T>(work: impl FnOnce() -> Result<T, ImagingError>) -> Result<T, I
 
 /// Decodes `bytes` (DICOM Part 10, JPEG or PNG); the format is sniffed from the content.
 pub fn decode(bytes: &[u8], limits: &Limits, secret: &SiteSecret) -> Result<Decoded, ImagingError> {
-    decode_within(bytes, limits, secret, None).map(|(decoded, _)| decoded)
+    decode_within(bytes, limits, secret, None, Reduction::default()).map(|(decoded, _)| decoded)
 }
 
 /// [`decode_contained`] under a shared memory budget: the estimated peak is reserved from
@@ -397,7 +419,19 @@ pub fn decode_reserving(
     secret: &SiteSecret,
     budget: &MemoryBudget,
 ) -> Result<(Decoded, Option<Reservation>), ImagingError> {
-    contain(|| decode_within(bytes, limits, secret, Some(budget)))
+    contain(|| decode_within(bytes, limits, secret, Some(budget), Reduction::default()))
+}
+
+/// [`decode_reserving`] for the model: where the codec allows it, only what `reduction` says
+/// the model needs is decoded (see [`Reduction`]).
+pub fn decode_for_model(
+    bytes: &[u8],
+    limits: &Limits,
+    secret: &SiteSecret,
+    budget: &MemoryBudget,
+    reduction: Reduction,
+) -> Result<(Decoded, Option<Reservation>), ImagingError> {
+    contain(|| decode_within(bytes, limits, secret, Some(budget), reduction))
 }
 
 fn decode_within(
@@ -405,6 +439,7 @@ fn decode_within(
     limits: &Limits,
     secret: &SiteSecret,
     budget: Option<&MemoryBudget>,
+    reduction: Reduction,
 ) -> Result<(Decoded, Option<Reservation>), ImagingError> {
     if bytes.len() as u64 > limits.max_file_bytes {
         return Err(ImagingError::FileTooLarge {
@@ -413,8 +448,8 @@ fn decode_within(
         });
     }
     match sniff(bytes)? {
-        Format::Dicom => decode_dicom(&bytes[128..], limits, secret, budget),
-        Format::DicomNoPreamble => decode_dicom(bytes, limits, secret, budget),
+        Format::Dicom => decode_dicom(&bytes[128..], limits, secret, budget, reduction),
+        Format::DicomNoPreamble => decode_dicom(bytes, limits, secret, budget, reduction),
         Format::Png => decode_raster(bytes, image::ImageFormat::Png, limits, budget),
         Format::Jpeg => decode_raster(bytes, image::ImageFormat::Jpeg, limits, budget),
     }
@@ -458,6 +493,7 @@ fn decode_dicom(
     limits: &Limits,
     secret: &SiteSecret,
     budget: Option<&MemoryBudget>,
+    reduction: Reduction,
 ) -> Result<(Decoded, Option<Reservation>), ImagingError> {
     // Declared lengths, inflation and nesting are checked before dicom-object allocates any.
     let inflate_cap = limits.max_file_bytes.max(64 << 20);
@@ -569,13 +605,20 @@ fn decode_dicom(
         )?;
     }
 
-    let shape = (rows as usize, columns as usize);
     let mask: u16 = if bits_stored >= 16 {
         u16::MAX
     } else {
         (1u16 << bits_stored) - 1
     };
     let sign_shift = 16 - bits_stored;
+    if let Some(reduced) = decode_reduced(&obj, &header, samples_per_pixel, reduction, mask)? {
+        let (samples, identity, note) = reduced;
+        notes.push(note);
+        let mut decoded = finish_dicom(&obj, secret, &header, samples, notes, false);
+        decoded.identity = Some(identity);
+        return Ok((decoded, reservation));
+    }
+    let shape = (rows as usize, columns as usize);
     // Fast path: uncompressed 16-bit grayscale is already in memory as u16 samples. Taking the
     // buffer out of the parsed object (no copy) and masking it in place saves two full-image
     // copies through dicom-pixeldata.
@@ -683,6 +726,91 @@ fn decode_dicom(
     ))
 }
 
+/// The reduced-resolution decode of a single-frame grayscale JPEG 2000 image, if `reduction`
+/// asks for one and the codestream allows it: the samples (masked and sign-extended as a full
+/// decode's), the codestream identity and a processing note. `Ok(None)`: decode in full.
+fn decode_reduced(
+    obj: &DefaultDicomObject,
+    header: &PixelHeader,
+    samples_per_pixel: u32,
+    reduction: Reduction,
+    mask: u16,
+) -> Result<Option<(Samples, String, String)>, ImagingError> {
+    let reducible = match header.ts_uid.as_str() {
+        "1.2.840.10008.1.2.4.91" => true,
+        "1.2.840.10008.1.2.4.90" => reduction.lossless,
+        _ => false,
+    };
+    if !reducible || reduction.min_side == 0 || samples_per_pixel != 1 || header.frames != 1 {
+        return Ok(None);
+    }
+    let Some(dicom_core::DicomValue::PixelSequence(sequence)) =
+        obj.get(tags::PIXEL_DATA).map(|e| e.value())
+    else {
+        return Ok(None);
+    };
+    // A single frame is every fragment, in order.
+    let fragments = sequence.fragments();
+    let joined: Vec<u8>;
+    let codestream: &[u8] = if fragments.len() == 1 {
+        &fragments[0]
+    } else {
+        joined = fragments.iter().flat_map(|f| f.iter().copied()).collect();
+        &joined
+    };
+    let Some(levels) = codestream::j2k_levels(codestream) else {
+        return Ok(None);
+    };
+    let factor = crate::j2k::factor_for(header.rows, header.columns, reduction.min_side, levels);
+    if factor == 0 {
+        return Ok(None);
+    }
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let Some(reduced) = crate::j2k::decode_reduced(codestream, factor, threads) else {
+        return Ok(None);
+    };
+    let expected = (
+        header.rows.div_ceil(1 << factor) as usize,
+        header.columns.div_ceil(1 << factor) as usize,
+    );
+    if (reduced.rows, reduced.columns) != expected {
+        return Err(ImagingError::Corrupt(format!(
+            "the JPEG 2000 codestream decodes to {}x{} at 1/{}, the header says {}x{}",
+            reduced.rows,
+            reduced.columns,
+            1u32 << factor,
+            header.rows,
+            header.columns
+        )));
+    }
+    let sign_shift = 16 - header.bits_stored;
+    let values = reduced.samples.iter();
+    let samples = match (header.bits_allocated, header.signed) {
+        (8, false) => Samples::U8(vec_to_array(
+            expected,
+            values.map(|v| *v as u8 & mask as u8),
+        )),
+        (_, false) => Samples::U16(vec_to_array(expected, values.map(|v| *v as u16 & mask))),
+        (_, true) => Samples::I16(vec_to_array(
+            expected,
+            values.map(|v| ((*v as u16) << sign_shift) as i16 >> sign_shift),
+        )),
+    };
+    let mut hasher = Sha256::new();
+    hasher.update(b"cxrfed-j2k-codestream-v1\0");
+    hasher.update(u64::from(header.rows).to_le_bytes());
+    hasher.update(u64::from(header.columns).to_le_bytes());
+    hasher.update(codestream);
+    let identity = hex::encode(hasher.finalize());
+    let note = format!(
+        "JPEG 2000 decoded at 1/{} resolution ({}x{}) for the model; identity from the codestream",
+        1u32 << factor,
+        expected.0,
+        expected.1
+    );
+    Ok(Some((samples, identity, note)))
+}
+
 /// The first fragment of an encapsulated Pixel Data element (where frame 0's codestream
 /// header is).
 fn first_fragment(obj: &DefaultDicomObject) -> Result<&[u8], ImagingError> {
@@ -773,6 +901,7 @@ fn finish_dicom(
         patient: deid.patient,
         acquisition: deid.acquisition,
         notes,
+        identity: None,
     }
 }
 
@@ -978,6 +1107,7 @@ fn decode_raster(
             patient: Patient::default(),
             acquisition: Acquisition::default(),
             notes,
+            identity: None,
         },
         reservation,
     ))
@@ -1036,6 +1166,7 @@ mod tests {
             patient: Patient::default(),
             acquisition: Acquisition::default(),
             notes: vec![],
+            identity: None,
         }
     }
 

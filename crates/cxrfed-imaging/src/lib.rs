@@ -25,6 +25,7 @@ pub mod codestream;
 pub mod decode;
 pub mod deidentify;
 mod error;
+pub mod j2k;
 pub mod preprocess;
 pub mod scan;
 pub mod sniff;
@@ -32,8 +33,8 @@ pub mod syntax;
 
 pub use budget::{MemoryBudget, Reservation};
 pub use decode::{
-    Decoded, DisplayLut, Limits, Modality, Samples, Voi, VoiTable, contain, decode,
-    decode_contained, decode_reserving,
+    Decoded, DisplayLut, Limits, Modality, Reduction, Samples, Voi, VoiTable, contain, decode,
+    decode_contained, decode_for_model, decode_reserving,
 };
 pub use deidentify::{BurnedInPolicy, Deidentified, SiteSecret};
 pub use error::ImagingError;

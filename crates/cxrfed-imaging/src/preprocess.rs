@@ -220,6 +220,7 @@ mod tests {
             patient: Patient::default(),
             acquisition: Acquisition::default(),
             notes: vec![],
+            identity: None,
         }
     }
 

@@ -33,7 +33,7 @@ pub use model::{
 };
 pub use predict::{HeadOutput, Prediction};
 pub use train::{Dataset, Metrics, TrainConfig};
-pub use worker::{InferenceHandle, StatsSnapshot, WorkerConfig};
+pub use worker::{Incoming, InferenceHandle, StatsSnapshot, WorkerConfig};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ModelError {

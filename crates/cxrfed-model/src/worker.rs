@@ -1,6 +1,11 @@
 //! The inference worker: one thread owns the model; requests wait in a bounded queue and are
 //! batched dynamically (up to `max_batch`, waiting at most `max_wait` for the batch to fill).
 //! A full queue refuses at once with a retry hint instead of growing without bound.
+//!
+//! The wait is adaptive: a batch waits for more images only while some are on their way
+//! (a caller holds an [`Incoming`] token from [`InferenceHandle::incoming`] while it decodes).
+//! When nothing is coming — one file at a time, or the last of a burst — the batch runs at once
+//! instead of idling for `max_wait`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -45,6 +50,22 @@ pub struct WorkerStats {
     pub max_batch_seen: AtomicUsize,
     /// Total forward time in microseconds.
     pub forward_us: AtomicU64,
+    /// Images announced by [`InferenceHandle::incoming`] and not yet queued.
+    pub incoming: AtomicUsize,
+    /// Batches that ran before `max_wait` and below `max_batch` because nothing more was on
+    /// its way.
+    pub unwaited: AtomicU64,
+}
+
+/// An image on its way to the worker (being decoded): while any is held, a batch may wait up
+/// to `max_wait` for it. Dropped when the image is queued or its request fails.
+#[derive(Debug)]
+pub struct Incoming(Arc<WorkerStats>);
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        self.0.incoming.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A snapshot of [`WorkerStats`].
@@ -57,6 +78,8 @@ pub struct StatsSnapshot {
     pub max_batch_seen: usize,
     pub mean_batch: f64,
     pub mean_forward_ms: f64,
+    pub incoming: usize,
+    pub unwaited: u64,
 }
 
 impl WorkerStats {
@@ -79,6 +102,8 @@ impl WorkerStats {
             } else {
                 self.forward_us.load(Ordering::Relaxed) as f64 / batches as f64 / 1000.0
             },
+            incoming: self.incoming.load(Ordering::Relaxed),
+            unwaited: self.unwaited.load(Ordering::Relaxed),
         }
     }
 }
@@ -145,6 +170,14 @@ impl InferenceHandle {
         self.stats.snapshot()
     }
 
+    /// Announces an image that will be queued soon (call before decoding it; drop the token
+    /// when it is queued or fails), so that a batch waits for it rather than running without
+    /// it.
+    pub fn incoming(&self) -> Incoming {
+        self.stats.incoming.fetch_add(1, Ordering::Relaxed);
+        Incoming(Arc::clone(&self.stats))
+    }
+
     /// Queues one preprocessed image (`size x size`, normalised) and waits for its prediction.
     /// A full queue fails at once with [`ModelError::QueueFull`].
     pub async fn infer(&self, input: Array2<f32>) -> Result<Prediction, ModelError> {
@@ -186,6 +219,10 @@ impl InferenceHandle {
     }
 }
 
+/// How long the worker waits for an announced image before it looks again whether any is
+/// still on its way.
+const WAIT_STEP: Duration = Duration::from_millis(1);
+
 fn run(model: Model, rx: Receiver<Job>, config: WorkerConfig, stats: &WorkerStats) {
     let size = model.card.input.size as i64;
     let label_map = model.card.label_map.clone();
@@ -194,18 +231,25 @@ fn run(model: Model, rx: Receiver<Job>, config: WorkerConfig, stats: &WorkerStat
         batch.push(first);
         let deadline = Instant::now() + config.max_wait;
         while batch.len() < config.max_batch {
-            let now = Instant::now();
-            if now >= deadline {
-                // Take whatever is already waiting without blocking.
-                match rx.try_recv() {
-                    Ok(job) => batch.push(job),
-                    Err(_) => break,
-                }
+            // Whatever is already queued joins without waiting.
+            if let Ok(job) = rx.try_recv() {
+                batch.push(job);
                 continue;
             }
-            match rx.recv_timeout(deadline - now) {
+            // Wait only for images on their way, and in short steps, so that a batch stops
+            // waiting as soon as the last of them has arrived or failed.
+            if stats.incoming.load(Ordering::Relaxed) == 0 {
+                stats.unwaited.fetch_add(1, Ordering::Relaxed);
+                break;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            match rx.recv_timeout((deadline - now).min(WAIT_STEP)) {
                 Ok(job) => batch.push(job),
-                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
             }
         }
         stats.queued.fetch_sub(batch.len(), Ordering::Relaxed);

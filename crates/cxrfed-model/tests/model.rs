@@ -203,11 +203,17 @@ async fn concurrent_requests_are_batched_and_match_one_by_one() {
         },
     )
     .expect("spawn");
+    // All 24 are announced as on their way (as the node does while it decodes them), so a
+    // batch waits for them instead of running with whatever has arrived.
     let tasks: Vec<_> = inputs
         .into_iter()
         .map(|a| {
             let h = handle.clone();
-            tokio::spawn(async move { h.infer(a).await })
+            let incoming = h.incoming();
+            tokio::spawn(async move {
+                drop(incoming);
+                h.infer(a).await
+            })
         })
         .collect();
     let mut batched = Vec::new();
@@ -236,6 +242,81 @@ async fn concurrent_requests_are_batched_and_match_one_by_one() {
             }
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_waits_only_for_images_on_their_way() {
+    let model = tiny_model(64, "adaptive");
+    // A wait far beyond the test's patience: an image with nothing else on its way must not
+    // sit out this wait, and one that is announced must be waited for.
+    let handle = InferenceHandle::spawn(
+        model,
+        WorkerConfig {
+            max_batch: 8,
+            max_wait: Duration::from_secs(600),
+            queue_capacity: 8,
+        },
+    )
+    .expect("spawn");
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        handle.infer(random_inputs(1, 64).remove(0)),
+    )
+    .await
+    .expect("a lone image runs without waiting for max_wait")
+    .expect("infer");
+    let stats = handle.stats();
+    assert_eq!((stats.batches, stats.unwaited, stats.incoming), (1, 1, 0));
+
+    // While an image is announced, a queued one waits for company: the second image finds the
+    // first still queued (a worker that did not wait would have run the first alone).
+    let announced = handle.incoming();
+    let spawn_one = |h: InferenceHandle| {
+        let a = random_inputs(1, 64).remove(0);
+        tokio::spawn(async move { h.infer(a).await })
+    };
+    let queued = |n: usize| {
+        let h = handle.clone();
+        async move {
+            tokio::time::timeout(Duration::from_secs(60), async {
+                while h.stats().queued < n {
+                    tokio::task::yield_now().await;
+                }
+            })
+            .await
+            .expect("the images wait in the queue")
+        }
+    };
+    let first = spawn_one(handle.clone());
+    queued(1).await;
+    let second = spawn_one(handle.clone());
+    queued(2).await;
+    drop(announced);
+    for task in [first, second] {
+        tokio::time::timeout(Duration::from_secs(60), task)
+            .await
+            .expect("answered once nothing more is on its way")
+            .expect("join")
+            .expect("infer");
+    }
+    let stats = handle.stats();
+    assert_eq!(stats.images, 3);
+    assert_eq!(
+        stats.batches, 2,
+        "the two images ran as one batch: {stats:?}"
+    );
+
+    // An announced image that fails before it is queued (its token dropped) ends the wait.
+    let failed = handle.incoming();
+    let lone = spawn_one(handle.clone());
+    queued(1).await;
+    drop(failed);
+    tokio::time::timeout(Duration::from_secs(60), lone)
+        .await
+        .expect("the wait ends when the announced image fails")
+        .expect("join")
+        .expect("infer");
+    assert_eq!(handle.stats().batches, 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

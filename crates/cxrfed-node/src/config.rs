@@ -33,6 +33,11 @@ pub struct NodeConfig {
     pub input_size: u32,
     /// "pad" or "center-crop".
     pub aspect: String,
+    /// JPEG 2000 decoded at the lowest resolution that still covers the model input:
+    /// "lossy" (lossy J2K only, the default), "all" (lossless too: several times faster, but a
+    /// lossless J2K copy and an uncompressed copy of one image then become two records, since
+    /// a reduced decode's identity is its codestream) or "off".
+    pub j2k_reduced_decode: String,
     /// Images decoded at the same time (each holds one full-resolution image in memory).
     pub decode_workers: usize,
     /// Bytes all decodes together may hold at once (each reserves its estimated peak from
@@ -50,7 +55,8 @@ pub struct NodeConfig {
     pub device: String,
     /// Largest inference batch.
     pub max_batch: usize,
-    /// Longest wait for a batch to fill, in milliseconds.
+    /// Longest wait for a batch to fill, in milliseconds. A batch waits only while another
+    /// image is being decoded for it; with nothing on its way it runs at once.
     pub max_wait_ms: u64,
     /// Requests that may wait for inference; beyond that, RESOURCE_EXHAUSTED.
     pub inference_queue: usize,
@@ -135,6 +141,7 @@ impl Default for NodeConfig {
             max_rows: 8192,
             max_columns: 8192,
             burned_in_annotation: "refuse".to_string(),
+            j2k_reduced_decode: "lossy".to_string(),
             input_size: 224,
             aspect: "pad".to_string(),
             decode_workers: std::thread::available_parallelism()
@@ -197,6 +204,7 @@ pub const KEYS: &[&str] = &[
     "burned_in_annotation",
     "input_size",
     "aspect",
+    "j2k_reduced_decode",
     "decode_workers",
     "decode_memory_bytes",
     "grace_period_secs",
@@ -311,6 +319,12 @@ impl NodeConfig {
             .parse::<cxrfed_imaging::BurnedInPolicy>()
         {
             return bad(e);
+        }
+        if !matches!(self.j2k_reduced_decode.as_str(), "lossy" | "all" | "off") {
+            return bad(format!(
+                "j2k_reduced_decode {:?} must be \"lossy\", \"all\" or \"off\"",
+                self.j2k_reduced_decode
+            ));
         }
         if self.decode_memory_bytes < 16 << 20 {
             return bad("decode_memory_bytes must be at least 16 MiB".into());

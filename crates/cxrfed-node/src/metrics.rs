@@ -51,6 +51,18 @@ pub fn snapshot(node: &Node, r: &mut Registry) {
             "The inference queue's bound",
             config.queue_capacity as f64,
         );
+        gauge(
+            r,
+            "inference_incoming",
+            "Images being decoded for the model (a batch waits only while some are)",
+            s.incoming as f64,
+        );
+        counter(
+            r,
+            "inference_batches_unwaited",
+            "Batches run before max_wait because nothing more was on its way",
+            s.unwaited,
+        );
         counter(r, "inference_images", "Images through the model", s.images);
         counter(
             r,

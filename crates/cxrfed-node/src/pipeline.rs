@@ -64,6 +64,8 @@ pub struct Pipeline {
     /// its start and finishes on it, so a switch fails no in-flight request.
     active: arc_swap::ArcSwap<Active>,
     decode_workers: usize,
+    /// `j2k_reduced_decode`: None when off, else whether lossless J2K is reduced too.
+    reduce_lossless: Option<bool>,
     /// Stage timings and the other operator metrics (`/metrics`).
     metrics: Arc<cxrfed_server::metrics::Metrics>,
 }
@@ -98,6 +100,11 @@ impl Pipeline {
             memory: MemoryBudget::new(config.decode_memory_bytes, Duration::from_secs(30)),
             active: arc_swap::ArcSwap::from_pointee(Active { model, preprocess }),
             decode_workers: config.decode_workers,
+            reduce_lossless: match config.j2k_reduced_decode.as_str() {
+                "off" => None,
+                "all" => Some(true),
+                _ => Some(false),
+            },
             metrics: Arc::default(),
         }
     }
@@ -137,31 +144,43 @@ impl Pipeline {
     }
 
     /// Decodes, de-identifies, hashes and preprocesses `bytes` on the blocking pool, infers the
-    /// findings, and builds the record (not yet stored).
-    pub async fn extract(
+    /// findings, and builds the record (not yet stored). `bytes` is any owned buffer: an
+    /// upload's assembled file, or a shared one (the benchmark's `limit` mode).
+    pub async fn extract<B: AsRef<[u8]> + Send + 'static>(
         &self,
-        bytes: Vec<u8>,
+        bytes: B,
         request_id: String,
     ) -> Result<Extraction, NodeError> {
         let started = Instant::now();
         let active = self.active.load_full();
         let metrics = self.metrics.clone();
-        let (decoded, image_sha256, input, kept) = {
+        let ((decoded, image_sha256, input, kept), incoming) = {
             let _permit = self
                 .permits
                 .acquire()
                 .await
                 .expect("the semaphore is never closed");
             metrics.observe_stage("permit_wait", started.elapsed().as_secs_f64());
+            // From here the image is on its way to the model: a batch may wait for it.
+            let incoming = active.model.as_ref().map(InferenceHandle::incoming);
             let limits = self.limits;
             let options = active.preprocess;
+            let reduction = cxrfed_imaging::Reduction {
+                min_side: self.reduce_lossless.map_or(0, |_| options.size),
+                lossless: self.reduce_lossless.unwrap_or(false),
+            };
             let secret = self.secret.clone();
             let memory = self.memory.clone();
             let stages = metrics.clone();
             let task = tokio::task::spawn_blocking(move || {
                 let decoding = Instant::now();
-                let (mut decoded, reservation) =
-                    cxrfed_imaging::decode_reserving(&bytes, &limits, &secret, &memory)?;
+                let (mut decoded, reservation) = cxrfed_imaging::decode_for_model(
+                    bytes.as_ref(),
+                    &limits,
+                    &secret,
+                    &memory,
+                    reduction,
+                )?;
                 drop(bytes);
                 let hash = decoded.pixel_sha256();
                 stages.observe_stage("decode", decoding.elapsed().as_secs_f64());
@@ -178,11 +197,16 @@ impl Pipeline {
                     decoded, hash, input, kept,
                 ))
             });
-            task.await.map_err(|_| ImagingError::DecoderPanic)??
+            (
+                task.await.map_err(|_| ImagingError::DecoderPanic)??,
+                incoming,
+            )
         };
         let (findings, model_fields, model_id, model_sha256) = match &active.model {
             Some(handle) => {
                 let inferring = Instant::now();
+                // Queued by the first poll of `infer`, with no await in between.
+                drop(incoming);
                 let prediction = handle.infer(input).await?;
                 metrics.observe_stage("inference", inferring.elapsed().as_secs_f64());
                 let card = handle.card();

@@ -44,8 +44,48 @@ pub fn chunks(task_id: &str, data: prost::bytes::Bytes) -> impl Iterator<Item = 
     })
 }
 
+/// One file as the messages of an `Extract` upload: the header on the first, then slices of
+/// `bytes` (nothing is copied) of at most `chunk` bytes. An empty file is one message.
+pub fn upload(
+    bytes: prost::bytes::Bytes,
+    filename: &str,
+    force: bool,
+    chunk: usize,
+) -> Vec<v1::ExtractRequest> {
+    let chunk = chunk.max(1);
+    let mut messages: Vec<v1::ExtractRequest> = (0..bytes.len())
+        .step_by(chunk)
+        .map(|offset| v1::ExtractRequest {
+            header: None,
+            chunk: bytes.slice(offset..(offset + chunk).min(bytes.len())),
+        })
+        .collect();
+    if messages.is_empty() {
+        messages.push(v1::ExtractRequest::default());
+    }
+    messages[0].header = Some(v1::ExtractHeader {
+        filename: filename.into(),
+        force,
+        size_hint: bytes.len() as u64,
+    });
+    messages
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_upload_is_slices_of_the_file_in_order() {
+        let file = prost::bytes::Bytes::from((0..=255u8).cycle().take(1000).collect::<Vec<_>>());
+        let messages = super::upload(file.clone(), "a.dcm", true, 300);
+        assert_eq!(messages.len(), 4);
+        let header = messages[0].header.as_ref().expect("header first");
+        assert_eq!((header.size_hint, header.force), (1000, true));
+        assert!(messages[1..].iter().all(|m| m.header.is_none()));
+        let joined: Vec<u8> = messages.iter().flat_map(|m| m.chunk.to_vec()).collect();
+        assert_eq!(joined, file);
+        assert_eq!(super::upload(Default::default(), "e", false, 300).len(), 1);
+    }
+
     /// Found by fuzzing (proto_messages): a NodeMessage whose report has two metrics. With
     /// HashMap maps its re-encoding changed order from one encode to the next.
     #[test]

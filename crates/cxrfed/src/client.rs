@@ -249,7 +249,7 @@ pub async fn extract_file(
             }
             let message = pb::ExtractRequest {
                 header: header.take(),
-                chunk,
+                chunk: chunk.into(),
             };
             if tx.send(message).await.is_err() || n == 0 {
                 break;

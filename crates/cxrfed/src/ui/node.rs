@@ -477,7 +477,7 @@ async fn extract_field(
             force,
             size_hint: 0,
         }),
-        chunk: Vec::new(),
+        chunk: Default::default(),
     };
     let mut sent_any = tx.send(header).await.is_ok();
     let mut buffer = Vec::with_capacity(CHUNK_BYTES);
@@ -493,7 +493,7 @@ async fn extract_field(
                     sent_any &= tx
                         .send(pb::ExtractRequest {
                             header: None,
-                            chunk,
+                            chunk: chunk.into(),
                         })
                         .await
                         .is_ok();
@@ -510,7 +510,7 @@ async fn extract_field(
         let _ = tx
             .send(pb::ExtractRequest {
                 header: None,
-                chunk: buffer,
+                chunk: buffer.into(),
             })
             .await;
     }

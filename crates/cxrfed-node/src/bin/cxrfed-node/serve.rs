@@ -48,6 +48,12 @@ pub struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     aspect: Option<String>,
+    /// JPEG 2000 at the lowest resolution covering the model input: lossy, all or off
+    /// [default: lossy]. `all` reduces lossless J2K too, whose identity is then its codestream
+    /// (no de-duplication against an uncompressed copy).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    j2k_reduced_decode: Option<String>,
     /// Images decoded concurrently [default: number of CPUs].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
