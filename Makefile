@@ -91,10 +91,13 @@ bench-tls: venv
 	$(PYTHON) bench/tls.py --cxrfed target/release/cxrfed --bin target/release/cxrfed-bench --out docs/bench/tls.md
 
 # The peer, OpenDP's Python bindings, is installed for this benchmark only.
+# OpenDP's Polars API pins its own Polars (1.36), so it gets its own package path.
+OPENDP_POLARS := .cxrfed/opendp-polars
 bench-privacy: venv
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check opendp==0.16.0
+	test -d $(OPENDP_POLARS)/opendp || $(PYTHON) -m pip install --quiet --disable-pip-version-check --target $(OPENDP_POLARS) "opendp[polars]==0.16.0"
 	$(CARGO) build --locked --release $(BINS) --bins
-	$(PYTHON) bench/privacy.py --bin target/release/cxrfed-bench --out docs/bench/privacy.md
+	$(PYTHON) bench/privacy.py --bin target/release/cxrfed-bench --opendp-polars $(OPENDP_POLARS) --out docs/bench/privacy.md
 
 bench-federation: venv
 	$(CARGO) build --locked --release $(BINS) --bins
