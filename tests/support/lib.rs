@@ -396,29 +396,18 @@ impl NodeProcess {
 
     /// Sets the training account's budget at this site (`--identity training`).
     pub fn training_budget(&self, epsilon: f64, delta: f64) {
-        let profile = self.profile();
-        let out = cxrfed(&[
-            "node",
-            "budget",
-            "set",
-            "--data-dir",
-            self.data_dir_str(),
-            "--identity",
-            "training",
-            "--epsilon",
-            &epsilon.to_string(),
-            "--delta",
-            &delta.to_string(),
-            "--profile",
-            &profile,
-        ]);
-        assert!(out.status.success(), "{}", text(&out.stderr));
+        self.budget("training", &epsilon.to_string(), Some(&delta.to_string()));
     }
 
     /// `cxrfed node budget set` as the site admin: `identity`'s total epsilon at this node.
     pub fn set_budget(&self, identity: &str, epsilon: &str) {
+        self.budget(identity, epsilon, None);
+    }
+
+    /// `cxrfed node budget set` as the site admin, with a total delta when given.
+    fn budget(&self, identity: &str, epsilon: &str, delta: Option<&str>) {
         let profile = self.profile();
-        let out = cxrfed(&[
+        let mut args = vec![
             "node",
             "budget",
             "set",
@@ -430,7 +419,11 @@ impl NodeProcess {
             epsilon,
             "--profile",
             &profile,
-        ]);
+        ];
+        if let Some(delta) = delta {
+            args.extend(["--delta", delta]);
+        }
+        let out = cxrfed(&args);
         assert!(out.status.success(), "{}", text(&out.stderr));
     }
 
