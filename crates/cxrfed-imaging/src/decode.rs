@@ -605,13 +605,8 @@ fn decode_dicom(
         )?;
     }
 
-    let mask: u16 = if bits_stored >= 16 {
-        u16::MAX
-    } else {
-        (1u16 << bits_stored) - 1
-    };
-    let sign_shift = 16 - bits_stored;
-    if let Some(reduced) = decode_reduced(&obj, &header, samples_per_pixel, reduction, mask)? {
+    let (mask, sign_shift) = stored_bits(bits_stored);
+    if let Some(reduced) = decode_reduced(&obj, &header, samples_per_pixel, reduction)? {
         let (samples, identity, note) = reduced;
         notes.push(note);
         let mut decoded = finish_dicom(&obj, secret, &header, samples, notes, false);
@@ -726,6 +721,17 @@ fn decode_dicom(
     ))
 }
 
+/// The mask of the `bits_stored` low bits of a 16-bit sample, and the shift that sign-extends
+/// a value of that width.
+fn stored_bits(bits_stored: u32) -> (u16, u32) {
+    let mask = if bits_stored >= 16 {
+        u16::MAX
+    } else {
+        (1u16 << bits_stored) - 1
+    };
+    (mask, 16 - bits_stored)
+}
+
 /// The reduced-resolution decode of a single-frame grayscale JPEG 2000 image, if `reduction`
 /// asks for one and the codestream allows it: the samples (masked and sign-extended as a full
 /// decode's), the codestream identity and a processing note. `Ok(None)`: decode in full.
@@ -734,7 +740,6 @@ fn decode_reduced(
     header: &PixelHeader,
     samples_per_pixel: u32,
     reduction: Reduction,
-    mask: u16,
 ) -> Result<Option<(Samples, String, String)>, ImagingError> {
     let reducible = match header.ts_uid.as_str() {
         "1.2.840.10008.1.2.4.91" => true,
@@ -765,8 +770,7 @@ fn decode_reduced(
     if factor == 0 {
         return Ok(None);
     }
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let Some(reduced) = crate::j2k::decode_reduced(codestream, factor, threads) else {
+    let Some(reduced) = crate::j2k::decode_reduced(codestream, factor) else {
         return Ok(None);
     };
     let expected = (
@@ -783,7 +787,7 @@ fn decode_reduced(
             header.columns
         )));
     }
-    let sign_shift = 16 - header.bits_stored;
+    let (mask, sign_shift) = stored_bits(header.bits_stored);
     let values = reduced.samples.iter();
     let samples = match (header.bits_allocated, header.signed) {
         (8, false) => Samples::U8(vec_to_array(

@@ -80,9 +80,10 @@ fn codec_format(data: &[u8]) -> Option<opj::CODEC_FORMAT> {
     }
 }
 
-/// Decodes component 0 of `data` with `factor` resolution levels discarded, on `threads`
-/// OpenJPEG threads. `None` when OpenJPEG refuses (the caller decodes in full instead).
-pub fn decode_reduced(data: &[u8], factor: u32, threads: usize) -> Option<Reduced> {
+/// Decodes component 0 of `data` with `factor` resolution levels discarded, on as many
+/// OpenJPEG threads as the full decode (jpeg2k) uses: one per CPU where OpenJPEG has thread
+/// support. `None` when OpenJPEG refuses (the caller decodes in full instead).
+pub fn decode_reduced(data: &[u8], factor: u32) -> Option<Reduced> {
     let format = codec_format(data)?;
     let mut source = Box::new(Source { data, pos: 0 });
     // SAFETY: every pointer below comes from OpenJPEG's own constructors, is checked for null,
@@ -100,7 +101,9 @@ pub fn decode_reduced(data: &[u8], factor: u32, threads: usize) -> Option<Reduce
         let mut image: *mut opj::opj_image_t = std::ptr::null_mut();
         let mut ok = !stream.is_null() && opj::opj_setup_decoder(codec, &mut params) == 1;
         if ok {
-            opj::opj_codec_set_threads(codec, threads.clamp(1, 64) as i32);
+            if opj::opj_has_thread_support() == 1 {
+                opj::opj_codec_set_threads(codec, opj::opj_get_num_cpus());
+            }
             opj::opj_stream_set_read_function(stream, Some(read_fn));
             opj::opj_stream_set_skip_function(stream, Some(skip_fn));
             opj::opj_stream_set_seek_function(stream, Some(seek_fn));
@@ -166,8 +169,8 @@ mod tests {
 
     #[test]
     fn garbage_is_refused_without_a_decode() {
-        assert!(decode_reduced(b"not a codestream", 1, 1).is_none());
+        assert!(decode_reduced(b"not a codestream", 1).is_none());
         // A SOC + SIZ prefix with nothing after it: OpenJPEG fails, nothing is returned.
-        assert!(decode_reduced(&[0xFF, 0x4F, 0xFF, 0x51, 0, 41], 1, 1).is_none());
+        assert!(decode_reduced(&[0xFF, 0x4F, 0xFF, 0x51, 0, 41], 1).is_none());
     }
 }
