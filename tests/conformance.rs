@@ -321,3 +321,73 @@ fn reduced_jpeg2000_decode_covers_the_model_input() {
     assert_eq!(decoded.identity, None);
     assert_eq!(decoded.samples.dim(), (1955, 1841));
 }
+
+/// TXRV's preprocessing (`Pipeline::Torchxrayvision`) gives the tensor TorchXRayVision's own
+/// `load_image` + `XRayCenterCrop` + `XRayResizer` give, on a real MONOCHROME1 radiograph
+/// (RG1, 15 bits), a 16-bit phantom, an odd-sized one, one smaller than the input (upsampled:
+/// no anti-aliasing, zeros beyond the edge), an 8-bit PNG, at 224 and 512.
+#[test]
+fn torchxrayvision_preprocessing_matches_txrv() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut files = vec![cxrfed_e2e::pydicom_data_dir().join("RG1_UNCI.dcm")];
+    for (i, columns) in [(0u64, 1024u32), (1, 777), (2, 160)] {
+        let bytes = cxrfed_phantom::Generator::new(9, None)
+            .expect("generator")
+            .with_max_columns(Some(columns))
+            .generate(i)
+            .to_dicom()
+            .expect("phantom");
+        let path = dir.path().join(format!("phantom-{i}.dcm"));
+        std::fs::write(&path, bytes).expect("write");
+        files.push(path);
+    }
+    let png = dir.path().join("rg1.png");
+    let helper = "tests/helpers/txrv_reference.py";
+    let arg = |p: &std::path::Path| p.to_str().expect("utf-8").to_string();
+    cxrfed_e2e::run_python(helper, &["png", &arg(&files[0]), &arg(&png)]);
+    files.push(png);
+    let limits = Limits {
+        burned_in: cxrfed_imaging::BurnedInPolicy::Accept,
+        ..Limits::default()
+    };
+    let secret = SiteSecret::from_bytes([7; 32]);
+    for size in [224usize, 512] {
+        let out = dir.path().join(format!("txrv-{size}"));
+        std::fs::create_dir_all(&out).expect("dir");
+        let mut args = vec!["tensor".to_string(), size.to_string(), arg(&out)];
+        args.extend(files.iter().map(|f| arg(f)));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        cxrfed_e2e::run_python(helper, &args);
+        for (i, file) in files.iter().enumerate() {
+            let bytes = std::fs::read(file).expect("read");
+            let decoded = decode_contained(&bytes, &limits, &secret).expect("decode");
+            let ours = cxrfed_imaging::txrv_input(&decoded, size);
+            let theirs: Vec<f32> = std::fs::read(out.join(format!("{i}.f32")))
+                .expect("reference")
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            assert_eq!(theirs.len(), size * size);
+            let worst = ours
+                .iter()
+                .zip(&theirs)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            eprintln!(
+                "{} at {size}: largest difference {worst:.2e} (of 2048)",
+                file.display()
+            );
+            let (lo, hi) = ours
+                .iter()
+                .fold((f32::MAX, f32::MIN), |(a, b), v| (a.min(*v), b.max(*v)));
+            assert!(
+                hi - lo > 100.0,
+                "{}: a flat input proves nothing",
+                file.display()
+            );
+            // Bit-identical on this machine (2026-12); the bound leaves room for a numpy whose
+            // exp or sum rounds differently in the last bit, far below one 8-bit grey level (8).
+            assert!(worst <= 1e-3, "{} at {size}: {worst}", file.display());
+        }
+    }
+}

@@ -50,6 +50,10 @@ pub struct InputSpec {
     pub aspect: String,
     pub mean: f32,
     pub std: f32,
+    /// The preprocessing the model was trained with: empty (or "cxrfed") for cxrfed's own,
+    /// "torchxrayvision" for TXRV's, reproduced exactly (`cxrfed_imaging::txrv_input`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub pipeline: String,
 }
 
 impl Default for InputSpec {
@@ -60,6 +64,7 @@ impl Default for InputSpec {
             aspect: "pad".into(),
             mean: 0.5,
             std: 0.25,
+            pipeline: Default::default(),
         }
     }
 }

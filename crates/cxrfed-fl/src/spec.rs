@@ -148,10 +148,7 @@ impl NewHead {
                 }
             },
         };
-        Ok(Head {
-            name: self.name.clone(),
-            kind,
-        })
+        Ok(Head::new(&self.name, kind))
     }
 }
 

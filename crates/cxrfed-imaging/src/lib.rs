@@ -38,5 +38,5 @@ pub use decode::{
 };
 pub use deidentify::{BurnedInPolicy, Deidentified, SiteSecret};
 pub use error::ImagingError;
-pub use preprocess::{Aspect, PreprocessOptions, input_png, preprocess};
+pub use preprocess::{Aspect, Pipeline, PreprocessOptions, input_png, preprocess, txrv_input};
 pub use sniff::{Format, sniff};

@@ -40,6 +40,33 @@ impl std::str::FromStr for Aspect {
     }
 }
 
+/// Which preprocessing a model was trained with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Pipeline {
+    /// cxrfed's own: display LUT (modality, VOI, MONOCHROME1), area resize, pad or crop,
+    /// `(x - mean) / std`.
+    #[default]
+    Cxrfed,
+    /// TorchXRayVision's, operation for operation (see [`txrv_input`]); `aspect`, `mean` and
+    /// `std` are TXRV's own (centre crop; the input is `(u - 0.5) * 2048` with `u` the stored
+    /// value over `2^bits - 1`, which is what `mean` 0.5 and `std` 1/2048 say for the kept
+    /// 8-bit input).
+    Torchxrayvision,
+}
+
+impl std::str::FromStr for Pipeline {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "" | "cxrfed" => Ok(Pipeline::Cxrfed),
+            "torchxrayvision" | "txrv" => Ok(Pipeline::Torchxrayvision),
+            other => Err(format!(
+                "unknown input pipeline {other:?} (cxrfed or torchxrayvision)"
+            )),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PreprocessOptions {
     /// Output is `size x size`.
@@ -48,6 +75,7 @@ pub struct PreprocessOptions {
     /// Normalisation applied after the display LUT: `(x - mean) / std`.
     pub mean: f32,
     pub std: f32,
+    pub pipeline: Pipeline,
 }
 
 impl Default for PreprocessOptions {
@@ -57,6 +85,7 @@ impl Default for PreprocessOptions {
             aspect: Aspect::Pad,
             mean: 0.5,
             std: 0.25,
+            pipeline: Pipeline::Cxrfed,
         }
     }
 }
@@ -191,12 +220,181 @@ fn fit<T: Sample>(image: &Array2<T>, lut: &DisplayLut, options: &PreprocessOptio
 
 /// Maps a decoded image to the `size x size` normalised model input.
 pub fn preprocess(decoded: &Decoded, options: &PreprocessOptions) -> Array2<f32> {
+    if options.pipeline == Pipeline::Torchxrayvision {
+        return txrv_input(decoded, options.size as usize);
+    }
     let lut = decoded.display_lut();
     match &decoded.samples {
         Samples::U8(a) => fit(a, &lut, options),
         Samples::U16(a) => fit(a, &lut, options),
         Samples::I16(a) => fit(a, &lut, options),
     }
+}
+
+/// TorchXRayVision's model input, reproduced operation for operation so a file gives the
+/// tensor that TXRV's own `read_xray_dcm` (or `skimage.io.imread` + `normalize(img, 255)`
+/// for an 8-bit picture) + `XRayCenterCrop()` + `XRayResizer(size)` give:
+///
+/// 1. stored values (pydicom's `pixel_array`), MONOCHROME1 flipped as `2^bits - 1 - v`, then
+///    `(2 * (v / (2^bits - 1)) - 1) * 1024` in f32 — no modality or VOI LUT, as in TXRV;
+/// 2. the centre square, `start = n // 2 - side // 2` on each axis;
+/// 3. skimage's `resize(img, (1, size, size), mode="constant", preserve_range=True)`: when
+///    shrinking, `ndimage.gaussian_filter` with `σ = (f - 1) / 2` (`f = side / size`, radius
+///    `int(4σ + 0.5)`, zeros outside, rows then columns, each pass rounded to f32), then the
+///    order-1 `ndimage.zoom` with `grid_mode` (source coordinate `(o + 0.5) f - 0.5`, zeros
+///    outside), rounded to f32 and clipped to the input's range.
+///
+/// The filter is evaluated only where the zoom samples it (two rows and two columns per
+/// output pixel), which gives the same numbers as filtering the whole image. Sums are in f64
+/// like scipy's; they may differ from it in the last bit of an f32 now and then.
+pub fn txrv_input(decoded: &Decoded, size: usize) -> Array2<f32> {
+    let bits = decoded.bits_stored.clamp(1, 32);
+    let maxval = ((1u64 << bits) - 1) as f32;
+    let invert = decoded.invert;
+    let norm = move |v: f64| {
+        let v = v as f32;
+        let v = if invert { maxval - v } else { v };
+        (2.0 * (v / maxval) - 1.0) * 1024.0
+    };
+    match &decoded.samples {
+        Samples::U8(a) => txrv_resize(a.view(), |s| norm(s.value()), size),
+        Samples::U16(a) => txrv_resize(a.view(), |s| norm(s.value()), size),
+        Samples::I16(a) => txrv_resize(a.view(), |s| norm(s.value()), size),
+    }
+}
+
+fn txrv_resize<T: Sample>(
+    image: ArrayView2<'_, T>,
+    norm: impl Fn(T) -> f32,
+    size: usize,
+) -> Array2<f32> {
+    let (rows, cols) = image.dim();
+    let side = rows.min(cols);
+    let size = size.max(1);
+    if side == 0 {
+        return Array2::zeros((size, size));
+    }
+    let (r0, c0) = (rows / 2 - side / 2, cols / 2 - side / 2);
+    let crop = image.slice(s![r0..r0 + side, c0..c0 + side]).mapv(&norm);
+    let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
+    for v in crop.iter() {
+        lo = lo.min(*v);
+        hi = hi.max(*v);
+    }
+    let zoom = side as f64 / size as f64;
+    // Source index pairs and weights of the order-1 zoom along one axis (the same for both).
+    let taps: Vec<(isize, f64)> = (0..size)
+        .map(|o| {
+            let cc = (o as f64 + 0.5) * zoom - 0.5;
+            let start = cc.floor();
+            (start as isize, cc - start)
+        })
+        .collect();
+    let at = |v: &dyn Fn(usize) -> f64, i: isize| {
+        if i < 0 || i as usize >= side {
+            0.0
+        } else {
+            v(i as usize)
+        }
+    };
+    let mut out = Array2::<f32>::zeros((size, size));
+    if size < side {
+        let sigma = (zoom - 1.0) / 2.0;
+        let kernel = gaussian_kernel(sigma);
+        // The rows and columns the zoom reads, each with its index in the filtered buffer.
+        let mut needed: Vec<usize> = taps
+            .iter()
+            .flat_map(|&(i, _)| [i, i + 1])
+            .filter(|&i| i >= 0 && (i as usize) < side)
+            .map(|i| i as usize)
+            .collect();
+        needed.dedup();
+        let mut slot = vec![usize::MAX; side];
+        for (k, &i) in needed.iter().enumerate() {
+            slot[i] = k;
+        }
+        // Pass 1, along rows (axis 1 of TXRV's (1, H, W) array): every column, needed rows.
+        let mut vertical = Array2::<f32>::zeros((needed.len(), side));
+        for (k, &r) in needed.iter().enumerate() {
+            for c in 0..side {
+                let column = |i: usize| f64::from(crop[(i, c)]);
+                let mut sum = at(&column, r as isize) * kernel[0];
+                for (l, w) in kernel.iter().enumerate().skip(1) {
+                    let l = l as isize;
+                    sum += (at(&column, r as isize + l) + at(&column, r as isize - l)) * w;
+                }
+                vertical[(k, c)] = sum as f32;
+            }
+        }
+        // Pass 2, along columns, at the needed rows and columns only.
+        let mut filtered = Array2::<f32>::zeros((needed.len(), needed.len()));
+        for k in 0..needed.len() {
+            let row = |i: usize| f64::from(vertical[(k, i)]);
+            for (m, &c) in needed.iter().enumerate() {
+                let mut sum = at(&row, c as isize) * kernel[0];
+                for (l, w) in kernel.iter().enumerate().skip(1) {
+                    let l = l as isize;
+                    sum += (at(&row, c as isize + l) + at(&row, c as isize - l)) * w;
+                }
+                filtered[(k, m)] = sum as f32;
+            }
+        }
+        let value = |r: isize, c: isize| {
+            if r < 0 || c < 0 || r as usize >= side || c as usize >= side {
+                0.0
+            } else {
+                f64::from(filtered[(slot[r as usize], slot[c as usize])])
+            }
+        };
+        zoom_into(&mut out, &taps, value);
+    } else {
+        let value = |r: isize, c: isize| {
+            if r < 0 || c < 0 || r as usize >= side || c as usize >= side {
+                0.0
+            } else {
+                f64::from(crop[(r as usize, c as usize)])
+            }
+        };
+        zoom_into(&mut out, &taps, value);
+    }
+    // skimage's `_clip_warp_output`: the input's range, widened to the fill value 0 when the
+    // output reaches it and the input does not.
+    let (out_lo, out_hi) = out
+        .iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), v| {
+            (a.min(*v), b.max(*v))
+        });
+    if !(lo <= 0.0 && 0.0 <= hi) && out_lo <= 0.0 && 0.0 <= out_hi {
+        lo = lo.min(0.0);
+        hi = hi.max(0.0);
+    }
+    out.mapv_inplace(|v| v.clamp(lo, hi));
+    out
+}
+
+/// The order-1 zoom: each output pixel from its 2 x 2 source neighbours, in f64.
+fn zoom_into(out: &mut Array2<f32>, taps: &[(isize, f64)], value: impl Fn(isize, isize) -> f64) {
+    for (o_r, &(r, tr)) in taps.iter().enumerate() {
+        for (o_c, &(c, tc)) in taps.iter().enumerate() {
+            let sum = value(r, c) * (1.0 - tr) * (1.0 - tc)
+                + value(r, c + 1) * (1.0 - tr) * tc
+                + value(r + 1, c) * tr * (1.0 - tc)
+                + value(r + 1, c + 1) * tr * tc;
+            out[(o_r, o_c)] = sum as f32;
+        }
+    }
+}
+
+/// scipy's `_gaussian_kernel1d(sigma, 0, int(4 * sigma + 0.5))`, centre first (the kernel is
+/// symmetric): `exp(-0.5 / σ² · x²)` normalised to sum 1.
+fn gaussian_kernel(sigma: f64) -> Vec<f64> {
+    let radius = (4.0 * sigma + 0.5) as usize;
+    let scale = -0.5 / (sigma * sigma);
+    let full: Vec<f64> = (-(radius as i64)..=radius as i64)
+        .map(|x| (scale * (x * x) as f64).exp())
+        .collect();
+    let total: f64 = full.iter().sum();
+    full[radius..].iter().map(|w| w / total).collect()
 }
 
 #[cfg(test)]
@@ -229,6 +427,7 @@ mod tests {
         aspect: Aspect::Pad,
         mean: 0.0,
         std: 1.0,
+        pipeline: Pipeline::Cxrfed,
     };
 
     #[test]
@@ -289,7 +488,7 @@ mod tests {
                 let x = (r as u64).wrapping_mul(31).wrapping_add(c as u64).wrapping_mul(seed | 1);
                 (x % 4096) as u16
             });
-            let options = PreprocessOptions { size, aspect: Aspect::CenterCrop, mean: 0.0, std: 1.0 };
+            let options = PreprocessOptions { size, aspect: Aspect::CenterCrop, mean: 0.0, std: 1.0, pipeline: Pipeline::Cxrfed };
             let d = decoded_u16(a.clone());
             let out = preprocess(&d, &options);
             prop_assert_eq!(out.dim(), (size as usize, size as usize));
@@ -311,7 +510,7 @@ mod tests {
             let mut d = decoded_u16(a);
             d.bits_stored = 12;
             d.voi = Voi::Window { center: 2000.0, width: 3000.0, function: dicom_pixeldata::VoiLutFunction::Linear };
-            let options = PreprocessOptions { size: 16, aspect: Aspect::CenterCrop, mean: 0.0, std: 1.0 };
+            let options = PreprocessOptions { size: 16, aspect: Aspect::CenterCrop, mean: 0.0, std: 1.0, pipeline: Pipeline::Cxrfed };
             let normal = preprocess(&d, &options);
             d.invert = true;
             let inverted = preprocess(&d, &options);

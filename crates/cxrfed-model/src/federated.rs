@@ -41,6 +41,8 @@ fn last_block(arch: Arch) -> &'static [&'static str] {
             "backbone.densenet.features.norm5.",
             "backbone.densenet.classifier.",
         ],
+        Arch::TxrvDensenet121 => crate::txrv::DENSENET_LAST_BLOCK,
+        Arch::TxrvResnet50 => crate::txrv::RESNET_LAST_BLOCK,
     }
 }
 

@@ -21,6 +21,7 @@ pub mod federated;
 pub mod model;
 pub mod predict;
 pub mod train;
+pub mod txrv;
 pub mod worker;
 
 /// The label map lives in the federated-learning contract (`cxrfed-fl`), shared with the

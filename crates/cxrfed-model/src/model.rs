@@ -19,6 +19,10 @@ pub enum Arch {
     Resnet18,
     /// tch::vision DenseNet-121 (needs 224 x 224 input).
     Densenet121,
+    /// TorchXRayVision's DenseNet-121 (`xrv.models.DenseNet`, one channel), imported.
+    TxrvDensenet121,
+    /// TorchXRayVision's ResNet-50 (`xrv.models.ResNet`, one channel), imported.
+    TxrvResnet50,
 }
 
 impl Arch {
@@ -27,6 +31,8 @@ impl Arch {
             "tiny" => Some(Arch::Tiny),
             "resnet18" => Some(Arch::Resnet18),
             "densenet121" => Some(Arch::Densenet121),
+            "txrvdensenet121" => Some(Arch::TxrvDensenet121),
+            "txrvresnet50" => Some(Arch::TxrvResnet50),
             _ => None,
         }
     }
@@ -36,6 +42,8 @@ impl Arch {
             Arch::Tiny => "tiny",
             Arch::Resnet18 => "resnet18",
             Arch::Densenet121 => "densenet121",
+            Arch::TxrvDensenet121 => "txrv-densenet121",
+            Arch::TxrvResnet50 => "txrv-resnet50",
         }
     }
 
@@ -43,7 +51,8 @@ impl Arch {
     pub fn default_input_size(self) -> u32 {
         match self {
             Arch::Tiny => 224,
-            Arch::Resnet18 | Arch::Densenet121 => 224,
+            Arch::Resnet18 | Arch::Densenet121 | Arch::TxrvDensenet121 => 224,
+            Arch::TxrvResnet50 => 512,
         }
     }
 }
@@ -58,15 +67,20 @@ pub fn preprocess_options(input: &InputSpec) -> cxrfed_imaging::PreprocessOption
         aspect: input.aspect.parse().unwrap_or_default(),
         mean: input.mean,
         std: input.std,
+        pipeline: input.pipeline.parse().unwrap_or_default(),
     }
 }
 
-/// `dir/card.json`, with its label map and input aspect checked.
+/// `dir/card.json`, with its label map, input aspect and input pipeline checked.
 pub fn load_card(dir: &Path) -> Result<ModelCard, ModelError> {
     let card = ModelCard::load(dir).map_err(|e| ModelError::Load(e.to_string()))?;
     card.input
         .aspect
         .parse::<cxrfed_imaging::Aspect>()
+        .map_err(|e| ModelError::Load(format!("{}: input: {e}", dir.display())))?;
+    card.input
+        .pipeline
+        .parse::<cxrfed_imaging::Pipeline>()
         .map_err(|e| ModelError::Load(format!("{}: input: {e}", dir.display())))?;
     Ok(card)
 }
@@ -194,6 +208,15 @@ impl Net {
                     .add_fn(|x| x.relu());
                 (Box::new(seq), 512)
             }
+            // TXRV's variable names sit directly under `backbone.` (see `txrv`).
+            Arch::TxrvDensenet121 => (
+                Box::new(crate::txrv::densenet121(features)),
+                crate::txrv::DENSENET_FEATURES,
+            ),
+            Arch::TxrvResnet50 => (
+                Box::new(crate::txrv::resnet50(features)),
+                crate::txrv::RESNET_FEATURES,
+            ),
         };
         let heads = label_map
             .heads

@@ -14,6 +14,9 @@
 //!   the ratio falls (`enlarged` above, `normal` + `indistinct` below).
 //! * `opacity_distribution` lists the zones with probability >= 0.5, and is empty when the
 //!   severity read is `none`.
+//! * A binary head's probability is after its operating point, if it has one; the label
+//!   map's finding rules then fill the findings no head of their own name gave (an imported
+//!   TorchXRayVision model's pathologies read as schema-v1 findings).
 
 use cxrfed_schema::{
     AnalysisConfidence, CardiacContour, Category, Diaphragm, Findings, ImageQuality, LungZone,
@@ -69,9 +72,9 @@ pub fn activate(label_map: &LabelMap, logits: &Tensor) -> Vec<Prediction> {
                     let values = column.get(row).cloned().unwrap_or_default();
                     match &head.kind {
                         HeadKind::Categorical { .. } => HeadOutput::Categorical(values),
-                        HeadKind::Binary => {
-                            HeadOutput::Binary(values.first().copied().unwrap_or(0.0))
-                        }
+                        HeadKind::Binary => HeadOutput::Binary(
+                            head.calibrate(values.first().copied().unwrap_or(0.0)),
+                        ),
                         HeadKind::MultiLabel { .. } => HeadOutput::MultiLabel(values),
                         HeadKind::Regression { min, max } => {
                             let s = f64::from(values.first().copied().unwrap_or(0.5));
@@ -178,6 +181,7 @@ impl Prediction {
                         .max_by(|a, b| a.1.total_cmp(b.1))
                         .and_then(|(i, _)| categories.get(i).cloned())
                         .unwrap_or_default(),
+                    (_, HeadOutput::Binary(p)) if head.probability => format!("{p:.6}"),
                     (_, HeadOutput::Binary(p)) => (*p > 0.5).to_string(),
                     (_, HeadOutput::Regression(v)) => format!("{v:.4}"),
                     (HeadKind::MultiLabel { labels }, HeadOutput::MultiLabel(p)) => labels
@@ -267,7 +271,7 @@ impl Prediction {
             _ => None,
         };
 
-        Findings {
+        let mut findings = Findings {
             image_quality,
             analysis_confidence: Some(Scored {
                 value: confidence,
@@ -296,6 +300,62 @@ impl Prediction {
                 contour: self.scored(label_map, "diaphragm_contour"),
                 costophrenic_angle: self.scored(label_map, "costophrenic_angle"),
             },
+        };
+        self.apply_rules(label_map, &mut findings);
+        findings
+    }
+
+    /// The label map's finding rules, for findings no head of their own name filled.
+    fn apply_rules(&self, label_map: &LabelMap, findings: &mut Findings) {
+        fn set<T: Category>(slot: &mut Option<Scored<T>>, value: &str, probability: f32) {
+            if slot.is_none() {
+                *slot = T::parse(value).map(|value| Scored { value, probability });
+            }
+        }
+        for rule in &label_map.findings {
+            let evidence = rule
+                .from
+                .iter()
+                .filter_map(|name| match self.output(label_map, name) {
+                    Some((HeadOutput::Binary(p), _))
+                        if !label_map.head(name).is_some_and(|(_, h)| h.untrained) =>
+                    {
+                        Some(*p)
+                    }
+                    _ => None,
+                })
+                .reduce(f32::max);
+            let Some(evidence) = evidence else { continue };
+            let (value, p) = rule.read(evidence);
+            let f = &mut *findings;
+            match rule.finding.as_str() {
+                "image_quality" => set(&mut f.image_quality, value, p),
+                "rib_fracture" if f.thorax.rib_fracture.is_none() => {
+                    f.thorax.rib_fracture = Some(Scored {
+                        value: value == "true",
+                        probability: p,
+                    })
+                }
+                "hyperlucency" if f.lungs.hyperlucency.is_none() => {
+                    f.lungs.hyperlucency = Some(Scored {
+                        value: value == "true",
+                        probability: p,
+                    })
+                }
+                "clavicle_symmetry" => set(&mut f.thorax.clavicle_symmetry, value, p),
+                "spine_alignment" => set(&mut f.thorax.spine_alignment, value, p),
+                "opacity_severity" => set(&mut f.lungs.opacity_severity, value, p),
+                "vascular_pattern" => set(&mut f.lungs.vascular_pattern, value, p),
+                "interstitial_markings" => set(&mut f.lungs.interstitial_markings, value, p),
+                "cardiac_contour" => set(&mut f.mediastinum.cardiac_contour, value, p),
+                "aortic_knob" => set(&mut f.mediastinum.aortic_knob, value, p),
+                "hilar_size" => set(&mut f.mediastinum.hilar_size, value, p),
+                "diaphragm_position" => set(&mut f.diaphragm.position, value, p),
+                "diaphragm_contour" => set(&mut f.diaphragm.contour, value, p),
+                "costophrenic_angle" => set(&mut f.diaphragm.costophrenic_angle, value, p),
+                // Validated at load: no other finding has a rule.
+                _ => {}
+            }
         }
     }
 }

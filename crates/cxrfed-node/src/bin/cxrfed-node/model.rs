@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use cxrfed_model::{Arch, Dataset, InputSpec, LabelMap, Model, TrainConfig};
+use sha2::Digest;
 
 #[derive(Debug, Subcommand)]
 pub enum ModelCommand {
@@ -16,6 +17,34 @@ pub enum ModelCommand {
     Eval(EvalArgs),
     /// Print a model's card and check it loads.
     Info(InfoArgs),
+    /// Import a published model into a cxrfed model directory (fine-tunable safetensors, a
+    /// card with its exact preprocessing and label map): `--torchxrayvision FILE`.
+    Import(ImportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// A TorchXRayVision checkpoint as TXRV publishes it (a `torch.save`d model or a state
+    /// dict: densenet121-res224-*, resnet50-res512-all).
+    #[arg(long)]
+    torchxrayvision: PathBuf,
+    /// The model directory to create (must not exist).
+    #[arg(long)]
+    out: PathBuf,
+    /// TXRV weights name (e.g. densenet121-res224-all): its targets, operating points and
+    /// resolution from TXRV's table [default: looked up by the file's name].
+    #[arg(long)]
+    weights: Option<String>,
+    /// Model id for the card [default: txrv-WEIGHTS or txrv-FILE].
+    #[arg(long)]
+    model_id: Option<String>,
+    /// A JSON array of finding rules to use instead of the default reading of TXRV's
+    /// pathologies as schema-v1 findings (docs/models.md).
+    #[arg(long)]
+    findings: Option<PathBuf>,
+    /// The Python that runs the converter; it needs torch, safetensors and torchxrayvision.
+    #[arg(long, env = "CXRFED_PYTHON", default_value = "python3")]
+    python: String,
 }
 
 #[derive(Debug, Args)]
@@ -126,7 +155,92 @@ pub fn run(command: ModelCommand) -> anyhow::Result<ExitCode> {
             eprintln!("cuda available: {}", cxrfed_model::cuda_available());
             Ok(ExitCode::SUCCESS)
         }
+        ModelCommand::Import(args) => import(args),
     }
+}
+
+/// The converter, shipped inside the binary so an installed node needs no source tree.
+const TXRV_CONVERTER: &str = include_str!("../../../../../scripts/txrv-convert.py");
+
+fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
+    use cxrfed_model::txrv;
+    if args.out.exists() {
+        bail!(
+            "{} exists; choose a new model directory",
+            args.out.display()
+        );
+    }
+    let parent = match args.out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent)?;
+    let work = tempfile::tempdir().context("a temporary directory")?;
+    let script = work.path().join("txrv-convert.py");
+    std::fs::write(&script, TXRV_CONVERTER)?;
+    let converted = work.path().join("converted");
+    let mut command = std::process::Command::new(&args.python);
+    command
+        .arg(&script)
+        .arg(&args.torchxrayvision)
+        .arg(&converted);
+    if let Some(weights) = &args.weights {
+        command.arg("--weights").arg(weights);
+    }
+    let status = command.status().with_context(|| {
+        format!(
+            "running {} (give --python or CXRFED_PYTHON a Python with torch and torchxrayvision)",
+            args.python
+        )
+    })?;
+    if !status.success() {
+        bail!(
+            "the TorchXRayVision converter could not read {} ({status})",
+            args.torchxrayvision.display()
+        );
+    }
+    let meta: txrv::Converted =
+        serde_json::from_slice(&std::fs::read(converted.join("txrv.json"))?)
+            .context("the converter's txrv.json")?;
+    let tensors = cxrfed_fl::tensor::decode(&std::fs::read(converted.join("txrv.safetensors"))?)?;
+    let findings = match &args.findings {
+        Some(path) => Some(
+            serde_json::from_slice(&std::fs::read(path)?)
+                .with_context(|| format!("{}: a JSON array of finding rules", path.display()))?,
+        ),
+        None => None,
+    };
+    let model_id = args.model_id.clone().unwrap_or_else(|| {
+        let name = meta.weights.clone().unwrap_or_else(|| {
+            args.torchxrayvision
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        });
+        format!("txrv-{name}")
+    });
+    let (mut card, weights) = txrv::card_and_weights(&meta, tensors, &model_id, findings)?;
+    // Written beside the destination and renamed into place: no half-written model directory.
+    let staging = tempfile::Builder::new()
+        .prefix(".cxrfed-import-")
+        .tempdir_in(&parent)?;
+    let bytes = cxrfed_fl::tensor::encode(&weights)?;
+    std::fs::write(card.weights_path(staging.path()), &bytes)?;
+    card.weights_sha256 = hex::encode(sha2::Sha256::digest(&bytes));
+    card.save(staging.path())?;
+    let model = Model::load(staging.path(), cxrfed_model::parse_device("cpu")?)
+        .context("the imported model does not load")?;
+    let staged = staging.keep();
+    std::fs::rename(&staged, &args.out)?;
+    println!(
+        "imported {} ({}, {} outputs, input {} px) into {}",
+        model.card.model_id,
+        model.card.architecture,
+        model.card.label_map.heads.len(),
+        model.card.input.size,
+        args.out.display()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
