@@ -3,10 +3,13 @@
 //!
 //! Derived fields (documented rules, not model heads):
 //!
-//! * `analysis_confidence`: the *certainty* `c` is the mean over categorical and binary heads of
-//!   the probability of the chosen value. Then `insufficient` if the image quality read is poor
-//!   or `c < 0.6`; `low` if quality is fair or `c < 0.75`; `medium` if quality is good or
-//!   `c < 0.9`; otherwise `high`. Its probability is `c`.
+//! * `analysis_confidence` is a property of the model's reading, not of the image: the
+//!   *margin* `m` is the mean, over the categorical and binary heads other than
+//!   `image_quality` (and untrained ones), of how far the chosen value's probability is above
+//!   chance, `(p - 1/k) / (1 - 1/k)` for `k` values (0 at chance, 1 when certain). Then
+//!   `insufficient` below 0.25, `low` below 0.5, `medium` below 0.75, otherwise `high`; its
+//!   probability is `m`. (The first generation read it off `image_quality`, which made the
+//!   quality-by-confidence crosstab diagonal by construction.)
 //! * `cardiac_contour` agrees with the ratio: unless the head reads `indistinct`, the value is
 //!   `enlarged` when the predicted ratio is >= 0.5 and `normal` below, with the head's
 //!   probability for that value.
@@ -160,6 +163,31 @@ impl Prediction {
         }
     }
 
+    /// The reading's margin above chance (see the module docs): the mean over categorical and
+    /// binary heads except `image_quality` and untrained ones of `(p - 1/k) / (1 - 1/k)`.
+    pub fn margin(&self, label_map: &LabelMap) -> f32 {
+        let margins: Vec<f32> = label_map
+            .heads
+            .iter()
+            .zip(&self.outputs)
+            .filter(|(head, _)| head.name != "image_quality" && !head.untrained)
+            .filter_map(|(_, output)| {
+                let (p, k) = match output {
+                    HeadOutput::Categorical(p) => (argmax(p).1, p.len()),
+                    HeadOutput::Binary(p) => (p.max(1.0 - p), 2),
+                    _ => return None,
+                };
+                let chance = 1.0 / k.max(2) as f32;
+                Some(((p - chance) / (1.0 - chance)).clamp(0.0, 1.0))
+            })
+            .collect();
+        if margins.is_empty() {
+            0.0
+        } else {
+            margins.iter().sum::<f32>() / margins.len() as f32
+        }
+    }
+
     /// Schema-v1 findings, with the derived fields. Heads the label map lacks stay `None`.
     /// The values of the heads that are not schema-v1 findings (heads trained for custom
     /// fields), as text: the category, "true"/"false", the number, or the labels above 0.5.
@@ -201,13 +229,11 @@ impl Prediction {
     pub fn findings(&self, label_map: &LabelMap) -> Findings {
         let image_quality: Option<Scored<ImageQuality>> = self.scored(label_map, "image_quality");
         let certainty = self.certainty();
-        let confidence = match image_quality.map(|q| q.value) {
-            Some(ImageQuality::Poor) => AnalysisConfidence::Insufficient,
-            _ if certainty < 0.6 => AnalysisConfidence::Insufficient,
-            Some(ImageQuality::Fair) => AnalysisConfidence::Low,
-            _ if certainty < 0.75 => AnalysisConfidence::Low,
-            Some(ImageQuality::Good) => AnalysisConfidence::Medium,
-            _ if certainty < 0.9 => AnalysisConfidence::Medium,
+        let margin = self.margin(label_map);
+        let confidence = match margin {
+            m if m < 0.25 => AnalysisConfidence::Insufficient,
+            m if m < 0.5 => AnalysisConfidence::Low,
+            m if m < 0.75 => AnalysisConfidence::Medium,
             _ => AnalysisConfidence::High,
         };
 
@@ -275,7 +301,7 @@ impl Prediction {
             image_quality,
             analysis_confidence: Some(Scored {
                 value: confidence,
-                probability: certainty,
+                probability: margin,
             }),
             thorax: Thorax {
                 rib_fracture: self.boolean(label_map, "rib_fracture"),
@@ -357,5 +383,54 @@ impl Prediction {
                 _ => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A prediction with every schema-v1 head at `p` on its first value (the rest spread
+    /// evenly), and image quality read as `quality`.
+    fn prediction(map: &LabelMap, p: f32, quality: usize) -> Prediction {
+        let outputs = map
+            .heads
+            .iter()
+            .map(|head| match &head.kind {
+                HeadKind::Categorical { categories } if head.name == "image_quality" => {
+                    let mut v = vec![0.0; categories.len()];
+                    v[quality] = 1.0;
+                    HeadOutput::Categorical(v)
+                }
+                HeadKind::Categorical { categories } => {
+                    let rest = (1.0 - p) / (categories.len() - 1) as f32;
+                    let mut v = vec![rest; categories.len()];
+                    v[0] = p;
+                    HeadOutput::Categorical(v)
+                }
+                HeadKind::Binary => HeadOutput::Binary(p),
+                HeadKind::MultiLabel { labels } => HeadOutput::MultiLabel(vec![0.0; labels.len()]),
+                HeadKind::Regression { .. } => HeadOutput::Regression(0.45),
+            })
+            .collect();
+        Prediction { outputs }
+    }
+
+    #[test]
+    fn analysis_confidence_follows_the_reading_not_the_image_quality() {
+        let map = LabelMap::schema_v1();
+        let confidence = |p, quality| {
+            prediction(&map, p, quality)
+                .findings(&map)
+                .analysis_confidence
+                .expect("derived")
+        };
+        // A poor image read with certainty is still a confident reading, and an excellent
+        // image read at chance is not.
+        assert_eq!(confidence(0.99, 3).value, AnalysisConfidence::High);
+        assert_eq!(confidence(0.5, 0).value, AnalysisConfidence::Insufficient);
+        let medium = confidence(0.83, 1);
+        assert_eq!(medium.value, AnalysisConfidence::Medium, "{medium:?}");
+        assert!(medium.probability > 0.5 && medium.probability < 0.75);
     }
 }
