@@ -1137,3 +1137,45 @@ async fn a_reduced_jpeg2000_decode_is_noted_and_re_ingest_stays_idempotent() {
         record.image_sha256
     );
 }
+
+/// A radiograph of something other than the chest (RG3: a tibia, BodyPartExamined EXTREMITY)
+/// gets a record without chest findings that says why; the model is not run on it, and no
+/// model input is kept for a later back-fill to read.
+#[test]
+fn a_non_chest_radiograph_gets_no_chest_findings_and_says_why() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = NodeProcess::start(dir.path(), &[]);
+    let out = node.cli(&[
+        "extract",
+        pydicom_data_dir()
+            .join("RG3_UNCI.dcm")
+            .to_str()
+            .expect("path"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let record: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).expect("record");
+    assert_eq!(record["source"]["body_part"], "EXTREMITY");
+    assert!(record["findings"].is_null(), "{}", record["findings"]);
+    assert_eq!(record["model_id"], "none");
+    let notes = record["processing_notes"].to_string();
+    assert!(
+        notes.contains("not a chest radiograph (body part EXTREMITY)"),
+        "{notes}"
+    );
+    // The chest next to it is read as before.
+    let out = node.cli(&[
+        "extract",
+        pydicom_data_dir()
+            .join("RG1_UNCI.dcm")
+            .to_str()
+            .expect("path"),
+    ]);
+    let chest: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).expect("record");
+    assert!(!chest["findings"].is_null());
+}

@@ -118,6 +118,32 @@ pub const BODY_PARTS: &[&str] = &[
     "BREAST",
 ];
 
+/// Modalities that are not projection radiographs: a chest X-ray model has nothing to say
+/// about them.
+const NOT_RADIOGRAPHY: &[&str] = &[
+    "CT", "MR", "US", "NM", "PT", "MG", "XA", "IO", "PX", "OP", "OPT", "SM", "ES", "ECG",
+];
+
+/// Why an image is not a chest radiograph the model may read, from its de-identified header:
+/// a known body part other than the chest (`EXTREMITY`, `SKULL`, `RIBS`, …) or a modality
+/// that is not projection radiography (CT, MR, US, mammography, …). None when the header says
+/// chest, or says nothing (a picture, a missing or unrecognised body part): the model runs.
+pub fn not_chest_reason(source: &cxrfed_schema::Source) -> Option<String> {
+    let body = source.body_part.as_str();
+    if !body.is_empty() && body != "CHEST" && BODY_PARTS.contains(&body) {
+        return Some(format!(
+            "not a chest radiograph (body part {body}): no chest findings"
+        ));
+    }
+    let modality = source.modality.trim().to_ascii_uppercase();
+    if NOT_RADIOGRAPHY.contains(&modality.as_str()) {
+        return Some(format!(
+            "not a chest radiograph (modality {modality}): no chest findings"
+        ));
+    }
+    None
+}
+
 /// The normalised body part: upper case, letters only, synonyms mapped, else "OTHER".
 pub fn normalize_body_part(raw: &str) -> String {
     let word: String = raw
@@ -339,6 +365,28 @@ mod tests {
     #[test]
     fn descriptors_are_allow_listed() {
         assert_eq!(normalize_body_part("Chest"), "CHEST");
+        let source = |body: &str, modality: &str| cxrfed_schema::Source {
+            body_part: normalize_body_part(body),
+            modality: modality.into(),
+            ..Default::default()
+        };
+        assert_eq!(not_chest_reason(&source("Thorax", "CR")), None);
+        assert_eq!(not_chest_reason(&source("", "")), None);
+        assert_eq!(
+            not_chest_reason(&source("portable chest", "DX")),
+            None,
+            "unrecognised: runs"
+        );
+        assert!(
+            not_chest_reason(&source("EXTREMITY", "CR"))
+                .expect("gated")
+                .contains("EXTREMITY")
+        );
+        assert!(
+            not_chest_reason(&source("", "CT"))
+                .expect("gated")
+                .contains("modality CT")
+        );
         assert_eq!(normalize_body_part("THORAX"), "CHEST");
         assert_eq!(normalize_body_part("St. Mary's ward 3 chest"), "OTHER");
         assert_eq!(normalize_body_part(""), "");

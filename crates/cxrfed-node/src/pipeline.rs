@@ -23,8 +23,9 @@ use crate::error::NodeError;
 pub struct Extraction {
     pub record: Record,
     /// The model input, de-normalised to 8 bits (`size`, `size²` bytes), kept by the node
-    /// for federated training and back-fill.
-    pub input: (u32, Vec<u8>),
+    /// for federated training and back-fill. None for an image the model must not read (not a
+    /// chest radiograph), so a back-fill never reads it either.
+    pub input: Option<(u32, Vec<u8>)>,
 }
 
 /// The 8-bit form of a normalised model input.
@@ -202,7 +203,20 @@ impl Pipeline {
                 incoming,
             )
         };
+        // Not a chest radiograph by its header: the record says so and the model stays out.
+        let gate = cxrfed_imaging::deidentify::not_chest_reason(&decoded.source);
+        let mut notes = decoded.notes;
         let (findings, model_fields, model_id, model_sha256) = match &active.model {
+            Some(_) if gate.is_some() => {
+                drop(incoming);
+                notes.extend(gate.clone());
+                (
+                    None,
+                    Default::default(),
+                    NO_MODEL.to_string(),
+                    String::new(),
+                )
+            }
             Some(handle) => {
                 let inferring = Instant::now();
                 // Queued by the first poll of `infer`, with no await in between.
@@ -238,7 +252,7 @@ impl Pipeline {
             patient: decoded.patient,
             acquisition: decoded.acquisition,
             findings,
-            processing_notes: decoded.notes,
+            processing_notes: notes,
             questions: Vec::new(),
             annotations: Vec::new(),
             custom_fields: Default::default(),
@@ -246,7 +260,7 @@ impl Pipeline {
         };
         Ok(Extraction {
             record,
-            input: kept,
+            input: gate.is_none().then_some(kept),
         })
     }
 }

@@ -364,10 +364,11 @@ impl Node {
         }
         let span = Span::current();
         span.record("image_sha256", extraction.record.image_sha256.as_str());
-        let (size, pixels) = &extraction.input;
         let storing = std::time::Instant::now();
-        self.store
-            .put_input(&extraction.record.image_sha256, *size, pixels)?;
+        if let Some((size, pixels)) = &extraction.input {
+            self.store
+                .put_input(&extraction.record.image_sha256, *size, pixels)?;
+        }
         let inserted = self.store.insert(extraction.record, force).await?;
         self.metrics()
             .observe_stage("store", storing.elapsed().as_secs_f64());
