@@ -1179,3 +1179,118 @@ fn a_non_chest_radiograph_gets_no_chest_findings_and_says_why() {
         serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).expect("record");
     assert!(!chest["findings"].is_null());
 }
+
+/// Per-site calibration on phantoms of two sites with different prevalences (ICU sicker than
+/// a community hospital): the bundled model's rib-fracture head called at 0.5 predicts almost
+/// no positives anywhere; an operating point fitted on each site's own labelled images (target:
+/// the site's prevalence) brings the predicted positive rate on that site's *held-out* images
+/// to within a few points of the true one.
+#[test]
+fn per_site_operating_points_bring_the_predicted_rate_to_each_sites_prevalence() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let phantoms = |name: &str, site: &str, seed: u32| {
+        let path = dir.path().join(name);
+        let out = cxrfed_e2e::cxrfed(&[
+            "phantom",
+            "--out",
+            path.to_str().expect("path"),
+            "--count",
+            "250",
+            "--seed",
+            &seed.to_string(),
+            "--site",
+            site,
+            "--max-size",
+            "256",
+        ]);
+        assert!(
+            out.status.success(),
+            "phantom: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        path
+    };
+    let report = |model: Option<&std::path::Path>, data: &std::path::Path| -> serde_json::Value {
+        let mut args = vec!["model", "calibrate", "--data", data.to_str().expect("path")];
+        args.extend([
+            "--fields",
+            "rib_fracture",
+            "--target",
+            "prevalence",
+            "--format",
+            "json",
+        ]);
+        if let Some(m) = model {
+            args.extend(["--model", m.to_str().expect("path")]);
+        }
+        let out = cxrfed_e2e::cxrfed(&args);
+        assert!(
+            out.status.success(),
+            "calibrate: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let fields: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        fields[0].clone()
+    };
+    let mut prevalences = Vec::new();
+    for (site, seeds) in [("community", (301, 302)), ("icu", (303, 304))] {
+        let fit_on = phantoms(&format!("{site}-labelled"), site, seeds.0);
+        let held_out = phantoms(&format!("{site}-held-out"), site, seeds.1);
+        let model = dir.path().join(format!("model-{site}"));
+        let out = cxrfed_e2e::cxrfed(&[
+            "model",
+            "calibrate",
+            "--data",
+            fit_on.to_str().expect("path"),
+            "--fields",
+            "rib_fracture",
+            "--target",
+            "prevalence",
+            "--site",
+            site,
+            "--out",
+            model.to_str().expect("path"),
+        ]);
+        assert!(
+            out.status.success(),
+            "calibrate: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let card: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(model.join("card.json")).expect("card"))
+                .expect("json");
+        assert_eq!(card["training"]["calibration"]["site"], site);
+        let before = report(None, &held_out);
+        let after = report(Some(&model), &held_out);
+        let prevalence = after["prevalence"].as_f64().expect("prevalence");
+        let rate = |r: &serde_json::Value| {
+            r["current"]["predicted_positive_rate"]
+                .as_f64()
+                .expect("rate")
+        };
+        eprintln!(
+            "{site}: prevalence {prevalence:.3}, predicted positive rate {:.3} at 0.5, {:.3} calibrated (threshold {})",
+            rate(&before),
+            rate(&after),
+            after["current"]["threshold"]
+        );
+        assert!((rate(&after) - prevalence).abs() <= 0.06, "{site}: {after}");
+        assert!((rate(&after) - prevalence).abs() < (rate(&before) - prevalence).abs());
+        prevalences.push(prevalence);
+    }
+    assert!(
+        prevalences[1] > prevalences[0] + 0.03,
+        "the sites differ: {prevalences:?}"
+    );
+    // A head that is not binary cannot be calibrated.
+    let out = cxrfed_e2e::cxrfed(&[
+        "model",
+        "calibrate",
+        "--data",
+        dir.path().join("icu-held-out").to_str().expect("path"),
+        "--fields",
+        "image_quality",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a trained binary head"));
+}

@@ -7,6 +7,8 @@
 //! * [`worker`]: the inference worker thread with a bounded queue and dynamic batching.
 //! * [`predict`]: activations, schema-v1 findings and the derived fields.
 //! * [`train`]: datasets, training (Adam + augmentation), metrics.
+//! * [`calibrate`]: per-site operating points of binary heads from the site's labelled images.
+//! * [`txrv`]: TorchXRayVision's architectures and the import of its checkpoints.
 //! * [`federated`]: one site's round: weights from bytes, local training of the chosen
 //!   layers, the (clipped) weights delta.
 //!
@@ -17,6 +19,7 @@
 //! specs, the f32 codec) from cxrfed-fl.
 
 pub mod bundled;
+pub mod calibrate;
 pub mod federated;
 pub mod model;
 pub mod predict;

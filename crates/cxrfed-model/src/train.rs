@@ -208,7 +208,7 @@ impl Dataset {
         )
     }
 
-    fn batch_tensor(&self, ids: &[usize], device: tch::Device) -> Tensor {
+    pub(crate) fn batch_tensor(&self, ids: &[usize], device: tch::Device) -> Tensor {
         let s = i64::from(self.size);
         let mut data = Vec::with_capacity(ids.len() * (s * s) as usize);
         for &i in ids {

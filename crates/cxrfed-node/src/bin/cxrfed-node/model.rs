@@ -20,6 +20,37 @@ pub enum ModelCommand {
     /// Import a published model into a cxrfed model directory (fine-tunable safetensors, a
     /// card with its exact preprocessing and label map): `--torchxrayvision FILE`.
     Import(ImportArgs),
+    /// Fit per-site operating points of the binary heads on this site's labelled images
+    /// (Youden's J, a sensitivity, or the site's prevalence), report sensitivity and
+    /// specificity with 95% intervals, and with --out write the site's calibrated copy.
+    Calibrate(CalibrateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CalibrateArgs {
+    /// Model directory [default: the bundled model].
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// This site's labelled images (images and labels.json).
+    #[arg(long)]
+    data: PathBuf,
+    /// youden, prevalence, or sensitivity=S.
+    #[arg(long, default_value = "youden")]
+    target: String,
+    /// Binary heads to calibrate, comma-separated [default: every trained binary head].
+    #[arg(long, value_delimiter = ',')]
+    fields: Vec<String>,
+    /// Write the calibrated model (same weights, the fitted operating points in its card)
+    /// to this new directory; without it, only report.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// A name for the site, recorded with the calibration in the card.
+    #[arg(long, default_value = "")]
+    site: String,
+    #[arg(long, value_enum, default_value = "table")]
+    format: OutputFormat,
+    #[arg(long, default_value = "auto")]
+    device: String,
 }
 
 #[derive(Debug, Args)]
@@ -156,7 +187,101 @@ pub fn run(command: ModelCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         ModelCommand::Import(args) => import(args),
+        ModelCommand::Calibrate(args) => calibrate(args),
     }
+}
+
+fn calibrate(args: CalibrateArgs) -> anyhow::Result<ExitCode> {
+    use cxrfed_model::calibrate::{self, Target};
+    let target: Target = args.target.parse().map_err(anyhow::Error::msg)?;
+    if let Some(out) = &args.out
+        && out.exists()
+    {
+        bail!("{} exists; choose a new model directory", out.display());
+    }
+    let dir = match &args.model {
+        Some(dir) => dir.clone(),
+        None => bundled_model_dir()?,
+    };
+    let model = Model::load(&dir, cxrfed_model::parse_device(&args.device)?)?;
+    let data = load_data(&args.data, &model.card.label_map, &model.card.input)?;
+    let fields = calibrate::calibrate(&model, &data, &args.fields, target)?;
+    match args.format {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&fields)?),
+        OutputFormat::Table => {
+            println!(
+                "{:<24} {:>6} {:>10} {:>22} {:>34}",
+                "field",
+                "images",
+                "prevalence",
+                "current: t  positive",
+                "fitted: t  positive  sens  spec"
+            );
+            for f in &fields {
+                let fitted = f.fitted.as_ref().map_or("one class only".to_string(), |a| {
+                    format!(
+                        "{:.4} {:>8.3} {:.2} [{:.2}-{:.2}] {:.2} [{:.2}-{:.2}]",
+                        a.threshold,
+                        a.predicted_positive_rate,
+                        a.sensitivity.value,
+                        a.sensitivity.low,
+                        a.sensitivity.high,
+                        a.specificity.value,
+                        a.specificity.low,
+                        a.specificity.high
+                    )
+                });
+                println!(
+                    "{:<24} {:>6} {:>10.3} {:>11.4} {:>9.3}  {fitted}",
+                    f.field,
+                    f.images,
+                    f.prevalence,
+                    f.current.threshold,
+                    f.current.predicted_positive_rate
+                );
+            }
+        }
+    }
+    let Some(out) = &args.out else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    let mut card = model.card.clone();
+    for f in &fields {
+        if let (Some(fitted), Some(head)) = (
+            &f.fitted,
+            card.label_map.heads.iter_mut().find(|h| h.name == f.field),
+        ) {
+            head.operating_point = Some(fitted.threshold as f32);
+        }
+    }
+    if !card.training.is_object() {
+        card.training = serde_json::json!({});
+    }
+    card.training["calibration"] = serde_json::json!({
+        "site": args.site,
+        "target": target,
+        "data": args.data.file_name().map(|n| n.to_string_lossy().into_owned()),
+        "at": chrono::Utc::now().to_rfc3339(),
+        "fields": fields,
+    });
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent)?;
+    let staging = tempfile::Builder::new()
+        .prefix(".cxrfed-calibrate-")
+        .tempdir_in(&parent)?;
+    std::fs::copy(
+        model.card.weights_path(&dir),
+        card.weights_path(staging.path()),
+    )?;
+    card.save(staging.path())?;
+    Model::load(staging.path(), cxrfed_model::parse_device("cpu")?)
+        .context("the calibrated model does not load")?;
+    std::fs::rename(staging.keep(), out)?;
+    eprintln!("calibrated model written to {}", out.display());
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The converter, shipped inside the binary so an installed node needs no source tree.
