@@ -15,7 +15,7 @@ ifeq ($(CI),true)
 export CARGO_INCREMENTAL := 0
 endif
 
-.PHONY: ui-assets test-deps demo test fuzz fuzz-smoke check-layers venv sdk build bench bench-imaging bench-model bench-tls bench-dicom bench-research bench-privacy bench-federation bench-training bench-footprint model lint clean-venv
+.PHONY: ui-assets test-deps demo test fuzz fuzz-smoke check-layers venv sdk build bench bench-imaging bench-model bench-txrv bench-tls bench-dicom bench-research bench-privacy bench-federation bench-training bench-footprint model lint clean-venv
 
 $(STAMP): requirements-dev.txt
 	@test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -76,7 +76,7 @@ check-layers: build
 	    echo "error: target/debug/$$b links libtorch"; exit 1; fi; done
 	@echo "layers: cxrfed, cxrfed-coordinator and cxrfed-fl are torch-free; cxrfed-fl and cxrfed-dicom are tonic-, torch- and sled-free"
 
-bench: bench-imaging bench-model bench-tls bench-dicom bench-research bench-privacy bench-federation bench-training bench-footprint
+bench: bench-imaging bench-model bench-txrv bench-tls bench-dicom bench-research bench-privacy bench-federation bench-training bench-footprint
 
 bench-imaging: venv
 	$(CARGO) build --locked --release $(BINS) --bins
@@ -85,6 +85,11 @@ bench-imaging: venv
 bench-model: venv
 	$(CARGO) build --locked --release $(BINS) --bins
 	$(PYTHON) bench/model.py --bin target/release/cxrfed-bench --cxrfed target/release/cxrfed --out docs/bench/model.md
+
+# TorchXRayVision DenseNet-121 through the node against TXRV's own pipeline (docs/bench/txrv.md).
+bench-txrv: venv
+	$(CARGO) build --locked --release $(BINS) --bins
+	$(PYTHON) bench/txrv.py --bin target/release/cxrfed-bench --cxrfed target/release/cxrfed --out docs/bench/txrv.md
 
 bench-tls: venv
 	$(CARGO) build --locked --release $(BINS) --bins
