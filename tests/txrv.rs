@@ -1,7 +1,7 @@
 //! TorchXRayVision models in a node: checkpoints made by the `torchxrayvision` package from
 //! PyPI (random weights, saved as TXRV publishes its files) go through `cxrfed model import
 //! --torchxrayvision`, a node serves the imported model, and every pathology probability it
-//! records for a real radiograph (RG1, DICOM) and a picture of it (PNG) is compared with
+//! records for a real radiograph (RG1, DICOM) and pictures of it (PNG, JPEG) is compared with
 //! TXRV's own pipeline on the same file (tests/helpers/txrv_reference.py).
 
 use std::path::{Path, PathBuf};
@@ -85,8 +85,10 @@ fn probability(record: &serde_json::Value, field: &str) -> f64 {
 fn an_imported_txrv_densenet_gives_txrvs_probabilities_on_a_dicom_and_a_png() {
     let dir = tempfile::tempdir().expect("tempdir");
     let png = dir.path().join("rg1.png");
+    let jpeg = dir.path().join("rg1.jpg");
     let checkpoint = dir.path().join("densenet121-random.pt");
     run_python(HELPER, &["png", s(&rg1()), s(&png)]);
+    run_python(HELPER, &["png", s(&rg1()), s(&jpeg)]);
     run_python(
         HELPER,
         &[
@@ -163,14 +165,26 @@ fn an_imported_txrv_densenet_gives_txrvs_probabilities_on_a_dicom_and_a_png() {
 
     let reference: Reference = serde_json::from_str(&run_python(
         HELPER,
-        &["predict", "densenet", s(&checkpoint), s(&rg1()), s(&png)],
+        &[
+            "predict",
+            "densenet",
+            s(&checkpoint),
+            s(&rg1()),
+            s(&png),
+            s(&jpeg),
+        ],
     ))
     .expect("reference JSON");
 
     let node = NodeProcess::start(&dir.path().join("node"), &["--model", s(&model)]);
     let (dicom, worst_dicom) = compare(&node, &rg1(), &reference);
     let (picture, worst_png) = compare(&node, &png, &reference);
-    eprintln!("largest difference from TXRV: DICOM {worst_dicom:.2e}, PNG {worst_png:.2e}");
+    // A JPEG goes through two decoders (the `image` crate's here, libjpeg-turbo's in
+    // imageio): the pictures differ by a grey level here and there, the outputs by ~1e-5.
+    let (_, worst_jpeg) = compare(&node, &jpeg, &reference);
+    eprintln!(
+        "largest difference from TXRV: DICOM {worst_dicom:.2e}, PNG {worst_png:.2e}, JPEG {worst_jpeg:.2e}"
+    );
     assert_eq!(dicom["model_id"], "txrv-test");
     assert_eq!(
         probability(&dicom, "txrv_hernia"),

@@ -18,8 +18,8 @@ and TXRV's own pipeline on files, for the node's outputs to be compared with.
     txrv_reference.py tensor SIZE OUT_DIR FILE...
         TXRV's model input for each file (load_image, XRayCenterCrop, XRayResizer(SIZE)) as
         raw little-endian f32, OUT_DIR/<index>.f32.
-    txrv_reference.py png DICOM OUT.png
-        An 8-bit grayscale PNG of a DICOM (stored values scaled to 0-255, MONOCHROME1
+    txrv_reference.py png DICOM OUT.png|OUT.jpg
+        An 8-bit grayscale PNG (or JPEG, quality 90) of a DICOM (stored values scaled to 0-255, MONOCHROME1
         flipped): a real radiograph as a picture.
 """
 
@@ -113,7 +113,12 @@ def png(dicom, out):
     top = 2 ** ds.BitsStored - 1
     if ds.PhotometricInterpretation == "MONOCHROME1":
         data = top - data
-    skimage.io.imsave(out, np.round(data / top * 255).astype(np.uint8), check_contrast=False)
+    pixels = np.round(data / top * 255).astype(np.uint8)
+    if out.endswith(".jpg"):
+        import imageio.v3 as iio
+        iio.imwrite(out, pixels, quality=90)
+    else:
+        skimage.io.imsave(out, pixels, check_contrast=False)
 
 
 def main(argv):
