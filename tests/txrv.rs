@@ -271,3 +271,186 @@ fn an_imported_txrv_resnet50_gives_txrvs_probabilities_at_512() {
     let (_, worst) = compare(&node, &rg1(), &reference);
     eprintln!("largest difference from TXRV (ResNet-50, 512): {worst:.2e}");
 }
+
+/// An imported TXRV model is a federated model like the bundled one: two sites serve it
+/// (their kept inputs are then in TXRV's preprocessing), the registry takes it, a heads-only
+/// round fine-tunes its cardiomegaly head on each site's labels, and the promoted result
+/// serves at both sites — the trained head moved, every other pathology reads exactly as
+/// before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_imported_txrv_model_fine_tunes_in_a_federated_round_and_is_promoted() {
+    use cxrfed_auth::Role;
+    use cxrfed_e2e::{CoordinatorProcess, TestPki, cxrfed, free_port};
+    use cxrfed_proto::v1 as pb;
+    use std::time::{Duration, Instant};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let checkpoint = root.join("densenet121-random.pt");
+    run_python(HELPER, &["densenet", s(&checkpoint), "5", "--", s(&rg1())]);
+    let model = root.join("txrv-model");
+    let out = import(&checkpoint, &model, &["--model-id", "txrv-base"]);
+    assert!(out.status.success(), "import: {}", text(&out.stderr));
+
+    let pki = TestPki::at(&root.join("pki"));
+    let coordinator = CoordinatorProcess::start(&root.join("coordinator"), &pki);
+    let url = coordinator.url();
+    let admin = pki.identity(Role::StudyAdmin, "sam", None);
+    let mut nodes = Vec::new();
+    for (i, (site, profile)) in [("site-a", "university"), ("site-b", "community")]
+        .into_iter()
+        .enumerate()
+    {
+        let images = root.join(format!("phantoms-{site}"));
+        let (csv, _) = cxrfed_e2e::labelled_phantoms(&images, profile, 10, 90 + i as u32, 256);
+        let labels = std::fs::read_to_string(&csv).expect("csv").replacen(
+            "image_sha256,cardiomegaly",
+            "image_sha256,txrv_cardiomegaly",
+            1,
+        );
+        std::fs::write(&csv, labels).expect("csv");
+        let node = NodeProcess::start_in(
+            &root.join(site),
+            free_port(),
+            pki.clone(),
+            &["--model", s(&model), "--site", site, "--coordinator", &url],
+        );
+        for args in [
+            vec!["ingest", s(&images)],
+            vec![
+                "field",
+                "define",
+                "txrv_cardiomegaly",
+                "--type",
+                "bool",
+                "--description",
+                "CTR above 0.5",
+            ],
+            vec!["annotate", "import", s(&csv)],
+        ] {
+            let out = node.cli(&args);
+            assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+        }
+        node.training_policy(&[
+            "enabled=true",
+            "min_batch_size=2",
+            "min_local_steps=1",
+            "min_held_out=1",
+            "max_metrics_epsilon=10",
+        ]);
+        node.training_budget(500.0, 0.5);
+        nodes.push(node);
+    }
+    cxrfed_e2e::wait_sites_connected(&url, &pki, &admin, 2).await;
+    let before = extract_now(&nodes[0], &rg1());
+
+    let (ca, cert, key) = (
+        pki.ca_pem(),
+        admin.join(cxrfed_auth::pki::CERT),
+        admin.join(cxrfed_auth::pki::KEY),
+    );
+    let common = [
+        "--coordinator",
+        &url,
+        "--ca",
+        s(&ca),
+        "--cert",
+        s(&cert),
+        "--key",
+        s(&key),
+    ];
+    let mut args = vec!["registry", "import", s(&model), "--version", "txrv-base"];
+    args.extend(common);
+    let out = cxrfed(&args);
+    assert!(
+        out.status.success(),
+        "registry import: {}",
+        text(&out.stderr)
+    );
+    let job = cxrfed_e2e::start_signed_job(
+        &url,
+        &pki,
+        &admin,
+        "base = \"txrv-base\"\nheads = [\"txrv_cardiomegaly\"]\ntrainable = \"heads\"\nrounds = 1\nlocal_steps = 2\nbatch_size = 2\nlearning_rate = 0.05\nmin_sites = 2\nround_deadline_secs = 600\n",
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(900);
+    let done = loop {
+        let job = cxrfed_e2e::coordinator_client(&url, &pki, &admin)
+            .await
+            .get_job(pb::GetJobRequest {
+                job_id: job.job_id.clone(),
+            })
+            .await
+            .expect("job")
+            .into_inner();
+        if job.state() != pb::JobState::Running {
+            break job;
+        }
+        assert!(Instant::now() < deadline, "job stuck");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(done.state(), pb::JobState::Completed, "{}", done.reason);
+    let round = done
+        .round_log
+        .iter()
+        .find(|r| r.state() == pb::RoundState::Completed)
+        .expect("a completed round");
+    let reported: Vec<&pb::SiteRound> = round
+        .sites
+        .iter()
+        .filter(|s| s.status() == pb::SiteRoundStatus::Reported)
+        .collect();
+    assert_eq!(reported.len(), 2, "{round:?}");
+    // Heads only: one head's 1024 weights and bias, not DenseNet-121's 28 MB.
+    assert!(
+        reported.iter().all(|s| s.update_bytes < 16 << 10),
+        "{reported:?}"
+    );
+
+    let version = done.latest_model.clone();
+    let mut args = vec!["registry", "promote", version.as_str(), "--json"];
+    args.extend(common);
+    let out = cxrfed(&args);
+    assert!(out.status.success(), "promote: {}", text(&out.stderr));
+    let deadline = Instant::now() + Duration::from_secs(180);
+    for node in &nodes {
+        loop {
+            let status =
+                cxrfed_proto::v1::node_service_client::NodeServiceClient::new(node.channel().await)
+                    .status(pb::StatusRequest {})
+                    .await
+                    .expect("status")
+                    .into_inner();
+            if status.model_id == version {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} still runs {}",
+                node.url(),
+                status.model_id
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+    let after = extract_now(&nodes[0], &rg1());
+    assert_eq!(after["model_id"], version.as_str());
+    let fields = |r: &serde_json::Value| r["model_fields"].as_object().expect("fields").clone();
+    let (b, a) = (fields(&before), fields(&after));
+    assert_eq!(b.len(), 18);
+    for (field, value) in &b {
+        if field == "txrv_cardiomegaly" {
+            assert_ne!(&a[field], value, "the trained head moved");
+        } else {
+            assert_eq!(&a[field], value, "{field}: untouched by a heads-only round");
+        }
+    }
+}
+
+/// The record `node` makes of `file` now (forced: the image may be stored already).
+fn extract_now(node: &NodeProcess, file: &Path) -> serde_json::Value {
+    let out = node.cli(&["extract", "--force", s(file)]);
+    assert!(out.status.success(), "extract: {}", text(&out.stderr));
+    serde_json::from_str(text(&out.stdout).trim()).expect("record")
+}
