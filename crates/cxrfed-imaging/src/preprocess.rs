@@ -90,6 +90,23 @@ impl Default for PreprocessOptions {
     }
 }
 
+impl PreprocessOptions {
+    /// What a kept 8-bit input made with these options is: pipeline, aspect and size
+    /// (`cxrfed/pad/224`, `torchxrayvision/center-crop/224`). Normalisation is not part of
+    /// it: a kept input stores the display value, which any mean and std read back.
+    pub fn signature(&self) -> String {
+        let pipeline = match self.pipeline {
+            Pipeline::Cxrfed => "cxrfed",
+            Pipeline::Torchxrayvision => "torchxrayvision",
+        };
+        let aspect = match self.aspect {
+            Aspect::Pad => "pad",
+            Aspect::CenterCrop => "center-crop",
+        };
+        format!("{pipeline}/{aspect}/{}", self.size)
+    }
+}
+
 /// One output pixel's source footprint along an axis: `start` and per-source-pixel weights.
 #[derive(Debug, Clone)]
 struct Footprint {

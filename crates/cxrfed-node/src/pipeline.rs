@@ -25,7 +25,7 @@ pub struct Extraction {
     /// The model input, de-normalised to 8 bits (`size`, `size²` bytes), kept by the node
     /// for federated training and back-fill. None for an image the model must not read (not a
     /// chest radiograph), so a back-fill never reads it either.
-    pub input: Option<(u32, Vec<u8>)>,
+    pub input: Option<cxrfed_store::KeptInput>,
 }
 
 /// The 8-bit form of a normalised model input.
@@ -260,7 +260,11 @@ impl Pipeline {
         };
         Ok(Extraction {
             record,
-            input: gate.is_none().then_some(kept),
+            input: gate.is_none().then(|| cxrfed_store::KeptInput {
+                size: kept.0,
+                pixels: kept.1,
+                preprocessing: active.preprocess.signature(),
+            }),
         })
     }
 }

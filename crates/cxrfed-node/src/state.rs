@@ -365,9 +365,9 @@ impl Node {
         let span = Span::current();
         span.record("image_sha256", extraction.record.image_sha256.as_str());
         let storing = std::time::Instant::now();
-        if let Some((size, pixels)) = &extraction.input {
+        if let Some(input) = &extraction.input {
             self.store
-                .put_input(&extraction.record.image_sha256, *size, pixels)?;
+                .put_input(&extraction.record.image_sha256, input)?;
         }
         let inserted = self.store.insert(extraction.record, force).await?;
         self.metrics()

@@ -137,18 +137,21 @@ pub fn local_datasets(
         }
     }
     let (mean, std) = (card.input.mean, card.input.std);
+    let wanted = cxrfed_model::preprocess_options(&card.input).signature();
     let mut train = Vec::new();
     let mut held = Vec::new();
     let mut skipped = 0;
     for (sha, labels) in by_image {
-        let Some((size, pixels)) = store.input(&sha).map_err(|e| e.to_string())? else {
+        let Some(kept) = store.input(&sha).map_err(|e| e.to_string())? else {
             skipped += 1;
             continue;
         };
-        if size != card.input.size {
+        // Made by another preprocessing (another size, aspect or pipeline): not this model's.
+        if !kept.suits(&wanted) {
             skipped += 1;
             continue;
         }
+        let pixels = kept.pixels;
         let mut targets = vec![None; label_map.heads.len()];
         for (h, text) in labels {
             let head = &label_map.heads[h];
@@ -951,6 +954,7 @@ pub async fn backfill(state: Arc<Node>, model: cxrfed_model::InferenceHandle) {
     let card = model.card().clone();
     let (mean, std) = (card.input.mean, card.input.std);
     let size = card.input.size as usize;
+    let wanted = cxrfed_model::preprocess_options(&card.input).signature();
     let st = state.clone();
     let ids: Vec<(String, String)> = tokio::task::spawn_blocking(move || {
         st.store()
@@ -999,8 +1003,10 @@ pub async fn backfill(state: Arc<Node>, model: cxrfed_model::InferenceHandle) {
         let output = match earlier {
             Some(output) => output,
             None => {
+                // Only an input this model's preprocessing made: another one (the earlier
+                // model's size, aspect or pipeline) would give it the wrong picture.
                 let input = match state.store().input(&sha) {
-                    Ok(Some((s, pixels))) if s as usize == size => pixels,
+                    Ok(Some(kept)) if kept.suits(&wanted) => kept.pixels,
                     _ => {
                         skipped += 1;
                         continue;

@@ -149,6 +149,27 @@ impl RecordFilter {
     }
 }
 
+/// A kept model input: `size x size` 8-bit pixels and the preprocessing that made them
+/// (`cxrfed_imaging::PreprocessOptions::signature`, e.g. `cxrfed/pad/224`), so a model with
+/// another preprocessing never trains on it or back-fills from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeptInput {
+    pub size: u32,
+    pub pixels: Vec<u8>,
+    pub preprocessing: String,
+}
+
+impl KeptInput {
+    /// Whether a model whose preprocessing signature is `wanted` may read this input. An input
+    /// of the first generation (no signature) was made by cxrfed's own pipeline at its size.
+    pub fn suits(&self, wanted: &str) -> bool {
+        if self.preprocessing.is_empty() {
+            return wanted.starts_with("cxrfed/") && wanted.ends_with(&format!("/{}", self.size));
+        }
+        self.preprocessing == wanted
+    }
+}
+
 /// The node's record store.
 #[derive(Debug, Clone)]
 pub struct RecordStore {
@@ -323,24 +344,27 @@ impl RecordStore {
         Ok(outcome)
     }
 
-    /// Keeps the model input of an image (8-bit, `size x size`), replacing an earlier one.
-    /// Made durable by the record insert that follows it.
-    pub fn put_input(&self, image_sha256: &str, size: u32, pixels: &[u8]) -> Result<()> {
-        if pixels.len() != (size as usize) * (size as usize) {
+    /// Keeps the model input of an image (8-bit, `size x size`) with the preprocessing that
+    /// made it, replacing an earlier one. Made durable by the record insert that follows it.
+    pub fn put_input(&self, image_sha256: &str, input: &KeptInput) -> Result<()> {
+        let size = input.size as usize;
+        if input.pixels.len() != size * size {
             return Err(StoreError::Encode(format!(
                 "a {size}x{size} input needs {} bytes, got {}",
-                size as usize * size as usize,
-                pixels.len()
+                size * size,
+                input.pixels.len()
             )));
         }
-        let mut value = Vec::with_capacity(4 + pixels.len());
-        value.extend_from_slice(&size.to_be_bytes());
-        value.extend_from_slice(pixels);
+        // size (u32, big endian) | pixels | preprocessing (UTF-8; absent in the first
+        // generation's values).
+        let mut value = Vec::with_capacity(4 + input.pixels.len() + input.preprocessing.len());
+        value.extend_from_slice(&input.size.to_be_bytes());
+        value.extend_from_slice(&input.pixels);
+        value.extend_from_slice(input.preprocessing.as_bytes());
         self.inputs.insert(image_sha256.as_bytes(), value)?;
         Ok(())
     }
 
-    /// The kept model input of an image: `(size, size² bytes)`.
     /// Whether the instance with this keyed reference was pulled and stored before.
     pub fn is_pulled(&self, reference: &str) -> Result<bool> {
         Ok(self.pulled.contains_key(reference.as_bytes())?)
@@ -357,7 +381,9 @@ impl RecordStore {
         Ok(())
     }
 
-    pub fn input(&self, image_sha256: &str) -> Result<Option<(u32, Vec<u8>)>> {
+    /// The kept model input of an image (its preprocessing is empty for one kept by the first
+    /// generation, which knew only cxrfed's own).
+    pub fn input(&self, image_sha256: &str) -> Result<Option<KeptInput>> {
         let Some(value) = self.inputs.get(image_sha256.as_bytes())? else {
             return Ok(None);
         };
@@ -372,11 +398,16 @@ impl RecordStore {
                 .try_into()
                 .map_err(|_| corrupt())?,
         );
-        let pixels = value[4..].to_vec();
-        if pixels.len() != (size as usize) * (size as usize) {
-            return Err(corrupt());
-        }
-        Ok(Some((size, pixels)))
+        let end = 4 + (size as usize) * (size as usize);
+        let pixels = value.get(4..end).ok_or_else(corrupt)?.to_vec();
+        let preprocessing = std::str::from_utf8(&value[end..])
+            .map_err(|_| corrupt())?
+            .to_string();
+        Ok(Some(KeptInput {
+            size,
+            pixels,
+            preprocessing,
+        }))
     }
 
     /// Stores a custom field definition as the next version of its name; returns it as stored.
@@ -642,6 +673,44 @@ mod tests {
             custom_fields: Default::default(),
             model_fields: Default::default(),
         }
+    }
+
+    /// A kept input reads back with its preprocessing; one of the first generation (no
+    /// signature) reads as cxrfed's own pipeline at its size; a model with another
+    /// preprocessing may not read either.
+    #[test]
+    fn kept_inputs_carry_their_preprocessing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = RecordStore::open(dir.path()).expect("open");
+        let kept = KeptInput {
+            size: 4,
+            pixels: (0..16).collect(),
+            preprocessing: "torchxrayvision/center-crop/4".into(),
+        };
+        store.put_input("a", &kept).expect("put");
+        let back = store.input("a").expect("read").expect("kept");
+        assert_eq!(back, kept);
+        assert!(back.suits("torchxrayvision/center-crop/4"));
+        assert!(!back.suits("cxrfed/pad/4"));
+        // The first generation's value: size and pixels only.
+        let mut legacy = 4u32.to_be_bytes().to_vec();
+        legacy.extend(0..16u8);
+        store.inputs.insert("b", legacy).expect("insert");
+        let old = store.input("b").expect("read").expect("kept");
+        assert_eq!(old.preprocessing, "");
+        assert!(old.suits("cxrfed/pad/4") && old.suits("cxrfed/center-crop/4"));
+        assert!(!old.suits("cxrfed/pad/224") && !old.suits("torchxrayvision/center-crop/4"));
+        assert!(
+            store
+                .put_input("c", &KeptInput { size: 5, ..kept })
+                .is_err(),
+            "size mismatch"
+        );
+        store
+            .inputs
+            .insert("d", vec![0, 0, 0, 9, 1])
+            .expect("insert");
+        assert!(store.input("d").is_err(), "truncated");
     }
 
     /// Hundreds of concurrent durable inserts complete (no flush pile-up on sled's IO pool) and

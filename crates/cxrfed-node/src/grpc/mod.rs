@@ -611,8 +611,9 @@ impl NodeService for NodeApi {
                     .ok_or_else(|| NodeError::NotFound(lookup.clone()))?;
                 store
                     .input(&record.image_sha256)?
-                    .and_then(|(size, pixels)| {
-                        cxrfed_imaging::input_png(size, &pixels).map(|png| (size, png))
+                    .and_then(|kept| {
+                        cxrfed_imaging::input_png(kept.size, &kept.pixels)
+                            .map(|png| (kept.size, png))
                     })
                     .ok_or_else(|| NodeError::NotFound(format!("{lookup}'s model input")))
             })
