@@ -292,11 +292,14 @@ fn txrv_resize<T: Sample>(
         return Array2::zeros((size, size));
     }
     let (r0, c0) = (rows / 2 - side / 2, cols / 2 - side / 2);
-    let crop = image.slice(s![r0..r0 + side, c0..c0 + side]).mapv(&norm);
+    // A view, normalised as it is read: no full-resolution f32 copy is made (the decode's
+    // memory budget does not cover one).
+    let crop = image.slice(s![r0..r0 + side, c0..c0 + side]);
     let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
     for v in crop.iter() {
-        lo = lo.min(*v);
-        hi = hi.max(*v);
+        let v = norm(*v);
+        lo = lo.min(v);
+        hi = hi.max(v);
     }
     let zoom = side as f64 / size as f64;
     // Source index pairs and weights of the order-1 zoom along one axis (the same for both).
@@ -334,7 +337,7 @@ fn txrv_resize<T: Sample>(
         let mut vertical = Array2::<f32>::zeros((needed.len(), side));
         for (k, &r) in needed.iter().enumerate() {
             for c in 0..side {
-                let column = |i: usize| f64::from(crop[(i, c)]);
+                let column = |i: usize| f64::from(norm(crop[(i, c)]));
                 let mut sum = at(&column, r as isize) * kernel[0];
                 for (l, w) in kernel.iter().enumerate().skip(1) {
                     let l = l as isize;
@@ -369,7 +372,7 @@ fn txrv_resize<T: Sample>(
             if r < 0 || c < 0 || r as usize >= side || c as usize >= side {
                 0.0
             } else {
-                f64::from(crop[(r as usize, c as usize)])
+                f64::from(norm(crop[(r as usize, c as usize)]))
             }
         };
         zoom_into(&mut out, &taps, value);
