@@ -324,13 +324,14 @@ fn reduced_jpeg2000_decode_covers_the_model_input() {
 
 /// TXRV's preprocessing (`Pipeline::Torchxrayvision`) gives the tensor TorchXRayVision's own
 /// `load_image` + `XRayCenterCrop` + `XRayResizer` give, on a real MONOCHROME1 radiograph
-/// (RG1, 15 bits), a 16-bit phantom, an odd-sized one, one smaller than the input (upsampled:
+/// (RG1, 15 bits), a 16-bit phantom, an odd-sized one, one barely larger than the input (a
+/// three-tap filter), one smaller than it (upsampled:
 /// no anti-aliasing, zeros beyond the edge), an 8-bit PNG, at 224 and 512.
 #[test]
 fn torchxrayvision_preprocessing_matches_txrv() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut files = vec![cxrfed_e2e::pydicom_data_dir().join("RG1_UNCI.dcm")];
-    for (i, columns) in [(0u64, 1024u32), (1, 777), (2, 160)] {
+    for (i, columns) in [(0u64, 1024u32), (1, 777), (2, 160), (3, 300)] {
         let bytes = cxrfed_phantom::Generator::new(9, None)
             .expect("generator")
             .with_max_columns(Some(columns))

@@ -334,16 +334,47 @@ fn txrv_resize<T: Sample>(
             slot[i] = k;
         }
         // Pass 1, along rows (axis 1 of TXRV's (1, H, W) array): every column, needed rows.
+        // Source rows are normalised once into a window of the 2r + 1 rows around the current
+        // one (the needed rows ascend), and summed in scipy's order for a symmetric kernel:
+        // centre, then each pair (i + l, i - l).
+        let radius = kernel.len() - 1;
+        let mut window: std::collections::VecDeque<Vec<f32>> = Default::default();
+        let mut first = 0usize;
+        let zeros = vec![0.0f32; side];
+        let mut sum = vec![0.0f64; side];
         let mut vertical = Array2::<f32>::zeros((needed.len(), side));
         for (k, &r) in needed.iter().enumerate() {
-            for c in 0..side {
-                let column = |i: usize| f64::from(norm(crop[(i, c)]));
-                let mut sum = at(&column, r as isize) * kernel[0];
-                for (l, w) in kernel.iter().enumerate().skip(1) {
-                    let l = l as isize;
-                    sum += (at(&column, r as isize + l) + at(&column, r as isize - l)) * w;
+            let (lo_row, hi_row) = (r.saturating_sub(radius), (r + radius).min(side - 1));
+            while first < lo_row && !window.is_empty() {
+                window.pop_front();
+                first += 1;
+            }
+            if window.is_empty() {
+                first = lo_row;
+            }
+            while first + window.len() <= hi_row {
+                let i = first + window.len();
+                window.push_back(crop.row(i).iter().map(|v| norm(*v)).collect());
+            }
+            let row = |i: isize| -> &[f32] {
+                if i < 0 || i as usize >= side {
+                    &zeros
+                } else {
+                    &window[i as usize - first]
                 }
-                vertical[(k, c)] = sum as f32;
+            };
+            let r = r as isize;
+            for (acc, x) in sum.iter_mut().zip(row(r)) {
+                *acc = f64::from(*x) * kernel[0];
+            }
+            for (l, w) in kernel.iter().enumerate().skip(1) {
+                let (a, b) = (row(r + l as isize), row(r - l as isize));
+                for ((acc, x), y) in sum.iter_mut().zip(a).zip(b) {
+                    *acc += (f64::from(*x) + f64::from(*y)) * w;
+                }
+            }
+            for (out, acc) in vertical.row_mut(k).iter_mut().zip(&sum) {
+                *out = *acc as f32;
             }
         }
         // Pass 2, along columns, at the needed rows and columns only.
