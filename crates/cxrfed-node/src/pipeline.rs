@@ -206,10 +206,10 @@ impl Pipeline {
         // Not a chest radiograph by its header: the record says so and the model stays out.
         let gate = cxrfed_imaging::deidentify::not_chest_reason(&decoded.source);
         let mut notes = decoded.notes;
+        notes.extend(gate.clone());
         let (findings, model_fields, model_id, model_sha256) = match &active.model {
             Some(_) if gate.is_some() => {
                 drop(incoming);
-                notes.extend(gate.clone());
                 (
                     None,
                     Default::default(),
