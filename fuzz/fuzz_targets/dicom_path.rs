@@ -1,7 +1,8 @@
 //! The node's path for a file: sniff -> decode (structure walk, codestream checks, pixel
-//! decoding) -> de-identify -> hash -> preprocess. Not contained: a panic is a finding. Then
-//! the node's decode for the model, which reduces JPEG 2000 through OpenJPEG's reduce factor:
-//! it is contained, so a panic there shows as `DecoderPanic`, also a finding.
+//! decoding) -> de-identify -> hash -> preprocess (cxrfed's and TorchXRayVision's). Not
+//! contained: a panic is a finding. Then the node's decode for the model, which reduces
+//! JPEG 2000 through OpenJPEG's reduce factor: it is contained, so a panic there shows as
+//! `DecoderPanic`, also a finding.
 #![no_main]
 
 use cxrfed_imaging::{Limits, PreprocessOptions, SiteSecret};
@@ -25,6 +26,13 @@ fuzz_target!(|bytes: &[u8]| {
         let input = cxrfed_imaging::preprocess(&decoded, &options);
         assert_eq!(input.dim(), (32, 32));
         assert!(input.iter().all(|v| v.is_finite()));
+        // TorchXRayVision's preprocessing (an imported TXRV model's card), shrinking and
+        // enlarging: any decoded image, any bit depth or sign, gives a finite input.
+        for size in [32, 600] {
+            let txrv = cxrfed_imaging::txrv_input(&decoded, size);
+            assert_eq!(txrv.dim(), (size, size));
+            assert!(txrv.iter().all(|v| v.is_finite()));
+        }
     }
     let budget = cxrfed_imaging::MemoryBudget::new(64 << 20, std::time::Duration::from_millis(1));
     let reduction = cxrfed_imaging::Reduction {
