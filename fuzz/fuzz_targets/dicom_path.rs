@@ -26,9 +26,10 @@ fuzz_target!(|bytes: &[u8]| {
         let input = cxrfed_imaging::preprocess(&decoded, &options);
         assert_eq!(input.dim(), (32, 32));
         assert!(input.iter().all(|v| v.is_finite()));
-        // TorchXRayVision's preprocessing (an imported TXRV model's card), shrinking and
-        // enlarging: any decoded image, any bit depth or sign, gives a finite input.
-        for size in [32, 600] {
+        // TorchXRayVision's preprocessing (an imported TXRV model's card): any decoded image,
+        // any bit depth or sign, gives a finite input, whether the filter shrinks it (32) or
+        // the zoom enlarges it (images under 64 px; the corpus has many).
+        for size in [32, 64] {
             let txrv = cxrfed_imaging::txrv_input(&decoded, size);
             assert_eq!(txrv.dim(), (size, size));
             assert!(txrv.iter().all(|v| v.is_finite()));
