@@ -73,13 +73,7 @@ async fn study() -> Study {
         );
         // Each site opts in, on terms loose enough for phantom-sized datasets, and gives the
         // study's training account a budget.
-        node.training_policy(&[
-            "enabled=true",
-            "min_batch_size=2",
-            "min_local_steps=1",
-            "min_held_out=1",
-            "max_metrics_epsilon=10",
-        ]);
+        node.allow_phantom_training();
         node.training_budget(500.0, 0.5);
         nodes.push(node);
     }
@@ -132,34 +126,9 @@ async fn start_job(s: &Study, spec: &str) -> pb::JobInfo {
     cxrfed_e2e::start_signed_job(&s.coordinator.url(), &s.pki, &s.admin, spec).await
 }
 
-async fn get_job(s: &Study, id: &str) -> pb::JobInfo {
-    client(s)
-        .await
-        .get_job(pb::GetJobRequest {
-            job_id: id.to_string(),
-        })
-        .await
-        .expect("get job")
-        .into_inner()
-}
-
 /// Polls the job until `done` holds.
 async fn wait_job(s: &Study, id: &str, done: impl Fn(&pb::JobInfo) -> bool) -> pb::JobInfo {
-    let deadline = Instant::now() + Duration::from_secs(900);
-    loop {
-        let job = get_job(s, id).await;
-        if done(&job) {
-            return job;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "job {id} stuck: {:?} round {} of {}",
-            job.state(),
-            job.completed_rounds,
-            job.rounds
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    cxrfed_e2e::wait_job(&s.coordinator.url(), &s.pki, &s.admin, id, done).await
 }
 
 fn pooled(round: &pb::RoundInfo, key: &str) -> f64 {

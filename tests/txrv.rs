@@ -331,13 +331,7 @@ async fn an_imported_txrv_model_fine_tunes_in_a_federated_round_and_is_promoted(
             let out = node.cli(&args);
             assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
         }
-        node.training_policy(&[
-            "enabled=true",
-            "min_batch_size=2",
-            "min_local_steps=1",
-            "min_held_out=1",
-            "max_metrics_epsilon=10",
-        ]);
+        node.allow_phantom_training();
         node.training_budget(500.0, 0.5);
         nodes.push(node);
     }
@@ -374,22 +368,10 @@ async fn an_imported_txrv_model_fine_tunes_in_a_federated_round_and_is_promoted(
         "base = \"txrv-base\"\nheads = [\"txrv_cardiomegaly\"]\ntrainable = \"heads\"\nrounds = 1\nlocal_steps = 2\nbatch_size = 2\nlearning_rate = 0.05\nmin_sites = 2\nround_deadline_secs = 600\n",
     )
     .await;
-    let deadline = Instant::now() + Duration::from_secs(900);
-    let done = loop {
-        let job = cxrfed_e2e::coordinator_client(&url, &pki, &admin)
-            .await
-            .get_job(pb::GetJobRequest {
-                job_id: job.job_id.clone(),
-            })
-            .await
-            .expect("job")
-            .into_inner();
-        if job.state() != pb::JobState::Running {
-            break job;
-        }
-        assert!(Instant::now() < deadline, "job stuck");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    };
+    let done = cxrfed_e2e::wait_job(&url, &pki, &admin, &job.job_id, |j| {
+        j.state() != pb::JobState::Running
+    })
+    .await;
     assert_eq!(done.state(), pb::JobState::Completed, "{}", done.reason);
     let round = done
         .round_log

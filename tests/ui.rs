@@ -199,13 +199,7 @@ fn a_study_admin_starts_and_watches_a_federated_job_in_the_console() {
             let out = node.cli(&args);
             assert!(out.status.success(), "{}", text(&out.stderr));
         }
-        node.training_policy(&[
-            "enabled=true",
-            "min_batch_size=2",
-            "min_local_steps=1",
-            "min_held_out=1",
-            "max_metrics_epsilon=10",
-        ]);
+        node.allow_phantom_training();
         node.training_budget(500.0, 0.5);
         nodes.push(node);
     }

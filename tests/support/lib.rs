@@ -375,6 +375,17 @@ impl NodeProcess {
             .expect("connect to node")
     }
 
+    /// The site opts in to training on terms loose enough for phantom-sized datasets.
+    pub fn allow_phantom_training(&self) -> String {
+        self.training_policy(&[
+            "enabled=true",
+            "min_batch_size=2",
+            "min_local_steps=1",
+            "min_held_out=1",
+            "max_metrics_epsilon=10",
+        ])
+    }
+
     /// Sets the site's training policy through `cxrfed node training-policy set KEY=VALUE...`
     /// (as its site admin) and returns what the CLI printed.
     pub fn training_policy(&self, changes: &[&str]) -> String {
@@ -983,6 +994,38 @@ pub async fn base_sha(url: &str, pki: &TestPki, admin: &Path, spec: &str) -> Str
         .expect("base model")
         .into_inner()
         .sha256
+}
+
+/// Polls job `id` as the study admin in `admin` until `done` holds (at most 15 minutes).
+pub async fn wait_job(
+    url: &str,
+    pki: &TestPki,
+    admin: &Path,
+    id: &str,
+    done: impl Fn(&cxrfed_proto::v1::JobInfo) -> bool,
+) -> cxrfed_proto::v1::JobInfo {
+    let deadline = Instant::now() + Duration::from_secs(900);
+    loop {
+        let job = coordinator_client(url, pki, admin)
+            .await
+            .get_job(cxrfed_proto::v1::GetJobRequest {
+                job_id: id.to_string(),
+            })
+            .await
+            .expect("get job")
+            .into_inner();
+        if done(&job) {
+            return job;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "job {id} stuck: {:?} round {} of {}",
+            job.state(),
+            job.completed_rounds,
+            job.rounds
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 }
 
 /// Starts the job file `spec` as the study admin in `admin`, its order signed as `cxrfed job

@@ -1,7 +1,7 @@
 //! `cxrfed-node model train|eval|info` (reached as `cxrfed model ...`): local model work that
 //! needs libtorch, so it lives in the binary that links it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
@@ -194,10 +194,8 @@ pub fn run(command: ModelCommand) -> anyhow::Result<ExitCode> {
 fn calibrate(args: CalibrateArgs) -> anyhow::Result<ExitCode> {
     use cxrfed_model::calibrate::{self, Target};
     let target: Target = args.target.parse().map_err(anyhow::Error::msg)?;
-    if let Some(out) = &args.out
-        && out.exists()
-    {
-        bail!("{} exists; choose a new model directory", out.display());
+    if let Some(out) = &args.out {
+        ensure_new(out)?;
     }
     let dir = match &args.model {
         Some(dir) => dir.clone(),
@@ -264,24 +262,44 @@ fn calibrate(args: CalibrateArgs) -> anyhow::Result<ExitCode> {
         "at": chrono::Utc::now().to_rfc3339(),
         "fields": fields,
     });
+    new_model_dir(out, "calibrated", |staging| {
+        std::fs::copy(model.card.weights_path(&dir), card.weights_path(staging))?;
+        Ok(card.save(staging)?)
+    })?;
+    eprintln!("calibrated model written to {}", out.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Refuses a model directory that exists (checked before any work is done).
+fn ensure_new(out: &Path) -> anyhow::Result<()> {
+    if out.exists() {
+        bail!("{} exists; choose a new model directory", out.display());
+    }
+    Ok(())
+}
+
+/// A new model directory at `out`: `write` fills a staging directory beside it, the model
+/// there must load (shapes and one forward pass), and only then is it renamed into place, so
+/// a failure leaves no half-written model directory.
+fn new_model_dir(
+    out: &Path,
+    what: &str,
+    write: impl FnOnce(&Path) -> anyhow::Result<()>,
+) -> anyhow::Result<Model> {
+    ensure_new(out)?;
     let parent = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
     std::fs::create_dir_all(&parent)?;
     let staging = tempfile::Builder::new()
-        .prefix(".cxrfed-calibrate-")
+        .prefix(".cxrfed-model-")
         .tempdir_in(&parent)?;
-    std::fs::copy(
-        model.card.weights_path(&dir),
-        card.weights_path(staging.path()),
-    )?;
-    card.save(staging.path())?;
-    Model::load(staging.path(), cxrfed_model::parse_device("cpu")?)
-        .context("the calibrated model does not load")?;
+    write(staging.path())?;
+    let model = Model::load(staging.path(), cxrfed_model::parse_device("cpu")?)
+        .with_context(|| format!("the {what} model does not load"))?;
     std::fs::rename(staging.keep(), out)?;
-    eprintln!("calibrated model written to {}", out.display());
-    Ok(ExitCode::SUCCESS)
+    Ok(model)
 }
 
 /// The converter, shipped inside the binary so an installed node needs no source tree.
@@ -289,17 +307,7 @@ const TXRV_CONVERTER: &str = include_str!("../../../../../scripts/txrv-convert.p
 
 fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
     use cxrfed_model::txrv;
-    if args.out.exists() {
-        bail!(
-            "{} exists; choose a new model directory",
-            args.out.display()
-        );
-    }
-    let parent = match args.out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&parent)?;
+    ensure_new(&args.out)?;
     let work = tempfile::tempdir().context("a temporary directory")?;
     let script = work.path().join("txrv-convert.py");
     std::fs::write(&script, TXRV_CONVERTER)?;
@@ -345,18 +353,12 @@ fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
         format!("txrv-{name}")
     });
     let (mut card, weights) = txrv::card_and_weights(&meta, tensors, &model_id, findings)?;
-    // Written beside the destination and renamed into place: no half-written model directory.
-    let staging = tempfile::Builder::new()
-        .prefix(".cxrfed-import-")
-        .tempdir_in(&parent)?;
-    let bytes = cxrfed_fl::tensor::encode(&weights)?;
-    std::fs::write(card.weights_path(staging.path()), &bytes)?;
-    card.weights_sha256 = hex::encode(sha2::Sha256::digest(&bytes));
-    card.save(staging.path())?;
-    let model = Model::load(staging.path(), cxrfed_model::parse_device("cpu")?)
-        .context("the imported model does not load")?;
-    let staged = staging.keep();
-    std::fs::rename(&staged, &args.out)?;
+    let model = new_model_dir(&args.out, "imported", |staging| {
+        let bytes = cxrfed_fl::tensor::encode(&weights)?;
+        std::fs::write(card.weights_path(staging), &bytes)?;
+        card.weights_sha256 = hex::encode(sha2::Sha256::digest(&bytes));
+        Ok(card.save(staging)?)
+    })?;
     println!(
         "imported {} ({}, {} outputs, input {} px) into {}",
         model.card.model_id,
